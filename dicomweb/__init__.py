@@ -1,0 +1,1 @@
+"""pathpacs dicomweb package."""

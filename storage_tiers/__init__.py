@@ -1,0 +1,1 @@
+"""pathpacs storage_tiers package."""
