@@ -1,0 +1,360 @@
+"""The embedded index (LMDB): hierarchy, query keys, frame tables, precomputed metadata.
+
+An instance is visible if and only if its record is committed here. Every write is one
+LMDB transaction; LMDB is multi-process safe, so the CLI can work beside a running server.
+
+Databases (all keys are UTF-8):
+  inst      sop -> JSON instance record (blob, tier, sha256, size, study, series, ...)
+  frames    sop -> frame table: JSON header line + packed little-endian (offset, length) u64 pairs
+  meta      sop -> DICOM JSON metadata (bytes, BulkDataURIs start with metadata.BASE_TOKEN)
+  bulk      sop \\0 path -> bulk value bytes
+  study     study -> JSON study record (attrs, counts, modalities)
+  series    series -> JSON series record
+  patient   patient key -> JSON patient record
+  study_series   study \\0 series -> ''
+  series_inst    series \\0 sop -> ''
+  patient_study  patient \\0 study -> ''
+  study_idx      TAG=value \\0 study -> ''  (PatientID, AccessionNumber, StudyDate)
+  pending        blob key -> session (blob placed, record not yet committed)
+  blob           blob key -> sop (which instance a blob belongs to)
+  state          misc keys
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import lmdb
+
+from . import metadata as md
+
+DB_NAMES = [
+    "inst", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
+    "series_inst", "patient_study", "study_idx", "pending", "blob", "state",
+]
+INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate"}
+SEP = b"\x00"
+
+
+def _k(*parts: str) -> bytes:
+    return SEP.join(p.encode() for p in parts)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class FrameLocation:
+    blob: str
+    tier: str
+    transfer_syntax: str
+    fragments: list[tuple[int, int]]
+
+
+def pack_frames(blob: str, tier: str, ts: str, frames: list[list[tuple[int, int]]]) -> bytes:
+    single = all(len(f) == 1 for f in frames)
+    head = {"blob": blob, "tier": tier, "ts": ts, "n": len(frames), "single": single}
+    if single:
+        body = b"".join(struct.pack("<QQ", f[0][0], f[0][1]) for f in frames)
+    else:
+        body = _dumps(frames)
+    return _dumps(head) + b"\n" + body
+
+
+def unpack_frame(raw: bytes | memoryview, number: int) -> FrameLocation | None:
+    """Location of 1-based frame `number`, or None when out of range."""
+    raw = bytes(raw) if isinstance(raw, memoryview) else raw
+    nl = raw.index(b"\n")
+    head = json.loads(raw[:nl])
+    if number < 1 or number > head["n"]:
+        return None
+    if head["single"]:
+        off, length = struct.unpack_from("<QQ", raw, nl + 1 + 16 * (number - 1))
+        frags = [(off, length)]
+    else:
+        frags = [tuple(x) for x in json.loads(raw[nl + 1 :])[number - 1]]
+    return FrameLocation(head["blob"], head["tier"], head["ts"], frags)
+
+
+def frame_count(raw: bytes) -> int:
+    return json.loads(raw[: raw.index(b"\n")])["n"]
+
+
+class IndexError_(Exception):
+    pass
+
+
+class Index:
+    """Thin typed layer over the LMDB environment."""
+
+    def __init__(self, path: Path, map_size: int = 1 << 40, readonly: bool = False) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, max_readers=1024,
+            readonly=readonly, readahead=False, lock=True,
+        )
+        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+
+    def close(self) -> None:
+        self.env.close()
+
+    def read(self) -> lmdb.Transaction:
+        return self.env.begin()
+
+    def write(self) -> lmdb.Transaction:
+        return self.env.begin(write=True)
+
+    # -- single lookups --------------------------------------------------
+    def _json(self, txn: lmdb.Transaction, db: str, key: str) -> dict | None:
+        raw = txn.get(key.encode(), db=self.db[db])
+        return None if raw is None else json.loads(raw)
+
+    def instance(self, sop: str, txn: lmdb.Transaction | None = None) -> dict | None:
+        if txn is None:
+            with self.read() as t:
+                return self._json(t, "inst", sop)
+        return self._json(txn, "inst", sop)
+
+    def study(self, uid: str, txn: lmdb.Transaction | None = None) -> dict | None:
+        if txn is None:
+            with self.read() as t:
+                return self._json(t, "study", uid)
+        return self._json(txn, "study", uid)
+
+    def series(self, uid: str, txn: lmdb.Transaction | None = None) -> dict | None:
+        if txn is None:
+            with self.read() as t:
+                return self._json(t, "series", uid)
+        return self._json(txn, "series", uid)
+
+    def patient(self, key: str, txn: lmdb.Transaction | None = None) -> dict | None:
+        if txn is None:
+            with self.read() as t:
+                return self._json(t, "patient", key)
+        return self._json(txn, "patient", key)
+
+    def frame(self, sop: str, number: int) -> FrameLocation | None:
+        with self.read() as t:
+            raw = t.get(sop.encode(), db=self.db["frames"])
+            if raw is None:
+                return None
+            return unpack_frame(raw, number)
+
+    def frame_table(self, sop: str) -> bytes | None:
+        with self.read() as t:
+            return t.get(sop.encode(), db=self.db["frames"])
+
+    def metadata(self, sop: str, txn: lmdb.Transaction | None = None) -> bytes | None:
+        if txn is None:
+            with self.read() as t:
+                return t.get(sop.encode(), db=self.db["meta"])
+        return txn.get(sop.encode(), db=self.db["meta"])
+
+    def bulk(self, sop: str, path: str) -> bytes | None:
+        with self.read() as t:
+            return t.get(_k(sop, path), db=self.db["bulk"])
+
+    # -- iteration -------------------------------------------------------
+    def _children(self, txn: lmdb.Transaction, db: str, parent: str) -> Iterator[str]:
+        prefix = parent.encode() + SEP
+        cur = txn.cursor(db=self.db[db])
+        if not cur.set_range(prefix):
+            return
+        for key in cur.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                break
+            yield key[len(prefix):].decode()
+
+    def series_of_study(self, study: str, txn: lmdb.Transaction) -> list[str]:
+        return list(self._children(txn, "study_series", study))
+
+    def instances_of_series(self, series: str, txn: lmdb.Transaction) -> list[str]:
+        return list(self._children(txn, "series_inst", series))
+
+    def studies_of_patient(self, patient: str, txn: lmdb.Transaction) -> list[str]:
+        return list(self._children(txn, "patient_study", patient))
+
+    def iter_keys(self, db: str, txn: lmdb.Transaction) -> Iterator[str]:
+        cur = txn.cursor(db=self.db[db])
+        for key in cur.iternext(keys=True, values=False):
+            yield key.decode()
+
+    def iter_records(self, db: str, txn: lmdb.Transaction) -> Iterator[tuple[str, dict]]:
+        cur = txn.cursor(db=self.db[db])
+        for key, val in cur.iternext():
+            yield key.decode(), json.loads(val)
+
+    def studies_by_key(
+        self, txn: lmdb.Transaction, tag: str, lo: str, hi: str | None = None, prefix: bool = False
+    ) -> set[str]:
+        """Studies whose indexed `tag` equals lo, starts with lo (prefix), or lies in [lo, hi]."""
+        base = f"{tag}=".encode()
+        start = base + lo.encode() + (b"" if prefix or hi is not None else SEP)
+        cur = txn.cursor(db=self.db["study_idx"])
+        out: set[str] = set()
+        if not cur.set_range(start):
+            return out
+        for key in cur.iternext(keys=True, values=False):
+            if not key.startswith(base):
+                break
+            value, _, study = key[len(base):].partition(SEP)
+            if hi is not None:
+                if value.decode() > hi:
+                    break
+            elif prefix:
+                if not value.startswith(lo.encode()):
+                    break
+            elif value != lo.encode():
+                break
+            out.add(study.decode())
+        return out
+
+    def count(self, db: str) -> int:
+        with self.read() as t:
+            return t.stat(self.db[db])["entries"]
+
+    # -- writes ----------------------------------------------------------
+    def add_pending(self, blob: str, session: str) -> None:
+        with self.write() as t:
+            t.put(blob.encode(), session.encode(), db=self.db["pending"])
+
+    def clear_pending(self, blob: str, txn: lmdb.Transaction | None = None) -> None:
+        if txn is None:
+            with self.write() as t:
+                t.delete(blob.encode(), db=self.db["pending"])
+        else:
+            txn.delete(blob.encode(), db=self.db["pending"])
+
+    def pending(self) -> list[tuple[str, str]]:
+        with self.read() as t:
+            cur = t.cursor(db=self.db["pending"])
+            return [(k.decode(), v.decode()) for k, v in cur.iternext()]
+
+    def blob_referenced(self, blob: str) -> bool:
+        with self.read() as t:
+            return t.get(blob.encode(), db=self.db["blob"]) is not None
+
+    def put_instance(
+        self,
+        txn: lmdb.Transaction,
+        rec: dict,
+        frames: bytes | None,
+        meta: bytes,
+        bulk: dict[str, bytes],
+        patient_attrs: dict,
+        study_attrs: dict,
+        series_attrs: dict,
+    ) -> None:
+        """Add one instance (which must not exist) and update its parents, in `txn`."""
+        sop, study, series, patient = rec["sop"], rec["study"], rec["series"], rec["patient"]
+        db = self.db
+        txn.put(sop.encode(), _dumps(rec), db=db["inst"])
+        txn.put(rec["blob"].encode(), sop.encode(), db=db["blob"])
+        if frames is not None:
+            txn.put(sop.encode(), frames, db=db["frames"])
+        txn.put(sop.encode(), meta, db=db["meta"])
+        for path, value in bulk.items():
+            txn.put(_k(sop, path), value, db=db["bulk"])
+        txn.put(_k(series, sop), b"", db=db["series_inst"])
+
+        srec = self._json(txn, "series", series)
+        if srec is None:
+            srec = {"attrs": series_attrs, "study": study, "n_instances": 0, "bytes": 0,
+                    "sop_classes": []}
+            txn.put(_k(study, series), b"", db=db["study_series"])
+            new_series = True
+        else:
+            new_series = False
+        srec["n_instances"] += 1
+        srec["bytes"] += rec["size"]
+        if rec["sop_class"] not in srec["sop_classes"]:
+            srec["sop_classes"].append(rec["sop_class"])
+        txn.put(series.encode(), _dumps(srec), db=db["series"])
+
+        strec = self._json(txn, "study", study)
+        if strec is None:
+            strec = {"attrs": study_attrs, "patient": patient, "n_series": 0, "n_instances": 0,
+                     "bytes": 0, "modalities": [], "sop_classes": []}
+            txn.put(_k(patient, study), b"", db=db["patient_study"])
+            for tag in INDEXED_STUDY_TAGS:
+                for v in md.string_values(study_attrs.get(tag)) or [""]:
+                    txn.put(_k(f"{tag}={v}", study), b"", db=db["study_idx"])
+            new_study = True
+        else:
+            new_study = False
+        strec["n_series"] += int(new_series)
+        strec["n_instances"] += 1
+        strec["bytes"] += rec["size"]
+        modality = md.first_value(series_attrs, "00080060")
+        if modality and modality not in strec["modalities"]:
+            strec["modalities"].append(modality)
+        if rec["sop_class"] not in strec["sop_classes"]:
+            strec["sop_classes"].append(rec["sop_class"])
+        strec["updated"] = rec["received"]
+        txn.put(study.encode(), _dumps(strec), db=db["study"])
+
+        prec = self._json(txn, "patient", patient)
+        if prec is None:
+            prec = {"attrs": patient_attrs, "n_studies": 0}
+        prec["n_studies"] += int(new_study)
+        txn.put(patient.encode(), _dumps(prec), db=db["patient"])
+
+    def remove_instance(self, txn: lmdb.Transaction, sop: str) -> dict | None:
+        """Remove one instance and prune empty parents, in `txn`. Returns its record."""
+        db = self.db
+        rec = self._json(txn, "inst", sop)
+        if rec is None:
+            return None
+        study, series, patient = rec["study"], rec["series"], rec["patient"]
+        txn.delete(sop.encode(), db=db["inst"])
+        txn.delete(rec["blob"].encode(), db=db["blob"])
+        txn.delete(sop.encode(), db=db["frames"])
+        txn.delete(sop.encode(), db=db["meta"])
+        cur = txn.cursor(db=db["bulk"])
+        prefix = sop.encode() + SEP
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+        txn.delete(_k(series, sop), db=db["series_inst"])
+        srec = self._json(txn, "series", series)
+        series_gone = False
+        if srec is not None:
+            srec["n_instances"] -= 1
+            srec["bytes"] -= rec["size"]
+            if srec["n_instances"] <= 0:
+                txn.delete(series.encode(), db=db["series"])
+                txn.delete(_k(study, series), db=db["study_series"])
+                series_gone = True
+            else:
+                txn.put(series.encode(), _dumps(srec), db=db["series"])
+        strec = self._json(txn, "study", study)
+        if strec is not None:
+            strec["n_instances"] -= 1
+            strec["bytes"] -= rec["size"]
+            strec["n_series"] -= int(series_gone)
+            if series_gone:
+                strec["modalities"] = sorted({
+                    m for s in self.series_of_study(study, txn)
+                    for m in md.string_values((self._json(txn, "series", s) or {"attrs": {}})["attrs"].get("00080060"))
+                })
+            if strec["n_instances"] <= 0:
+                txn.delete(study.encode(), db=db["study"])
+                txn.delete(_k(patient, study), db=db["patient_study"])
+                for tag in INDEXED_STUDY_TAGS:
+                    for v in md.string_values(strec["attrs"].get(tag)) or [""]:
+                        txn.delete(_k(f"{tag}={v}", study), db=db["study_idx"])
+                prec = self._json(txn, "patient", patient)
+                if prec is not None:
+                    prec["n_studies"] -= 1
+                    if prec["n_studies"] <= 0:
+                        txn.delete(patient.encode(), db=db["patient"])
+                    else:
+                        txn.put(patient.encode(), _dumps(prec), db=db["patient"])
+            else:
+                txn.put(study.encode(), _dumps(strec), db=db["study"])
+        return rec
