@@ -1,0 +1,319 @@
+"""`pathpacs` — the one console script: serve, import, ls, stats, verify (+ converters' verbs).
+
+Every verb returns an exit code; expected failures print one line to stderr, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from . import config as config_mod
+from .config import Config, ConfigError
+
+log = logging.getLogger("pathpacs")
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code 2 (or .code)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, help="data directory (default ./data or archive.data_dir)")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars, warnings only")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    cfg = config_mod.load(getattr(args, "config", None))
+    if getattr(args, "data", None):
+        cfg.data_dir = args.data
+    for flag, attr in (("dicom_port", "dicom_port"), ("http_port", "http_port"), ("aet", "aet"),
+                       ("host", "host")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(cfg, attr, value)
+    return cfg
+
+
+def open_archive(args: argparse.Namespace):
+    from .store import Archive
+
+    return Archive(load_config(args))
+
+
+# -- serve -----------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from dicomweb.app import make_app
+
+    from .dimse import DimseServer
+
+    cfg = load_config(args)
+    arc = open_archive(args)
+    dimse = DimseServer(arc)
+    try:
+        dimse.start()
+    except OSError as exc:
+        arc.close()
+        raise CliError(f"cannot listen for DICOM on port {cfg.dicom_port}: {exc.strerror}")
+    app = make_app(arc, cfg)
+    print(f"pathpacs: AE {cfg.aet} on DICOM port {cfg.dicom_port}, HTTP on port {cfg.http_port}"
+          f" (DICOMweb at /dicomweb), data in {cfg.data_dir}", file=sys.stderr, flush=True)
+    try:
+        web.run_app(app, host=cfg.host, port=cfg.http_port, print=None,
+                    handle_signals=True, access_log=None, reuse_address=True)
+    except OSError as exc:
+        raise CliError(f"cannot listen for HTTP on port {cfg.http_port}: {exc.strerror}")
+    finally:
+        dimse.stop()
+        arc.close()
+    return 0
+
+
+# -- import ----------------------------------------------------------------------
+
+def _walk(paths: list[Path]) -> Iterator[Path]:
+    for p in paths:
+        if p.is_dir():
+            for root, dirs, files in os.walk(p):
+                dirs.sort()
+                for f in sorted(files):
+                    yield Path(root) / f
+        elif p.exists():
+            yield p
+        else:
+            raise CliError(f"no such file or directory: {p}")
+
+
+def _is_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    files = list(_walk(args.paths))
+    counts = {"stored": 0, "duplicate": 0, "replaced": 0, "rejected": 0}
+    reasons: list[str] = []
+    arc = open_archive(args)
+    try:
+        bar = tqdm(files, unit="file", disable=args.quiet or not files, file=sys.stderr)
+        for path in bar:
+            if _is_dicom(path):
+                results = [arc.ingest_file(path, source="import")]
+            else:
+                results = _import_other(arc, path, args)
+            for r in results:
+                counts[r.status] += 1
+                if r.status == "rejected":
+                    reasons.append(f"{path}: {r.reason}")
+    finally:
+        arc.close()
+    for line in reasons:
+        print(f"rejected {line}", file=sys.stderr)
+    print(f"{counts['stored']} stored, {counts['duplicate']} duplicate, "
+          f"{counts['replaced']} replaced, {counts['rejected']} rejected")
+    return 1 if counts["rejected"] else 0
+
+
+def _import_other(arc, path: Path, args: argparse.Namespace) -> list:
+    """Non-DICOM files (slides, photos) go through the converters, then the same ingest."""
+    from .ingest import IngestResult
+
+    try:
+        from converters.commands import import_path
+    except ImportError:
+        return [IngestResult("rejected", reason="not a DICOM file")]
+    try:
+        return import_path(arc, path, args)
+    except Exception as exc:  # ConversionError and friends: one line per file
+        return [IngestResult("rejected", reason=str(exc) or type(exc).__name__)]
+
+
+# -- ls / stats / verify --------------------------------------------------------------
+
+def _v(doc: dict, tag: str) -> str:
+    from .metadata import string_values
+
+    return "\\".join(string_values(doc.get(tag)))
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    arc = open_archive(args)
+    try:
+        idx = arc.index
+        with idx.read() as txn:
+            for pkey, prec in sorted(idx.iter_records("patient", txn)):
+                a = prec["attrs"]
+                print(f"PATIENT {_v(a, '00100020') or '-'}  {_v(a, '00100010')}  "
+                      f"born {_v(a, '00100030') or '-'}  sex {_v(a, '00100040') or '-'}")
+                for st in idx.studies_of_patient(pkey, txn):
+                    srec = idx.study(st, txn)
+                    if srec is None:
+                        continue
+                    sa = srec["attrs"]
+                    print(f"  STUDY {st}  date {_v(sa, '00080020') or '-'}  acc {_v(sa, '00080050') or '-'}  "
+                          f"{_v(sa, '00081030')}  [{','.join(srec['modalities'])}] "
+                          f"{srec['n_series']} series, {srec['n_instances']} instances, {_human(srec['bytes'])}")
+                    if args.level in ("study",):
+                        continue
+                    for se in idx.series_of_study(st, txn):
+                        serec = idx.series(se, txn)
+                        if serec is None:
+                            continue
+                        ea = serec["attrs"]
+                        print(f"    SERIES {se}  {_v(ea, '00080060')} #{_v(ea, '00200011') or '-'} "
+                              f"{_v(ea, '0008103E')}  {serec['n_instances']} instances")
+                        if args.level == "series":
+                            continue
+                        for sop in idx.instances_of_series(se, txn):
+                            rec = idx.instance(sop, txn)
+                            if rec is None:
+                                continue
+                            ia = rec["attrs"]
+                            print(f"      INSTANCE {sop}  {_v(ia, '00080008')}  "
+                                  f"{_v(ia, '00480007') or _v(ia, '00280011')}x{_v(ia, '00480006') or _v(ia, '00280010')}  "
+                                  f"{rec['n_frames']} frames  ts {rec['ts']}  {_human(rec['size'])}  {rec['tier']}")
+    finally:
+        arc.close()
+    return 0
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    arc = open_archive(args)
+    try:
+        s = arc.stats()
+    finally:
+        arc.close()
+    print(f"patients   {s.patients}")
+    print(f"studies    {s.studies}")
+    print(f"series     {s.series}")
+    print(f"instances  {s.instances}")
+    print(f"bytes      {s.bytes} ({_human(s.bytes)})")
+    for tier, n in sorted(s.by_tier.items()):
+        print(f"tier {tier:<5} {n} ({_human(n)})")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    arc = open_archive(args)
+    problems: list[str] = []
+    checked = 0
+    try:
+        recs = list(arc.iter_instances())
+        total = sum(r["size"] for r in recs)
+        with tqdm(total=total, unit="B", unit_scale=True, disable=args.quiet, file=sys.stderr) as bar:
+            for rec in recs:
+                problem = arc.check_instance(rec)
+                checked += 1
+                bar.update(rec["size"])
+                if problem:
+                    problems.append(f"{problem}: {rec['sop']} (blob {rec['blob']} in {rec['tier']})")
+    finally:
+        arc.close()
+    for line in problems:
+        print(line)
+    print(f"verified {checked} instances: {checked - len(problems)} intact, {len(problems)} bad",
+          file=sys.stderr if problems else sys.stdout)
+    return 1 if problems else 0
+
+
+# -- entry ---------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pathpacs", description="DICOM archive for whole-slide images")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the DIMSE and HTTP (DICOMweb) servers")
+    _common(p)
+    p.add_argument("--dicom-port", type=int)
+    p.add_argument("--http-port", type=int)
+    p.add_argument("--aet")
+    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="store DICOM files/folders (and slides) through the ingest path")
+    _common(p)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("ls", help="list patients, studies, series, instances")
+    _common(p)
+    p.add_argument("--level", choices=["study", "series", "instance"], default="instance")
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("stats", help="counts and bytes")
+    _common(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("verify", help="re-hash every blob against its recorded sha256")
+    _common(p)
+    p.set_defaults(func=cmd_verify)
+
+    try:
+        from converters.commands import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.command != "serve":
+        logging.getLogger("pathpacs.archive").setLevel(logging.WARNING)
+        logging.getLogger("pathpacs.ingest").setLevel(logging.ERROR)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except CliError as exc:
+        print(f"pathpacs: error: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"pathpacs: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        import lmdb
+
+        if isinstance(exc, (OSError, lmdb.Error)):
+            print(f"pathpacs: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""C-GET and C-MOVE SCP: resolve the identifier to instances, then send them one by one.
+
+Counting of completed/failed/warning sub-operations is pynetdicom's; we yield one dataset
+at a time so only the instance being sent is in memory.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Iterator
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import build_context
+
+from archive.query import QueryError, Searcher
+
+from .contexts import GET_MODELS, MOVE_MODELS
+from .find_scp import query_level
+from .identifiers import keys_from_identifier
+
+if TYPE_CHECKING:
+    from archive.store import Archive
+
+log = logging.getLogger("pathpacs.dimse.retrieve")
+
+
+def matching_instances(arc: "Archive", identifier, model_root: str) -> list[str]:
+    level = query_level(identifier, model_root)
+    keys = [k for k in keys_from_identifier(identifier) if not k.universal]
+    if not keys:
+        raise QueryError("a retrieve needs at least one unique key")
+    searcher = Searcher(arc.index)
+    sops: list[str] = []
+    with arc.index.read() as txn:
+        for r in searcher.search(level, keys):
+            if r.level == "IMAGE":
+                sops.append(r.sop)
+            elif r.level == "SERIES":
+                sops.extend(arc.index.instances_of_series(r.series, txn))
+            elif r.level == "STUDY":
+                for se in arc.index.series_of_study(r.study, txn):
+                    sops.extend(arc.index.instances_of_series(se, txn))
+            else:  # PATIENT
+                pid = r.doc.get("00100020", {}).get("Value", [""])[0]
+                for st, rec in arc.index.iter_records("study", txn):
+                    if rec["patient"].split("^", 1)[0] == pid:
+                        for se in arc.index.series_of_study(st, txn):
+                            sops.extend(arc.index.instances_of_series(se, txn))
+    return list(dict.fromkeys(sops))
+
+
+UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
+
+
+def _accepted_syntaxes(assoc, sop_class: str) -> set[str] | None:
+    """Transfer syntaxes the C-GET requestor accepted for storing `sop_class` (None: unknown)."""
+    if assoc is None:
+        return None
+    return {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts
+            if str(cx.abstract_syntax) == sop_class}
+
+
+def _datasets(event, arc: "Archive", sops: list[str], assoc=None) -> Iterator:
+    """Yield instances to send, stored bytes as stored; decoded to explicit VR little endian
+    only when the peer accepted no context for the stored syntax but did for an uncompressed one."""
+    for sop in sops:
+        if event.is_cancelled:
+            yield 0xFE00, None
+            return
+        path = arc.instance_path(sop)
+        if path is None:
+            log.warning("instance %s vanished during retrieve", sop)
+            continue
+        ds = pydicom.dcmread(path)
+        accepted = _accepted_syntaxes(assoc, str(ds.SOPClassUID))
+        ts = str(ds.file_meta.TransferSyntaxUID)
+        if accepted and ts not in accepted and accepted & UNCOMPRESSED and ts not in UNCOMPRESSED:
+            try:
+                ds.decompress()
+            except Exception as exc:
+                log.warning("cannot decode %s for a peer without %s: %s", sop, ts, exc)
+        yield 0xFF00, ds
+
+
+def handle_get(event, arc: "Archive") -> Iterator:
+    try:
+        sops = matching_instances(arc, event.identifier, GET_MODELS[str(event.request.AffectedSOPClassUID)])
+    except QueryError as exc:
+        log.warning("C-GET refused: %s", exc)
+        yield 1
+        yield 0xA900, None
+        return
+    yield len(sops)
+    yield from _datasets(event, arc, sops, event.assoc)
+
+
+def move_contexts(arc: "Archive", sops: list[str]) -> list:
+    """Presentation contexts for the sub-association: each (SOP class, stored syntax)."""
+    wanted: dict[str, list[str]] = {}
+    for sop in sops:
+        rec = arc.index.instance(sop)
+        if rec is None:
+            continue
+        syntaxes = wanted.setdefault(rec["sop_class"], [])
+        if rec["ts"] not in syntaxes:
+            syntaxes.append(rec["ts"])
+    contexts = []
+    for sop_class, syntaxes in wanted.items():
+        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+        contexts.append(build_context(sop_class, syntaxes))
+    return contexts[:128]
+
+
+def handle_move(event, arc: "Archive") -> Iterator:
+    node = arc.config.node_by_aet(str(event.move_destination).strip())
+    if node is None:
+        log.warning("C-MOVE to unknown destination %r", event.move_destination)
+        yield None, None
+        return
+    try:
+        sops = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.request.AffectedSOPClassUID)])
+    except QueryError as exc:
+        log.warning("C-MOVE refused: %s", exc)
+        yield node.host, node.port
+        yield 1
+        yield 0xA900, None
+        return
+    yield node.host, node.port, {"contexts": move_contexts(arc, sops) or None}
+    yield len(sops)
+    yield from _datasets(event, arc, sops)
