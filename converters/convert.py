@@ -54,6 +54,7 @@ class ConvertOptions:
     metadata: dict = field(default_factory=empty_metadata)
     progress: bool = False
     name: str | None = None  # output file prefix; default: input file stem
+    uid_seed: str | None = None  # set: UIDs derived from it (same file -> same UIDs), else random
 
     @property
     def n_workers(self) -> int:
@@ -304,10 +305,16 @@ class Conversion:
         self._token = f"{os.getpid()}-{time.monotonic_ns() % 10**9}"
 
     def _prepare_outdir(self) -> None:
+        missing = []
+        d = self.outdir
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
         try:
             self.outdir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConversionError(f"cannot create output directory {self.outdir}: {exc.strerror}") from None
+        self._created_dirs = missing  # removed again if the conversion fails
         if not self.outdir.is_dir():
             raise ConversionError(f"output path {self.outdir} is not a directory")
         if not os.access(self.outdir, os.W_OK | os.X_OK):
@@ -323,21 +330,28 @@ class Conversion:
 
     def run(self) -> ConversionResult:
         t0 = time.perf_counter()
-        self._prepare_outdir()
+        self._created_dirs: list[Path] = []
         encoder = make_encoder(self.opts.codec, self.opts.quality)
-        with open_slide(self.input) as slide:
-            try:
-                self._convert(slide, encoder)
-                self._commit()
-            except BaseException:
-                self._rollback()
-                raise
+        try:
+            with open_slide(self.input) as slide:
+                try:
+                    self._prepare_outdir()
+                    self._convert(slide, encoder)
+                    self._commit()
+                except BaseException:
+                    self._rollback()
+                    raise
+        except ConversionError as exc:
+            msg = str(exc)
+            if not msg.startswith(self.input.name) and not msg.startswith(str(self.input)):
+                msg = f"{self.input.name}: {msg}"
+            raise ConversionError(msg) from None
         return ConversionResult(self.input, slide.format, self.instances, time.perf_counter() - t0, self.warnings)
 
     def _convert(self, slide: Slide, encoder: Encoder) -> None:
         opts = self.opts
         md = merge_metadata(empty_metadata(), opts.metadata)
-        ctx = SeriesContext.create(slide, md)
+        ctx = SeriesContext.create(slide, md, opts.uid_seed)
         if ctx.mpp_assumed:
             self.warnings.append("pixel spacing unknown: assumed 1.0 µm/pixel (set image.mpp in --metadata)")
         plans = plan_levels(slide, opts)
@@ -451,6 +465,11 @@ class Conversion:
                 except FileNotFoundError:
                     pass
         self.writers = []
+        for d in self._created_dirs:  # innermost first
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 def convert(input_path: Path | str, outdir: Path | str, options: ConvertOptions | None = None,

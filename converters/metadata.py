@@ -175,9 +175,19 @@ class SeriesContext:
     now: _dt.datetime = field(default_factory=_dt.datetime.now)
     acquired: _dt.datetime | None = None
     icc: bytes = b""
+    uid_seed: str | None = None
+
+    def uid(self, role: str) -> str:
+        """A fresh UID, or with a seed (watch folders) the same UID for the same file and role."""
+        if self.uid_seed is None:
+            return generate_uid()
+        return generate_uid(entropy_srcs=[self.uid_seed, role])
 
     @classmethod
-    def create(cls, slide: Slide, md: dict) -> "SeriesContext":
+    def create(cls, slide: Slide, md: dict, uid_seed: str | None = None) -> "SeriesContext":
+        def new_uid(role: str) -> str:
+            return generate_uid() if uid_seed is None else generate_uid(entropy_srcs=[uid_seed, role])
+
         img = md.get("image", {})
         mpp = img.get("mpp") or slide.mpp
         assumed = mpp is None
@@ -197,15 +207,16 @@ class SeriesContext:
             acquired = acquired.replace(tzinfo=None)
         return cls(
             md=md, slide=slide,
-            study_uid=md.get("study", {}).get("instance_uid") or generate_uid(),
-            series_uid=md.get("series", {}).get("instance_uid") or generate_uid(),
-            frame_of_reference_uid=generate_uid(),
-            dimension_org_uid=generate_uid(),
-            specimen_uid=sl.get("specimen_uid") or generate_uid(),
+            study_uid=md.get("study", {}).get("instance_uid") or new_uid("study"),
+            series_uid=md.get("series", {}).get("instance_uid") or new_uid("series"),
+            frame_of_reference_uid=new_uid("frame-of-reference"),
+            dimension_org_uid=new_uid("dimension-organization"),
+            specimen_uid=sl.get("specimen_uid") or new_uid("specimen"),
             container_id=_lo(container), specimen_id=_lo(specimen),
             mpp=(float(mpp[0]), float(mpp[1])), mpp_assumed=assumed,
             acquired=acquired,
             icc=slide.icc_profile or srgb_profile(),
+            uid_seed=uid_seed,
         )
 
 
@@ -235,7 +246,7 @@ def build_dataset(ctx: SeriesContext, *, kind: str, instance_number: int, image_
     ds.InstanceCreationDate = _da(ctx.now)
     ds.InstanceCreationTime = _tm(ctx.now)
     ds.SOPClassUID = VL_WSI_SOP_CLASS
-    ds.SOPInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ctx.uid(f"instance:{instance_number}:{kind}")
     study_dt = ctx.acquired or ctx.now
     ds.StudyDate = study.get("date") or _da(study_dt)
     ds.ContentDate = _da(ctx.acquired or ctx.now)

@@ -328,9 +328,9 @@ def open_slide(path: Path) -> Slide:
         with open(path, "rb") as f:
             head = f.read(16)
     except OSError as exc:
-        raise ConversionError(f"{path}: cannot read ({exc.strerror})") from None
+        raise ConversionError(f"{path.name}: cannot read ({exc.strerror})") from None
     if len(head) < 8:
-        raise ConversionError(f"{path}: empty or truncated file")
+        raise ConversionError(f"{path.name}: empty or truncated file")
     if head[:4] in TIFF_MAGICS:
         return _open_tiff(path)
     if head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n":
