@@ -92,7 +92,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     try:
-        opts = options_from_args(args, progress=not args.quiet)
+        opts = options_from_args(args)  # progress bar: not with --quiet, only on a terminal
         result = convert(args.input, args.output, opts)
     except ConversionError as exc:
         return _fail(str(exc))
