@@ -77,7 +77,8 @@ def _hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_ownership: bool) -> tuple[Path, str, int]:
+def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_ownership: bool,
+           sha256: str | None = None) -> tuple[Path, str, int]:
     """Put the incoming bytes in a temp file we own; return (path, sha256, size)."""
     tier = arc.hot
     if isinstance(source, (str, Path)):
@@ -86,7 +87,7 @@ def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_owner
             dest = tier.tmp_dir / f"{uuid.uuid4().hex}.part"
             try:
                 os.rename(source, dest)
-                return dest, _hash_file(dest), dest.stat().st_size
+                return dest, sha256 or _hash_file(dest), dest.stat().st_size
             except OSError as exc:
                 if exc.errno != errno.EXDEV:
                     raise
@@ -125,15 +126,19 @@ def ingest(
     expected_study: str | None = None,
     calling_aet: str = "",
     origin: str = "import",
+    sha256: str | None = None,
 ) -> IngestResult:
     """Store one DICOM Part 10 instance durably, or refuse it with a reason. Never raises
-    for bad input; the returned IngestResult carries the DIMSE status to answer with."""
+    for bad input; the returned IngestResult carries the DIMSE status to answer with.
+
+    take_ownership: `source` is a file we may move (same filesystem: no copy).
+    sha256: the digest of an owned file already computed while it was written."""
     staged: Path | None = None
     try:
         try:
-            staged, sha, size = _stage(arc, source, take_ownership)
+            staged, sha, size = _stage(arc, source, take_ownership, sha256)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 raise Rejected("out of disk space", OUT_OF_RESOURCES)
             raise Rejected(f"cannot receive data: {exc.strerror or exc}", OUT_OF_RESOURCES)
         try:

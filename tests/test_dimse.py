@@ -258,7 +258,7 @@ def test_storage_commitment_same_association(server, wsi_files):
     got = threading.Event()
 
     def on_report(event):
-        reports.append((event.event_type_id, event.event_information))
+        reports.append((event.request.EventTypeID, event.event_information))
         got.set()
         return 0x0000
 
@@ -300,7 +300,7 @@ def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_fil
     got = threading.Event()
 
     def on_report(event):
-        reports.append((event.event_type_id, event.event_information))
+        reports.append((event.request.EventTypeID, event.event_information))
         got.set()
         return 0x0000
 
@@ -365,9 +365,11 @@ def test_missing_uids_are_refused(server, tmp_path):
 
 def test_sop_class_not_matching_context_is_refused(server, tmp_path):
     ds = factory.wsi_instance(generate_uid(), generate_uid(), 256, 256)
-    ds.SOPClassUID = factory.SECONDARY_CAPTURE  # data set says SC, context says WSI
+    ds.SOPClassUID = factory.SECONDARY_CAPTURE  # data set says SC, file meta and context say WSI
+    ds.preamble = b"\0" * 128
     p = tmp_path / "mismatch.dcm"
-    ds.save_as(p, enforce_file_format=True)
+    pydicom.dcmwrite(p, ds, enforce_file_format=False)
+    assert pydicom.dcmread(p).file_meta.MediaStorageSOPClassUID == WSI
     assert _send_raw(server, p, WSI, "1.2.840.10008.1.2.4.50") == 0xA900
     _assert_nothing_stored(server)
 
@@ -403,7 +405,7 @@ def test_same_uid_identical_is_noop_different_is_refused(server, tmp_path):
     out = tmp_path / "get"
     out.mkdir()
     res = subprocess.run(
-        [need("getscu"), "-aec", server.aet, "-S", "-k", "QueryRetrieveLevel=IMAGE",
+        [need("getscu"), "-aec", server.aet, "+xy", "-S", "-k", "QueryRetrieveLevel=IMAGE",
          "-k", f"StudyInstanceUID={study}", "-k", f"SeriesInstanceUID={series}", "-k", f"SOPInstanceUID={sop}",
          "-od", str(out), "127.0.0.1", str(server.dicom_port)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0
@@ -434,11 +436,12 @@ def test_disk_full_is_out_of_resources(make_server, tmp_path):
 
     s = make_server(preexec_fn=limit)
     try:
-        big = factory.wsi_instance(generate_uid(), generate_uid(), 4096, 4096, tile=512)
+        big = factory.wsi_instance(generate_uid(), generate_uid(), 1024, 1024,
+                                   transfer_syntax="1.2.840.10008.1.2.1")
         p = tmp_path / "big.dcm"
         big.save_as(p, enforce_file_format=True)
         assert p.stat().st_size > 2 << 20
-        assert _send_raw(s, p, WSI, "1.2.840.10008.1.2.4.50") == 0xA700
+        assert _send_raw(s, p, WSI, "1.2.840.10008.1.2.1") == 0xA700
         _assert_nothing_stored(s)
     finally:
         s.stop()  # stats above ran in a child without the limit

@@ -14,10 +14,13 @@ from pynetdicom.sop_class import (
 )
 from pydicom.uid import AllTransferSyntaxes
 
-# Store in whatever syntax it arrives in: every syntax pydicom knows, implicit LE first-class.
+# Store in whatever syntax it arrives in: every syntax pydicom knows. pynetdicom accepts the
+# first of *our* list that the peer proposes in a context, so compressed syntaxes come first:
+# a peer offering JPEG and uncompressed in one context can send either, and the compressed
+# bytes are what a WSI scanner (or a C-GET requestor asking for them) wants kept as they are.
+_UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]
 STORAGE_TRANSFER_SYNTAXES = list(dict.fromkeys(
-    ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99"]
-    + [str(ts) for ts in AllTransferSyntaxes]
+    [str(ts) for ts in AllTransferSyntaxes if str(ts) not in _UNCOMPRESSED] + _UNCOMPRESSED
 ))
 BASIC_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 STORAGE_SOP_CLASSES = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]

@@ -76,7 +76,7 @@ def _datasets(event, arc: "Archive", sops: list[str], assoc=None) -> Iterator:
         ts = str(ds.file_meta.TransferSyntaxUID)
         if accepted and ts not in accepted and accepted & UNCOMPRESSED and ts not in UNCOMPRESSED:
             try:
-                ds.decompress()
+                ds.decompress(generate_instance_uid=False)  # lossless decode keeps the UID
             except Exception as exc:
                 log.warning("cannot decode %s for a peer without %s: %s", sop, ts, exc)
         yield 0xFF00, ds

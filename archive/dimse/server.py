@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from functools import partial
 from typing import TYPE_CHECKING
 
 from pynetdicom import AE, _config, evt
 
+from . import receive
 from .commitment import handle_n_action
 from .contexts import (
     FIND_MODELS, GET_MODELS, MOVE_MODELS, STORAGE_COMMITMENT, STORAGE_SOP_CLASSES,
@@ -32,7 +32,7 @@ class DimseServer:
         # Receive C-STORE data straight to disk, into our session dir on the hot tier's
         # filesystem, so ingest can rename it into place: no instance is held in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(arc.tmp_dir)
+        receive.install(arc.tmp_dir)
         ae = AE(ae_title=cfg.aet)
         ae.maximum_pdu_size = cfg.max_pdu
         ae.maximum_associations = cfg.max_associations

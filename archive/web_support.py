@@ -1,0 +1,135 @@
+"""Read-only index accessors tuned for the DICOMweb frame and metadata paths.
+
+Owned by dicomweb (kept here so the web layer never touches LMDB databases by name
+elsewhere). Nothing in this module writes; nothing parses a DICOM data set.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from typing import Iterable
+
+from .index import SEP, Index
+
+_QQ = struct.Struct("<QQ")
+
+
+class FrameTable:
+    """The header of one instance's frame table plus the located frames asked for."""
+
+    __slots__ = ("blob", "tier", "ts", "n")
+
+    def __init__(self, blob: str, tier: str, ts: str, n: int) -> None:
+        self.blob, self.tier, self.ts, self.n = blob, tier, ts, n
+
+
+def locate_frames(index: Index, sop: str, numbers: Iterable[int]
+                  ) -> tuple[FrameTable, list[list[tuple[int, int]] | None]] | None:
+    """(table, [fragments of frame k or None when out of range]) or None without a table.
+
+    Reads only the header and the 16 bytes per requested frame from the memory map.
+    """
+    with index.env.begin(buffers=True) as txn:
+        buf = txn.get(sop.encode(), db=index.db["frames"])
+        if buf is None:
+            return None
+        head_end = bytes(buf[:512]).find(b"\n")
+        if head_end < 0:
+            head_end = bytes(buf).index(b"\n")
+        head = json.loads(bytes(buf[:head_end]))
+        table = FrameTable(head["blob"], head["tier"], head["ts"], head["n"])
+        n = head["n"]
+        out: list[list[tuple[int, int]] | None] = []
+        if head["single"]:
+            base = head_end + 1
+            for k in numbers:
+                if 1 <= k <= n:
+                    off, length = _QQ.unpack_from(buf, base + 16 * (k - 1))
+                    out.append([(off, length)])
+                else:
+                    out.append(None)
+        else:
+            frames = json.loads(bytes(buf[head_end + 1:]))
+            for k in numbers:
+                out.append([tuple(x) for x in frames[k - 1]] if 1 <= k <= n else None)
+        return table, out
+
+
+def metadata_of(index: Index, sops: Iterable[str]) -> list[bytes]:
+    """Precomputed DICOM JSON of each instance (missing ones skipped), one transaction."""
+    out = []
+    db = index.db["meta"]
+    with index.read() as txn:
+        for sop in sops:
+            raw = txn.get(sop.encode(), db=db)
+            if raw is not None:
+                out.append(raw)
+    return out
+
+
+def series_metadata(index: Index, series: str, study: str | None = None) -> tuple[list[str], list[bytes]] | None:
+    """(sops, metadata) of a series in one read transaction; None if the series is unknown
+    (or belongs to another study than `study`)."""
+    with index.read() as txn:
+        rec = index.series(series, txn)
+        if rec is None or (study is not None and rec["study"] != study):
+            return None
+        sops = index.instances_of_series(series, txn)
+        db = index.db["meta"]
+        metas = []
+        for sop in sops:
+            raw = txn.get(sop.encode(), db=db)
+            if raw is not None:
+                metas.append(raw)
+        return sops, metas
+
+
+def study_metadata(index: Index, study: str) -> tuple[list[str], list[bytes]] | None:
+    with index.read() as txn:
+        if index.study(study, txn) is None:
+            return None
+        sops: list[str] = []
+        metas: list[bytes] = []
+        db = index.db["meta"]
+        for se in index.series_of_study(study, txn):
+            for sop in index.instances_of_series(se, txn):
+                raw = txn.get(sop.encode(), db=db)
+                if raw is not None:
+                    sops.append(sop)
+                    metas.append(raw)
+        return sops, metas
+
+
+def instances_under(index: Index, study: str, series: str | None = None) -> list[dict] | None:
+    """Instance records of a study (or one series of it); None when the resource is unknown."""
+    with index.read() as txn:
+        if series is not None:
+            srec = index.series(series, txn)
+            if srec is None or srec["study"] != study:
+                return None
+            series_list = [series]
+        else:
+            if index.study(study, txn) is None:
+                return None
+            series_list = index.series_of_study(study, txn)
+        out = []
+        for se in series_list:
+            for sop in index.instances_of_series(se, txn):
+                rec = index.instance(sop, txn)
+                if rec is not None:
+                    out.append(rec)
+        return out
+
+
+def bulk_paths(index: Index, sop: str) -> list[str]:
+    prefix = sop.encode() + SEP
+    with index.read() as txn:
+        cur = txn.cursor(db=index.db["bulk"])
+        if not cur.set_range(prefix):
+            return []
+        out = []
+        for key in cur.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                break
+            out.append(key[len(prefix):].decode())
+        return out
