@@ -149,7 +149,12 @@ def code(value: str, scheme: str, meaning: str) -> Dataset:
 def srgb_profile() -> bytes:
     from PIL import ImageCms
 
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    # LittleCMS stamps the creation time into the header: fix it (and clear the MD5 profile ID,
+    # "not computed") so that the same slide always converts to the same bytes.
+    icc[24:36] = (2000).to_bytes(2, "big") + bytes([0, 1, 0, 1]) + bytes(6)
+    icc[84:100] = bytes(16)
+    return bytes(icc)
 
 
 def _lo(v: str | None, n: int = 64) -> str:
@@ -205,7 +210,15 @@ class SeriesContext:
                 acquired = _dt.datetime.now().replace(microsecond=0)
         if isinstance(acquired, _dt.datetime) and acquired.tzinfo is not None:
             acquired = acquired.replace(tzinfo=None)
+        extra = {}
+        if uid_seed is not None:
+            # reproducible output: the same file converts to the same bytes (watch-folder restarts)
+            try:
+                extra["now"] = _dt.datetime.fromtimestamp(slide.path.stat().st_mtime).replace(microsecond=0)
+            except OSError:
+                pass
         return cls(
+            **extra,
             md=md, slide=slide,
             study_uid=md.get("study", {}).get("instance_uid") or new_uid("study"),
             series_uid=md.get("series", {}).get("instance_uid") or new_uid("series"),
