@@ -102,6 +102,7 @@ def wsi_instance(
         frames = [jpeg_tile(seed * 100000 + i, tile) for i in range(n)]
         ds.PixelData = encapsulate(frames, has_bot=True)
         ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True  # so in-memory sends encode it encapsulated
     else:
         ds.PhotometricInterpretation = "RGB"
         rng = np.random.default_rng(seed)
