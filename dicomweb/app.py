@@ -1,0 +1,186 @@
+"""The HTTP application: DICOMweb under /dicomweb, a small study list at /.
+
+`make_app(arc, config)` is what `pathpacs serve` runs. Routes (PS3.18):
+  QIDO   GET  /studies /series /instances /studies/{s}/series /studies/{s}/instances
+              /studies/{s}/series/{r}/instances
+  WADO   GET  /studies/{s}[/series/{r}[/instances/{i}]]            (application/dicom)
+              .../metadata, .../frames/{list}, .../bulkdata/{path}
+              .../rendered, .../frames/{list}/rendered, .../thumbnail
+  STOW   POST /studies, /studies/{s}
+Errors answer 4xx with the reason as text (and in a Warning header); CORS per config.
+"""
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+from aiohttp import web
+
+from archive.query import QueryError
+
+from . import pages, qido
+from .common import HttpError, base_url, check_uid, error, multipart_body, boundary
+from .media import NotAcceptable
+from .stow import stow
+from .wado import Wado
+
+log = logging.getLogger("pathpacs.dicomweb")
+
+ARC_KEY = web.AppKey("arc", object)
+CFG_KEY = web.AppKey("config", object)
+
+ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
+EXPOSE_HEADERS = "Content-Type, Content-Length, Content-Encoding, ETag, Warning, Content-Location, Location"
+DEFAULT_ALLOW_HEADERS = "Accept, Accept-Encoding, Authorization, Content-Type, If-None-Match, Cache-Control"
+
+
+def _origin_allowed(origins: list[str], origin: str) -> str | None:
+    if "*" in origins:
+        return "*"
+    return origin if origin in origins else None
+
+
+def cors_middleware(origins: list[str]):
+    @web.middleware
+    async def cors(request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+            allowed = _origin_allowed(origins, origin)
+            if allowed is None:
+                return error(403, f"origin {origin} is not allowed (http.cors_origins)")
+            req_headers = request.headers.get("Access-Control-Request-Headers", "")
+            # "*" does not cover Authorization: name the requested headers explicitly.
+            allow_headers = req_headers if req_headers.strip() else DEFAULT_ALLOW_HEADERS
+            return web.Response(status=204, headers={
+                "Access-Control-Allow-Origin": origin if allowed != "*" else "*",
+                "Access-Control-Allow-Methods": ALLOW_METHODS,
+                "Access-Control-Allow-Headers": allow_headers,
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin, Access-Control-Request-Headers",
+            })
+        try:
+            resp = await handler(request)
+        except web.HTTPException as exc:
+            resp = exc
+            if origin:
+                _cors_headers(resp, origins, origin)
+            raise
+        if origin and not resp.prepared:
+            _cors_headers(resp, origins, origin)
+        return resp
+
+    return cors
+
+
+def _cors_headers(resp: web.StreamResponse, origins: list[str], origin: str) -> None:
+    allowed = _origin_allowed(origins, origin)
+    if allowed is None:
+        return
+    resp.headers["Access-Control-Allow-Origin"] = allowed
+    resp.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+    if allowed != "*":
+        resp.headers["Vary"] = (resp.headers.get("Vary", "") + ", Origin").lstrip(", ")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except HttpError as exc:
+        return error(exc.status, exc.reason)
+    except QueryError as exc:
+        return error(400, str(exc))
+    except NotAcceptable as exc:
+        return error(406, str(exc))
+    except web.HTTPException:
+        raise
+    except (ConnectionResetError, ConnectionError):
+        raise
+    except Exception as exc:
+        log.exception("error answering %s %s", request.method, request.path_qs)
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def _streamed_cors(origins: list[str]):
+    """StreamResponses are prepared inside handlers; add CORS headers before headers go out."""
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        origin = request.headers.get("Origin")
+        if origin and "Access-Control-Allow-Origin" not in response.headers:
+            _cors_headers(response, origins, origin)
+    return on_prepare
+
+
+class Handlers:
+    def __init__(self, arc, config) -> None:
+        self.arc = arc
+        self.config = config
+        self.wado = Wado(arc)
+
+    async def qido(self, request: web.Request, level: str) -> web.Response:
+        mi = request.match_info
+        study = mi.get("study")
+        series = mi.get("series")
+        if study is not None:
+            check_uid(study, "Study Instance UID")
+        if series is not None:
+            check_uid(series, "Series Instance UID")
+        xml = qido.want_xml(request.headers.get("Accept"))
+        docs, more = qido.search(self.arc, level, request.query.items(), study=study, series=series,
+                                 retrieve_aet=getattr(self.config, "aet", None))
+        headers = {}
+        if more:
+            headers["Warning"] = '299 pathpacs "There are additional results that can be requested"'
+        base = base_url(request)
+        if xml:
+            if not docs:
+                return web.Response(status=204, headers=headers)
+            bnd = boundary()
+            body = multipart_body(bnd, [("application/dicom+xml", p) for p in qido.encode_xml_parts(docs, base)])
+            headers["Content-Type"] = f'multipart/related; type="application/dicom+xml"; boundary={bnd}'
+            return web.Response(body=body, headers=headers)
+        headers["Content-Type"] = "application/dicom+json"
+        return web.Response(body=qido.encode_json(docs, base), headers=headers)
+
+    async def stow(self, request: web.Request) -> web.Response:
+        return await stow(self.arc, request)
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return error(404, f"no DICOMweb resource at {request.path}")
+
+
+def make_app(arc, config) -> web.Application:
+    origins = list(getattr(config, "cors_origins", ["*"]) or [])
+    app = web.Application(middlewares=[cors_middleware(origins), error_middleware],
+                          client_max_size=64 << 20)
+    app[ARC_KEY] = arc
+    app[CFG_KEY] = config
+    app.on_response_prepare.append(_streamed_cors(origins))
+    h = Handlers(arc, config)
+    w = h.wado
+    S, R, I = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
+    r = app.router
+    # frames first: the hot path
+    r.add_get(S + R + I + "/frames/{frames}", w.frames)
+    r.add_get(S + R + I + "/frames/{frames}/rendered", w.rendered)
+    r.add_get(S + R + I + "/metadata", w.metadata)
+    r.add_get(S + R + "/metadata", w.metadata)
+    r.add_get(S + "/metadata", w.metadata)
+    r.add_get(S + R + I + "/bulkdata/{path:.+}", w.bulkdata)
+    r.add_get(S + R + I + "/rendered", w.rendered)
+    r.add_get(S + R + I + "/thumbnail", w.thumbnail)
+    r.add_get(S + R + "/thumbnail", w.thumbnail)
+    r.add_get(S + "/thumbnail", w.thumbnail)
+    r.add_get(S + R + I, w.retrieve)
+    r.add_get(S + R, w.retrieve)
+    r.add_get(S, w.retrieve)
+    r.add_get("/dicomweb/studies", partial(h.qido, level="STUDY"))
+    r.add_get("/dicomweb/series", partial(h.qido, level="SERIES"))
+    r.add_get("/dicomweb/instances", partial(h.qido, level="IMAGE"))
+    r.add_get(S + "/series", partial(h.qido, level="SERIES"))
+    r.add_get(S + "/instances", partial(h.qido, level="IMAGE"))
+    r.add_get(S + R + "/instances", partial(h.qido, level="IMAGE"))
+    r.add_post("/dicomweb/studies", h.stow)
+    r.add_post(S, h.stow)
+    pages.add_routes(app, arc, w)
+    r.add_route("*", "/dicomweb/{tail:.*}", h.not_found)
+    return app

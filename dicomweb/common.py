@@ -1,0 +1,76 @@
+"""Helpers shared by the DICOMweb handlers: errors, base URL, multipart framing."""
+from __future__ import annotations
+
+import os
+import re
+
+from aiohttp import web
+
+from archive.metadata import BASE_TOKEN
+
+BASE_TOKEN_B = BASE_TOKEN.encode()
+_HOST_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
+_PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~\-]+)*$")
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def error(status: int, reason: str, headers: dict | None = None) -> web.Response:
+    """An HTTP error answer with the reason as plain text (also in a Warning header)."""
+    h = {"Warning": f'299 pathpacs "{_header_safe(reason)}"'}
+    if headers:
+        h.update(headers)
+    return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=h)
+
+
+class HttpError(Exception):
+    """Raise inside a handler to answer `status` with `reason`."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _header_safe(s: str) -> str:
+    s = s.replace('"', "'").replace("\\", "/")
+    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in s)[:300]
+
+
+def base_url(request: web.Request) -> str:
+    """Absolute DICOMweb root for this request, honouring X-Forwarded-{Proto,Host,Prefix}."""
+    h = request.headers
+    proto = h.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    if proto not in ("http", "https"):
+        proto = request.scheme if request.scheme in ("http", "https") else "http"
+    host = h.get("X-Forwarded-Host", "").split(",")[0].strip()
+    if not host or not _HOST_RE.match(host):
+        host = request.host if _HOST_RE.match(request.host or "") else "localhost"
+    prefix = h.get("X-Forwarded-Prefix", "").split(",")[0].strip().rstrip("/")
+    if not _PREFIX_RE.match(prefix):
+        prefix = ""
+    return f"{proto}://{host}{prefix}/dicomweb"
+
+
+def check_uid(value: str, what: str) -> str:
+    if not value or len(value) > 64 or not UID_RE.match(value):
+        raise HttpError(400, f"invalid {what} {value[:80]!r}")
+    return value
+
+
+def boundary() -> str:
+    return os.urandom(12).hex()
+
+
+def part_head(bnd: str, content_type: str, extra: str = "") -> bytes:
+    return f"--{bnd}\r\nContent-Type: {content_type}\r\n{extra}\r\n".encode()
+
+
+def multipart_body(bnd: str, parts: list[tuple[str, bytes]]) -> bytes:
+    """One multipart/related body from (content type, bytes) parts."""
+    chunks: list[bytes] = []
+    for ct, data in parts:
+        chunks.append(f"--{bnd}\r\nContent-Type: {ct}\r\n\r\n".encode())
+        chunks.append(data)
+        chunks.append(b"\r\n")
+    chunks.append(f"--{bnd}--\r\n".encode())
+    return b"".join(chunks)

@@ -1,0 +1,150 @@
+"""Accept-header parsing and the transfer syntax <-> media type table (PS3.18 8.7).
+
+Negotiation here decides, for each retrieve, which bytes go out: the stored bytes
+(the default and the fast path) or a transcoding (explicit VR little endian, JPEG
+baseline), or 406 when nothing acceptable can be produced.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+IMPLICIT_LE = "1.2.840.10008.1.2"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+NATIVE = {EXPLICIT_LE, IMPLICIT_LE}  # little endian, byte-identical pixel data
+
+# transfer syntax -> the image media type its frames are served as (PS3.18 Table 8.7.3-2)
+TS_MEDIA = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg",
+    "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg",
+    "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls",
+    "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2",
+    "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.92": "image/jpx",
+    "1.2.840.10008.1.2.4.93": "image/jpx",
+    "1.2.840.10008.1.2.4.201": "image/jphc",
+    "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc",
+    "1.2.840.10008.1.2.4.110": "image/jxl",
+    "1.2.840.10008.1.2.4.111": "image/jxl",
+    "1.2.840.10008.1.2.4.112": "image/jxl",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
+}
+# default transfer syntax when a client names only the image media type
+MEDIA_DEFAULT_TS = {
+    "image/jpeg": JPEG_BASELINE,
+    "image/jls": "1.2.840.10008.1.2.4.80",
+    "image/jp2": "1.2.840.10008.1.2.4.90",
+    "image/jpx": "1.2.840.10008.1.2.4.92",
+    "image/jphc": "1.2.840.10008.1.2.4.201",
+    "image/jxl": "1.2.840.10008.1.2.4.110",
+    "image/dicom-rle": "1.2.840.10008.1.2.5",
+    "image/x-dicom-rle": "1.2.840.10008.1.2.5",
+    "image/x-jls": "1.2.840.10008.1.2.4.80",
+}
+
+
+def media_of_ts(ts: str) -> str:
+    return TS_MEDIA.get(ts, "application/octet-stream")
+
+
+class NotAcceptable(Exception):
+    """Nothing the client accepts can be produced (HTTP 406)."""
+
+
+@dataclass
+class MediaRange:
+    type: str  # e.g. "multipart/related", "application/dicom+json", "*/*"
+    params: dict[str, str] = field(default_factory=dict)
+    q: float = 1.0
+
+    @property
+    def multipart(self) -> bool:
+        return self.type == "multipart/related"
+
+    @property
+    def part_type(self) -> str | None:
+        """For multipart/related: the type parameter (lower case), else the type itself."""
+        if self.multipart:
+            t = self.params.get("type")
+            return t.lower() if t else None
+        return self.type
+
+    @property
+    def transfer_syntax(self) -> str | None:
+        return self.params.get("transfer-syntax")
+
+
+def _split_outside_quotes(s: str, sep: str) -> list[str]:
+    out, cur, quoted = [], [], False
+    for ch in s:
+        if ch == '"':
+            quoted = not quoted
+        if ch == sep and not quoted:
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur))
+    return out
+
+
+def parse_accept(header: str | None) -> list[MediaRange]:
+    """Media ranges in preference order (q descending, then as written). Empty -> []"""
+    if not header:
+        return []
+    ranges: list[tuple[float, int, MediaRange]] = []
+    for i, item in enumerate(_split_outside_quotes(header, ",")):
+        item = item.strip()
+        if not item:
+            continue
+        parts = _split_outside_quotes(item, ";")
+        mtype = parts[0].strip().lower()
+        params: dict[str, str] = {}
+        q = 1.0
+        for p in parts[1:]:
+            k, _, v = p.partition("=")
+            k = k.strip().lower()
+            v = v.strip().strip('"')
+            if k == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+            elif k:
+                params[k] = v
+        if q <= 0:
+            continue
+        ranges.append((q, i, MediaRange(mtype, params, q)))
+    ranges.sort(key=lambda t: (-t[0], t[1]))
+    return [r for _, _, r in ranges]
+
+
+def parse_content_type(header: str | None) -> tuple[str, dict[str, str]]:
+    if not header:
+        return "", {}
+    parts = _split_outside_quotes(header, ";")
+    params = {}
+    for p in parts[1:]:
+        k, _, v = p.partition("=")
+        if k.strip():
+            params[k.strip().lower()] = v.strip().strip('"')
+    return parts[0].strip().lower(), params
+
+
+def wants(ranges: list[MediaRange], *candidates: str) -> str | None:
+    """The first of `candidates` (single-part media types) acceptable to `ranges`.
+    No Accept header means the first candidate."""
+    if not ranges:
+        return candidates[0]
+    for r in ranges:
+        t = r.part_type if r.multipart else r.type
+        for c in candidates:
+            if t == c or t in ("*/*", None) or (t.endswith("/*") and c.startswith(t[:-1])):
+                return c
+    return None

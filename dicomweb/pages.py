@@ -1,0 +1,43 @@
+"""The built-in pages: a study list with thumbnails at / (answers from the index only)."""
+from __future__ import annotations
+
+import html
+
+from aiohttp import web
+
+from archive.metadata import string_values
+
+
+def _v(doc: dict, tag: str) -> str:
+    return html.escape("\\".join(string_values(doc.get(tag))))
+
+
+def add_routes(app: web.Application, arc, wado) -> None:
+    async def index(request: web.Request) -> web.Response:
+        rows = []
+        with arc.index.read() as txn:
+            studies = list(arc.index.iter_records("study", txn))
+        studies.sort(key=lambda t: t[1].get("updated", ""), reverse=True)
+        for uid, rec in studies[:500]:
+            a = rec["attrs"]
+            u = html.escape(uid)
+            rows.append(
+                f"<tr><td><a href='dicomweb/studies/{u}/thumbnail?viewport=512,512'>"
+                f"<img loading=lazy src='dicomweb/studies/{u}/thumbnail?viewport=96,96' alt=''></a></td>"
+                f"<td>{_v(a, '00100010')}<br><small>{_v(a, '00100020')}</small></td>"
+                f"<td>{_v(a, '00080020')}</td><td>{_v(a, '00080050')}</td><td>{_v(a, '00081030')}</td>"
+                f"<td>{html.escape(','.join(rec.get('modalities', [])))}</td>"
+                f"<td>{rec['n_series']} / {rec['n_instances']}</td>"
+                f"<td><a href='dicomweb/studies/{u}/series'>series</a> · "
+                f"<a href='dicomweb/studies/{u}/metadata'>metadata</a></td></tr>")
+        body = f"""<!doctype html><html><head><meta charset=utf-8><title>pathpacs</title>
+<style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}}
+img{{max-width:96px;max-height:96px}}</style></head><body>
+<h1>pathpacs</h1><p>{len(studies)} studies. DICOMweb root: <code>/dicomweb</code>.</p>
+<table><tr><th></th><th>Patient</th><th>Date</th><th>Accession</th><th>Description</th>
+<th>Modalities</th><th>Series / instances</th><th></th></tr>
+{''.join(rows)}</table></body></html>"""
+        return web.Response(text=body, content_type="text/html")
+
+    app.router.add_get("/", index)
