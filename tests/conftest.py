@@ -146,3 +146,58 @@ def need(tool: str) -> str:
     if path is None:
         pytest.fail(f"{tool} is not installed (make test installs it with apt-get)")
     return path
+
+
+@dataclass
+class Orthanc:
+    http_port: int
+    dicom_port: int
+    aet: str
+    proc: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+
+def start_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]] | None = None,
+                  plugins: list[str] | None = None) -> Orthanc:
+    """A real Orthanc (Debian package) on free ports, storing under `workdir`."""
+    import json
+
+    binary = need("Orthanc")
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    cfg = {
+        "Name": "peer", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
+        "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+        "Plugins": plugins or [], "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
+        "StorageCompression": False, "OverwriteInstances": True,
+        "DicomScuTimeout": 30, "LimitFindResults": 0, "LimitFindInstances": 0,
+    }
+    (workdir / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(workdir / "orthanc.log", "wb")
+    proc = subprocess.Popen([binary, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    wait_port(http_port, proc, timeout=60)
+    wait_port(dicom_port, proc, timeout=60)
+    return Orthanc(http_port, dicom_port, "ORTHANC", proc)
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path):
+    started: list[Orthanc] = []
+
+    def factory(**kw) -> Orthanc:
+        o = start_orthanc(tmp_path / f"orthanc{len(started)}", **kw)
+        started.append(o)
+        return o
+
+    yield factory
+    for o in started:
+        o.proc.terminate()
+        try:
+            o.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            o.proc.kill()

@@ -6,6 +6,7 @@ at a time so only the instance being sent is in memory.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING, Iterator
 
 import pydicom
@@ -51,6 +52,18 @@ def matching_instances(arc: "Archive", identifier, model_root: str) -> list[str]
 
 UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
 
+# pynetdicom opens the C-MOVE sub-association itself, in the thread that runs our handler;
+# DimseServer wraps AE.associate to leave it here so we can see what the destination accepted.
+move_association = threading.local()
+
+
+def remember_association(associate):
+    def wrapper(*args, **kwargs):
+        assoc = associate(*args, **kwargs)
+        move_association.current = assoc
+        return assoc
+    return wrapper
+
 
 def _accepted_syntaxes(assoc, sop_class: str) -> set[str] | None:
     """Transfer syntaxes the C-GET requestor accepted for storing `sop_class` (None: unknown)."""
@@ -60,7 +73,7 @@ def _accepted_syntaxes(assoc, sop_class: str) -> set[str] | None:
             if str(cx.abstract_syntax) == sop_class}
 
 
-def _datasets(event, arc: "Archive", sops: list[str], assoc=None) -> Iterator:
+def _datasets(event, arc: "Archive", sops: list[str], assoc=None, sub_association: bool = False) -> Iterator:
     """Yield instances to send, stored bytes as stored; decoded to explicit VR little endian
     only when the peer accepted no context for the stored syntax but did for an uncompressed one."""
     for sop in sops:
@@ -72,6 +85,8 @@ def _datasets(event, arc: "Archive", sops: list[str], assoc=None) -> Iterator:
             log.warning("instance %s vanished during retrieve", sop)
             continue
         ds = pydicom.dcmread(path)
+        if sub_association:
+            assoc = getattr(move_association, "current", None)
         accepted = _accepted_syntaxes(assoc, str(ds.SOPClassUID))
         ts = str(ds.file_meta.TransferSyntaxUID)
         if accepted and ts not in accepted and accepted & UNCOMPRESSED and ts not in UNCOMPRESSED:
@@ -104,12 +119,14 @@ def move_contexts(arc: "Archive", sops: list[str]) -> list:
         syntaxes = wanted.setdefault(rec["sop_class"], [])
         if rec["ts"] not in syntaxes:
             syntaxes.append(rec["ts"])
+    # One context per stored syntax, plus one uncompressed fallback per class: the destination
+    # accepts or rejects each on its own, so compressed bytes go as they are wherever possible.
     contexts = []
     for sop_class, syntaxes in wanted.items():
-        for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-            if ts not in syntaxes:
-                syntaxes.append(ts)
-        contexts.append(build_context(sop_class, syntaxes))
+        for ts in syntaxes:
+            if ts not in UNCOMPRESSED:
+                contexts.append(build_context(sop_class, [ts]))
+        contexts.append(build_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
     return contexts[:128]
 
 
@@ -128,5 +145,6 @@ def handle_move(event, arc: "Archive") -> Iterator:
         yield 0xA900, None
         return
     yield node.host, node.port, {"contexts": move_contexts(arc, sops) or None}
+    move_association.current = None
     yield len(sops)
-    yield from _datasets(event, arc, sops)
+    yield from _datasets(event, arc, sops, sub_association=True)

@@ -14,7 +14,7 @@ from .contexts import (
     STORAGE_TRANSFER_SYNTAXES, VERIFICATION,
 )
 from .find_scp import handle_find
-from .retrieve_scp import handle_get, handle_move
+from .retrieve_scp import handle_get, handle_move, remember_association
 from .store_scp import handle_store
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class DimseServer:
         for model in (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS):
             ae.add_supported_context(model)
         ae.add_supported_context(STORAGE_COMMITMENT)
+        ae.associate = remember_association(ae.associate)  # see retrieve_scp.move_association
         self.ae = ae
         self._server = None
         self.handlers = [
