@@ -45,6 +45,12 @@ def base_url(request: web.Request) -> str:
     host = h.get("X-Forwarded-Host", "").split(",")[0].strip()
     if not host or not _HOST_RE.match(host):
         host = request.host if _HOST_RE.match(request.host or "") else "localhost"
+        # Some clients (dicomweb-client) send Host without the port. Without a proxy
+        # header to say otherwise, the port we were reached on is the right one.
+        if not host.endswith("]") and ":" not in host.rsplit("]", 1)[-1]:
+            sock = request.transport.get_extra_info("sockname") if request.transport else None
+            if sock and len(sock) >= 2 and sock[1] not in (80, 443):
+                host = f"{host}:{sock[1]}"
     prefix = h.get("X-Forwarded-Prefix", "").split(",")[0].strip().rstrip("/")
     if not _PREFIX_RE.match(prefix):
         prefix = ""

@@ -242,7 +242,7 @@ def parse_render_params(query, media: str, default_viewport: tuple[int, int] | N
     return p
 
 
-def apply_viewport(img: Image.Image, viewport: tuple[int, ...] | None) -> Image.Image:
+def apply_viewport(img: Image.Image, viewport: tuple[int, ...] | None, upscale: bool = True) -> Image.Image:
     if not viewport:
         return img
     if len(viewport) == 6:
@@ -250,6 +250,8 @@ def apply_viewport(img: Image.Image, viewport: tuple[int, ...] | None) -> Image.
         img = img.crop((sx, sy, min(sx + sw, img.width), min(sy + sh, img.height)))
     vw, vh = viewport[0], viewport[1]
     scale = min(vw / img.width, vh / img.height)
+    if not upscale:
+        scale = min(scale, 1.0)
     size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)

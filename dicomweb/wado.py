@@ -245,7 +245,7 @@ class Wado:
             for r in ranges:
                 t = (r.part_type or "application/octet-stream") if r.multipart else r.type
                 if t in ("application/octet-stream", "*/*", "application/*"):
-                    multipart = r.multipart
+                    multipart = r.multipart or t != "application/octet-stream"
                     break
             else:
                 raise NotAcceptable("bulk data is served as application/octet-stream")
@@ -384,10 +384,10 @@ class Wado:
             raise HttpError(404, f"instance {sop} not found")
         if info.rows == 0 or info.n_frames == 0:
             raise HttpError(400, f"instance {sop} has no image to render")
-        if frame is not None or info.n_frames == 1:
-            data = self._frame_bytes(sop, [frame or 1])[0]
+        if frame is not None:
+            data = self._frame_bytes(sop, [frame])[0]
             return info, to_pil(info, decode_frame(info, data))
-        tiled = info.total_rows > info.rows or info.total_cols > info.cols
+        tiled = (info.total_rows, info.total_cols) != (info.rows, info.cols)
         if not tiled:
             data = self._frame_bytes(sop, [1])[0]
             return info, to_pil(info, decode_frame(info, data))
@@ -400,7 +400,7 @@ class Wado:
 
     def _render_instance(self, sop: str, frame: int | None, params, default_viewport=None) -> bytes:
         info, img = self._instance_image(sop, frame)
-        img = apply_viewport(img, params.viewport or default_viewport)
+        img = apply_viewport(img, params.viewport or default_viewport, upscale=params.viewport is not None)
         icc = self.pixels.icc_profile(info) if params.icc else None
         return save_image(img, params.media, params.quality, icc)
 
