@@ -1,0 +1,111 @@
+"""`make bench` / `python -m conformance.bench [--quick] [--only NAME]`.
+
+Runs every benchmark with its peers in the same run, prints one table and writes BENCHMARKS.md
+with a description of the machine. Absolute numbers here are noisy; ratios within a run hold.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name -> (module, function); each function takes (workdir: Path, quick: bool) -> list[dict]
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "ingest": ("conformance.bench.ingest", "run"),
+    "dicomweb": ("dicomweb.bench_frames", "run"),
+    "convert": ("converters.bench_convert", "run"),
+}
+
+
+def machine() -> list[str]:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    disk = shutil.disk_usage(ROOT)
+    fs = subprocess.run(["df", "-T", str(ROOT)], capture_output=True, text=True).stdout.splitlines()[-1].split()[1]
+    def version(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            return (out.stdout or out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            return "not installed"
+    return [
+        f"- CPU: {cpu}, {os.cpu_count()} cores; memory {mem:.0f} GiB",
+        f"- disk: {fs}, {disk.total / 2**30:.0f} GiB ({disk.free / 2**30:.0f} GiB free)",
+        f"- OS: {platform.platform()}; Python {platform.python_version()}",
+        f"- Orthanc: {version(['Orthanc', '--version'])}",
+        f"- dcmtk: {version(['dcmsend', '--version'])}",
+        "- client and server share the machine (loopback)",
+    ]
+
+
+def table(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        for k in r:
+            if k not in cols:
+                cols.append(k)
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(str(r.get(c, "")).replace("|", "/") for c in cols) + " |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m conformance.bench")
+    p.add_argument("--quick", action="store_true", help="small inputs, for a smoke run")
+    p.add_argument("--only", action="append", choices=sorted(BENCHMARKS))
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    args = p.parse_args(argv)
+    sections: list[str] = []
+    failed = 0
+    for name, (module, func) in BENCHMARKS.items():
+        if args.only and name not in args.only:
+            continue
+        print(f"== {name}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=os.environ.get("BENCH_TMP")) as tmp:
+            try:
+                fn: Callable = getattr(importlib.import_module(module), func)
+                rows = fn(Path(tmp), args.quick)
+            except Exception as exc:  # one failing peer must not hide the other results
+                failed += 1
+                rows = [{"benchmark": name, "system": "-", "value": "FAILED", "note": f"{type(exc).__name__}: {exc}"}]
+        lines = table(rows)
+        print("\n".join(lines), flush=True)
+        sections += [f"## {name}", "", *lines, ""]
+    doc = [
+        "# Benchmarks",
+        "",
+        f"Measured {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC by `make bench`"
+        + (" (--quick: small inputs)" if args.quick else "") + ", pathpacs and its peers in the same run.",
+        "Absolute times on a shared 2-core machine are noisy; compare ratios within one run.",
+        "",
+        "Machine:",
+        *machine(),
+        "",
+        *sections,
+    ]
+    if not args.only:
+        args.out.write_text("\n".join(doc))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
