@@ -267,6 +267,20 @@ def copy_frames(level: Level, writer: FrameWriter, pool: ThreadPoolExecutor, wor
                 tick: Callable[[int], None]) -> None:
     """Stored tiles -> frames, read ahead by a bounded window of pool tasks."""
     n = level.n_tiles
+    if hasattr(level, "frame_source"):
+        # TIFF tiles: kernel file-to-file copies at precomputed positions, in parallel,
+        # in batches (bounded bookkeeping; background write-back between batches)
+        batch = 4096
+        for start in range(0, n, batch):
+            ranges = []
+            for i in range(start, min(start + batch, n)):
+                src = level.frame_source(i)
+                ranges.append(src if src is not None else level.blank_frame())
+            writer.add_ranges(ranges, level.fd, pool, workers)
+            if writer._pos - writer._synced >= (64 << 20):
+                writer._background_sync()
+            tick(len(ranges))
+        return
     chunk = 64
     window = max(2, 2 * workers)
     read = level.raw_frame

@@ -1,6 +1,6 @@
 """Streaming writer for encapsulated multi-frame DICOM files.
 
-The header (everything before Pixel Data) is written by pydicom; the pixel
+The header (everything before Pixel Data) is encoded by converters.dcmenc; the pixel
 data is then appended frame by frame as one fragment per frame, so a slide
 never sits in memory. Space for the Basic Offset Table (4-byte offsets) or,
 for instances that may pass 4 GiB, the Extended Offset Table (8-byte offsets
@@ -15,11 +15,9 @@ import os
 import struct
 from pathlib import Path
 
-import io
+import threading
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import dcmwrite
-from pydicom.uid import UID
+from .dcmenc import Dataset, encode_file
 
 from .errors import ConversionError
 
@@ -27,6 +25,8 @@ _ITEM = b"\xfe\xff\x00\xe0"
 _SEQ_DELIM = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _PIXEL_DATA_UNDEFINED = b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff"
 BOT_LIMIT = 2**32 - 1
+IMPLEMENTATION_CLASS_UID = "2.25.196159532212183542326366305470468545375"  # pathpacs converters
+SYNC_EVERY = 64 << 20  # start write-back every 64 MiB
 
 
 class FrameWriter:
@@ -41,23 +41,24 @@ class FrameWriter:
         self.offsets: list[int] = []
         self.lengths: list[int] = []
         self._ratio_pos = -1
+        self._synced = 0
+        self._sync_thread: threading.Thread | None = None
+        self._kernel_copy = hasattr(os, "copy_file_range")
         self._pos = 0  # offset of the next item, relative to the first frame item
-        meta = FileMetaDataset()
+        meta = Dataset()
         meta.MediaStorageSOPClassUID = ds.SOPClassUID
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        meta.TransferSyntaxUID = UID(transfer_syntax)
-        meta.ImplementationClassUID = UID("1.2.826.0.1.3680043.10.1434.1")
+        meta.TransferSyntaxUID = transfer_syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = "PATHPACS_01"
-        ds.file_meta = meta
         try:
             self.f = open(self.path, "xb", buffering=buffer_size)
         except OSError as exc:
             raise ConversionError(f"cannot write {self.path.parent}: {exc.strerror}") from None
         self.uncompressed_bytes = int(ds.Rows) * int(ds.Columns) * int(ds.SamplesPerPixel) * n_frames
+        self._fd = self.f.fileno()
         try:
-            header = io.BytesIO()
-            dcmwrite(header, ds, enforce_file_format=True)
-            header = header.getvalue()
+            header = encode_file(ds, meta)
             # LossyImageCompressionRatio placeholder (see metadata.RATIO_PLACEHOLDER)
             self._ratio_pos = header.find(b"99999999.999")
             self.f.write(header)
@@ -96,6 +97,125 @@ class FrameWriter:
             f.write(b"\x00")
         self._pos += 8 + n + pad
         self.count += 1
+        if self._pos - self._synced >= SYNC_EVERY:
+            self._background_sync()
+
+    def add_from_file(self, prefix: bytes, src_fd: int, offset: int, count: int) -> None:
+        """Append a frame made of ``prefix`` + ``count`` bytes at ``offset`` of ``src_fd``.
+
+        The body is copied by the kernel (``copy_file_range``): tile bytes never pass
+        through Python. Falls back to pread + write where the kernel will not.
+        """
+        n = len(prefix) + count
+        pad = n & 1
+        self.offsets.append(self._pos)
+        self.lengths.append(n + pad)
+        f = self.f
+        f.write(_ITEM + struct.pack("<I", n + pad))
+        if prefix:
+            f.write(prefix)
+        f.flush()
+        fd = self._fd
+        done = 0
+        if self._kernel_copy:
+            try:
+                while done < count:
+                    k = os.copy_file_range(src_fd, fd, count - done, offset + done)
+                    if k <= 0:
+                        break
+                    done += k
+            except OSError:
+                self._kernel_copy = False
+        if done < count:
+            data = os.pread(src_fd, count - done, offset + done)
+            if len(data) != count - done:
+                raise ConversionError("truncated file: tile data runs past the end of the file")
+            f.write(data)
+            f.flush()
+        if pad:
+            f.write(b"\x00")
+        self._pos += 8 + n + pad
+        self.count += 1
+        if self._pos - self._synced >= SYNC_EVERY:
+            self._background_sync()
+
+    def add_ranges(self, ranges: list, src_fd: int, pool=None, parts: int = 1) -> None:
+        """Append many frames given as ``(prefix, offset, count)`` file ranges (or bytes).
+
+        Every frame's position is known from the lengths up front, so ``parts``
+        threads copy disjoint stretches with positioned writes and
+        ``copy_file_range`` (both release the GIL).
+        """
+        self.f.flush()
+        start = self.f.tell()
+        jobs = []
+        pos = start
+        for r in ranges:
+            if isinstance(r, (bytes, bytearray)):
+                n = len(r)
+            else:
+                n = len(r[0]) + r[2]
+            pad = n & 1
+            self.offsets.append(self._pos + (pos - start))
+            self.lengths.append(n + pad)
+            jobs.append((pos, r, n + pad))
+            pos += 8 + n + pad
+        fd = self._fd
+
+        def run(chunk):
+            for at, r, length in chunk:
+                head = _ITEM + struct.pack("<I", length)
+                if isinstance(r, (bytes, bytearray)):
+                    os.pwrite(fd, head + bytes(r) + b"\x00" * (length - len(r)), at)
+                    continue
+                prefix, off, count = r
+                os.pwrite(fd, head + prefix, at)
+                dst = at + 8 + len(prefix)
+                done = 0
+                while done < count:
+                    k = 0
+                    if self._kernel_copy:
+                        try:
+                            k = os.copy_file_range(src_fd, fd, count - done, off + done, dst + done)
+                        except OSError:
+                            self._kernel_copy = False
+                    if k <= 0:
+                        data = os.pread(src_fd, count - done, off + done)
+                        if not data:
+                            raise ConversionError("truncated file: tile data runs past the end of the file")
+                        k = os.pwrite(fd, data, dst + done)
+                    done += k
+                if length > len(prefix) + count:
+                    os.pwrite(fd, b"\x00", dst + count)
+
+        if pool is None or parts <= 1 or len(jobs) < 64:
+            run(jobs)
+        else:
+            step = -(-len(jobs) // parts)
+            futures = [pool.submit(run, jobs[i:i + step]) for i in range(0, len(jobs), step)]
+            for fu in futures:
+                fu.result()
+        self.f.seek(pos)
+        self._pos += pos - start
+        self.count += len(jobs)
+
+    def _background_sync(self) -> None:
+        """Start writing back what is written so far while we go on (fsync at the end is then short)."""
+        t = self._sync_thread
+        if t is not None and t.is_alive():
+            return
+        self._synced = self._pos
+        self.f.flush()
+        fd = self._fd
+
+        def sync():
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass
+
+        self._sync_thread = threading.Thread(target=sync, daemon=True)
+        self._sync_thread.start()
 
     def finish(self) -> None:
         if self.count != self.n_frames:
@@ -118,10 +238,14 @@ class FrameWriter:
             f.seek(self._ratio_pos)
             f.write(ratio.encode()[:12])
         f.flush()
+        if self._sync_thread is not None:
+            self._sync_thread.join()
         os.fsync(f.fileno())
         f.close()
 
     def abort(self) -> None:
+        if self._sync_thread is not None:
+            self._sync_thread.join()
         try:
             self.f.close()
         except Exception:

@@ -16,9 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from .dcmenc import Dataset, Sequence, generate_uid
 
 from .errors import ConversionError
 from .sources import Slide
@@ -186,12 +184,12 @@ class SeriesContext:
         """A fresh UID, or with a seed (watch folders) the same UID for the same file and role."""
         if self.uid_seed is None:
             return generate_uid()
-        return generate_uid(entropy_srcs=[self.uid_seed, role])
+        return generate_uid([self.uid_seed, role])
 
     @classmethod
     def create(cls, slide: Slide, md: dict, uid_seed: str | None = None) -> "SeriesContext":
         def new_uid(role: str) -> str:
-            return generate_uid() if uid_seed is None else generate_uid(entropy_srcs=[uid_seed, role])
+            return generate_uid() if uid_seed is None else generate_uid([uid_seed, role])
 
         img = md.get("image", {})
         mpp = img.get("mpp") or slide.mpp

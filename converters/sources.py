@@ -133,10 +133,16 @@ class TiffLevel(Level):
         self.counts = [int(x) for x in page.databytecounts]
         if len(self.offsets) < self.n_tiles:
             raise ConversionError("corrupt TIFF: fewer tiles than the image size needs")
+        file_size = os.fstat(fd).st_size
+        for off, cnt in zip(self.offsets[: self.n_tiles], self.counts[: self.n_tiles]):
+            if cnt and off + cnt > file_size:
+                raise ConversionError("truncated file: tile data runs past the end of the file")
         self.jpegtables = page.jpegtables
         self._decode = page.decode
         self.samples = int(page.samplesperpixel)
         self._blank_frame: bytes | None = None
+        self._prefix: bytes | None = None
+        self._is_jpeg = int(page.compression) == 7
         self.copy = self._copy_info() if (allow_copy and page.is_tiled) else None
 
     def _first_tile(self) -> bytes | None:
@@ -225,6 +231,23 @@ class TiffLevel(Level):
         if int(self.page.compression) == 7:
             return fix_tile(self.jpegtables, data, self._app14)
         return data
+
+    def frame_source(self, index: int) -> tuple[bytes, int, int] | None:
+        """(prefix, file offset, length): the frame is prefix + that byte range of the file.
+
+        Lets the writer copy tile bodies file-to-file in the kernel. None for sparse tiles.
+        """
+        count = self.counts[index]
+        if count == 0:
+            return None
+        if self._prefix is None:
+            self._prefix = fix_tile(self.jpegtables, b"\xff\xd8", self._app14) if self._is_jpeg else b""
+        if self._is_jpeg:
+            off = self.offsets[index]
+            if os.pread(self.fd, 2, off) != b"\xff\xd8":
+                raise ConversionError(f"corrupt tile data (tile {index} is not a JPEG stream)")
+            return self._prefix, off + 2, count - 2  # the tile's own SOI is replaced
+        return b"", self.offsets[index], count
 
     def blank_frame(self) -> bytes:
         """A white tile in the level's own coding, for sparse (zero-length) tiles."""

@@ -341,9 +341,10 @@ def test_offset_tables(svs, tmp_path):
 
 
 def test_extended_offset_table_writer(tmp_path):
+    from converters.dcmenc import Dataset
     from converters.dicomwriter import FrameWriter
 
-    ds = pydicom.Dataset()
+    ds = Dataset()
     ds.SOPClassUID = WSI_SOP_CLASS
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.Rows = ds.Columns = 8
