@@ -1,0 +1,489 @@
+"""Benchmark: DICOMweb frames, metadata, QIDO and STOW — pathpacs vs Orthanc, same run.
+
+    python -m dicomweb.bench_frames [--workdir bench-work/dicomweb] [--frames 3000] [--clients 8]
+
+1. Writes a ~28k-frame JPEG WSI series (49152x36864 base level, 256 px tiles, levels 1/4/16)
+   with tissue-like synthetic tiles, streamed to disk (never the whole slide in memory).
+2. STOW-RS of the series to a fresh `pathpacs serve` and to Orthanc (DICOMweb plugin): MB/s.
+3. Random level-0 frames with N concurrent clients (the way a viewer pans): frames/s, p50,
+   p99 for pathpacs WADO-RS, Orthanc WADO-RS (time-capped: it is slow), Orthanc's WSI tile
+   API (/wsi/tiles), and a bare aiohttp handler doing one os.pread per frame (the limit).
+4. Series metadata of the WSI series: pathpacs vs Orthanc.
+5. QIDO study search with 100,000 instances indexed (records written straight into a
+   scratch index): p50 of an indexed and of a scanning query.
+
+`main()` returns the rows (dicts) for BENCHMARKS.md and prints them as JSON lines.
+Orthanc is /usr/sbin/Orthanc with plugins from /usr/share/orthanc/plugins (Debian).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+ORTHANC = "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+# -- the slide ---------------------------------------------------------------------------
+
+def _tile_pool(n: int, tile: int, seed: int = 0, quality: int = 80) -> list[bytes]:
+    """n tissue-like JPEG tiles (colour gradients, nuclei-like blobs, noise) + glass tiles."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
+    out = []
+    for i in range(n):
+        if i % 8 == 0:  # glass
+            img = 236 + rng.integers(0, 10, size=(tile, tile, 3))
+        else:
+            fx, fy = rng.uniform(20, 120, size=2)
+            img = np.empty((tile, tile, 3), np.float32)
+            img[..., 0] = 200 + 40 * np.sin(xx / fx + i) * np.cos(yy / fy)
+            img[..., 1] = 130 + 60 * np.sin((xx + yy) / (fx + fy))
+            img[..., 2] = 185 + 45 * np.cos(xx / fy - yy / fx)
+            for _ in range(30):
+                cy, cx, r = rng.uniform(0, tile), rng.uniform(0, tile), rng.uniform(3, 9)
+                m = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+                img[m] = (90, 60, 150)
+            img += rng.normal(0, 8, size=img.shape)
+        buf = io.BytesIO()
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").save(buf, "JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def _header(study, series, frame_ref, sop, W, H, tile, n, number, image_type):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+
+    ds = Dataset()
+    ds.SOPClassUID = WSI_CLASS
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.PatientID = "BENCH1"
+    ds.PatientName = "Bench^Slide"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = "20260101"
+    ds.StudyTime = "100000"
+    ds.AccessionNumber = "BENCHACC"
+    ds.StudyID = "1"
+    ds.ReferringPhysicianName = ""
+    ds.Modality = "SM"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.Manufacturer = "pathpacs-bench"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", image_type, "NONE"]
+    ds.Rows = ds.Columns = tile
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.LossyImageCompression = "01"
+    ds.NumberOfFrames = n
+    ds.TotalPixelMatrixColumns = W
+    ds.TotalPixelMatrixRows = H
+    ds.TotalPixelMatrixFocalPlanes = 1
+    ds.DimensionOrganizationType = "TILED_FULL"
+    ds.FrameOfReferenceUID = frame_ref
+    ds.ContainerIdentifier = "BENCH-SLIDE"
+    ds.BurnedInAnnotation = "NO"
+    ds.SpecimenLabelInImage = "NO"
+    ds.ImagedVolumeWidth = 49152 * 0.00025
+    ds.ImagedVolumeHeight = 36864 * 0.00025
+    ds.ImagedVolumeDepth = 0.001
+    ds.NumberOfOpticalPaths = 1
+    op = Dataset()
+    op.OpticalPathIdentifier = "1"
+    ds.OpticalPathSequence = Sequence([op])
+    pm = Dataset()
+    pm.PixelSpacing = [ds.ImagedVolumeHeight / H, ds.ImagedVolumeWidth / W]
+    pm.SliceThickness = 0.001
+    shared = Dataset()
+    shared.PixelMeasuresSequence = Sequence([pm])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = WSI_CLASS
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = JPEG_BASELINE
+    ds.file_meta = meta
+    return ds
+
+
+def make_slide(outdir: Path, width: int = 49152, height: int = 36864, tile: int = 256) -> list[Path]:
+    """Write the WSI series (one file per level, base first); returns the paths."""
+    from pydicom.uid import generate_uid
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    done = sorted(outdir.glob("level*.dcm"))
+    if len(done) >= 3 and (outdir / "complete").exists():
+        return done
+    pool = _tile_pool(384, tile)
+    rng = random.Random(7)
+    study, series, frame_ref = generate_uid(), generate_uid(), generate_uid()
+    paths = []
+    level, W, H = 0, width, height
+    while True:
+        cols, rows = -(-W // tile), -(-H // tile)
+        n = cols * rows
+        p = outdir / f"level{level}.dcm"
+        ds = _header(study, series, frame_ref, generate_uid(), W, H, tile, n, level + 1, "VOLUME")
+        with open(p, "wb") as fh:
+            ds.save_as(fh, enforce_file_format=True)
+            fh.write(struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 0xFFFFFFFF))
+            fh.write(struct.pack("<HHI", 0xFFFE, 0xE000, 0))
+            for _ in range(n):
+                t = pool[rng.randrange(len(pool))]
+                pad = len(t) & 1
+                fh.write(struct.pack("<HHI", 0xFFFE, 0xE000, len(t) + pad))
+                fh.write(t)
+                if pad:
+                    fh.write(b"\x00")
+            fh.write(struct.pack("<HHI", 0xFFFE, 0xE0DD, 0))
+        paths.append(p)
+        if max(W, H) <= 4096:
+            break
+        level, W, H = level + 1, W // 4, H // 4
+    (outdir / "complete").write_text("ok")
+    return paths
+
+
+# -- processes ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except Exception:
+            time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def start_pathpacs(data: Path, log: Path) -> tuple[subprocess.Popen, str]:
+    http = _free_port()
+    cmd = [sys.executable, "-m", "archive", "serve", "--data", str(data), "--dicom-port", str(_free_port()),
+           "--http-port", str(http), "--host", "127.0.0.1", "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}"
+    _wait_http(base + "/dicomweb/studies?limit=1", proc)
+    return proc, base + "/dicomweb"
+
+
+def start_orthanc(work: Path) -> tuple[subprocess.Popen, str] | None:
+    if not Path(ORTHANC).exists():
+        return None
+    http = _free_port()
+    store = work / "orthanc-storage"
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    plugins = [str(ORTHANC_PLUGINS / p) for p in ("libOrthancDicomWeb.so", "libOrthancWSI.so")
+               if (ORTHANC_PLUGINS / p).exists()]
+    cfg = {
+        "Name": "bench", "StorageDirectory": str(store), "IndexDirectory": str(store),
+        "HttpPort": http, "DicomPort": _free_port(), "RemoteAccessAllowed": True,
+        "AuthenticationEnabled": False, "Plugins": plugins, "HttpThreadsCount": 50,
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StorageCompression": False,
+    }
+    (work / "orthanc.json").write_text(json.dumps(cfg))
+    proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=open(work / "orthanc.log", "ab"),
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{http}"
+    _wait_http(base + "/system", proc)
+    return proc, base
+
+
+def _stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# -- measurements ------------------------------------------------------------------------
+
+def stow(url: str, files: list[Path], work: Path) -> dict:
+    """POST the series as one multipart/related request streamed from a file on disk."""
+    import requests
+
+    bnd = "benchboundary7d1f"
+    body = work / "stow-body.bin"
+    if not body.exists() or body.stat().st_mtime < max(f.stat().st_mtime for f in files):
+        with open(body, "wb") as out:
+            for f in files:
+                out.write(f"--{bnd}\r\nContent-Type: application/dicom\r\n\r\n".encode())
+                with open(f, "rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 20)
+                out.write(b"\r\n")
+            out.write(f"--{bnd}--\r\n".encode())
+    size = body.stat().st_size
+    t = time.perf_counter()
+    with open(body, "rb") as fh:
+        r = requests.post(url, data=fh, timeout=3600, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={bnd}',
+            "Content-Length": str(size), "Accept": "application/dicom+json"})
+    dt = time.perf_counter() - t
+    return {"status": r.status_code, "seconds": round(dt, 2), "MB": round(size / 1e6, 1),
+            "MB_per_s": round(size / 1e6 / dt, 1)}
+
+
+async def _load(urls: list[str], clients: int, accept: str | None, time_cap: float | None) -> dict:
+    import aiohttp
+
+    lat: list[float] = []
+    errors = 0
+    nbytes = 0
+    q = list(reversed(urls))
+    deadline = None if time_cap is None else time.perf_counter() + time_cap
+    headers = {"Accept": accept} if accept else {}
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
+        async with s.get(urls[0], headers=headers) as r:  # warm-up
+            await r.read()
+
+        async def worker():
+            nonlocal errors, nbytes
+            while q and (deadline is None or time.perf_counter() < deadline):
+                u = q.pop()
+                t = time.perf_counter()
+                async with s.get(u, headers=headers) as r:
+                    body = await r.read()
+                    errors += r.status != 200
+                lat.append(time.perf_counter() - t)
+                nbytes += len(body)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(clients)])
+        dt = time.perf_counter() - t0
+    lat.sort()
+    n = len(lat)
+    return {"requests": n, "errors": errors, "per_s": round(n / dt, 1), "MB_per_s": round(nbytes / dt / 1e6, 1),
+            "p50_ms": round(lat[n // 2] * 1e3, 2), "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1e3, 2)}
+
+
+def load(urls, clients, accept=None, time_cap=None) -> dict:
+    return asyncio.run(_load(urls, clients, accept, time_cap))
+
+
+def _timed_get(url: str, reps: int, headers: dict | None = None) -> dict:
+    import requests
+
+    s = requests.Session()
+    times = []
+    size = 0
+    for _ in range(reps):
+        t = time.perf_counter()
+        r = s.get(url, headers=headers or {})
+        body = r.content
+        times.append(time.perf_counter() - t)
+        size = len(body)
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} -> {r.status_code}: {body[:200]!r}")
+    times.sort()
+    return {"p50_ms": round(times[len(times) // 2] * 1e3, 2), "min_ms": round(times[0] * 1e3, 2),
+            "bytes": size, "reps": reps}
+
+
+BARE_SERVER = r"""
+import os, sys, struct, json, lmdb
+from aiohttp import web
+blob, port, table = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+raw = open(table, "rb").read()
+nl = raw.index(b"\n"); n = json.loads(raw[:nl])["n"]
+slots = [struct.unpack_from("<QQ", raw, nl + 1 + 16 * i) for i in range(n)]
+fd = os.open(blob, os.O_RDONLY)
+async def frame(request):
+    off, length = slots[int(request.match_info["n"]) - 1]
+    return web.Response(body=os.pread(fd, length, off), content_type="application/octet-stream")
+app = web.Application(); app.router.add_get("/frames/{n}", frame)
+web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+"""
+
+
+def qido_100k(work: Path, n_instances: int = 100_000) -> dict:
+    """Index n synthetic instances (records only) and time QIDO study searches."""
+    from archive import metadata as md
+    from archive.store import Archive
+
+    data = work / "qido100k"
+    marker = data / "complete"
+    if not marker.exists():
+        shutil.rmtree(data, ignore_errors=True)
+        arc = Archive.open(data)
+        per_study = 5
+        rng = random.Random(3)
+        families = ["Smith", "Jones", "Garcia", "Muller", "Rossi", "Kim", "Nakamura", "Dubois", "Silva", "Novak"]
+        with arc.index.write() as txn:
+            for i in range(n_instances // per_study):
+                st, se = f"2.25.{10**9 + i}", f"2.25.{2 * 10**9 + i}"
+                pid = f"PID{i:07d}"
+                date = f"20{rng.randint(10, 25)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+                patient = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": f"{rng.choice(families)}^P{i}"}]},
+                           "00100020": {"vr": "LO", "Value": [pid]}}
+                study = {**patient, "0020000D": {"vr": "UI", "Value": [st]},
+                         "00080020": {"vr": "DA", "Value": [date]},
+                         "00080050": {"vr": "SH", "Value": [f"A{i:08d}"]}}
+                series = {"0020000E": {"vr": "UI", "Value": [se]}, "00080060": {"vr": "CS", "Value": ["SM"]}}
+                for k in range(per_study):
+                    sop = f"2.25.{3 * 10**9 + i * per_study + k}"
+                    rec = {"sop": sop, "sop_class": WSI_CLASS, "study": st, "series": se,
+                           "patient": f"{pid}^", "ts": JPEG_BASELINE, "blob": f"none{sop}", "tier": "hot",
+                           "size": 1000, "sha256": "0" * 64, "received": "2026-01-01T00:00:00",
+                           "calling_aet": "", "origin": "bench", "n_frames": 1, "encapsulated": True,
+                           "pixel_offset": 0, "attrs": {"00200013": {"vr": "IS", "Value": [k + 1]}}}
+                    meta = md.dumps({**study, **series, "00080018": {"vr": "UI", "Value": [sop]}})
+                    arc.index.put_instance(txn, rec, None, meta, {}, patient, study, series)
+        arc.close()
+        marker.write_text("ok")
+    proc, base = start_pathpacs(data, work / "pathpacs-qido.log")
+    try:
+        indexed = _timed_get(f"{base}/studies?PatientID=PID0012345", 50)
+        date_range = _timed_get(f"{base}/studies?StudyDate=20240101-20240131&limit=100", 20)
+        scan = _timed_get(f"{base}/studies?PatientName=smi*&limit=100", 10)
+        full_scan = _timed_get(f"{base}/studies?PatientName=nakamura^P1999*", 5)
+    finally:
+        _stop(proc)
+    return {"indexed": indexed, "date_range": date_range, "scan_limit100": scan, "full_scan": full_scan}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "dicomweb")
+    ap.add_argument("--frames", type=int, default=3000)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--orthanc-frames-seconds", type=float, default=30.0)
+    ap.add_argument("--skip-orthanc", action="store_true")
+    ap.add_argument("--skip-qido", action="store_true")
+    args = ap.parse_args(argv)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+
+    def row(**kw):
+        rows.append(kw)
+        print(json.dumps(kw), flush=True)
+
+    files = make_slide(work / "slide")
+    import pydicom
+
+    base_ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    n_frames = int(base_ds.NumberOfFrames)
+    st, se, sop = base_ds.StudyInstanceUID, base_ds.SeriesInstanceUID, base_ds.SOPInstanceUID
+    slide_mb = sum(f.stat().st_size for f in files) / 1e6
+    rnd = random.Random(1)
+    picks = [rnd.randint(1, n_frames) for _ in range(args.frames)]
+
+    data = work / "pathpacs-data"
+    shutil.rmtree(data, ignore_errors=True)
+    pp, pbase = start_pathpacs(data, work / "pathpacs.log")
+    orth = None
+    try:
+        res = stow(f"{pbase}/studies", files, work)
+        row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)", system="pathpacs", **res)
+        if not args.skip_orthanc:
+            orth = start_orthanc(work)
+        if orth:
+            res = stow(f"{orth[1]}/dicom-web/studies", files, work)
+            row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)", system="Orthanc 1.10 + DICOMweb 1.7", **res)
+
+        accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+        frame_url = f"{pbase}/studies/{st}/series/{se}/instances/{sop}/frames/"
+        res = load([frame_url + str(k) for k in picks], args.clients, accept)
+        row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
+            system="pathpacs WADO-RS", **res)
+
+        # the limit: a bare aiohttp handler, one pread per frame, same blob, same frames
+        from archive.store import Archive  # noqa: F401  (just to be sure the package imports)
+        import lmdb
+        env = lmdb.open(str(data / "index"), readonly=True, lock=False, max_dbs=32)
+        with env.begin() as txn:
+            raw = txn.get(sop.encode(), db=env.open_db(b"frames", txn=txn, create=False))
+            rec = json.loads(txn.get(sop.encode(), db=env.open_db(b"inst", txn=txn, create=False)))
+        env.close()
+        table = work / "frame-table.bin"
+        table.write_bytes(raw)
+        blob = data / "hot" / "blobs" / rec["blob"][:2] / rec["blob"][2:4] / rec["blob"]
+        port = _free_port()
+        bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(blob), str(port), str(table)], cwd=REPO)
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/frames/1", bare)
+            res = load([f"http://127.0.0.1:{port}/frames/{k}" for k in picks], args.clients)
+            row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
+                system="bare aiohttp + os.pread (the limit)", **res)
+        finally:
+            _stop(bare)
+
+        if orth:
+            ob = orth[1]
+            import requests
+            res = load([f"{ob}/dicom-web/studies/{st}/series/{se}/instances/{sop}/frames/{k}" for k in picks],
+                       args.clients, accept, time_cap=args.orthanc_frames_seconds)
+            row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
+                system=f"Orthanc DICOMweb (capped at {args.orthanc_frames_seconds:.0f} s)", **res)
+            oseries = requests.get(f"{ob}/series").json()[0]
+            pyr = requests.get(f"{ob}/wsi/pyramids/{oseries}").json()
+            tx, ty = pyr["TilesCount"][0]
+            tiles = [((k - 1) % tx, (k - 1) // tx) for k in picks]
+            res = load([f"{ob}/wsi/tiles/{oseries}/0/{x}/{y}" for x, y in tiles], args.clients)
+            row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
+                system="Orthanc WSI plugin tile API", **res)
+
+        meta_url = f"{pbase}/studies/{st}/series/{se}/metadata"
+        row(benchmark="series metadata of the WSI series", system="pathpacs",
+            **_timed_get(meta_url, 50, {"Accept": "application/dicom+json"}))
+        row(benchmark="series metadata of the WSI series (gzip)", system="pathpacs",
+            **_timed_get(meta_url, 50, {"Accept": "application/dicom+json", "Accept-Encoding": "gzip"}))
+        if orth:
+            row(benchmark="series metadata of the WSI series", system="Orthanc DICOMweb",
+                **_timed_get(f"{orth[1]}/dicom-web/studies/{st}/series/{se}/metadata", 5,
+                             {"Accept": "application/dicom+json"}))
+    finally:
+        _stop(pp)
+        if orth:
+            _stop(orth[0])
+
+    if not args.skip_qido:
+        q = qido_100k(work)
+        for name, res in q.items():
+            row(benchmark=f"QIDO study search, 100k instances indexed ({name})", system="pathpacs", **res)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
