@@ -162,6 +162,7 @@ def make_app(arc, config) -> web.Application:
     # frames first: the hot path
     r.add_get(S + R + I + "/frames/{frames}", w.frames)
     r.add_get(S + R + I + "/frames/{frames}/rendered", w.rendered)
+    r.add_get(S + R + I + "/frames", w.all_frames)
     r.add_get(S + R + I + "/metadata", w.metadata)
     r.add_get(S + R + "/metadata", w.metadata)
     r.add_get(S + "/metadata", w.metadata)

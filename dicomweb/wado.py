@@ -157,6 +157,40 @@ class Wado:
             body=multipart_body(bnd, [(part_ct, d) for d in datas]),
             headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
 
+    async def all_frames(self, request: web.Request) -> web.StreamResponse:
+        """The Pixel Data BulkDataURI (.../frames without a list): every frame, streamed."""
+        mi = request.match_info
+        sop = mi["instance"]
+        self.check_instance(mi["study"], mi["series"], sop)
+        table_raw = ws.locate_frames(self.index, sop, [])
+        if table_raw is None:
+            raise HttpError(404, f"instance {sop} has no frames")
+        table = table_raw[0]
+        mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, table.n)
+        if not multipart:
+            raise NotAcceptable("all frames are served as multipart/related")
+        bnd = boundary()
+        resp = web.StreamResponse(headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
+        await resp.prepare(request)
+        tier = self.arc.tier(table.tier)
+        loop = asyncio.get_running_loop()
+        head = f"--{bnd}\r\nContent-Type: {media}; transfer-syntax={ts}\r\n\r\n".encode()
+        step = 256
+        for start in range(1, table.n + 1, step):
+            nums = list(range(start, min(table.n, start + step - 1) + 1))
+            _, frags = ws.locate_frames(self.index, sop, nums)  # type: ignore[misc]
+            datas = await loop.run_in_executor(None, lambda fr=frags: [
+                b"".join(tier.read_range(table.blob, o, n) for o, n in f) for f in fr])
+            if mode != "stored":
+                datas = await loop.run_in_executor(None, self._transcode, sop, mode, datas)
+            for d in datas:
+                await resp.write(head)
+                await resp.write(d)
+                await resp.write(b"\r\n")
+        await resp.write(f"--{bnd}--\r\n".encode())
+        await resp.write_eof()
+        return resp
+
     def _transcode(self, sop: str, mode: str, datas: list[bytes]) -> list[bytes]:
         info = self.pixels.get(sop)
         if info is None:

@@ -181,6 +181,15 @@ def test_stow_study_mismatch_409(loaded, srv, tmp_path):
     assert requests.get(f"{srv.dicomweb_url}/studies", params={"PatientID": "PMIS"}).json() == []
 
 
+def test_stow_truncated_instance_in_complete_part_409(loaded, srv, tmp_path):
+    data = loaded["levels"][1].read_bytes()
+    body, ct = _multipart([data[: len(data) - 5000]])
+    r = requests.post(f"{srv.dicomweb_url}/studies", data=body, headers={"Content-Type": ct})
+    assert r.status_code == 409
+    assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xC000]
+    assert "truncated" in r.headers["Warning"]
+
+
 def test_stow_wrong_media_type_415(srv, loaded):
     r = requests.post(f"{srv.dicomweb_url}/studies", data=b"{}", headers={"Content-Type": "application/json"})
     assert r.status_code == 415
@@ -406,6 +415,11 @@ def test_series_metadata_and_bulkdata(loaded, client, srv):
         assert r.status_code == 200 and _parts(r)[0][1] == ICC
     bulk = client.retrieve_bulkdata(meta[0]["00480105"]["Value"][0]["00282000"]["BulkDataURI"])
     assert bulk == [ICC]
+    # the Pixel Data BulkDataURI resolves to all frames, in order
+    base_meta = next(m for m in meta if m["00080018"]["Value"][0] == _uids(loaded["levels"][1])[2])
+    frames = client.retrieve_bulkdata(base_meta["7FE00010"]["BulkDataURI"],
+                                      media_types=(("application/octet-stream", "*"),))
+    assert frames == _frames(loaded["levels"][1])
 
 
 def test_metadata_etag_gzip_and_forwarded_base(loaded, srv):
