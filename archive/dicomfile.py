@@ -21,7 +21,7 @@ from pydicom.uid import UID
 PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 ITEM = 0xE000FFFE  # (FFFE,E000) read little endian as one uint32: group first
 SEQ_DELIM = 0xE0DDFFFE
-DEFLATED = {"1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1"}  # deflated explicit LE
+DEFLATED = {"1.2.840.10008.1.2.1.99"}  # Deflated Explicit VR LE: the whole data set is zlib
 
 
 class DicomFileError(ValueError):
@@ -47,6 +47,7 @@ class ParsedFile:
     encapsulated: bool = False
     frames: list[list[Fragment]] = field(default_factory=list)
     end_of_dataset: int = 0
+    deflated: bool = False
 
     @property
     def number_of_frames(self) -> int:
@@ -90,6 +91,7 @@ def parse_file(path: Path) -> ParsedFile:
         parsed = ParsedFile(file_meta=meta, dataset=ds, transfer_syntax=ts, end_of_dataset=size)
         if str(ts) in DEFLATED:
             # Deflated data sets have no byte offsets to record; stored and served whole.
+            parsed.deflated = True
             return parsed
         pos = fp.tell()
         if pos >= size:

@@ -185,11 +185,12 @@ def _commit(
         raise Rejected("file meta SOP Instance UID differs from the data set's", DATASET_MISMATCH)
     if expected_study and study != expected_study:
         raise Rejected(f"Study Instance UID {study} differs from the requested study {expected_study}", DATASET_MISMATCH)
-    if "Rows" in ds and parsed.pixel_offset is None and "FloatPixelData" not in ds:
+    if "Rows" in ds and parsed.pixel_offset is None and not parsed.deflated:
         raise Rejected("image has no pixel data (truncated?)", CANNOT_UNDERSTAND)
 
     try:
-        doc, bulk = md.dataset_json(ds, study, series, sop, parsed.pixel_offset is not None)
+        doc, bulk = md.dataset_json(ds, study, series, sop, parsed.pixel_offset is not None or
+                                    (parsed.deflated and "Rows" in ds))
     except Exception as exc:
         raise Rejected(f"cannot encode the data set: {exc}", CANNOT_UNDERSTAND)
 

@@ -18,9 +18,16 @@ from pydicom.uid import AllTransferSyntaxes
 # first of *our* list that the peer proposes in a context, so compressed syntaxes come first:
 # a peer offering JPEG and uncompressed in one context can send either, and the compressed
 # bytes are what a WSI scanner (or a C-GET requestor asking for them) wants kept as they are.
+_NEWER = [
+    "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
+    "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression
+    "1.2.840.10008.1.2.4.112",  # JPEG XL
+    "1.2.840.10008.1.2.1.98",   # Encapsulated Uncompressed Explicit VR Little Endian
+    "1.2.840.10008.1.2.8.1",    # Deflated Image Frame Compression
+]
 _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"]
 STORAGE_TRANSFER_SYNTAXES = list(dict.fromkeys(
-    [str(ts) for ts in AllTransferSyntaxes if str(ts) not in _UNCOMPRESSED] + _UNCOMPRESSED
+    [str(ts) for ts in AllTransferSyntaxes if str(ts) not in _UNCOMPRESSED] + _NEWER + _UNCOMPRESSED
 ))
 BASIC_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 STORAGE_SOP_CLASSES = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
