@@ -119,9 +119,10 @@ class Wado:
 
     def check_instance(self, study: str, series: str, sop: str) -> None:
         p = self.parents(sop)
+        if p is not None and p != (study, series):
+            self._parents.pop(sop, None)  # re-read: the instance may have been replaced
+            p = self.parents(sop)
         if p is None or p != (study, series):
-            if p is not None:
-                self._parents.pop(sop, None)
             raise HttpError(404, f"instance {sop} not found in series {series} of study {study}")
 
     # -- frames -------------------------------------------------------------------------
