@@ -226,3 +226,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+
+
+def run(workdir: Path, quick: bool = False) -> list[dict]:
+    """Entry for `make bench` (conformance.bench). The slide and wsidicomizer's venv are kept
+    in bench-work/convert between runs, so `workdir` is not used."""
+    return main(["--size-mb", "60" if quick else "320", "--repeat", "1" if quick else "3"])
