@@ -17,6 +17,7 @@ from collections import OrderedDict
 from aiohttp import web
 
 from archive import web_support as ws
+from storage_tiers.base import BlobError
 from archive.metadata import BASE_TOKEN
 
 from . import dicomxml
@@ -103,6 +104,7 @@ class Wado:
         self._parents: dict[str, tuple[str, str]] = {}
         self.pixels = PixelInfoCache(arc)
         self._gz: OrderedDict[str, bytes] = OrderedDict()
+        self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
 
     # -- helpers ----------------------------------------------------------------------
     def parents(self, sop: str) -> tuple[str, str] | None:
@@ -141,13 +143,15 @@ class Wado:
             if f is None:
                 raise HttpError(404, f"frame {k} is out of range: instance {sop} has {table.n} frames")
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, len(nums))
-        tier = self.arc.tier(table.tier)
-        datas = []
-        for f in frags:
-            if len(f) == 1:  # type: ignore[arg-type]
-                datas.append(tier.read_range(table.blob, f[0][0], f[0][1]))  # type: ignore[index]
-            else:
-                datas.append(b"".join(tier.read_range(table.blob, o, n) for o, n in f))  # type: ignore[union-attr]
+        try:
+            datas = self._read(table, frags)
+        except BlobError:
+            # the blob moved (tier migration, replacement) between lookup and read: look again
+            located = ws.locate_frames(self.index, sop, nums)
+            if located is None:
+                raise HttpError(404, f"instance {sop} has no frames")
+            table, frags = located
+            datas = self._read(table, frags)
         if mode != "stored":
             datas = await asyncio.get_running_loop().run_in_executor(None, self._transcode, sop, mode, datas)
         part_ct = f"{media}; transfer-syntax={ts}"
@@ -157,6 +161,16 @@ class Wado:
         return web.Response(
             body=multipart_body(bnd, [(part_ct, d) for d in datas]),
             headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
+
+    def _read(self, table, frags) -> list[bytes]:
+        tier = self.arc.tier(table.tier)
+        datas = []
+        for f in frags:
+            if len(f) == 1:
+                datas.append(tier.read_range(table.blob, f[0][0], f[0][1]))
+            else:
+                datas.append(b"".join(tier.read_range(table.blob, o, n) for o, n in f))
+        return datas
 
     async def all_frames(self, request: web.Request) -> web.StreamResponse:
         """The Pixel Data BulkDataURI (.../frames without a list): every frame, streamed."""
@@ -457,8 +471,15 @@ class Wado:
             sop = pick_thumbnail_instance(recs)
             if sop is None:
                 raise HttpError(404, "no image to make a thumbnail from")
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, self._render_instance, sop, None, params, (256, 256))
+        rec = self.index.instance(sop)
+        key = (sop, rec["blob"] if rec else "", params.media, params.quality, params.viewport, params.icc)
+        body = self._thumbs.get(key)
+        if body is None:
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, self._render_instance, sop, None, params, (256, 256))
+            self._thumbs[key] = body
+            while len(self._thumbs) > 256:
+                self._thumbs.popitem(last=False)
         return web.Response(body=body, headers={"Content-Type": params.media,
                                                 "Cache-Control": "max-age=300"})
 
