@@ -113,29 +113,23 @@ class Index:
         raw = txn.get(key.encode(), db=self.db[db])
         return None if raw is None else json.loads(raw)
 
-    def instance(self, sop: str, txn: lmdb.Transaction | None = None) -> dict | None:
+    def _record(self, db: str, key: str, txn: lmdb.Transaction | None) -> dict | None:
         if txn is None:
             with self.read() as t:
-                return self._json(t, "inst", sop)
-        return self._json(txn, "inst", sop)
+                return self._json(t, db, key)
+        return self._json(txn, db, key)
+
+    def instance(self, sop: str, txn: lmdb.Transaction | None = None) -> dict | None:
+        return self._record("inst", sop, txn)
 
     def study(self, uid: str, txn: lmdb.Transaction | None = None) -> dict | None:
-        if txn is None:
-            with self.read() as t:
-                return self._json(t, "study", uid)
-        return self._json(txn, "study", uid)
+        return self._record("study", uid, txn)
 
     def series(self, uid: str, txn: lmdb.Transaction | None = None) -> dict | None:
-        if txn is None:
-            with self.read() as t:
-                return self._json(t, "series", uid)
-        return self._json(txn, "series", uid)
+        return self._record("series", uid, txn)
 
     def patient(self, key: str, txn: lmdb.Transaction | None = None) -> dict | None:
-        if txn is None:
-            with self.read() as t:
-                return self._json(t, "patient", key)
-        return self._json(txn, "patient", key)
+        return self._record("patient", key, txn)
 
     def frame(self, sop: str, number: int) -> FrameLocation | None:
         with self.read() as t:

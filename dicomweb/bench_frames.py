@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--orthanc-frames-seconds", type=float, default=30.0)
     ap.add_argument("--skip-orthanc", action="store_true")
     ap.add_argument("--skip-qido", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(argv if argv is not None else [])  # main() from a runner: defaults
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -486,4 +486,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
