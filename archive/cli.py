@@ -51,30 +51,70 @@ def open_archive(args: argparse.Namespace):
 
 # -- serve -----------------------------------------------------------------------
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _run_http(arc, cfg: Config, reuse_port: bool) -> None:
     from aiohttp import web
 
     from dicomweb.app import make_app
 
+    web.run_app(make_app(arc, cfg), host=cfg.host, port=cfg.http_port, print=None,
+                handle_signals=True, access_log=None, reuse_address=True,
+                reuse_port=reuse_port or None)
+
+
+def _http_worker(cfg: Config, quiet: bool) -> None:
+    """An extra HTTP worker process: its own Archive (LMDB is multi-process) on the same port."""
+    import ctypes
+    import signal
+
+    try:  # die with the main process, even after kill -9
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    from .store import Archive
+
+    arc = Archive(cfg)
+    try:
+        _run_http(arc, cfg, reuse_port=True)
+    finally:
+        arc.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import multiprocessing
+
     from .dimse import DimseServer
+    from .store import Archive
 
     cfg = load_config(args)
-    arc = open_archive(args)
+    if args.http_workers is not None:
+        cfg.http_workers = args.http_workers
+    arc = Archive(cfg)
     dimse = DimseServer(arc)
     try:
         dimse.start()
     except OSError as exc:
         arc.close()
         raise CliError(f"cannot listen for DICOM on port {cfg.dicom_port}: {exc.strerror}")
-    app = make_app(arc, cfg)
+    workers = []
+    ctx = multiprocessing.get_context("spawn")
+    for _ in range(max(0, cfg.http_workers - 1)):
+        proc = ctx.Process(target=_http_worker, args=(cfg, args.quiet), daemon=True)
+        proc.start()
+        workers.append(proc)
     print(f"pathpacs: AE {cfg.aet} on DICOM port {cfg.dicom_port}, HTTP on port {cfg.http_port}"
-          f" (DICOMweb at /dicomweb), data in {cfg.data_dir}", file=sys.stderr, flush=True)
+          f" (DICOMweb at /dicomweb, {max(1, cfg.http_workers)} worker(s)), data in {cfg.data_dir}",
+          file=sys.stderr, flush=True)
     try:
-        web.run_app(app, host=cfg.host, port=cfg.http_port, print=None,
-                    handle_signals=True, access_log=None, reuse_address=True)
+        _run_http(arc, cfg, reuse_port=bool(workers))
     except OSError as exc:
         raise CliError(f"cannot listen for HTTP on port {cfg.http_port}: {exc.strerror}")
     finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            proc.join(10)
         dimse.stop()
         arc.close()
     return 0
@@ -256,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int)
     p.add_argument("--aet")
     p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--http-workers", type=int, help="HTTP worker processes (default 1 or http.workers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="store DICOM files/folders (and slides) through the ingest path")

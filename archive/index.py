@@ -14,7 +14,7 @@ Databases (all keys are UTF-8):
   study_series   study \\0 series -> ''
   series_inst    series \\0 sop -> ''
   patient_study  patient \\0 study -> ''
-  study_idx      TAG=value \\0 study -> ''  (PatientID, AccessionNumber, StudyDate)
+  study_idx      TAG=value \\0 study -> ''  (PatientID, AccessionNumber, StudyDate, lower-cased PatientName)
   pending        blob key -> session (blob placed, record not yet committed)
   blob           blob key -> sop (which instance a blob belongs to)
   state          misc keys
@@ -35,7 +35,14 @@ DB_NAMES = [
     "inst", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
     "series_inst", "patient_study", "study_idx", "pending", "blob", "state",
 ]
-INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate"}
+INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
+                      "00100010": "PatientName"}
+CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexed lower-cased
+
+
+def index_values(tag: str, attrs: dict) -> list[str]:
+    values = md.string_values(attrs.get(tag)) or [""]
+    return [v.lower() for v in values] if tag in CASE_FOLDED_TAGS else values
 SEP = b"\x00"
 
 
@@ -275,7 +282,7 @@ class Index:
                      "bytes": 0, "modalities": [], "sop_classes": []}
             txn.put(_k(patient, study), b"", db=db["patient_study"])
             for tag in INDEXED_STUDY_TAGS:
-                for v in md.string_values(study_attrs.get(tag)) or [""]:
+                for v in index_values(tag, study_attrs):
                     txn.put(_k(f"{tag}={v}", study), b"", db=db["study_idx"])
             new_study = True
         else:
@@ -340,7 +347,7 @@ class Index:
                 txn.delete(study.encode(), db=db["study"])
                 txn.delete(_k(patient, study), db=db["patient_study"])
                 for tag in INDEXED_STUDY_TAGS:
-                    for v in md.string_values(strec["attrs"].get(tag)) or [""]:
+                    for v in index_values(tag, strec["attrs"]):
                         txn.delete(_k(f"{tag}={v}", study), db=db["study_idx"])
                 prec = self._json(txn, "patient", patient)
                 if prec is not None:

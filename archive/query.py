@@ -19,7 +19,7 @@ from typing import Any, Iterator
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from . import metadata as md
-from .index import Index
+from .index import CASE_FOLDED_TAGS, Index
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 RANGE_VRS = {"DA", "TM", "DT"}
@@ -39,6 +39,7 @@ T_AVAILABILITY = "00080056"
 T_RETRIEVE_AET = "00080054"
 T_STUDY_UID, T_SERIES_UID, T_SOP_UID = "0020000D", "0020000E", "00080018"
 T_PATIENT_ID, T_ACCESSION, T_STUDY_DATE = "00100020", "00080050", "00080020"
+T_PATIENT_NAME = "00100010"
 T_QR_LEVEL = "00080052"
 
 
@@ -302,17 +303,20 @@ class Searcher:
                     yield u, rec
             return
         found: set[str] | None = None
-        for tag in (T_PATIENT_ID, T_ACCESSION):
+        for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
+            if tag == T_PATIENT_NAME and self.fuzzy:
+                continue  # fuzzy matches any name component: not an index prefix
+            fold = str.lower if tag in CASE_FOLDED_TAGS else str
             v = _single_exact(bykey, tag)
             if v is not None:
-                found = self.index.studies_by_key(txn, tag, v)
+                found = self.index.studies_by_key(txn, tag, fold(v))
                 break
             k = bykey.get(tag)
             if k is not None and not k.universal and k.values and len(k.values) == 1:
                 q = k.values[0]
                 stem = re.split(r"[*?]", q, maxsplit=1)[0]
                 if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
-                    found = self.index.studies_by_key(txn, tag, stem, prefix=True)
+                    found = self.index.studies_by_key(txn, tag, fold(stem), prefix=True)
                     break
         if found is None:
             k = bykey.get(T_STUDY_DATE)

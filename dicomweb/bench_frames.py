@@ -192,10 +192,10 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise TimeoutError(url)
 
 
-def start_pathpacs(data: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def start_pathpacs(data: Path, log: Path, http_workers: int = 1) -> tuple[subprocess.Popen, str]:
     http = _free_port()
     cmd = [sys.executable, "-m", "archive", "serve", "--data", str(data), "--dicom-port", str(_free_port()),
-           "--http-port", str(http), "--host", "127.0.0.1", "--quiet"]
+           "--http-port", str(http), "--host", "127.0.0.1", "--quiet", "--http-workers", str(http_workers)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http}"
     _wait_http(base + "/dicomweb/studies?limit=1", proc)
@@ -390,6 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--orthanc-frames-seconds", type=float, default=30.0)
     ap.add_argument("--skip-orthanc", action="store_true")
     ap.add_argument("--skip-qido", action="store_true")
+    ap.add_argument("--http-workers", type=int, default=1, help="pathpacs HTTP worker processes")
     args = ap.parse_args(argv if argv is not None else [])  # main() from a runner: defaults
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -411,7 +412,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     data = work / "pathpacs-data"
     shutil.rmtree(data, ignore_errors=True)
-    pp, pbase = start_pathpacs(data, work / "pathpacs.log")
+    pp, pbase = start_pathpacs(data, work / "pathpacs.log", args.http_workers)
     orth = None
     try:
         res = stow(f"{pbase}/studies", files, work)
@@ -487,3 +488,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def run(workdir: Path, quick: bool = False) -> list[dict]:
+    """Entry for `make bench` (conformance.bench). The generated slide is kept in
+    bench-work/dicomweb between runs, so `workdir` is not used."""
+    return main(["--frames", "1000" if quick else "3000"] + (["--skip-qido"] if quick else []))
