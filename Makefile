@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc
+SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium
 
 .PHONY: run test bench setup system-tools clean

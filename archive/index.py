@@ -44,6 +44,7 @@ def index_values(tag: str, attrs: dict) -> list[str]:
     values = md.string_values(attrs.get(tag)) or [""]
     return [v.lower() for v in values] if tag in CASE_FOLDED_TAGS else values
 SEP = b"\x00"
+SCHEMA = 2  # bump when derived tables change; Index rebuilds them on open (see _migrate)
 
 
 def _k(*parts: str) -> bytes:
@@ -105,6 +106,22 @@ class Index:
             readonly=readonly, readahead=False, lock=True,
         )
         self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+        if not readonly:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Rebuild derived tables written by an older schema (the records themselves are kept)."""
+        with self.write() as txn:
+            raw = txn.get(b"schema", db=self.db["state"])
+            version = int(raw) if raw else (1 if txn.stat(self.db["study"])["entries"] else SCHEMA)
+            if version < 2:  # 2: PatientName joined the study key index
+                txn.drop(self.db["study_idx"], delete=False)
+                for study, rec in list(self.iter_records("study", txn)):
+                    for tag in INDEXED_STUDY_TAGS:
+                        for v in index_values(tag, rec["attrs"]):
+                            txn.put(_k(f"{tag}={v}", study), b"", db=self.db["study_idx"])
+            if version != SCHEMA:
+                txn.put(b"schema", str(SCHEMA).encode(), db=self.db["state"])
 
     def close(self) -> None:
         self.env.close()

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from conformance.bench.peers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 ORTHANC = "/usr/sbin/Orthanc"
@@ -171,12 +172,6 @@ def make_slide(outdir: Path, width: int = 49152, height: int = 36864, tile: int 
 
 # -- processes ---------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
     import urllib.request
 
@@ -193,8 +188,8 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def start_pathpacs(data: Path, log: Path, http_workers: int = 1) -> tuple[subprocess.Popen, str]:
-    http = _free_port()
-    cmd = [sys.executable, "-m", "archive", "serve", "--data", str(data), "--dicom-port", str(_free_port()),
+    http = free_port()
+    cmd = [sys.executable, "-m", "archive", "serve", "--data", str(data), "--dicom-port", str(free_port()),
            "--http-port", str(http), "--host", "127.0.0.1", "--quiet", "--http-workers", str(http_workers)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{http}"
@@ -205,7 +200,7 @@ def start_pathpacs(data: Path, log: Path, http_workers: int = 1) -> tuple[subpro
 def start_orthanc(work: Path) -> tuple[subprocess.Popen, str] | None:
     if not Path(ORTHANC).exists():
         return None
-    http = _free_port()
+    http = free_port()
     store = work / "orthanc-storage"
     shutil.rmtree(store, ignore_errors=True)
     store.mkdir(parents=True)
@@ -213,7 +208,7 @@ def start_orthanc(work: Path) -> tuple[subprocess.Popen, str] | None:
                if (ORTHANC_PLUGINS / p).exists()]
     cfg = {
         "Name": "bench", "StorageDirectory": str(store), "IndexDirectory": str(store),
-        "HttpPort": http, "DicomPort": _free_port(), "RemoteAccessAllowed": True,
+        "HttpPort": http, "DicomPort": free_port(), "RemoteAccessAllowed": True,
         "AuthenticationEnabled": False, "Plugins": plugins, "HttpThreadsCount": 50,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StorageCompression": False,
     }
@@ -440,7 +435,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         table = work / "frame-table.bin"
         table.write_bytes(raw)
         blob = data / "hot" / "blobs" / rec["blob"][:2] / rec["blob"][2:4] / rec["blob"]
-        port = _free_port()
+        port = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(blob), str(port), str(table)], cwd=REPO)
         try:
             _wait_http(f"http://127.0.0.1:{port}/frames/1", bare)

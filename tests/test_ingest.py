@@ -174,3 +174,26 @@ def test_serve_stops_cleanly(make_server, sig):
     srv = make_server()
     assert srv.stop(sig) == 0
     assert "Traceback" not in srv.log()
+
+
+def test_older_index_is_migrated_on_open(tmp_path):
+    """An index written before PatientName was a study key gets that key rebuilt on open."""
+    from archive.index import Index
+    from archive.query import Key, Searcher
+
+    data = tmp_path / "data"
+    a = Archive.open(data)
+    for p in factory.wsi_series(tmp_path / "in", patient_name="Older^Anna", levels=((256, 256),)):
+        assert a.ingest_file(p).ok
+    with a.index.write() as txn:  # make it look like schema 1
+        txn.delete(b"schema", db=a.index.db["state"])
+        txn.drop(a.index.db["study_idx"], delete=False)
+    a.close()
+    idx = Index(data / "index")
+    try:
+        hits = list(Searcher(idx).search("STUDY", [Key("00100010", "PN", ["older*"])]))
+        assert len(hits) == 1
+        hits = list(Searcher(idx).search("STUDY", [Key("00100020", "LO", ["P1"])]))
+        assert len(hits) == 1
+    finally:
+        idx.close()

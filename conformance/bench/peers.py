@@ -18,10 +18,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited ({proc.returncode}) before port {port} opened")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):

@@ -1,0 +1,43 @@
+"""The built-in pages in a real browser (Debian chromium driven by playwright)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import factory
+from conftest import run_cli
+
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is not installed (make test installs it with apt-get)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_study_list_shows_studies_with_thumbnails(server, browser, tmp_path):
+    factory.wsi_series(tmp_path / "a", patient_id="PAGE-1", patient_name="Page^Anna", accession="ACC-PAGE")
+    run_cli("import", "--quiet", str(tmp_path / "a"), data=server.data_dir, check=True)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    resp = page.goto(server.http_url + "/")
+    assert resp is not None and resp.status == 200
+    assert "ACC-PAGE" in page.content()
+    img = page.locator("img").first
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("() => { const i = document.querySelector('img'); return i && i.complete && i.naturalWidth > 0; }",
+                           timeout=15000)
+    assert page.evaluate("() => document.querySelector('img').naturalWidth") > 0
+    page.screenshot(path=str(tmp_path / "index.png"))
+    assert errors == []
