@@ -24,7 +24,7 @@ from . import dicomxml
 from .common import BASE_TOKEN_B, HttpError, base_url, boundary, check_uid, multipart_body
 from .media import (EXPLICIT_LE, JPEG_BASELINE, MEDIA_DEFAULT_TS, NATIVE, NotAcceptable,
                     media_of_ts, parse_accept)
-from .pixels import (PixelInfoCache, apply_viewport, assemble, decode_frame, jpeg_frame,
+from .pixels import (PixelInfoCache, encode_image, apply_viewport, assemble, decode_frame, jpeg_frame,
                      native_frame, parse_render_params, save_image, to_pil)
 
 log = logging.getLogger("pathpacs.dicomweb")
@@ -328,9 +328,12 @@ class Wado:
                 plan.append((rec, None))
             elif want_ts == EXPLICIT_LE:
                 plan.append((rec, EXPLICIT_LE))
+            elif want_ts == JPEG_BASELINE and _jpeg_baseline_possible(rec):
+                plan.append((rec, JPEG_BASELINE))
             else:
                 raise NotAcceptable(f"instance {rec['sop']} is stored as {rec['ts']}; it can be served "
-                                    f"as stored (transfer-syntax=*) or as {EXPLICIT_LE}")
+                                    f"as stored (transfer-syntax=*), as {EXPLICIT_LE}"
+                                    + (f" or as {JPEG_BASELINE}" if _jpeg_baseline_possible(rec) else ""))
         for rec, ts in plan:
             if ts is not None and _decoded_size(rec) > MAX_TRANSCODE_BYTES:
                 raise NotAcceptable(f"instance {rec['sop']} is too large to decompress; "
@@ -379,9 +382,12 @@ class Wado:
         with self.arc.open_instance(rec["sop"]) as fh:
             ds = pydicom.dcmread(fh)
         try:
-            if ds.file_meta.TransferSyntaxUID.is_compressed:
-                ds.decompress()
-            ds.file_meta.TransferSyntaxUID = UID(ts)
+            if ts == JPEG_BASELINE:
+                _to_jpeg_baseline(ds)
+            else:
+                if ds.file_meta.TransferSyntaxUID.is_compressed:
+                    ds.decompress(generate_instance_uid=False)
+                ds.file_meta.TransferSyntaxUID = UID(ts)
             out = io.BytesIO()
             ds.save_as(out, enforce_file_format=True)
         except Exception as exc:
@@ -482,6 +488,36 @@ class Wado:
                 self._thumbs.popitem(last=False)
         return web.Response(body=body, headers={"Content-Type": params.media,
                                                 "Cache-Control": "max-age=300"})
+
+
+def _jpeg_baseline_possible(rec: dict) -> bool:
+    """JPEG baseline holds 8-bit greyscale or colour pixels only."""
+    attrs = rec.get("attrs", {})
+    bits = (attrs.get("00280100") or {}).get("Value", [None])[0]
+    spp = (attrs.get("00280002") or {}).get("Value", [None])[0]
+    return rec.get("n_frames", 0) > 0 and bits == 8 and spp in (1, 3)
+
+
+def _to_jpeg_baseline(ds) -> None:
+    """Re-encode every frame as JPEG baseline (lossy, quality 90), in place. Only on request:
+    stored bytes are served as stored otherwise."""
+    import numpy as np
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID
+
+    arr = ds.pixel_array  # colour comes back as RGB
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = arr.reshape((n, *arr.shape[-3:])) if int(ds.SamplesPerPixel) == 3 else arr.reshape((n, *arr.shape[-2:]))
+    encoded = [encode_image(np.ascontiguousarray(f), "image/jpeg", 90) for f in frames]
+    ds.PixelData = encapsulate(encoded, has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    if int(ds.SamplesPerPixel) == 3:
+        ds.PhotometricInterpretation = "YBR_FULL_422"
+        ds.PlanarConfiguration = 0
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.file_meta.TransferSyntaxUID = UID(JPEG_BASELINE)
 
 
 def _image_type(rec: dict) -> list[str]:
