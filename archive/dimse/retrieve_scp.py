@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import pydicom
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
@@ -61,6 +63,7 @@ def remember_association(associate):
     def wrapper(*args, **kwargs):
         assoc = associate(*args, **kwargs)
         move_association.current = assoc
+        stream_sends(assoc)
         return assoc
     return wrapper
 
@@ -73,9 +76,37 @@ def _accepted_syntaxes(assoc, sop_class: str) -> set[str] | None:
             if str(cx.abstract_syntax) == sop_class}
 
 
+class StoredInstance(Dataset):
+    """The header of a stored instance, yielded to pynetdicom in place of the full data set.
+
+    pynetdicom's retrieve SCPs accept only Dataset objects and would encode the whole instance
+    (pixel data included) in memory; `stream_sends` makes the association send the file at
+    `stored_path` instead, in chunks, as stored."""
+
+    def __init__(self, header: Dataset, stored_path: Path) -> None:
+        super().__init__(header)
+        self.stored_path = stored_path
+
+
+def stream_sends(assoc) -> None:
+    """Make `assoc.send_c_store` send StoredInstance files straight from disk."""
+    if assoc is None or getattr(assoc, "_pathpacs_streams", False):
+        return
+    original = assoc.send_c_store
+
+    def send_c_store(dataset, *args, **kwargs):
+        path = getattr(dataset, "stored_path", None)
+        return original(path if path is not None else dataset, *args, **kwargs)
+
+    assoc.send_c_store = send_c_store
+    assoc._pathpacs_streams = True
+
+
 def _datasets(event, arc: "Archive", sops: list[str], assoc=None, sub_association: bool = False) -> Iterator:
-    """Yield instances to send, stored bytes as stored; decoded to explicit VR little endian
-    only when the peer accepted no context for the stored syntax but did for an uncompressed one."""
+    """Yield instances to send: the stored file, streamed, whenever the peer accepted its
+    syntax; decoded to explicit VR little endian (in memory) only when the peer accepted an
+    uncompressed syntax but not the stored one; converted between uncompressed syntaxes by
+    pynetdicom when needed."""
     for sop in sops:
         if event.is_cancelled:
             yield 0xFE00, None
@@ -84,12 +115,17 @@ def _datasets(event, arc: "Archive", sops: list[str], assoc=None, sub_associatio
         if path is None:
             log.warning("instance %s vanished during retrieve", sop)
             continue
-        ds = pydicom.dcmread(path)
         if sub_association:
             assoc = getattr(move_association, "current", None)
-        accepted = _accepted_syntaxes(assoc, str(ds.SOPClassUID))
-        ts = str(ds.file_meta.TransferSyntaxUID)
-        if accepted and ts not in accepted and accepted & UNCOMPRESSED and ts not in UNCOMPRESSED:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        accepted = _accepted_syntaxes(assoc, str(header.SOPClassUID))
+        ts = str(header.file_meta.TransferSyntaxUID)
+        if accepted is None or ts in accepted or not accepted:
+            stream_sends(assoc)
+            yield 0xFF00, StoredInstance(header, path)
+            continue
+        ds = pydicom.dcmread(path)
+        if accepted & UNCOMPRESSED and ts not in UNCOMPRESSED:
             try:
                 ds.decompress(generate_instance_uid=False)  # lossless decode keeps the UID
             except Exception as exc:

@@ -32,6 +32,8 @@ class DimseServer:
         # Receive C-STORE data straight to disk, into our session dir on the hot tier's
         # filesystem, so ingest can rename it into place: no instance is held in memory.
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # ...and send stored files in chunks too (C-GET/C-MOVE, see retrieve_scp.StoredInstance).
+        _config.STORE_SEND_CHUNKED_DATASET = True
         receive.install(arc.tmp_dir)
         ae = AE(ae_title=cfg.aet)
         ae.maximum_pdu_size = cfg.max_pdu

@@ -85,6 +85,24 @@ def dcmsend(port: int, aet: str, files: list[Path]) -> float:
     return dt
 
 
+def hdr_study(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def getscu_study(port: int, aet: str, study: str, out: Path) -> float:
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    res = subprocess.run(["getscu", "-aec", aet, "+xy", "-S", "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1", str(port)],
+                         capture_output=True, text=True)
+    dt = time.perf_counter() - t
+    if res.returncode != 0:
+        raise RuntimeError(f"getscu from {aet} failed: {res.stderr.strip()[-300:]}")
+    return dt
+
+
 def run(workdir: Path, quick: bool = False) -> list[dict]:
     rows: list[dict] = []
     series, total = make_series(workdir / "series", target_mb=60 if quick else 300)
@@ -104,7 +122,13 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
         rows.append({"benchmark": f"C-STORE one {size / 2**30:.2f} GiB instance", "system": "pathpacs",
                      "value": f"{size / 1e6 / dt_big:.0f} MB/s ({dt_big:.2f} s)",
                      "note": f"server peak RSS {peak_rss_mb(pp.proc.pid):.0f} MB (target < 300 MB)"})
+        big_study = hdr_study(big)
         big.unlink()
+        dt_get = getscu_study(pp.dicom_port, pp.aet, big_study, workdir / "got")
+        rows.append({"benchmark": f"C-GET that {size / 2**30:.2f} GiB instance (getscu, stored syntax)",
+                     "system": "pathpacs", "value": f"{size / 1e6 / dt_get:.0f} MB/s ({dt_get:.2f} s)",
+                     "note": f"server peak RSS {peak_rss_mb(pp.proc.pid):.0f} MB (streamed from disk)"})
+        shutil.rmtree(workdir / "got", ignore_errors=True)
     finally:
         pp.stop()
         shutil.rmtree(workdir / "pathpacs", ignore_errors=True)
