@@ -251,16 +251,23 @@ def _commit_request(items: list[tuple[str, str]]) -> Dataset:
     return ds
 
 
-def test_storage_commitment_same_association(server, wsi_files):
-    assert dcmsend(server, *wsi_files).returncode == 0
-    sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in wsi_files]
-    reports = []
+def _report_collector():
+    """(reports, event set on the first report, N-EVENT-REPORT handler) for a commitment requester."""
+    reports: list = []
     got = threading.Event()
 
     def on_report(event):
         reports.append((event.request.EventTypeID, event.event_information))
         got.set()
         return 0x0000
+
+    return reports, got, on_report
+
+
+def test_storage_commitment_same_association(server, wsi_files):
+    assert dcmsend(server, *wsi_files).returncode == 0
+    sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in wsi_files]
+    reports, got, on_report = _report_collector()
 
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(StorageCommitmentPushModel)
@@ -296,13 +303,7 @@ def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_fil
     raw[-100] ^= 0xFF
     blob.write_bytes(bytes(raw))
 
-    reports = []
-    got = threading.Event()
-
-    def on_report(event):
-        reports.append((event.request.EventTypeID, event.event_information))
-        got.set()
-        return 0x0000
+    reports, got, on_report = _report_collector()
 
     listener = AE(ae_title="SCANNER")
     listener.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
