@@ -194,10 +194,9 @@ class TiffLevel(Level):
             else:
                 rgb = info.component_ids == (82, 71, 66)
                 self._app14 = False
-            if rgb:
-                photometric = "RGB"
-            else:
-                photometric = "YBR_FULL_422" if info.subsampled else "YBR_FULL"
+            # YCbCr JPEG is YBR_FULL_422 whatever its chroma subsampling: the WSI IOD does not
+            # allow YBR_FULL, and PS3.3 C.7.6.3.1.2 lets YBR_FULL_422 describe any JPEG stream.
+            photometric = "RGB" if rgb else "YBR_FULL_422"
             return CopyInfo(JPEG_BASELINE, photometric, "ISO_10918_1", 3)
         if comp in (33003, 33005, 34712):  # JPEG 2000 (Aperio YCbCr / RGB, generic)
             if first[:4] != b"\xff\x4f\xff\x51":
@@ -579,14 +578,30 @@ class OpenTileLevel(Level):
         self.width, self.height = level.image_size.width, level.image_size.height
         self.tile_w, self.tile_h = level.tile_size.width, level.tile_size.height
         self._lock = lock
-        comp = str(level.compression).upper()
-        photometric = str(level.photometric_interpretation)
-        if "JPEG2000" in comp or "JP2" in comp:
-            self.copy = CopyInfo(JPEG2000, photometric if photometric != "YBR_FULL" else "YBR_ICT", "ISO_15444_1")
-        elif "JPEG" in comp:
-            self.copy = CopyInfo(JPEG_BASELINE, photometric, "ISO_10918_1")
-        else:
-            self.copy = None
+        self.copy = self._copy_info()
+
+    def _copy_info(self) -> CopyInfo | None:
+        # tifffile's COMPRESSION/PHOTOMETRIC are IntEnums: str() is "7"/"6" on Python >= 3.11,
+        # so compare values. opentile hands out baseline JPEG tiles for NDPI and Philips.
+        if int(self.level.compression) != 7:
+            return None
+        try:
+            with self._lock:
+                info = jpeg_info(self.level.get_tile((0, 0)))
+        except (JpegError, ValueError):
+            return None
+        if not info.baseline or (info.width, info.height) != (self.tile_w, self.tile_h):
+            return None
+        photometric = int(self.level.photometric_interpretation)
+        if info.components == 1 and photometric in (0, 1):
+            return CopyInfo(JPEG_BASELINE, "MONOCHROME2", "ISO_10918_1", 1)
+        if info.components != 3:
+            return None
+        if photometric == 6:  # YCbCr (NDPI is 4:4:4): YBR_FULL_422 all the same, see TiffLevel
+            return CopyInfo(JPEG_BASELINE, "YBR_FULL_422", "ISO_10918_1")
+        if photometric == 2 and info.app14_transform == 0:  # RGB, and the stream says so
+            return CopyInfo(JPEG_BASELINE, "RGB", "ISO_10918_1")
+        return None
 
     def raw_frame(self, index: int) -> bytes:
         tx, ty = index % self.tiles_x, index // self.tiles_x

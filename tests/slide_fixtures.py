@@ -177,3 +177,130 @@ def write_photo(path: Path, width: int = 1200, height: int = 900, seed: int = 4)
     else:
         path.write_bytes(imagecodecs.jpeg8_encode(img, level=92))
     return {"levels": [img]}
+
+
+# --- Hamamatsu NDPI ------------------------------------------------------------------------
+#
+# What an NDPI file is, as tifffile (TiffFile.is_ndpi, _series_ndpi, ndpi_jpeg_tile) and
+# opentile (NdpiTiler, NdpiStripedImage) read it:
+#
+# * a little-endian *classic* TIFF (version 42) whose name ends in ``.ndpi``, but with 64-bit
+#   IFD offsets: the header's first-IFD offset and each IFD's next-IFD offset are 8 bytes, and
+#   each IFD is followed by one 4-byte "high bits" word per entry (zero below 4 GiB);
+# * every page carries ``Make`` (271) and the Hamamatsu private tags from 65420 on:
+#   FileFormat 65420, SourceLens/Magnification 65421 (FLOAT; -1 for the macro), X/Y/Z offsets
+#   from the slide centre 65422-65424 (nm), McuStarts 65426, SlideLabel 65427, serial 65442 ...;
+# * each pyramid level is ONE JPEG stream in one strip (RowsPerStrip = height), YCbCr 4:4:4
+#   with restart markers (DRI); McuStarts lists, relative to the strip, where the entropy-coded
+#   data of each restart interval begins. One restart interval = one "stripe" of one MCU row
+#   (8 px) by DRI MCUs, which tifffile exposes as tiles and opentile concatenates and crops
+#   (losslessly, turbojpeg) into square tiles;
+# * levels are separate pages 4x apart, pixel size in XResolution/YResolution (pixels per cm,
+#   denominator 1: opentile reads only the numerator);
+# * the macro is a plain baseline JPEG page (no DRI, no McuStarts) with SourceLens -1.
+
+def _restart_jpeg(img: np.ndarray, restart_mcus: int | None, quality: int = 85) -> bytes:
+    """Baseline YCbCr 4:4:4 JPEG (libjpeg via Pillow), with a restart marker every `restart_mcus` MCUs."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    opts = {"restart_marker_blocks": restart_mcus} if restart_mcus else {}
+    Image.fromarray(img).save(buf, "JPEG", quality=quality, subsampling=0, **opts)
+    return buf.getvalue()
+
+
+def _mcu_starts(jpeg: bytes) -> list[int]:
+    """Offsets of each restart interval's entropy-coded data (what NDPI tag 65426 stores)."""
+    from converters.jpeg import iter_header_segments
+
+    sos_end = [e for m, s, e in iter_header_segments(jpeg) if m == 0xDA][0]
+    starts = [sos_end]
+    i = jpeg.find(b"\xff", sos_end)
+    while 0 <= i < len(jpeg) - 1:
+        m = jpeg[i + 1]
+        if 0xD0 <= m <= 0xD7:  # RSTn (0xFF in entropy data is always stuffed with 0x00)
+            starts.append(i + 2)
+        i = jpeg.find(b"\xff", i + 2)
+    return starts
+
+
+def _classic_to_ndpi(data: bytes) -> bytes:
+    """Re-lay a classic little-endian TIFF out as NDPI: 8-byte IFD offsets + per-entry high words.
+
+    Tag entries (and so all values and data offsets, < 4 GiB) are kept as tifffile wrote them;
+    only the IFDs are rewritten, appended at the end of the file and chained with 8-byte offsets.
+    """
+    import struct
+
+    assert data[:4] == b"II*\x00"
+    first = struct.unpack_from("<I", data, 4)[0]
+    assert first == 8, "tifffile writes the first IFD right after the header"
+    ifds = []
+    off = first
+    while off:
+        n = struct.unpack_from("<H", data, off)[0]
+        ifds.append(data[off + 2:off + 2 + 12 * n])
+        off = struct.unpack_from("<I", data, off + 2 + 12 * n)[0]
+    out = bytearray(data)
+    out += b"\x00" * (len(out) & 1)
+    positions = []
+    for entries in ifds:
+        positions.append(len(out))
+        n = len(entries) // 12
+        out += struct.pack("<H", n) + entries + b"\x00" * 8 + b"\x00" * (4 * n)
+    for k, pos in enumerate(positions[:-1]):
+        n = len(ifds[k]) // 12
+        struct.pack_into("<Q", out, pos + 2 + 12 * n, positions[k + 1])
+    # header: 8-byte offset of the first IFD (the old first IFD at 8 is dead space now)
+    struct.pack_into("<Q", out, 4, positions[0])
+    return bytes(out)
+
+
+def write_ndpi(path: Path, width: int = 2048, height: int = 1536, seed: int = 5, mpp: float = 0.25,
+               magnification: float = 20.0, stripe_widths=(512, 256, 128), with_macro: bool = True) -> dict:
+    """A NanoZoomer-like NDPI: 3 levels 4x apart (restart-interval stripes), plus a macro page."""
+    assert str(path).endswith(".ndpi"), "tifffile only reads the NDPI layout from *.ndpi files"
+    base = make_image(height, width, seed)
+    levels = [base, downsample(base, 4), downsample(base, 16)]
+    common = [
+        (271, "s", 0, "Hamamatsu", True),
+        (272, "s", 0, "C13210", True),
+        (65420, "I", 1, 1, True),  # FileFormat
+        (65422, "i", 1, -1234567, True),  # XOffsetFromSlideCenter, nm
+        (65423, "i", 1, 765432, True),  # YOffsetFromSlideCenter, nm
+        (65424, "i", 1, 0, True),  # ZOffsetFromSlideCenter (focal plane), nm
+        (65427, "s", 0, "SYNTH-NDPI-1", True),  # SlideLabel
+        (65442, "s", 0, "NZ-000123", True),  # ScannerSerialNumber
+        (65444, "I", 1, 85, True),  # JpegQuality
+        (65449, "s", 0, "[NanoZoomer]\r\nscanner=synthetic\r\n", True),  # Comments
+    ]
+    with tifffile.TiffWriter(path.with_suffix(".classic.tif"), bigtiff=False) as tw:
+        for lv, stripe_w in zip(levels, stripe_widths):
+            h, w = lv.shape[:2]
+            assert w % stripe_w == 0 and h % 8 == 0
+            jpeg = _restart_jpeg(lv, stripe_w // 8)
+            starts = _mcu_starts(jpeg)
+            assert len(starts) == (h // 8) * (w // stripe_w)
+            res = round(1e4 / (mpp * width / w))  # pixels per cm
+            tw.write(iter([jpeg]), shape=lv.shape, dtype=np.uint8, compression="jpeg", photometric="ycbcr",
+                     subsampling=(1, 1), rowsperstrip=h, resolution=((res, 1), (res, 1)),
+                     resolutionunit="CENTIMETER", software="NDP.scan 3.3.0", datetime="2023:05:17 14:21:09",
+                     metadata=None, extratags=common + [
+                         (65421, "f", 1, magnification, True),  # SourceLens
+                         (65426, "I", len(starts), starts, True),  # McuStarts
+                     ])
+        if with_macro:
+            macro = np.full((224, 640, 3), 235, np.uint8)
+            macro[:, 200:] = downsample(base, 4)[:224, :440]
+            macro[40:180, 20:180] = (30, 30, 160)  # the label end of the slide
+            jpeg = _restart_jpeg(macro, None, quality=90)
+            tw.write(iter([jpeg]), shape=macro.shape, dtype=np.uint8, compression="jpeg", photometric="ycbcr",
+                     subsampling=(1, 1), rowsperstrip=macro.shape[0], resolution=((1164, 1), (1164, 1)),
+                     resolutionunit="CENTIMETER", software="NDP.scan 3.3.0", datetime="2023:05:17 14:21:09",
+                     metadata=None, extratags=common + [(65421, "f", 1, -1.0, True)])
+    classic = path.with_suffix(".classic.tif")
+    path.write_bytes(_classic_to_ndpi(classic.read_bytes()))
+    classic.unlink()
+    return {"levels": levels, "mpp": mpp, "magnification": magnification}
