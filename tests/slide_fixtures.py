@@ -304,3 +304,149 @@ def write_ndpi(path: Path, width: int = 2048, height: int = 1536, seed: int = 5,
     path.write_bytes(_classic_to_ndpi(classic.read_bytes()))
     classic.unlink()
     return {"levels": levels, "mpp": mpp, "magnification": magnification}
+
+
+# --- Philips TIFF ----------------------------------------------------------------------------
+#
+# What tifffile (TiffFile.is_philips, _series_philips) and opentile (PhilipsTiffTiler) need:
+#
+# * Software starts with "Philips DP" and the first page's ImageDescription is the scanner's
+#   XML, ending in "</DataObject>": a DPUfsImport DataObject with DICOM_* / PIM_DP_* attributes
+#   and, inside the WSI DPScannedImage, a PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE with one
+#   PixelDataRepresentation (DICOM_PIXEL_SPACING, mm, "row" "column") per pyramid level;
+# * the first DICOM_PIXEL_SPACING in document order is the base level's (opentile's mpp);
+# * levels are separate tiled pages (2x apart), JPEG tiles with shared JPEGTables, YCbCr 4:2:0;
+#   every level's ImageWidth/ImageLength is padded up to whole tiles (the XML spacing says how
+#   large the level really is; tifffile trims it);
+# * tiles outside the scanned area are sparse: TileOffsets and TileByteCounts 0 (opentile
+#   serves a white tile made from the first real one);
+# * label and macro are strip JPEG pages whose ImageDescription is "Label" / "Macro".
+
+def _philips_xml(width: int, height: int, spacings_mm: list[float], level_sizes: list[tuple[int, int]]) -> str:
+    def attr(name, group, element, vr, value):
+        return (f'<Attribute Name="{name}" Group="0x{group:04X}" Element="0x{element:04X}" '
+                f'PMSVR="{vr}">{value}</Attribute>')
+
+    q = "&quot;"
+    reps = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation">'
+        + attr("DICOM_PIXEL_SPACING", 0x0028, 0x0030, "IDoubleArray", f"{q}{s:g}{q} {q}{s:g}{q}")
+        + attr("PIIM_DP_PIXEL_DATA_REPRESENTATION_POSITION", 0x101D, 0x100B, "IDoubleArray",
+               f"{q}0{q} {q}0{q} {q}0{q}")
+        + attr("PIIM_PIXEL_DATA_REPRESENTATION_COLUMNS", 0x2001, 0x115E, "IUInt32", w)
+        + attr("PIIM_PIXEL_DATA_REPRESENTATION_NUMBER", 0x2001, 0x0082, "IUInt32", i)
+        + attr("PIIM_PIXEL_DATA_REPRESENTATION_ROWS", 0x2001, 0x115D, "IUInt32", h)
+        + "</DataObject>"
+        for i, (s, (w, h)) in enumerate(zip(spacings_mm, level_sizes)))
+    wsi = ('<DataObject ObjectType="DPScannedImage">'
+           + attr("DICOM_DERIVATION_DESCRIPTION", 0x0008, 0x2111, "IString",
+                  "tiff-useBigTIFF=1-useRgb=0-levels=10003,10002,10000,10001-processing=0-q80")
+           + attr("DICOM_LOSSY_IMAGE_COMPRESSION", 0x0028, 0x2110, "IString", "01")
+           + attr("DICOM_LOSSY_IMAGE_COMPRESSION_METHOD", 0x0028, 0x2114, "IStringArray", f"{q}PHILIPS_DP_1_0{q}")
+           + attr("DICOM_LOSSY_IMAGE_COMPRESSION_RATIO", 0x0028, 0x2112, "IDoubleArray", f"{q}3{q}")
+           + attr("DICOM_BITS_ALLOCATED", 0x0028, 0x0100, "IUInt16", 8)
+           + attr("DICOM_BITS_STORED", 0x0028, 0x0101, "IUInt16", 8)
+           + attr("DICOM_HIGH_BIT", 0x0028, 0x0102, "IUInt16", 7)
+           + attr("DICOM_PHOTOMETRIC_INTERPRETATION", 0x0028, 0x0004, "IString", "RGB")
+           + attr("DICOM_PIXEL_REPRESENTATION", 0x0028, 0x0103, "IUInt16", 0)
+           + attr("DICOM_PIXEL_SPACING", 0x0028, 0x0030, "IDoubleArray",
+                  f"{q}{spacings_mm[0]:g}{q} {q}{spacings_mm[0]:g}{q}")
+           + attr("DICOM_PLANAR_CONFIGURATION", 0x0028, 0x0006, "IUInt16", 0)
+           + attr("DICOM_SAMPLES_PER_PIXEL", 0x0028, 0x0002, "IUInt16", 3)
+           + attr("PIM_DP_IMAGE_COLUMNS", 0x101D, 0x1007, "IUInt32", width)
+           + attr("PIM_DP_IMAGE_ROWS", 0x101D, 0x1008, "IUInt32", height)
+           + attr("PIM_DP_IMAGE_TYPE", 0x101D, 0x1004, "IString", "WSI")
+           + attr("PIM_DP_SOURCE_FILE", 0x8B01, 0x1000, "IString", "%FILENAME%")
+           + '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" Element="0x8B01" '
+             'PMSVR="IDataObjectArray"><Array>' + reps + "</Array></Attribute>"
+           + "</DataObject>")
+    assoc = "".join(
+        '<DataObject ObjectType="DPScannedImage">'
+        + attr("PIM_DP_IMAGE_TYPE", 0x101D, 0x1004, "IString", kind)
+        + "</DataObject>"
+        for kind in ("LABELIMAGE", "MACROIMAGE"))
+    return (
+        '<?xml version="1.0" encoding="UTF-8" ?>\n<DataObject ObjectType="DPUfsImport">'
+        + attr("DICOM_ACQUISITION_DATETIME", 0x0008, 0x002A, "IString", "20220314103015.000000")
+        + attr("DICOM_DATE_OF_LAST_CALIBRATION", 0x0018, 0x1200, "IStringArray", f"{q}20220301{q}")
+        + attr("DICOM_DEVICE_SERIAL_NUMBER", 0x0018, 0x1000, "IString", "FMT0042")
+        + attr("DICOM_MANUFACTURER", 0x0008, 0x0070, "IString", "PHILIPS")
+        + attr("DICOM_SOFTWARE_VERSIONS", 0x0018, 0x1020, "IStringArray", f"{q}1.6.6186{q} {q}20180906_R51{q}")
+        + attr("DICOM_TIME_OF_LAST_CALIBRATION", 0x0018, 0x1201, "IStringArray", f"{q}101500{q}")
+        + attr("PIM_DP_UFS_INTERFACE_VERSION", 0x301D, 0x1001, "IString", "5.0")
+        + attr("PIM_DP_UFS_BARCODE", 0x301D, 0x1002, "IString", "U1lOVEgtUEhJTElQUy0x")
+        + '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" PMSVR="IDataObjectArray">'
+          "<Array>" + wsi + assoc + "</Array></Attribute>"
+        + "</DataObject>\n")
+
+
+def _jpeg_tiles_with_tables(img: np.ndarray, tile: int, sparse: set[int], quality: int = 80,
+                            subsampling: str = "420"):
+    """Abbreviated YCbCr JPEG tiles + one JPEGTables; tiles whose index is in `sparse` are b""."""
+    tables = None
+    tiles = []
+    for i, t in enumerate(iter_tiles(img, tile)):
+        if i in sparse:
+            tiles.append(b"")
+            continue
+        full = strip_app_markers(imagecodecs.jpeg8_encode(t, level=quality, subsampling=subsampling))
+        tab, abbrev = split_tables(full)
+        tables = tables or tab
+        assert tab == tables
+        tiles.append(abbrev)
+    return tables, tiles
+
+
+def write_philips(path: Path, width: int = 2048, height: int = 1536, tile: int = 512, seed: int = 6,
+                  mpp: float = 0.25, n_levels: int = 4, sparse: tuple[int, ...] = (2, 3, 6, 7),
+                  with_label: bool = True, with_macro: bool = True) -> dict:
+    """A Philips UFS-export-like TIFF: 2x pyramid of padded tiled pages, sparse tiles, Label/Macro pages.
+
+    `sparse` are tile indices of the base level (and of level 1 at the same place, halved) left
+    empty, as the scanner leaves tiles outside the tissue.
+    """
+    assert width % tile == 0 and height % tile == 0, "Philips base levels are whole tiles"
+    base = make_image(height, width, seed)
+    nx = width // tile
+    for i in sparse:  # the scanner never saw these: white in the picture we compare against
+        ty, tx = divmod(i, nx)
+        base[ty * tile:(ty + 1) * tile, tx * tile:(tx + 1) * tile] = 255
+    levels = [base] + [downsample(base, 2 ** k) for k in range(1, n_levels)]
+    spacings = [mpp / 1000 * 2 ** k for k in range(n_levels)]
+    sizes = [(lv.shape[1], lv.shape[0]) for lv in levels]
+    xml = _philips_xml(width, height, spacings, sizes)
+    sparse_by_level = []
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k, lv in enumerate(levels):
+            h, w = lv.shape[:2]
+            ph, pw = -(-h // tile) * tile, -(-w // tile) * tile  # padded to whole tiles
+            padded = np.zeros((ph, pw, 3), np.uint8)
+            padded[:h, :w] = lv
+            lnx = pw // tile
+            sp = set()
+            if k < 2:
+                for i in sparse:
+                    ty, tx = divmod(i, nx)
+                    if k == 0:
+                        sp.add(i)
+                    elif ty % 2 == 0 and tx % 2 == 0 and {i + 1, i + nx, i + nx + 1} <= set(sparse):
+                        sp.add((ty // 2) * lnx + tx // 2)
+            sparse_by_level.append(sp)
+            tables, tiles = _jpeg_tiles_with_tables(padded, tile, sp)
+            tw.write(iter(tiles), shape=padded.shape, dtype=np.uint8, tile=(tile, tile), compression="jpeg",
+                     photometric="ycbcr", subsampling=(2, 2), jpegtables=tables,
+                     description=xml if k == 0 else None, software="Philips DP v1.0",
+                     subfiletype=0 if k == 0 else 1, metadata=None)
+        if with_label:
+            label = np.full((400, 480, 3), 245, np.uint8)
+            label[120:280, 60:420] = (25, 25, 25)
+            tw.write(label, compression="jpeg", compressionargs={"level": 90}, photometric="ycbcr",
+                     rowsperstrip=label.shape[0], description="Label", software="Philips DP v1.0",
+                     subfiletype=1, metadata=None)
+        if with_macro:
+            macro = np.full((300, 860, 3), 230, np.uint8)
+            macro[:, 300:812] = downsample(base, 4)[:300, :512]
+            tw.write(macro, compression="jpeg", compressionargs={"level": 90}, photometric="ycbcr",
+                     rowsperstrip=macro.shape[0], description="Macro", software="Philips DP v1.0",
+                     subfiletype=1, metadata=None)
+    return {"levels": levels, "tile": tile, "mpp": mpp, "sparse": sparse_by_level}
