@@ -630,7 +630,13 @@ def _open_opentile(path: Path) -> Slide:
     slide._closers.append(tiler.close)
     try:
         base = tiler.get_level(0)
-        slide.levels = [OpenTileLevel(lv, lock) for lv in tiler.levels if lv.focal_plane == 0.0 or True]
+        # z-stacks (NDPI focal planes) list each level once per plane: keep the plane nearest 0
+        planes: dict[tuple[int, int], object] = {}
+        for lv in tiler.levels:
+            key = (lv.image_size.width, lv.image_size.height)
+            if key not in planes or abs(lv.focal_plane) < abs(planes[key].focal_plane):
+                planes[key] = lv
+        slide.levels = [OpenTileLevel(lv, lock) for lv in planes.values()]
         slide.levels.sort(key=lambda lv: -lv.width)
         ps = base.pixel_spacing
         if ps is not None:

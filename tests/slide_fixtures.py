@@ -259,8 +259,13 @@ def _classic_to_ndpi(data: bytes) -> bytes:
 
 
 def write_ndpi(path: Path, width: int = 2048, height: int = 1536, seed: int = 5, mpp: float = 0.25,
-               magnification: float = 20.0, stripe_widths=(512, 256, 128), with_macro: bool = True) -> dict:
-    """A NanoZoomer-like NDPI: 3 levels 4x apart (restart-interval stripes), plus a macro page."""
+               magnification: float = 20.0, stripe_widths=(512, 256, 128), with_macro: bool = True,
+               focal_planes_nm: tuple[int, ...] = (0,)) -> dict:
+    """A NanoZoomer-like NDPI: 3 levels 4x apart (restart-interval stripes), plus a macro page.
+
+    With several `focal_planes_nm` each level is stored once per plane (ZOffsetFromSlideCenter),
+    as a z-stack scan; planes other than 0 get different pixels. Returned levels are plane 0's.
+    """
     assert str(path).endswith(".ndpi"), "tifffile only reads the NDPI layout from *.ndpi files"
     base = make_image(height, width, seed)
     levels = [base, downsample(base, 4), downsample(base, 16)]
@@ -270,14 +275,14 @@ def write_ndpi(path: Path, width: int = 2048, height: int = 1536, seed: int = 5,
         (65420, "I", 1, 1, True),  # FileFormat
         (65422, "i", 1, -1234567, True),  # XOffsetFromSlideCenter, nm
         (65423, "i", 1, 765432, True),  # YOffsetFromSlideCenter, nm
-        (65424, "i", 1, 0, True),  # ZOffsetFromSlideCenter (focal plane), nm
         (65427, "s", 0, "SYNTH-NDPI-1", True),  # SlideLabel
         (65442, "s", 0, "NZ-000123", True),  # ScannerSerialNumber
         (65444, "I", 1, 85, True),  # JpegQuality
         (65449, "s", 0, "[NanoZoomer]\r\nscanner=synthetic\r\n", True),  # Comments
     ]
     with tifffile.TiffWriter(path.with_suffix(".classic.tif"), bigtiff=False) as tw:
-        for lv, stripe_w in zip(levels, stripe_widths):
+        for (lv0, stripe_w), z in ((ls, z) for ls in zip(levels, stripe_widths) for z in focal_planes_nm):
+            lv = lv0 if z == 0 else np.ascontiguousarray(255 - lv0)
             h, w = lv.shape[:2]
             assert w % stripe_w == 0 and h % 8 == 0
             jpeg = _restart_jpeg(lv, stripe_w // 8)
@@ -289,6 +294,7 @@ def write_ndpi(path: Path, width: int = 2048, height: int = 1536, seed: int = 5,
                      resolutionunit="CENTIMETER", software="NDP.scan 3.3.0", datetime="2023:05:17 14:21:09",
                      metadata=None, extratags=common + [
                          (65421, "f", 1, magnification, True),  # SourceLens
+                         (65424, "i", 1, z, True),  # ZOffsetFromSlideCenter (focal plane), nm
                          (65426, "I", len(starts), starts, True),  # McuStarts
                      ])
         if with_macro:
@@ -299,7 +305,7 @@ def write_ndpi(path: Path, width: int = 2048, height: int = 1536, seed: int = 5,
             tw.write(iter([jpeg]), shape=macro.shape, dtype=np.uint8, compression="jpeg", photometric="ycbcr",
                      subsampling=(1, 1), rowsperstrip=macro.shape[0], resolution=((1164, 1), (1164, 1)),
                      resolutionunit="CENTIMETER", software="NDP.scan 3.3.0", datetime="2023:05:17 14:21:09",
-                     metadata=None, extratags=common + [(65421, "f", 1, -1.0, True)])
+                     metadata=None, extratags=common + [(65421, "f", 1, -1.0, True), (65424, "i", 1, 0, True)])
     classic = path.with_suffix(".classic.tif")
     path.write_bytes(_classic_to_ndpi(classic.read_bytes()))
     classic.unlink()

@@ -306,3 +306,23 @@ def test_tiff_ycbcr_444_jpeg_copy(tmp_path):
         assert np.array_equal(read_level(wsi, wsi.levels[0]), ref)
     for f in dcm_files(out):
         assert dciodvfy_errors(f) == [], f.name
+
+
+def test_ndpi_z_stack_keeps_the_focal_plane_at_zero(tmp_path):
+    """A z-stack NDPI lists every level once per focal plane: one pyramid, the plane at 0."""
+    from wsidicom import WsiDicom
+
+    src = tmp_path / "zstack.ndpi"
+    info = write_ndpi(src, focal_planes_nm=(-2000, 0, 2000))
+    with tifffile.TiffFile(src) as tif:
+        assert tif.series[0].axes == "ZYXS" and tif.series[0].shape[0] == 3
+        plane0 = [lv.asarray()[1] for lv in tif.series[0].levels]
+    out = tmp_path / "out"
+    r = pathpacs_convert(src, out, "--no-overview")
+    assert r.returncode == 0, r.stderr
+    vol = by_type(dcm_files(out))["VOLUME"]
+    assert [int(d.TotalPixelMatrixColumns) for d in vol] == [2048, 512, 128]
+    with WsiDicom.open(out) as wsi:
+        for arr in plane0:
+            assert np.array_equal(read_level(wsi, wsidicom_level(wsi, arr.shape[1])), arr)
+        assert np.abs(read_level(wsi, wsi.levels[0]).astype(int) - info["levels"][0]).mean() < 8
