@@ -259,7 +259,7 @@ def _report_collector():
     def on_report(event):
         reports.append((event.request.EventTypeID, event.event_information))
         got.set()
-        return 0x0000
+        return 0x0000, None
 
     return reports, got, on_report
 
@@ -279,6 +279,7 @@ def test_storage_commitment_same_association(server, wsi_files):
     status, _ = a.send_n_action(req, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
     assert status.Status == 0x0000
     assert got.wait(30), "no N-EVENT-REPORT on the open association"
+    time.sleep(0.2)  # let our N-EVENT-REPORT response go out before releasing, as a modality would
     a.release()
     event_type, info = reports[0]
     assert event_type == 2  # some failed
@@ -286,6 +287,7 @@ def test_storage_commitment_same_association(server, wsi_files):
     assert sorted(x.ReferencedSOPInstanceUID for x in info.ReferencedSOPSequence) == sorted(sops)
     assert [x.ReferencedSOPInstanceUID for x in info.FailedSOPSequence] == [unknown]
     assert info.FailedSOPSequence[0].FailureReason == 0x0112
+    assert "reported on the same association" in server.log()
 
 
 def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_files):
@@ -318,6 +320,7 @@ def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_fil
         a.release()  # report must come on a new association
         assert status.Status == 0x0000
         assert got.wait(30), "no N-EVENT-REPORT on a new association"
+        time.sleep(0.2)  # let the response go out before the listener stops
     finally:
         scp.shutdown()
     event_type, info = reports[0]
@@ -325,6 +328,7 @@ def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_fil
     assert sorted(x.ReferencedSOPInstanceUID for x in info.ReferencedSOPSequence) == sorted([sops[0], sops[2]])
     assert [x.ReferencedSOPInstanceUID for x in info.FailedSOPSequence] == [sops[1]]
     assert info.FailedSOPSequence[0].FailureReason == 0x0110
+    assert f"commitment {req.TransactionUID} reported to SCANNER: 0" in srv.log()  # answered Success
 
 
 # -- bad input ------------------------------------------------------------------------

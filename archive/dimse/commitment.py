@@ -86,7 +86,7 @@ def _report(arc: "Archive", assoc, requester: str, request: Dataset) -> None:
         time.sleep(0.01)
     if assoc.is_established:
         try:
-            status = assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
+            status, _reply = assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
             if status and status.get("Status", 0xFFFF) == 0:
                 log.info("commitment %s reported on the same association", info.TransactionUID)
                 return
@@ -104,7 +104,7 @@ def _report(arc: "Archive", assoc, requester: str, request: Dataset) -> None:
         new = ae.associate(node.host, node.port, ae_title=node.aet, ext_neg=[role])
         if new.is_established:
             try:
-                status = new.send_n_event_report(info, event_type, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
+                status, _reply = new.send_n_event_report(info, event_type, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
                 log.info("commitment %s reported to %s: %s", info.TransactionUID, node.aet,
                          status.get("Status") if status else "no response")
             finally:
