@@ -73,23 +73,37 @@ def pack_frames(blob: str, tier: str, ts: str, frames: list[list[tuple[int, int]
     return _dumps(head) + b"\n" + body
 
 
-def unpack_frame(raw: bytes | memoryview, number: int) -> FrameLocation | None:
-    """Location of 1-based frame `number`, or None when out of range."""
-    raw = bytes(raw) if isinstance(raw, memoryview) else raw
-    nl = raw.index(b"\n")
-    head = json.loads(raw[:nl])
-    if number < 1 or number > head["n"]:
-        return None
+_QQ = struct.Struct("<QQ")
+
+
+class FrameTable:
+    """The header of one instance's frame table: where its blob is and how many frames."""
+
+    __slots__ = ("blob", "tier", "ts", "n")
+
+    def __init__(self, blob: str, tier: str, ts: str, n: int) -> None:
+        self.blob, self.tier, self.ts, self.n = blob, tier, ts, n
+
+
+def read_frame_table(buf, numbers) -> tuple[FrameTable, list[list[tuple[int, int]] | None]]:
+    """Parse a packed frame table (bytes or LMDB buffer): its header, and the fragments of each
+    1-based frame in `numbers` (None when out of range). Only the slots asked for are read."""
+    head_end = bytes(buf[:512]).find(b"\n")
+    if head_end < 0:
+        head_end = bytes(buf).index(b"\n")
+    head = json.loads(bytes(buf[:head_end]))
+    table = FrameTable(head["blob"], head["tier"], head["ts"], head["n"])
+    n = head["n"]
+    out: list[list[tuple[int, int]] | None] = []
     if head["single"]:
-        off, length = struct.unpack_from("<QQ", raw, nl + 1 + 16 * (number - 1))
-        frags = [(off, length)]
+        base = head_end + 1
+        for k in numbers:
+            out.append([_QQ.unpack_from(buf, base + 16 * (k - 1))] if 1 <= k <= n else None)
     else:
-        frags = [tuple(x) for x in json.loads(raw[nl + 1 :])[number - 1]]
-    return FrameLocation(head["blob"], head["tier"], head["ts"], frags)
-
-
-def frame_count(raw: bytes) -> int:
-    return json.loads(raw[: raw.index(b"\n")])["n"]
+        frames = json.loads(bytes(buf[head_end + 1:]))
+        for k in numbers:
+            out.append([tuple(x) for x in frames[k - 1]] if 1 <= k <= n else None)
+    return table, out
 
 
 class IndexError_(Exception):
@@ -155,16 +169,19 @@ class Index:
     def patient(self, key: str, txn: lmdb.Transaction | None = None) -> dict | None:
         return self._record("patient", key, txn)
 
-    def frame(self, sop: str, number: int) -> FrameLocation | None:
-        with self.read() as t:
-            raw = t.get(sop.encode(), db=self.db["frames"])
-            if raw is None:
-                return None
-            return unpack_frame(raw, number)
+    def locate_frames(self, sop: str, numbers) -> tuple[FrameTable, list[list[tuple[int, int]] | None]] | None:
+        """(table header, fragments per requested frame or None) straight from the memory map;
+        None when the instance has no frame table."""
+        with self.env.begin(buffers=True) as t:
+            buf = t.get(sop.encode(), db=self.db["frames"])
+            return None if buf is None else read_frame_table(buf, numbers)
 
-    def frame_table(self, sop: str) -> bytes | None:
-        with self.read() as t:
-            return t.get(sop.encode(), db=self.db["frames"])
+    def frame(self, sop: str, number: int) -> FrameLocation | None:
+        located = self.locate_frames(sop, [number])
+        if located is None or located[1][0] is None:
+            return None
+        table, [frags] = located
+        return FrameLocation(table.blob, table.tier, table.ts, frags)
 
     def metadata(self, sop: str, txn: lmdb.Transaction | None = None) -> bytes | None:
         if txn is None:

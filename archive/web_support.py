@@ -5,54 +5,14 @@ elsewhere). Nothing in this module writes; nothing parses a DICOM data set.
 """
 from __future__ import annotations
 
-import json
-import struct
 from typing import Iterable
 
-from .index import SEP, Index
-
-_QQ = struct.Struct("<QQ")
-
-
-class FrameTable:
-    """The header of one instance's frame table plus the located frames asked for."""
-
-    __slots__ = ("blob", "tier", "ts", "n")
-
-    def __init__(self, blob: str, tier: str, ts: str, n: int) -> None:
-        self.blob, self.tier, self.ts, self.n = blob, tier, ts, n
-
+from .index import SEP, FrameTable, Index
 
 def locate_frames(index: Index, sop: str, numbers: Iterable[int]
                   ) -> tuple[FrameTable, list[list[tuple[int, int]] | None]] | None:
-    """(table, [fragments of frame k or None when out of range]) or None without a table.
-
-    Reads only the header and the 16 bytes per requested frame from the memory map.
-    """
-    with index.env.begin(buffers=True) as txn:
-        buf = txn.get(sop.encode(), db=index.db["frames"])
-        if buf is None:
-            return None
-        head_end = bytes(buf[:512]).find(b"\n")
-        if head_end < 0:
-            head_end = bytes(buf).index(b"\n")
-        head = json.loads(bytes(buf[:head_end]))
-        table = FrameTable(head["blob"], head["tier"], head["ts"], head["n"])
-        n = head["n"]
-        out: list[list[tuple[int, int]] | None] = []
-        if head["single"]:
-            base = head_end + 1
-            for k in numbers:
-                if 1 <= k <= n:
-                    off, length = _QQ.unpack_from(buf, base + 16 * (k - 1))
-                    out.append([(off, length)])
-                else:
-                    out.append(None)
-        else:
-            frames = json.loads(bytes(buf[head_end + 1:]))
-            for k in numbers:
-                out.append([tuple(x) for x in frames[k - 1]] if 1 <= k <= n else None)
-        return table, out
+    """See Index.locate_frames: reads only the header and 16 bytes per requested frame."""
+    return index.locate_frames(sop, numbers)
 
 
 def metadata_of(index: Index, sops: Iterable[str]) -> list[bytes]:
