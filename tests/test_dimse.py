@@ -500,3 +500,33 @@ def test_kill9_mid_stream_loses_nothing_acknowledged(make_server, tmp_path):
     # Nothing partial: every blob on disk belongs to a committed record.
     blobs = [p for p in (srv.data_dir / "hot" / "blobs").rglob("*") if p.is_file()]
     assert len(blobs) == n
+
+
+def test_real_full_disk_is_out_of_resources_and_recovers(make_server, tmp_path):
+    """The data directory on a 4 MB filesystem: an instance that does not fit is refused 0xA700,
+    leaves nothing behind, and the next one that fits is stored."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (the RLIMIT_FSIZE test covers the path)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount tmpfs here: {res.stderr.strip()}")
+    try:
+        srv = make_server(data_dir=mnt / "data")
+        big = factory.wsi_instance(generate_uid(), generate_uid(), 1536, 1024, transfer_syntax="1.2.840.10008.1.2.1")
+        p = tmp_path / "big.dcm"
+        big.save_as(p, enforce_file_format=True)
+        assert p.stat().st_size > 4 << 20
+        assert _send_raw(srv, p, WSI, "1.2.840.10008.1.2.1") == 0xA700
+        _assert_nothing_stored(srv)
+        small = factory.wsi_instance(generate_uid(), generate_uid(), 256, 256)
+        ps = tmp_path / "small.dcm"
+        small.save_as(ps, enforce_file_format=True)
+        assert _send_raw(srv, ps, WSI, "1.2.840.10008.1.2.4.50") == 0x0000
+        assert stats(srv)["instances"] == 1
+        srv.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
