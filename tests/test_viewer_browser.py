@@ -206,8 +206,10 @@ def test_dicom_microscopy_viewer_displays_slide(server, browser, page_server, tm
     page.wait_for_function("() => window.viewerTest && window.viewerTest.status !== 'loading'", timeout=30000)
     assert state()["status"] == "rendered", debug()
     # The viewer asks pathpacs for the tiles covering the viewport, decodes them (WebAssembly
-    # libjpeg-turbo in its worker) and draws them; rendercomplete: no tile loading any more.
-    page.wait_for_function("() => window.viewerTest.framesLoaded >= 4 && window.viewerTest.renderComplete > 0",
+    # libjpeg-turbo in its worker) and draws them (WebGL).
+    # Done: every requested frame answered, then an OpenLayers rendercomplete (nothing loading).
+    page.wait_for_function("() => { const s = window.viewerTest; return s.framesLoaded >= 4"
+                           " && s.framesEnded === s.framesStarted && s.renderCompleteAt > s.lastFrameAt; }",
                            timeout=60000)
     shot = tmp_path / "viewer.png"
     page.screenshot(path=str(shot))

@@ -1,8 +1,11 @@
 /* global DICOMwebClient, dicomMicroscopyViewer */
+// Drives dicom-microscopy-viewer for tests/test_viewer_browser.py; see viewer.html for the query.
 'use strict'
 
 const state = (window.viewerTest = {
-  status: 'loading', error: null, levels: 0, framesLoaded: 0, frameErrors: 0, errors: [], decoded: {}, renderComplete: 0,
+  status: 'loading', error: null, levels: 0, framesLoaded: 0,
+  framesStarted: 0, framesEnded: 0, frameErrors: 0,
+  errors: [], decoded: {}, lastFrameAt: 0, renderCompleteAt: 0,
 })
 
 function fail(err) {
@@ -12,7 +15,10 @@ function fail(err) {
 
 window.addEventListener('error', (e) => state.errors.push(String(e.message)))
 window.addEventListener('unhandledrejection', (e) => state.errors.push(String(e.reason && (e.reason.stack || e.reason))))
+document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => { state.framesStarted += 1 })
 document.addEventListener('dicommicroscopyviewer_frame_loading_ended', (e) => {
+  state.framesEnded += 1
+  state.lastFrameAt = performance.now()
   const p = e.detail && e.detail.payload
   if (p && p.pixelArray) {
     state.framesLoaded += 1
@@ -43,7 +49,7 @@ async function main() {
   viewer.render({ container: document.getElementById('viewport') })
   window.viewer = viewer
   // OpenLayers fires rendercomplete once no tile is loading and every layer is drawn.
-  viewer.getMap().on('rendercomplete', () => { state.renderComplete += 1 })
+  viewer.getMap().on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
   state.status = 'rendered'
 }
 
