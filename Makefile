@@ -3,8 +3,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc chromium:chromium
+SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium
+
+BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 
 .PHONY: run test bench setup system-tools clean
 
@@ -29,7 +31,13 @@ system-tools:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
 
-test: $(STAMP) system-tools
+# dicom-microscopy-viewer (Slim's library) for the browser test, pinned by the lockfile.
+$(BROWSER_STAMP): tests/browser/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
+	npm ci --prefix tests/browser --ignore-scripts --no-audit --no-fund --loglevel=error
+
+test: $(STAMP) system-tools $(BROWSER_STAMP)
 	$(PY) -m pytest -n 2 -p no:cacheprovider tests; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$code
 
@@ -37,4 +45,4 @@ bench: $(STAMP) system-tools
 	$(PY) -m conformance.bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info tests/browser/node_modules
