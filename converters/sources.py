@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ConversionError
-from .jpeg import JpegError, fix_tile, j2k_info, jpeg_info
+from .jpeg import JpegError, fix_tile, iter_header_segments, j2k_info, jpeg_info
 
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
@@ -606,14 +606,45 @@ class OpenTileLevel(Level):
     def raw_frame(self, index: int) -> bytes:
         tx, ty = index % self.tiles_x, index // self.tiles_x
         with self._lock:
-            return self.level.get_tile((tx, ty))
+            data = self.level.get_tile((tx, ty))
+        return data if _one_frame_header(data) else self._blank_tile()
+
+    def _blank_tile(self) -> bytes:
+        """A white tile for a sparse (absent) one. opentile 0.23-0.24 hand out blank Philips
+        tiles with two frame headers (undecodable); we write our own instead."""
+        if getattr(self, "_blank", None) is None:
+            import imagecodecs
+
+            shape = (self.tile_h, self.tile_w) if self.copy and self.copy.samples == 1 else (self.tile_h, self.tile_w, 3)
+            self._blank = imagecodecs.jpeg8_encode(np.full(shape, 255, np.uint8), level=95)
+        return self._blank
 
     def decode_tile(self, tx: int, ty: int) -> np.ndarray:
         with self._lock:
             data = self.level.get_tile((tx, ty))
+        if not _one_frame_header(data):
+            return np.full((self.tile_h, self.tile_w, 3), 255, np.uint8)
         from PIL import Image
 
         return _to_rgb(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+
+
+_BAD_SCAN_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xd9\xff]")
+
+
+def _one_frame_header(data: bytes) -> bool:
+    """True for a well-formed single-frame JPEG: one SOF before the scan, and no marker other
+    than RSTn/EOI inside the entropy-coded data (where 0xFF is always stuffed)."""
+    try:
+        sofs, scan_start = 0, None
+        for m, _s, e in iter_header_segments(data):
+            if m in (0xC0, 0xC1, 0xC2):
+                sofs += 1
+            if m == 0xDA:
+                scan_start = e
+    except (JpegError, ValueError, IndexError):
+        return False
+    return sofs == 1 and scan_start is not None and _BAD_SCAN_MARKER.search(data, scan_start) is None
 
 
 def _open_opentile(path: Path) -> Slide:
