@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -53,6 +54,7 @@ def matching_instances(arc: "Archive", identifier, model_root: str) -> list[str]
 
 
 UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
+MAX_QUEUED_PDUS = 64
 
 # pynetdicom opens the C-MOVE sub-association itself, in the thread that runs our handler;
 # DimseServer wraps AE.associate to leave it here so we can see what the destination accepted.
@@ -99,6 +101,17 @@ def stream_sends(assoc) -> None:
         return original(path if path is not None else dataset, *args, **kwargs)
 
     assoc.send_c_store = send_c_store
+    # pynetdicom queues every outgoing P-DATA PDU without limit: when disk reads outrun the
+    # network the whole file would pile up in memory. Wait while the queue is long.
+    dul = assoc.dul
+    queue_put = dul.send_pdu
+
+    def send_pdu(primitive) -> None:
+        while dul.to_provider_queue.qsize() > MAX_QUEUED_PDUS and assoc.is_established:
+            time.sleep(0.0005)
+        queue_put(primitive)
+
+    dul.send_pdu = send_pdu
     assoc._pathpacs_streams = True
 
 
