@@ -373,7 +373,7 @@ def qido_100k(work: Path, n_instances: int = 100_000) -> dict:
         full_scan = _timed_get(f"{base}/studies?PatientName=nakamura^P1999*", 5)
     finally:
         _stop(proc)
-    return {"indexed": indexed, "date_range": date_range, "scan_limit100": scan, "full_scan": full_scan}
+    return {"PatientID": indexed, "date_range": date_range, "name_prefix_limit100": scan, "name_prefix_narrow": full_scan}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
