@@ -106,10 +106,6 @@ def read_frame_table(buf, numbers) -> tuple[FrameTable, list[list[tuple[int, int
     return table, out
 
 
-class IndexError_(Exception):
-    pass
-
-
 class Index:
     """Thin typed layer over the LMDB environment."""
 
@@ -212,11 +208,6 @@ class Index:
 
     def studies_of_patient(self, patient: str, txn: lmdb.Transaction) -> list[str]:
         return list(self._children(txn, "patient_study", patient))
-
-    def iter_keys(self, db: str, txn: lmdb.Transaction) -> Iterator[str]:
-        cur = txn.cursor(db=self.db[db])
-        for key in cur.iternext(keys=True, values=False):
-            yield key.decode()
 
     def iter_records(self, db: str, txn: lmdb.Transaction) -> Iterator[tuple[str, dict]]:
         cur = txn.cursor(db=self.db[db])

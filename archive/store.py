@@ -9,7 +9,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterator
 
 from storage_tiers import BlobNotFound, FilesystemStore
 
@@ -18,13 +18,6 @@ from .index import Index, FrameLocation
 from .ingest import IngestResult, ingest
 
 log = logging.getLogger("pathpacs.archive")
-
-
-@dataclass
-class VerifyProblem:
-    sop: str
-    blob: str
-    problem: str  # "missing" | "size mismatch" | "sha256 mismatch"
 
 
 @dataclass
@@ -93,10 +86,6 @@ class Archive:
                     calling_aet: str = "", expected_sop_class: str | None = None) -> IngestResult:
         return ingest(self, Path(path), take_ownership=take_ownership, origin=source,
                       calling_aet=calling_aet, expected_sop_class=expected_sop_class)
-
-    def ingest_stream(self, stream: BinaryIO | Iterable[bytes], *, source: str = "stow",
-                      calling_aet: str = "", expected_study: str | None = None) -> IngestResult:
-        return ingest(self, stream, origin=source, calling_aet=calling_aet, expected_study=expected_study)
 
     # -- reading -----------------------------------------------------------
     def read_frame(self, loc: FrameLocation) -> bytes:

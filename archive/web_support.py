@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .index import SEP, FrameTable, Index
+from .index import FrameTable, Index
 
 def locate_frames(index: Index, sop: str, numbers: Iterable[int]
                   ) -> tuple[FrameTable, list[list[tuple[int, int]] | None]] | None:
@@ -78,18 +78,4 @@ def instances_under(index: Index, study: str, series: str | None = None) -> list
                 rec = index.instance(sop, txn)
                 if rec is not None:
                     out.append(rec)
-        return out
-
-
-def bulk_paths(index: Index, sop: str) -> list[str]:
-    prefix = sop.encode() + SEP
-    with index.read() as txn:
-        cur = txn.cursor(db=index.db["bulk"])
-        if not cur.set_range(prefix):
-            return []
-        out = []
-        for key in cur.iternext(keys=True, values=False):
-            if not key.startswith(prefix):
-                break
-            out.append(key[len(prefix):].decode())
         return out

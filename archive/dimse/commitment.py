@@ -26,7 +26,6 @@ COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance
 NO_SUCH_INSTANCE = 0x0112
 PROCESSING_FAILURE = 0x0110
 CLASS_INSTANCE_CONFLICT = 0x0119
-SAME_ASSOCIATION_WAIT = 5.0
 
 
 def verdict(arc: "Archive", request: Dataset) -> tuple[int, Dataset]:

@@ -29,7 +29,6 @@ _UNCOMPRESSED = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.
 STORAGE_TRANSFER_SYNTAXES = list(dict.fromkeys(
     [str(ts) for ts in AllTransferSyntaxes if str(ts) not in _UNCOMPRESSED] + _NEWER + _UNCOMPRESSED
 ))
-BASIC_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 STORAGE_SOP_CLASSES = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts]
 # Classes pynetdicom's list may predate; WSI annotations and friends.
 for extra in (

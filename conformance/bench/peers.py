@@ -73,17 +73,6 @@ def start_pathpacs(workdir: Path, extra: list[str] | None = None) -> Proc:
     return Proc(proc, http, dicom, "PATHPACS", workdir)
 
 
-def orthanc_plugins(*names: str) -> list[str]:
-    found = []
-    for name in names:
-        for d in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc"):
-            p = Path(d) / name
-            if p.exists():
-                found.append(str(p))
-                break
-    return found
-
-
 def start_orthanc(workdir: Path, plugins: list[str] | None = None, extra: dict | None = None) -> Proc:
     binary = shutil.which("Orthanc")
     if binary is None:
