@@ -92,7 +92,10 @@ def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_owner
                 if exc.errno != errno.EXDEV:
                     raise
         with open(source, "rb") as fh:
-            return _copy(tier, _chunks(fh))
+            staged = _copy(tier, _chunks(fh))
+        if take_ownership:  # another filesystem: copied, and the file was ours to remove
+            source.unlink(missing_ok=True)
+        return staged
     if hasattr(source, "read"):
         return _copy(tier, _chunks(source))  # type: ignore[arg-type]
     return _copy(tier, source)  # type: ignore[arg-type]
