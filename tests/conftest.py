@@ -183,3 +183,22 @@ def orthanc_factory(tmp_path):
             o.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             o.proc.kill()
+
+
+# Debian's chromium, driven by playwright (no browser download). WebGL via SwiftShader for viewers.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is not installed (make test installs it with apt-get)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

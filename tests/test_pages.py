@@ -1,28 +1,11 @@
 """The built-in pages in a real browser (Debian chromium driven by playwright)."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
 import factory
 from conftest import run_cli
-
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail("chromium is not installed (make test installs it with apt-get)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def test_study_list_shows_studies_with_thumbnails(server, browser, tmp_path):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import io
 import http.server
-import shutil
 import struct
 import threading
 from pathlib import Path
@@ -32,9 +31,6 @@ from conftest import run_cli
 BROWSER_DIR = Path(__file__).resolve().parent / "browser"
 BUNDLE = BROWSER_DIR / "node_modules" / "dicom-microscopy-viewer" / "dist" / "dicomMicroscopyViewer.bundle.min.js"
 CLIENT = BROWSER_DIR / "node_modules" / "dicomweb-client" / "build" / "dicomweb-client.js"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run"]
 LEVELS = ((2048, 1536), (1024, 768), (512, 384))
 BASE_SPACING_MM = 0.00025  # factory's ImagedVolumeWidth is width * 0.00025 mm
 
@@ -114,19 +110,6 @@ def page_server():
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
     httpd.server_close()
-
-
-@pytest.fixture
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail("chromium is not installed (make test installs it with apt-get)")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _decoded_levels(paths: list[Path]) -> dict[int, np.ndarray]:
