@@ -1,9 +1,6 @@
 """The built-in pages in a real browser (Debian chromium driven by playwright)."""
 from __future__ import annotations
 
-
-import pytest
-
 import factory
 from conftest import run_cli
 
