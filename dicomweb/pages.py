@@ -12,6 +12,16 @@ def _v(doc: dict, tag: str) -> str:
     return html.escape("\\".join(string_values(doc.get(tag))))
 
 
+def _name(doc: dict) -> str:
+    """A person name as people write it: 'Family, Given Middle' (DICOM stores Family^Given^Middle)."""
+    names = []
+    for raw in string_values(doc.get("00100010")):
+        family, _, rest = raw.partition("^")
+        given = " ".join(p for p in rest.split("^") if p)
+        names.append(f"{family}, {given}" if family and given else family or given)
+    return html.escape("; ".join(names))
+
+
 def add_routes(app: web.Application, arc, wado) -> None:
     async def index(request: web.Request) -> web.Response:
         rows = []
@@ -24,7 +34,7 @@ def add_routes(app: web.Application, arc, wado) -> None:
             rows.append(
                 f"<tr><td><a href='dicomweb/studies/{u}/thumbnail?viewport=512,512'>"
                 f"<img loading=lazy src='dicomweb/studies/{u}/thumbnail?viewport=96,96' alt=''></a></td>"
-                f"<td>{_v(a, '00100010')}<br><small>{_v(a, '00100020')}</small></td>"
+                f"<td>{_name(a)}<br><small>{_v(a, '00100020')}</small></td>"
                 f"<td>{_v(a, '00080020')}</td><td>{_v(a, '00080050')}</td><td>{_v(a, '00081030')}</td>"
                 f"<td>{html.escape(','.join(rec.get('modalities', [])))}</td>"
                 f"<td>{rec['n_series']} / {rec['n_instances']}</td>"
@@ -34,7 +44,7 @@ def add_routes(app: web.Application, arc, wado) -> None:
 <style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
 td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}}
 img{{max-width:96px;max-height:96px}}</style></head><body>
-<h1>pathpacs</h1><p>{len(studies)} studies. DICOMweb root: <code>/dicomweb</code>.</p>
+<h1>pathpacs</h1><p>{len(studies)} {"study" if len(studies) == 1 else "studies"}. DICOMweb root: <code>/dicomweb</code>.</p>
 <table><tr><th></th><th>Patient</th><th>Date</th><th>Accession</th><th>Description</th>
 <th>Modalities</th><th>Series / instances</th><th></th></tr>
 {''.join(rows)}</table></body></html>"""

@@ -14,6 +14,8 @@ def test_study_list_shows_studies_with_thumbnails(server, browser, tmp_path):
     resp = page.goto(server.http_url + "/")
     assert resp is not None and resp.status == 200
     assert "ACC-PAGE" in page.content()
+    assert "Page, Anna" in page.inner_text("table")  # Page^Anna shown as a person reads it
+    assert "1 study." in page.inner_text("body")
     img = page.locator("img").first
     img.scroll_into_view_if_needed()
     page.wait_for_function("() => { const i = document.querySelector('img'); return i && i.complete && i.naturalWidth > 0; }",
