@@ -214,6 +214,18 @@ class Index:
         for key, val in cur.iternext():
             yield key.decode(), json.loads(val)
 
+    def patients_with_id(self, txn: lmdb.Transaction, pid: str) -> list[tuple[str, dict]]:
+        """Patient records whose Patient ID is `pid` (any issuer): keys are "ID^issuer"."""
+        prefix = f"{pid}^".encode()
+        cur = txn.cursor(db=self.db["patient"])
+        out = []
+        if cur.set_range(prefix):
+            for key, val in cur.iternext():
+                if not key.startswith(prefix):
+                    break
+                out.append((key.decode(), json.loads(val)))
+        return out
+
     def studies_by_key(
         self, txn: lmdb.Transaction, tag: str, lo: str, hi: str | None = None, prefix: bool = False
     ) -> set[str]:
@@ -238,10 +250,6 @@ class Index:
                 break
             out.add(study.decode())
         return out
-
-    def count(self, db: str) -> int:
-        with self.read() as t:
-            return t.stat(self.db[db])["entries"]
 
     # -- writes ----------------------------------------------------------
     def add_pending(self, blob: str, session: str) -> None:

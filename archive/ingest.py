@@ -67,14 +67,19 @@ def _valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and UID(value).is_valid
 
 
-def _hash_file(path: Path) -> str:
+def sha256_of(fh: BinaryIO) -> tuple[str, int]:
+    """(sha256 hex digest, size) of a stream read to its end; ingest and fixity checks share it."""
     h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as fh:
-        buf = bytearray(CHUNK * 4)
-        view = memoryview(buf)
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    size = 0
+    while chunk := fh.read(CHUNK * 4):
+        h.update(chunk)
+        size += len(chunk)
+    return h.hexdigest(), size
+
+
+def _hash_file(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return sha256_of(fh)[0]
 
 
 def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_ownership: bool,

@@ -11,6 +11,7 @@ case-insensitive prefix of the corresponding name component (QIDO fuzzymatching)
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -217,6 +218,7 @@ def _int_el(vr: str, n: int) -> dict:
 class SearchResult:
     level: str
     doc: dict[str, Any]
+    patient: str | None = None  # index patient key (PATIENT level)
     study: str | None = None
     series: str | None = None
     sop: str | None = None
@@ -233,8 +235,7 @@ class Searcher:
         self.retrieve_aet = retrieve_aet
         self.full = full_instance_metadata
 
-    def search(self, level: str, keys: list[Key], *, patient: str | None = None,
-               study: str | None = None, series: str | None = None) -> Iterator[SearchResult]:
+    def search(self, level: str, keys: list[Key], *, study: str | None = None, series: str | None = None) -> Iterator[SearchResult]:
         if level not in LEVELS:
             raise QueryError(f"invalid query/retrieve level {level!r}")
         for k in keys:
@@ -244,7 +245,7 @@ class Searcher:
             if level == "PATIENT":
                 yield from self._patients(txn, keys, bykey)
             elif level == "STUDY":
-                yield from self._studies(txn, keys, bykey, patient, study)
+                yield from self._studies(txn, keys, bykey, study)
             elif level == "SERIES":
                 yield from self._series(txn, keys, bykey, study, series)
             else:
@@ -267,8 +268,7 @@ class Searcher:
     def _patients(self, txn, keys, bykey) -> Iterator[SearchResult]:
         pid = _single_exact(bykey, T_PATIENT_ID)
         if pid is not None:
-            candidates = [(k, r) for k, r in self.index.iter_records("patient", txn)
-                          if k.split("^", 1)[0] == pid]
+            candidates = self.index.patients_with_id(txn, pid)
         else:
             candidates = self.index.iter_records("patient", txn)
         for pkey, prec in candidates:
@@ -276,7 +276,7 @@ class Searcher:
                 continue
             doc = self._patient_doc(txn, pkey, prec)
             if match_doc(doc, keys, self.fuzzy):
-                yield SearchResult("PATIENT", doc)
+                yield SearchResult("PATIENT", doc, patient=pkey)
 
     # STUDY -------------------------------------------------------------------
     def study_doc(self, txn, uid: str, rec: dict) -> dict:
@@ -294,7 +294,7 @@ class Searcher:
             doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [self.retrieve_aet]}
         return doc
 
-    def _study_candidates(self, txn, bykey, patient: str | None, study: str | None) -> Iterator[tuple[str, dict]]:
+    def _study_candidates(self, txn, bykey, study: str | None) -> Iterator[tuple[str, dict]]:
         uids = [study] if study else _uids(bykey, T_STUDY_UID)
         if uids is not None:
             for u in uids:
@@ -330,15 +330,13 @@ class Searcher:
         if found is not None:
             for u in sorted(found):
                 rec = self.index.study(u, txn)
-                if rec is not None and (patient is None or rec["patient"].split("^", 1)[0] == patient):
+                if rec is not None:
                     yield u, rec
             return
-        for u, rec in self.index.iter_records("study", txn):
-            if patient is None or rec["patient"].split("^", 1)[0] == patient:
-                yield u, rec
+        yield from self.index.iter_records("study", txn)
 
-    def _studies(self, txn, keys, bykey, patient, study) -> Iterator[SearchResult]:
-        for uid, rec in self._study_candidates(txn, bykey, patient, study):
+    def _studies(self, txn, keys, bykey, study) -> Iterator[SearchResult]:
+        for uid, rec in self._study_candidates(txn, bykey, study):
             doc = self.study_doc(txn, uid, rec)
             if match_doc(doc, keys, self.fuzzy):
                 yield SearchResult("STUDY", doc, study=uid, record=rec)
@@ -387,7 +385,7 @@ class Searcher:
         if study is not None:
             studies = [study]
         elif study_keys:
-            studies = [u for u, _ in self._study_candidates(txn, bykey, None, None)]
+            studies = [u for u, _ in self._study_candidates(txn, bykey, None)]
         else:
             yield from self.index.iter_records("series", txn)
             return
@@ -400,7 +398,6 @@ class Searcher:
     # IMAGE -------------------------------------------------------------------
     def instance_doc(self, txn, sop: str, rec: dict) -> dict:
         if self.full:
-            import json
             raw = self.index.metadata(sop, txn)
             doc = json.loads(raw) if raw else dict(rec["attrs"])
             doc.pop("7FE00010", None)
@@ -447,7 +444,6 @@ class Searcher:
                     continue
             doc = self.instance_doc(txn, sop, rec)
             if not self.full and any(k.tag not in doc and not k.universal for k in own_keys):
-                import json
                 raw = self.index.metadata(sop, txn)
                 full = json.loads(raw) if raw else {}
                 full.update(doc)
@@ -461,7 +457,7 @@ class Searcher:
         if series_uids is None:
             study_uids = [study] if study else _uids(bykey, T_STUDY_UID)
             if study_uids is None:
-                study_uids = [u for u, _ in self._study_candidates(txn, bykey, None, None)]
+                study_uids = [u for u, _ in self._study_candidates(txn, bykey, None)]
             series_uids = [s for st in study_uids for s in self.index.series_of_study(st, txn)]
         for se in series_uids:
             srec = self.index.series(se, txn)

@@ -5,7 +5,6 @@ tiers directly. Opening an Archive sweeps what crashed writers left behind.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from storage_tiers import BlobNotFound, FilesystemStore
 
 from .config import Config
 from .index import Index, FrameLocation
-from .ingest import IngestResult, ingest
+from .ingest import IngestResult, ingest, sha256_of
 
 log = logging.getLogger("pathpacs.archive")
 
@@ -119,15 +118,11 @@ class Archive:
             fh = tier.open(rec["blob"])
         except BlobNotFound:
             return "missing"
-        h = hashlib.sha256()
-        size = 0
         with fh:
-            while chunk := fh.read(4 << 20):
-                h.update(chunk)
-                size += len(chunk)
+            digest, size = sha256_of(fh)
         if size != rec["size"]:
             return f"size mismatch ({size} bytes, {rec['size']} recorded)"
-        if h.hexdigest() != rec["sha256"]:
+        if digest != rec["sha256"]:
             return "sha256 mismatch"
         return None
 

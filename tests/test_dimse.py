@@ -530,3 +530,20 @@ def test_real_full_disk_is_out_of_resources_and_recovers(make_server, tmp_path):
         srv.stop()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_patient_level_cget_returns_all_of_the_patients_studies(server, tmp_path):
+    a_files = factory.wsi_series(tmp_path / "a", patient_id="PGET", levels=((256, 256),))
+    b_files = factory.wsi_series(tmp_path / "b", patient_id="PGET", levels=((256, 256), (128, 128)))
+    other = factory.wsi_series(tmp_path / "c", patient_id="OTHER", levels=((256, 256),))
+    assert dcmsend(server, *a_files, *b_files, *other).returncode == 0
+    out = tmp_path / "got"
+    out.mkdir()
+    res = subprocess.run(
+        [need("getscu"), "-aec", server.aet, "+xy", "-P", "-k", "QueryRetrieveLevel=PATIENT",
+         "-k", "PatientID=PGET", "-od", str(out), "127.0.0.1", str(server.dicom_port)],
+        capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    got = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in out.iterdir())
+    want = sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in a_files + b_files)
+    assert got == want

@@ -79,10 +79,7 @@ def _report(arc: "Archive", assoc, requester: str, request: Dataset) -> None:
     except Exception:
         log.exception("storage commitment check failed")
         return
-    # Give the N-ACTION response time to leave, then use the association if it's still up.
-    deadline = time.monotonic() + 0.05
-    while time.monotonic() < deadline:
-        time.sleep(0.01)
+    time.sleep(0.05)  # let the N-ACTION response leave first, then use the association if it's up
     if assoc.is_established:
         try:
             status, _reply = assoc.send_n_event_report(info, event_type, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)

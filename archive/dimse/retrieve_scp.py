@@ -45,11 +45,9 @@ def matching_instances(arc: "Archive", identifier, model_root: str) -> list[str]
                 for se in arc.index.series_of_study(r.study, txn):
                     sops.extend(arc.index.instances_of_series(se, txn))
             else:  # PATIENT
-                pid = r.doc.get("00100020", {}).get("Value", [""])[0]
-                for st, rec in arc.index.iter_records("study", txn):
-                    if rec["patient"].split("^", 1)[0] == pid:
-                        for se in arc.index.series_of_study(st, txn):
-                            sops.extend(arc.index.instances_of_series(se, txn))
+                for st in arc.index.studies_of_patient(r.patient, txn):
+                    for se in arc.index.series_of_study(st, txn):
+                        sops.extend(arc.index.instances_of_series(se, txn))
     return list(dict.fromkeys(sops))
 
 
@@ -133,7 +131,7 @@ def _datasets(event, arc: "Archive", sops: list[str], assoc=None, sub_associatio
         header = pydicom.dcmread(path, stop_before_pixels=True)
         accepted = _accepted_syntaxes(assoc, str(header.SOPClassUID))
         ts = str(header.file_meta.TransferSyntaxUID)
-        if accepted is None or ts in accepted or not accepted:
+        if not accepted or ts in accepted:
             stream_sends(assoc)
             yield 0xFF00, StoredInstance(header, path)
             continue
