@@ -69,7 +69,7 @@ def test_config_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and "unknown key archive.no_such_key" in res.stderr
     cfg.write_text("[nodes.x]\naet = \"X\"\n")
     res = run_cli("stats", "--config", str(cfg), data=tmp_path / "d")
-    assert res.returncode == 2 and "needs aet, host and port" in res.stderr
+    assert res.returncode == 2 and "nodes.x.host: Field required" in res.stderr
     assert "Traceback" not in res.stderr
 
 
