@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import config as config_mod
-from .config import Config, ConfigError
+from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 
 log = logging.getLogger("pathpacs")
 
@@ -23,6 +23,37 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(message)
         self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`pathpacs: error: ...`) and exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"pathpacs: error: {message} (see pathpacs {self.prog.split()[-1]} --help)"
+              if " " in self.prog else f"pathpacs: error: {message} (see pathpacs --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _port(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a port number (1-{MAX_PORT})")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a number of workers (1-64)")
+    return int(text)
+
+
+def _checked(check):
+    def parse(text: str) -> str:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc))
+    parse.__name__ = check.__name__.removeprefix("check_")
+    return parse
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -40,13 +71,19 @@ def load_config(args: argparse.Namespace) -> Config:
         value = getattr(args, flag, None)
         if value is not None:
             setattr(cfg, attr, value)
-    return cfg
+    if getattr(args, "http_workers", None) is not None:
+        cfg.http_workers = args.http_workers
+    return config_mod.validate(cfg)
 
 
-def open_archive(args: argparse.Namespace):
-    from .store import Archive
+def open_archive(args: argparse.Namespace, readonly: bool = False):
+    """The archive of --data; read-only verbs pass readonly=True: they never create it."""
+    from .store import Archive, ArchiveNotFound
 
-    return Archive(load_config(args))
+    try:
+        return Archive(load_config(args), readonly=readonly)
+    except ArchiveNotFound as exc:
+        raise CliError(str(exc))
 
 
 # -- serve -----------------------------------------------------------------------
@@ -56,8 +93,12 @@ def _run_http(arc, cfg: Config, reuse_port: bool) -> None:
 
     from dicomweb.app import make_app
 
+    from dicomweb.app import AccessLogger
+
+    access = logging.getLogger("pathpacs.http.access") if cfg.access_log else None
     web.run_app(make_app(arc, cfg), host=cfg.host, port=cfg.http_port, print=None,
-                handle_signals=True, access_log=None, reuse_address=True,
+                handle_signals=True, access_log=access, access_log_class=AccessLogger,
+                keepalive_timeout=cfg.keepalive_timeout, reuse_address=True,
                 reuse_port=reuse_port or None)
 
 
@@ -88,9 +129,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .store import Archive
 
     cfg = load_config(args)
-    if args.http_workers is not None:
-        cfg.http_workers = args.http_workers
     arc = Archive(cfg)
+    migration = _start_checksum_migration(arc)
     dimse = DimseServer(arc)
     try:
         dimse.start()
@@ -116,8 +156,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for proc in workers:
             proc.join(10)
         dimse.stop()
+        if migration is not None:
+            migration[1].set()
+            migration[0].join(30)
         arc.close()
     return 0
+
+
+def _start_checksum_migration(arc):
+    """An archive from before frame checksums gets them in the background while it serves
+    (frames of instances not yet done are served as before); `pathpacs migrate` does the
+    same in the foreground. Returns (thread, stop event) or None."""
+    import threading
+
+    pending = arc.checksums_pending()
+    if not pending:
+        return None
+    stop = threading.Event()
+
+    def run() -> None:
+        log.info("adding frame checksums to %d instances written before them (pathpacs migrate "
+                 "shows progress)", pending)
+        try:
+            done, damaged = arc.add_frame_checksums(stop=stop)
+        except Exception:
+            log.exception("frame checksum migration stopped; it resumes at the next start")
+            return
+        if not stop.is_set():
+            log.info("frame checksums added to %d instances (%d damaged)", done, damaged)
+
+    thread = threading.Thread(target=run, name="checksum-migration", daemon=True)
+    thread.start()
+    return thread, stop
 
 
 # -- import ----------------------------------------------------------------------
@@ -194,7 +264,7 @@ def _v(doc: dict, tag: str) -> str:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    arc = open_archive(args)
+    arc = open_archive(args, readonly=True)
     try:
         idx = arc.index
         with idx.read() as txn:
@@ -244,7 +314,7 @@ def _human(n: int) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    arc = open_archive(args)
+    arc = open_archive(args, readonly=True)
     try:
         s = arc.stats()
     finally:
@@ -262,7 +332,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    arc = open_archive(args)
+    arc = open_archive(args, readonly=True)
     problems: list[str] = []
     checked = 0
     try:
@@ -284,19 +354,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Run pending data migrations now, with progress (the server also runs them itself)."""
+    from tqdm import tqdm
+
+    arc = open_archive(args)
+    try:
+        pending = arc.checksums_pending()
+        if not pending:
+            print("nothing to migrate")
+            return 0
+        with tqdm(total=pending, unit="instance", disable=args.quiet, file=sys.stderr,
+                  desc="frame checksums") as bar:
+            done, damaged = arc.add_frame_checksums(progress=lambda _size: bar.update(1))
+    finally:
+        arc.close()
+    print(f"frame checksums added to {done - damaged} instances, {damaged} damaged "
+          "(their frames are refused; see pathpacs verify)")
+    return 1 if damaged else 0
+
+
 # -- entry ---------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pathpacs", description="DICOM archive for whole-slide images")
+    parser = Parser(prog="pathpacs", description="DICOM archive for whole-slide images")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the DIMSE and HTTP (DICOMweb) servers")
     _common(p)
-    p.add_argument("--dicom-port", type=int)
-    p.add_argument("--http-port", type=int)
-    p.add_argument("--aet")
-    p.add_argument("--host", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--http-workers", type=int, help="HTTP worker processes (default 1 or http.workers)")
+    p.add_argument("--dicom-port", type=_port)
+    p.add_argument("--http-port", type=_port)
+    p.add_argument("--aet", type=_checked(check_aet))
+    p.add_argument("--host", type=_checked(check_host), help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--http-workers", type=_workers, help="HTTP worker processes (default 1 or http.workers)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="store DICOM files/folders (and slides) through the ingest path")
@@ -316,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="re-hash every blob against its recorded sha256")
     _common(p)
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("migrate", help="run pending data migrations now (frame checksums), with progress")
+    _common(p)
+    p.set_defaults(func=cmd_migrate)
 
     try:
         from converters.commands import register
@@ -348,12 +442,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        import lmdb
+        from .index import out_of_space
 
-        if isinstance(exc, (OSError, lmdb.Error)):
-            print(f"pathpacs: error: {exc}", file=sys.stderr)
+        if out_of_space(exc):
+            print(f"pathpacs: error: out of disk space ({exc})", file=sys.stderr)
             return 2
-        raise
+        if isinstance(exc, OSError):
+            print(f"pathpacs: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+                  file=sys.stderr)
+            return 2
+        if os.environ.get("PATHPACS_DEBUG"):
+            raise
+        print(f"pathpacs: internal error: {type(exc).__name__}: {exc} "
+              "(PATHPACS_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

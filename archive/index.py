@@ -17,13 +17,17 @@ Databases (all keys are UTF-8):
   study_idx      TAG=value \\0 study -> ''  (PatientID, AccessionNumber, StudyDate, lower-cased PatientName)
   pending        blob key -> session (blob placed, record not yet committed)
   blob           blob key -> sop (which instance a blob belongs to)
-  state          misc keys
+  state          misc keys (schema version)
+  todo_crc       sop -> ''  (frame tables still without CRC32C: schema 3 migration, resumable)
+  fixity         ISO time \\0 sop -> JSON fixity event (damage found by a read, verify or migration)
 """
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +37,7 @@ from . import metadata as md
 
 DB_NAMES = [
     "inst", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
-    "series_inst", "patient_study", "study_idx", "pending", "blob", "state",
+    "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
 ]
 INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
                       "00100010": "PatientName"}
@@ -44,7 +48,7 @@ def index_values(tag: str, attrs: dict) -> list[str]:
     values = md.string_values(attrs.get(tag)) or [""]
     return [v.lower() for v in values] if tag in CASE_FOLDED_TAGS else values
 SEP = b"\x00"
-SCHEMA = 2  # bump when derived tables change; Index rebuilds them on open (see _migrate)
+SCHEMA = 3  # bump when the layout changes; Index migrates on open (see _migrate)
 
 
 def _k(*parts: str) -> bytes:
@@ -61,66 +65,126 @@ class FrameLocation:
     tier: str
     transfer_syntax: str
     fragments: list[tuple[int, int]]
+    crc: int | None = None  # CRC32C of the frame's bytes; None in a table not yet migrated
 
 
-def pack_frames(blob: str, tier: str, ts: str, frames: list[list[tuple[int, int]]]) -> bytes:
-    single = all(len(f) == 1 for f in frames)
-    head = {"blob": blob, "tier": tier, "ts": ts, "n": len(frames), "single": single}
-    if single:
-        body = b"".join(struct.pack("<QQ", f[0][0], f[0][1]) for f in frames)
-    else:
-        body = _dumps(frames)
-    return _dumps(head) + b"\n" + body
-
-
+# Frame table format (value of the `frames` database):
+#   one JSON header line {"blob", "tier", "ts", "n", "single", "v"[, "damaged"]} + "\n" + body
+#   v 1 (schema <= 2): single -> n x <QQ (offset, length); else JSON [[[off, len], ...], ...]
+#   v 2 (schema 3):    single -> n x <QQI (offset, length, crc32c); else JSON {"f": frames, "c": crcs}
+# "damaged" (a reason) marks a v1 table whose blob failed its sha256 when checksums were added:
+# its frames are refused, never served unchecked.
 _QQ = struct.Struct("<QQ")
+_QQI = struct.Struct("<QQI")
+
+
+def pack_frames(blob: str, tier: str, ts: str, frames: list[list[tuple[int, int]]],
+                crcs: list[int] | None = None, damaged: str | None = None) -> bytes:
+    single = all(len(f) == 1 for f in frames)
+    head: dict[str, Any] = {"blob": blob, "tier": tier, "ts": ts, "n": len(frames), "single": single,
+                            "v": 2 if crcs is not None else 1}
+    if damaged:
+        head["damaged"] = damaged
+    if crcs is None:
+        body = b"".join(_QQ.pack(f[0][0], f[0][1]) for f in frames) if single else _dumps(frames)
+    elif single:
+        body = b"".join(_QQI.pack(f[0][0], f[0][1], c) for f, c in zip(frames, crcs))
+    else:
+        body = _dumps({"f": frames, "c": crcs})
+    return _dumps(head) + b"\n" + body
 
 
 class FrameTable:
     """The header of one instance's frame table: where its blob is and how many frames."""
 
-    __slots__ = ("blob", "tier", "ts", "n")
+    __slots__ = ("blob", "tier", "ts", "n", "checked", "damaged")
 
-    def __init__(self, blob: str, tier: str, ts: str, n: int) -> None:
+    def __init__(self, blob: str, tier: str, ts: str, n: int, checked: bool = False,
+                 damaged: str | None = None) -> None:
         self.blob, self.tier, self.ts, self.n = blob, tier, ts, n
+        self.checked = checked  # frames carry CRC32C
+        self.damaged = damaged
 
 
-def read_frame_table(buf, numbers) -> tuple[FrameTable, list[list[tuple[int, int]] | None]]:
-    """Parse a packed frame table (bytes or LMDB buffer): its header, and the fragments of each
-    1-based frame in `numbers` (None when out of range). Only the slots asked for are read."""
+def read_frame_table(buf, numbers) -> tuple[FrameTable, list[list[tuple[int, int]] | None], list[int | None]]:
+    """Parse a packed frame table (bytes or LMDB buffer): its header, the fragments of each
+    1-based frame in `numbers` (None when out of range) and their CRC32C (None when the
+    table predates checksums). Only the slots asked for are read."""
     head_end = bytes(buf[:512]).find(b"\n")
     if head_end < 0:
         head_end = bytes(buf).index(b"\n")
     head = json.loads(bytes(buf[:head_end]))
-    table = FrameTable(head["blob"], head["tier"], head["ts"], head["n"])
+    checked = head.get("v", 1) >= 2
+    table = FrameTable(head["blob"], head["tier"], head["ts"], head["n"], checked, head.get("damaged"))
     n = head["n"]
     out: list[list[tuple[int, int]] | None] = []
-    if head["single"]:
-        base = head_end + 1
+    crcs: list[int | None] = []
+    base = head_end + 1
+    if head["single"] and checked:
+        for k in numbers:
+            if 1 <= k <= n:
+                off, length, crc = _QQI.unpack_from(buf, base + 20 * (k - 1))
+                out.append([(off, length)])
+                crcs.append(crc)
+            else:
+                out.append(None)
+                crcs.append(None)
+    elif head["single"]:
         for k in numbers:
             out.append([_QQ.unpack_from(buf, base + 16 * (k - 1))] if 1 <= k <= n else None)
+            crcs.append(None)
     else:
-        frames = json.loads(bytes(buf[head_end + 1:]))
+        body = json.loads(bytes(buf[base:]))
+        frames, all_crcs = (body["f"], body["c"]) if checked else (body, None)
         for k in numbers:
-            out.append([tuple(x) for x in frames[k - 1]] if 1 <= k <= n else None)
-    return table, out
+            ok = 1 <= k <= n
+            out.append([tuple(x) for x in frames[k - 1]] if ok else None)
+            crcs.append(all_crcs[k - 1] if ok and all_crcs is not None else None)
+    return table, out, crcs
+
+
+def all_fragments(buf) -> list[list[tuple[int, int]]]:
+    """Every frame's fragments of a packed table (for migration and checks)."""
+    head_end = bytes(buf[:512]).find(b"\n")
+    head = json.loads(bytes(buf[:head_end]))
+    _, frags, _ = read_frame_table(buf, range(1, head["n"] + 1))
+    return [f for f in frags if f is not None]
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True when `exc` means the index (or a file) ran out of disk space or map size."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, lmdb.MapFullError):
+        return True
+    if isinstance(exc, lmdb.Error):
+        text = str(exc).lower()
+        return "no space left" in text or "quota" in text or "file too large" in text
+    return False
 
 
 class Index:
     """Thin typed layer over the LMDB environment."""
 
     def __init__(self, path: Path, map_size: int = 1 << 40, readonly: bool = False) -> None:
-        path.mkdir(parents=True, exist_ok=True)
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
         self.env = lmdb.open(
             str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, max_readers=1024,
-            readonly=readonly, readahead=False, lock=True,
+            readonly=readonly, readahead=False, lock=True, create=not readonly,
         )
-        self.db = {name: self.env.open_db(name.encode(), create=not readonly) for name in DB_NAMES}
+        self.db = {}
+        for name in DB_NAMES:
+            try:
+                self.db[name] = self.env.open_db(name.encode(), create=not readonly)
+            except lmdb.NotFoundError:  # read-only open of an archive older than this table
+                continue
         if not readonly:
             self._migrate()
 
     def _migrate(self) -> None:
-        """Rebuild derived tables written by an older schema (the records themselves are kept)."""
+        """Bring an index written by an older release up to SCHEMA (records are always kept)."""
         with self.write() as txn:
             raw = txn.get(b"schema", db=self.db["state"])
             version = int(raw) if raw else (1 if txn.stat(self.db["study"])["entries"] else SCHEMA)
@@ -130,6 +194,12 @@ class Index:
                     for tag in INDEXED_STUDY_TAGS:
                         for v in index_values(tag, rec["attrs"]):
                             txn.put(_k(f"{tag}={v}", study), b"", db=self.db["study_idx"])
+            if version < 3:  # 3: CRC32C per frame; tables gain them in Archive.add_frame_checksums
+                cur = txn.cursor(db=self.db["frames"])
+                for key, val in cur.iternext():
+                    head = json.loads(bytes(val[:bytes(val[:512]).find(b"\n")]))
+                    if head.get("v", 1) < 2 and not head.get("damaged"):
+                        txn.put(key, b"", db=self.db["todo_crc"])
             if version != SCHEMA:
                 txn.put(b"schema", str(SCHEMA).encode(), db=self.db["state"])
 
@@ -165,9 +235,10 @@ class Index:
     def patient(self, key: str, txn: lmdb.Transaction | None = None) -> dict | None:
         return self._record("patient", key, txn)
 
-    def locate_frames(self, sop: str, numbers) -> tuple[FrameTable, list[list[tuple[int, int]] | None]] | None:
-        """(table header, fragments per requested frame or None) straight from the memory map;
-        None when the instance has no frame table."""
+    def locate_frames(self, sop: str, numbers
+                      ) -> tuple[FrameTable, list[list[tuple[int, int]] | None], list[int | None]] | None:
+        """(table header, fragments per requested frame or None, their CRC32C) straight from
+        the memory map; None when the instance has no frame table."""
         with self.env.begin(buffers=True) as t:
             buf = t.get(sop.encode(), db=self.db["frames"])
             return None if buf is None else read_frame_table(buf, numbers)
@@ -176,8 +247,65 @@ class Index:
         located = self.locate_frames(sop, [number])
         if located is None or located[1][0] is None:
             return None
-        table, [frags] = located
-        return FrameLocation(table.blob, table.tier, table.ts, frags)
+        table, [frags], [crc] = located
+        return FrameLocation(table.blob, table.tier, table.ts, frags, crc)
+
+    def frame_table(self, sop: str, txn: lmdb.Transaction | None = None) -> bytes | None:
+        if txn is None:
+            with self.read() as t:
+                return t.get(sop.encode(), db=self.db["frames"])
+        return txn.get(sop.encode(), db=self.db["frames"])
+
+    # -- frame checksum migration (schema 3) and fixity events -------------------------
+    def checksum_todo(self, limit: int | None = None) -> list[str]:
+        """Instances whose frame tables still lack CRC32C (oldest archives first)."""
+        if "todo_crc" not in self.db:
+            return []
+        with self.read() as t:
+            cur = t.cursor(db=self.db["todo_crc"])
+            out = []
+            for key in cur.iternext(keys=True, values=False):
+                out.append(key.decode())
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+
+    def checksum_todo_count(self) -> int:
+        if "todo_crc" not in self.db:
+            return 0
+        with self.read() as t:
+            return t.stat(self.db["todo_crc"])["entries"]
+
+    def set_frame_checksums(self, sop: str, blob: str, crcs: list[int] | None, damaged: str | None = None) -> bool:
+        """Rewrite a v1 frame table with CRCs (or mark it damaged) if the instance still has
+        that blob; always drops `sop` from the to-do list. False when nothing was rewritten."""
+        with self.write() as txn:
+            txn.delete(sop.encode(), db=self.db["todo_crc"])
+            raw = txn.get(sop.encode(), db=self.db["frames"])
+            if raw is None:
+                return False
+            table, _, _ = read_frame_table(raw, [])
+            if table.blob != blob or table.checked:
+                return False
+            frames = all_fragments(raw)
+            txn.put(sop.encode(), pack_frames(table.blob, table.tier, table.ts, frames, crcs, damaged),
+                    db=self.db["frames"])
+            return True
+
+    def record_fixity(self, sop: str, blob: str, tier: str, what: str, source: str) -> None:
+        """Persist a fixity event: damage found by a frame read, a stream, verify or migration."""
+        if "fixity" not in self.db or self.readonly:
+            return
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        event = {"time": now, "sop": sop, "blob": blob, "tier": tier, "what": what, "source": source}
+        with self.write() as txn:
+            txn.put(_k(now, sop), _dumps(event), db=self.db["fixity"])
+
+    def fixity_events(self) -> list[dict]:
+        if "fixity" not in self.db:
+            return []
+        with self.read() as t:
+            return [json.loads(v) for _k2, v in t.cursor(db=self.db["fixity"]).iternext()]
 
     def metadata(self, sop: str, txn: lmdb.Transaction | None = None) -> bytes | None:
         if txn is None:
@@ -347,6 +475,7 @@ class Index:
         txn.delete(sop.encode(), db=db["inst"])
         txn.delete(rec["blob"].encode(), db=db["blob"])
         txn.delete(sop.encode(), db=db["frames"])
+        txn.delete(sop.encode(), db=db["todo_crc"])
         txn.delete(sop.encode(), db=db["meta"])
         cur = txn.cursor(db=db["bulk"])
         prefix = sop.encode() + SEP

@@ -23,7 +23,8 @@ from pydicom.uid import UID
 
 from . import metadata as md
 from .dicomfile import DicomFileError, ParsedFile, parse_file
-from .index import pack_frames
+from .fixity import scan, sha256_of
+from .index import out_of_space, pack_frames
 
 if TYPE_CHECKING:
     from .store import Archive
@@ -65,16 +66,6 @@ class Rejected(Exception):
 
 def _valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and UID(value).is_valid
-
-
-def sha256_of(fh: BinaryIO) -> tuple[str, int]:
-    """(sha256 hex digest, size) of a stream read to its end; ingest and fixity checks share it."""
-    h = hashlib.sha256()
-    size = 0
-    while chunk := fh.read(CHUNK * 4):
-        h.update(chunk)
-        size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _hash_file(path: Path) -> str:
@@ -139,38 +130,51 @@ def ingest(
     """Store one DICOM Part 10 instance durably, or refuse it with a reason. Never raises
     for bad input; the returned IngestResult carries the DIMSE status to answer with.
 
-    take_ownership: `source` is a file we may move (same filesystem: no copy).
-    sha256: the digest of an owned file already computed while it was written."""
+    take_ownership: `source` is a file we may move (same filesystem: no copy); it is gone
+    when ingest returns, whatever the outcome (stored, duplicate, refused, error).
+    sha256: the digest of an owned file already computed while it was written.
+
+    The staged copy is removed on every path except the one where the tier adopted it."""
     staged: Path | None = None
+    owned = Path(source) if take_ownership and isinstance(source, (str, Path)) else None
     try:
         try:
             staged, sha, size = _stage(arc, source, take_ownership, sha256)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if out_of_space(exc):
                 raise Rejected("out of disk space", OUT_OF_RESOURCES)
             raise Rejected(f"cannot receive data: {exc.strerror or exc}", OUT_OF_RESOURCES)
         try:
             parsed = parse_file(staged)
         except DicomFileError as exc:
             raise Rejected(str(exc), CANNOT_UNDERSTAND)
-        result = _commit(arc, staged, parsed, sha, size, expected_sop_class, expected_study, calling_aet, origin)
-        staged = None  # adopted by the tier
+        result, adopted = _commit(arc, staged, parsed, sha, size, expected_sop_class, expected_study,
+                                  calling_aet, origin)
+        if adopted:
+            staged = None
         return result
     except Rejected as rej:
         log.warning("rejected instance from %s (%s): %s", calling_aet or origin, origin, rej.reason)
         return IngestResult("rejected", reason=rej.reason, dimse_status=rej.dimse_status)
     except Exception as exc:  # the server keeps serving whatever happens
+        if out_of_space(exc):
+            log.warning("rejected instance from %s (%s): out of disk space (%s)", calling_aet or origin, origin, exc)
+            return IngestResult("rejected", reason="out of disk space", dimse_status=OUT_OF_RESOURCES)
         log.exception("ingest failed")
-        return IngestResult("rejected", reason=f"internal error: {exc}", dimse_status=PROCESSING_FAILURE)
+        return IngestResult("rejected", reason="internal error while storing (logged)",
+                            dimse_status=PROCESSING_FAILURE)
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)
+        if owned is not None and owned != staged:
+            owned.unlink(missing_ok=True)
 
 
 def _commit(
     arc: "Archive", staged: Path, parsed: ParsedFile, sha: str, size: int,
     expected_sop_class: str | None, expected_study: str | None, calling_aet: str, origin: str,
-) -> IngestResult:
+) -> tuple[IngestResult, bool]:
+    """Validate, place and record one staged file; (result, whether the tier adopted the file)."""
     ds = parsed.dataset
     sop = ds.get("SOPInstanceUID")
     sop_class = ds.get("SOPClassUID")
@@ -206,8 +210,10 @@ def _commit(
     blob = uuid.uuid4().hex
     frames = None
     if parsed.frames:
-        frames = pack_frames(blob, arc.hot.name, ts,
-                             [[(f.offset, f.length) for f in fr] for fr in parsed.frames])
+        layout = [[(f.offset, f.length) for f in fr] for fr in parsed.frames]
+        with open(staged, "rb") as fh:  # one sequential read of the pixel data (page cache)
+            _, _, crcs = scan(fh, layout, start=layout[0][0][0], want_sha=False)
+        frames = pack_frames(blob, arc.hot.name, ts, layout, crcs)
     pid = md.first_value(doc, "00100020") or ""
     issuer = md.first_value(doc, "00100021") or ""
     patient = f"{pid}^{issuer}" if pid else f"~{md.first_value(doc, '00100010') or ''}"
@@ -226,12 +232,13 @@ def _commit(
     if existing is not None:
         outcome = _same_sop(arc, existing, sha, base)
         if outcome is not None:
-            return outcome
+            return outcome, False
 
     arc.index.add_pending(blob, arc.hot.session)
     try:
         arc.hot.adopt(staged, blob)
-    except Exception:
+    except BaseException:
+        arc.hot.delete(blob)  # in case the rename happened before the failure
         arc.index.clear_pending(blob)
         raise
     replaced: dict | None = None
@@ -243,7 +250,7 @@ def _commit(
                 if outcome is not None:
                     arc.index.clear_pending(blob, txn)
                     arc.hot.delete(blob)
-                    return outcome
+                    return outcome, True
                 replaced = arc.index.remove_instance(txn, sop)
             arc.index.put_instance(
                 txn, rec, frames, meta_bytes, bulk,
@@ -259,11 +266,12 @@ def _commit(
         except Exception:
             pass
         raise
+    # (a Rejected raised by _same_sop inside the transaction aborts it; the blob goes above)
     if replaced is not None:
         arc.tier(replaced["tier"]).delete(replaced["blob"])
         log.info("replaced %s (old sha256 %s)", sop, replaced["sha256"])
         base.status = "replaced"
-    return base
+    return base, True
 
 
 def _same_sop(arc: "Archive", existing: dict, sha: str, base: IngestResult) -> IngestResult | None:

@@ -94,8 +94,20 @@ _DT = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?(\+
 
 
 def validate(key: Key) -> None:
-    """Raise QueryError for values that cannot be matched (e.g. a malformed date)."""
-    if key.values is None or key.vr not in RANGE_VRS:
+    """Raise QueryError for values that cannot be matched (a malformed date, a value or a
+    list longer than any DICOM attribute holds)."""
+    if key.items:
+        for item in key.items:
+            for k in item:
+                validate(k)
+    if key.values is None:
+        return
+    if len(key.values) > MAX_VALUES:
+        raise QueryError(f"{keyword_of(key.tag)}: at most {MAX_VALUES} values, not {len(key.values)}")
+    for v in key.values:
+        if len(v) > MAX_VALUE_LENGTH:
+            raise QueryError(f"{keyword_of(key.tag)}: a query value is at most {MAX_VALUE_LENGTH} characters")
+    if key.vr not in RANGE_VRS:
         return
     pattern = {"DA": _DA, "TM": _TM, "DT": _DT}[key.vr]
     for v in key.values:
@@ -109,9 +121,55 @@ def validate(key: Key) -> None:
                 raise QueryError(f"invalid {keyword_of(key.tag)} value {v!r}")
 
 
-def _wild_regex(pattern: str, ignore_case: bool) -> re.Pattern:
-    rx = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.compile(rx + r"\Z", re.IGNORECASE | re.DOTALL if ignore_case else re.DOTALL)
+MAX_VALUE_LENGTH = 1024  # longest query value (DICOM values are 64 characters or less, UT aside)
+MAX_VALUES = 1000  # most values in one key (a UID list)
+
+
+def _seg_at(seg: str, text: str, i: int) -> bool:
+    """Does `seg` ('?' = any one character) match text at position i?"""
+    if i + len(seg) > len(text):
+        return False
+    for k, c in enumerate(seg):
+        if c != "?" and text[i + k] != c:
+            return False
+    return True
+
+
+def _seg_find(seg: str, text: str, start: int, stop: int) -> int:
+    """Leftmost i in [start, stop - len(seg)] where `seg` matches, or -1."""
+    if "?" not in seg:
+        return text.find(seg, start, stop)
+    for i in range(start, stop - len(seg) + 1):
+        if _seg_at(seg, text, i):
+            return i
+    return -1
+
+
+def wildcard_match(pattern: str, text: str, ignore_case: bool = False) -> bool:
+    """PS3.4 C.2.2.2.4 wildcard matching: '*' any run of characters, '?' any one character.
+
+    No regular expression and no backtracking: the pattern is cut at its stars; the first
+    piece must match at the start, the last at the end, and each piece between them is taken
+    at its leftmost match after the previous one (leftmost is always safe, since a star may
+    absorb anything). Each piece is searched once, so the work is at most
+    len(text) x len(pattern), never exponential ("a*a*a*...x" costs the same as "a*x")."""
+    if ignore_case:
+        pattern, text = pattern.lower(), text.lower()
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return len(pattern) == len(text) and _seg_at(pattern, text, 0)
+    first, last, middle = pieces[0], pieces[-1], [p for p in pieces[1:-1] if p]
+    if len(first) + len(last) > len(text):
+        return False
+    if not _seg_at(first, text, 0) or not _seg_at(last, text, len(text) - len(last)):
+        return False
+    pos, stop = len(first), len(text) - len(last)
+    for piece in middle:
+        i = _seg_find(piece, text, pos, stop)
+        if i < 0:
+            return False
+        pos = i + len(piece)
+    return True
 
 
 def _norm_time(v: str) -> str:
@@ -163,10 +221,10 @@ def _match_one(s: str, q: str, vr: str, fuzzy: bool) -> bool:
         if fuzzy:
             return _pn_fuzzy(s, q)
         if "*" in q or "?" in q:
-            return bool(_wild_regex(q, True).match(s))
+            return wildcard_match(q, s, ignore_case=True)
         return s.lower() == q.lower()
     if vr not in NO_WILDCARD_VRS and ("*" in q or "?" in q):
-        return bool(_wild_regex(q, False).match(s))
+        return wildcard_match(q, s)
     if vr in ("IS", "DS", "US", "UL", "SS", "SL", "FL", "FD"):
         try:
             return float(s) == float(q)

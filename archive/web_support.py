@@ -10,8 +10,8 @@ from typing import Iterable
 from .index import FrameTable, Index
 
 def locate_frames(index: Index, sop: str, numbers: Iterable[int]
-                  ) -> tuple[FrameTable, list[list[tuple[int, int]] | None]] | None:
-    """See Index.locate_frames: reads only the header and 16 bytes per requested frame."""
+                  ) -> tuple[FrameTable, list[list[tuple[int, int]] | None], list[int | None]] | None:
+    """See Index.locate_frames: reads only the header and 20 bytes per requested frame."""
     return index.locate_frames(sop, numbers)
 
 

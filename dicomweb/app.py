@@ -11,15 +11,22 @@ Errors answer 4xx with the reason as text (and in a Warning header); CORS per co
 """
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
+from archive.fixity import DamagedData
 from archive.query import QueryError
 
 from . import pages, qido
-from .common import HttpError, base_url, check_uid, error, multipart_body, boundary
+from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
+                     multipart_body)
 from .media import NotAcceptable
 from .stow import stow
 from .wado import Wado
@@ -84,7 +91,10 @@ def _cors_headers(resp: web.StreamResponse, origins: list[str], origin: str) -> 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler):
+    """Every failure becomes a status with a reason that names the problem, never an
+    internal key or an exception text (those go to the log, under an id the answer quotes)."""
     try:
+        check_headers(request)
         return await handler(request)
     except HttpError as exc:
         return error(exc.status, exc.reason)
@@ -92,13 +102,31 @@ async def error_middleware(request: web.Request, handler):
         return error(400, str(exc))
     except NotAcceptable as exc:
         return error(406, str(exc))
+    except DamagedData as exc:
+        return error(500, f"instance {exc.sop} is damaged on storage ({exc.what}); it is not served. "
+                          "The archive logged a fixity event.")
     except web.HTTPException:
         raise
-    except (ConnectionResetError, ConnectionError):
+    except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
         raise
-    except Exception as exc:
-        log.exception("error answering %s %s", request.method, request.path_qs)
-        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+    except Exception:
+        ref = uuid.uuid4().hex[:12]
+        log.exception("error %s answering %s %s", ref, request.method, request.path)
+        return error(500, f"internal error (logged as {ref})")
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No software versions in the Server header (aiohttp's default names Python and itself)."""
+    response.headers["Server"] = "pathpacs"
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request: client, method, path (no query string: it can hold patient
+    names), status, bytes sent, duration."""
+
+    def log(self, request, response, time: float) -> None:
+        self.logger.info('%s "%s %s" %d %d %.1fms', request.remote, request.method, request.path,
+                         response.status, response.body_length, time * 1000)
 
 
 def _streamed_cors(origins: list[str]):
@@ -115,6 +143,9 @@ class Handlers:
         self.arc = arc
         self.config = config
         self.wado = Wado(arc)
+        # Searches run off the event loop, on their own threads, so a slow one (a full scan
+        # of a big index) delays neither frame requests nor other clients' reads.
+        self.search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qido")
 
     async def qido(self, request: web.Request, level: str) -> web.Response:
         mi = request.match_info
@@ -125,37 +156,53 @@ class Handlers:
         if series is not None:
             check_uid(series, "Series Instance UID")
         xml = qido.want_xml(request.headers.get("Accept"))
-        docs, more = qido.search(self.arc, level, request.query.items(), study=study, series=series,
-                                 retrieve_aet=getattr(self.config, "aet", None))
+        base = base_url(request)
+        params = list(request.query.items())
+        loop = asyncio.get_running_loop()
+
+        def run() -> tuple[bytes | list[bytes], bool]:
+            docs, more = qido.search(self.arc, level, params, study=study, series=series,
+                                     retrieve_aet=getattr(self.config, "aet", None),
+                                     max_results=getattr(self.config, "max_results", 10000))
+            return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more
+
+        encoded, more = await loop.run_in_executor(self.search_pool, run)
         headers = {}
         if more:
             headers["Warning"] = '299 pathpacs "There are additional results that can be requested"'
-        base = base_url(request)
         if xml:
-            if not docs:
+            if not encoded:
                 return web.Response(status=204, headers=headers)
             bnd = boundary()
-            body = multipart_body(bnd, [("application/dicom+xml", p) for p in qido.encode_xml_parts(docs, base)])
+            body = multipart_body(bnd, [("application/dicom+xml", p) for p in encoded])
             headers["Content-Type"] = f'multipart/related; type="application/dicom+xml"; boundary={bnd}'
             return web.Response(body=body, headers=headers)
         headers["Content-Type"] = "application/dicom+json"
-        return web.Response(body=qido.encode_json(docs, base), headers=headers)
+        return web.Response(body=encoded, headers=headers)
 
     async def stow(self, request: web.Request) -> web.Response:
-        return await stow(self.arc, request)
+        return await stow(self.arc, request, self.config)
 
     async def not_found(self, request: web.Request) -> web.Response:
         return error(404, f"no DICOMweb resource at {request.path}")
 
 
+async def _shutdown_pool(pool: ThreadPoolExecutor) -> None:
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
 def make_app(arc, config) -> web.Application:
     origins = list(getattr(config, "cors_origins", ["*"]) or [])
     app = web.Application(middlewares=[cors_middleware(origins), error_middleware],
-                          client_max_size=64 << 20)
+                          client_max_size=1 << 20)  # request.read() is never used: STOW streams
     app[ARC_KEY] = arc
     app[CFG_KEY] = config
+    app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(n, strict=False)
+                                for n in getattr(config, "trusted_proxies", []) or []]
     app.on_response_prepare.append(_streamed_cors(origins))
+    app.on_response_prepare.append(_server_header)
     h = Handlers(arc, config)
+    app.on_cleanup.append(lambda _app: _shutdown_pool(h.search_pool))
     w = h.wado
     S, R, I = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
     r = app.router

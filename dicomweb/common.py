@@ -1,6 +1,7 @@
-"""Helpers shared by the DICOMweb handlers: errors, base URL, multipart framing."""
+"""Helpers shared by the DICOMweb handlers: errors, base URL, multipart framing, input bounds."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 
@@ -9,17 +10,34 @@ from aiohttp import web
 from archive.metadata import BASE_TOKEN
 
 BASE_TOKEN_B = BASE_TOKEN.encode()
+TRUSTED_PROXIES_KEY = web.AppKey("trusted_proxies", list)
+# Headers we parse: their values must be printable ASCII (RFC 9110 field values we understand).
+PARSED_HEADERS = ("Accept", "Content-Type", "Accept-Encoding", "If-None-Match", "Origin",
+                  "Access-Control-Request-Headers", "X-Forwarded-Proto", "X-Forwarded-Host",
+                  "X-Forwarded-Prefix")
+_PRINTABLE = re.compile(r"^[\t\x20-\x7e]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
 _PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~\-]+)*$")
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def error(status: int, reason: str, headers: dict | None = None) -> web.Response:
-    """An HTTP error answer with the reason as plain text (also in a Warning header)."""
+    """An HTTP error answer with the reason as plain text (also in a Warning header).
+    The reason may quote client input: anything not encodable is replaced, never raised."""
     h = {"Warning": f'299 pathpacs "{_header_safe(reason)}"'}
     if headers:
         h.update(headers)
-    return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=h)
+    body = (reason + "\n").encode("utf-8", "replace")
+    return web.Response(status=status, body=body, content_type="text/plain", charset="utf-8", headers=h)
+
+
+def check_headers(request: web.Request) -> None:
+    """400 for a parsed header that is not printable ASCII (a non-UTF-8 byte arrives as a
+    lone surrogate and would break every later encode)."""
+    for name in PARSED_HEADERS:
+        value = request.headers.get(name)
+        if value is not None and not _PRINTABLE.match(value):
+            raise HttpError(400, f"the {name} header holds characters that are not printable ASCII")
 
 
 class HttpError(Exception):
@@ -36,9 +54,22 @@ def _header_safe(s: str) -> str:
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in s)[:300]
 
 
+def from_trusted_proxy(request: web.Request) -> bool:
+    """True when the peer is one of `http.trusted_proxies`: only then are X-Forwarded-* used."""
+    networks = request.app.get(TRUSTED_PROXIES_KEY) or []
+    if not networks or not request.remote:
+        return False
+    try:
+        addr = ipaddress.ip_address(request.remote)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
 def base_url(request: web.Request) -> str:
-    """Absolute DICOMweb root for this request, honouring X-Forwarded-{Proto,Host,Prefix}."""
-    h = request.headers
+    """Absolute DICOMweb root for this request. X-Forwarded-{Proto,Host,Prefix} are honoured
+    only from a configured proxy (`http.trusted_proxies`): any client could send them."""
+    h = request.headers if from_trusted_proxy(request) else {}
     proto = h.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
     if proto not in ("http", "https"):
         proto = request.scheme if request.scheme in ("http", "https") else "http"
@@ -60,6 +91,17 @@ def base_url(request: web.Request) -> str:
 def check_uid(value: str, what: str) -> str:
     if not value or len(value) > 64 or not UID_RE.match(value):
         raise HttpError(400, f"invalid {what} {value[:80]!r}")
+    return value
+
+
+_BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")
+
+
+def check_boundary(value: str) -> str:
+    """A multipart boundary as RFC 2046 5.1.1 defines it: 1-70 characters from a fixed set."""
+    if not _BOUNDARY.match(value):
+        raise HttpError(400, "the multipart boundary must be 1-70 characters (RFC 2046 bchars), "
+                             f"got {len(value)} characters")
     return value
 
 

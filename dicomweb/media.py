@@ -6,6 +6,7 @@ baseline), or 406 when nothing acceptable can be produced.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
@@ -94,12 +95,23 @@ def _split_outside_quotes(s: str, sep: str) -> list[str]:
     return out
 
 
+MAX_MEDIA_RANGES = 64
+_Q = re.compile(r"^(0(\.[0-9]{0,3})?|1(\.0{0,3})?)$")  # RFC 9110 12.4.2 qvalue
+
+
 def parse_accept(header: str | None) -> list[MediaRange]:
-    """Media ranges in preference order (q descending, then as written). Empty -> []"""
-    if not header:
+    """Media ranges in preference order (q descending, then as written). No header -> [].
+
+    A range with q=0 is "not acceptable", and so is one whose q is not a valid qvalue
+    (`q=-1`, `q=abc`); a header that leaves nothing acceptable is NotAcceptable (406),
+    never "no preference"."""
+    if header is None or not header.strip():
         return []
+    items = _split_outside_quotes(header, ",")
+    if len(items) > MAX_MEDIA_RANGES:
+        raise NotAcceptable(f"the Accept header lists more than {MAX_MEDIA_RANGES} media ranges")
     ranges: list[tuple[float, int, MediaRange]] = []
-    for i, item in enumerate(_split_outside_quotes(header, ",")):
+    for i, item in enumerate(items):
         item = item.strip()
         if not item:
             continue
@@ -112,15 +124,14 @@ def parse_accept(header: str | None) -> list[MediaRange]:
             k = k.strip().lower()
             v = v.strip().strip('"')
             if k == "q":
-                try:
-                    q = float(v)
-                except ValueError:
-                    q = 0.0
+                q = float(v) if _Q.match(v) else 0.0
             elif k:
                 params[k] = v
         if q <= 0:
             continue
         ranges.append((q, i, MediaRange(mtype, params, q)))
+    if not ranges:
+        raise NotAcceptable(f"the Accept header {header[:200]!r} accepts nothing (every range has q=0 or an invalid q)")
     ranges.sort(key=lambda t: (-t[0], t[1]))
     return [r for _, _, r in ranges]
 

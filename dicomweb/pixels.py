@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,8 @@ from .common import HttpError
 from .media import EXPLICIT_LE, JPEG_BASELINE, NATIVE
 
 MAX_RENDER_PIXELS = 40_000_000  # largest total pixel matrix assembled for /rendered
+MAX_RENDER_SIDE = 4096  # largest viewport width/height: an answer is at most 4096x4096 pixels
+_INT = re.compile(r"^[0-9]{1,9}$")
 
 
 @dataclass
@@ -213,22 +216,20 @@ def parse_render_params(query, media: str, default_viewport: tuple[int, int] | N
     for name, value in query.items():
         n = name.lower()
         if n == "quality":
-            try:
-                q = int(value)
-            except ValueError:
-                raise HttpError(400, f"quality must be an integer 1-100, not {value!r}")
-            if not 1 <= q <= 100:
-                raise HttpError(400, f"quality must be an integer 1-100, not {value!r}")
-            p.quality = q
+            if not _INT.match(value) or not 1 <= int(value) <= 100:
+                raise HttpError(400, f"quality must be an integer 1-100, not {value[:40]!r}")
+            p.quality = int(value)
         elif n == "viewport":
-            try:
-                nums = tuple(int(float(x)) for x in value.split(","))
-            except ValueError:
-                raise HttpError(400, f"viewport must be vw,vh or vw,vh,sx,sy,sw,sh, not {value!r}")
-            if len(nums) not in (2, 6) or nums[0] <= 0 or nums[1] <= 0 or any(x < 0 for x in nums[2:]):
-                raise HttpError(400, f"viewport must be vw,vh or vw,vh,sx,sy,sw,sh, not {value!r}")
+            parts = value.split(",")
+            if len(parts) not in (2, 6) or not all(_INT.match(x) for x in parts):
+                raise HttpError(400, f"viewport must be vw,vh or vw,vh,sx,sy,sw,sh (non-negative integers), "
+                                     f"not {value[:80]!r}")
+            nums = tuple(int(x) for x in parts)
+            if not (1 <= nums[0] <= MAX_RENDER_SIDE and 1 <= nums[1] <= MAX_RENDER_SIDE):
+                raise HttpError(400, f"viewport width and height must be 1-{MAX_RENDER_SIDE} pixels, "
+                                     f"not {nums[0]}x{nums[1]}")
             if len(nums) == 6 and (nums[4] == 0 or nums[5] == 0):
-                raise HttpError(400, f"viewport source region is empty: {value!r}")
+                raise HttpError(400, f"viewport source region is empty: {value[:80]!r}")
             p.viewport = nums
         elif n == "iccprofile":
             v = value.lower()
@@ -247,6 +248,9 @@ def apply_viewport(img: Image.Image, viewport: tuple[int, ...] | None, upscale: 
         return img
     if len(viewport) == 6:
         vw, vh, sx, sy, sw, sh = viewport
+        if sx >= img.width or sy >= img.height:
+            raise HttpError(400, f"viewport source region starts at {sx},{sy}, outside the "
+                                 f"{img.width}x{img.height} image")
         img = img.crop((sx, sy, min(sx + sw, img.width), min(sy + sh, img.height)))
     vw, vh = viewport[0], viewport[1]
     scale = min(vw / img.width, vh / img.height)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -52,14 +53,13 @@ class QidoQuery:
     fuzzy: bool = False
 
 
+MAX_OFFSET = 2**31 - 1
+
+
 def _int_param(name: str, value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise QueryError(f"{name} must be a non-negative integer, not {value!r}")
-    if n < 0:
-        raise QueryError(f"{name} must be a non-negative integer, not {value!r}")
-    return n
+    if not re.fullmatch(r"[0-9]{1,19}", value):
+        raise QueryError(f"{name} must be a non-negative integer, not {value[:40]!r}")
+    return int(value)
 
 
 def _key(path: str, value: str) -> Key:
@@ -92,6 +92,8 @@ def parse_params(items: Iterable[tuple[str, str]]) -> QidoQuery:
             q.limit = _int_param("limit", value)
         elif lname == "offset":
             q.offset = _int_param("offset", value)
+            if q.offset > MAX_OFFSET:
+                raise QueryError(f"offset must be at most {MAX_OFFSET}, not {value[:40]}")
         elif lname == "fuzzymatching":
             if value.lower() not in ("true", "false"):
                 raise QueryError(f"fuzzymatching must be true or false, not {value!r}")
@@ -141,10 +143,13 @@ def want_xml(accept: str | None) -> bool:
 
 
 def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | None = None,
-           series: str | None = None, retrieve_aet: str | None = None
+           series: str | None = None, retrieve_aet: str | None = None, max_results: int = 10000
            ) -> tuple[list[dict[str, Any]], bool]:
-    """Run one QIDO search; returns (projected documents, more results exist)."""
+    """Run one QIDO search; returns (projected documents, more results exist). At most
+    `max_results` documents (http.max_results) whatever `limit` asks (PS3.18 10.6.3.2: the
+    server's maximum applies); the "more results" Warning tells the client to page on."""
     q = parse_params(params)
+    q.limit = max_results if q.limit is None else min(q.limit, max_results)
     key_tags = {k.tag for k in q.keys}
     include = set(q.include)
     if level == "STUDY":

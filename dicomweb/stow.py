@@ -3,22 +3,30 @@
 Each part is streamed to a file in the archive's scratch directory (never held in memory),
 then handed to the one ingest function with take_ownership=True (a rename, no copy).
 A part that does not end with its boundary (a truncated upload) is discarded, never
-ingested. Every part gets its own answer: ReferencedSOPSequence or FailedSOPSequence.
+ingested. Every part gets its own answer: ReferencedSOPSequence or FailedSOPSequence, and
+so does a part that could not even be read (bad part headers, a stalled or oversized body):
+a request never answers 200 while dropping something it was sent.
+
+Bounds (README, [http]): the whole body at most `max_stow_mb`, at most `max_stow_parts`
+parts, each read waits at most `read_timeout` seconds, part header lines at most 8 KiB
+(aiohttp), a boundary of 1-70 characters (RFC 2046).
 """
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import uuid
 
 from aiohttp import BodyPartReader, MultipartReader, web
 
-from archive.ingest import CANNOT_UNDERSTAND, ingest
+from archive.index import out_of_space
+from archive.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, ingest
 
 from . import dicomxml
-from .common import HttpError, _header_safe, base_url, check_uid
+from .common import HttpError, _header_safe, base_url, check_boundary, check_uid
 from .media import parse_accept, parse_content_type
 
 log = logging.getLogger("pathpacs.dicomweb.stow")
@@ -37,43 +45,98 @@ def _failed(reason: str, status: int, sop: str | None = None, sop_class: str | N
     return item
 
 
-async def _spool(part: BodyPartReader, path: str) -> tuple[int, str | None]:
-    """Write one part to `path`; (bytes, None) when complete, else (bytes, why not)."""
+class PartProblem(Exception):
+    """This part could not be received; `status` is its FailureReason, `fatal` ends the request."""
+
+    def __init__(self, reason: str, status: int = CANNOT_UNDERSTAND, fatal: bool = True) -> None:
+        super().__init__(reason)
+        self.reason, self.status, self.fatal = reason, status, fatal
+
+
+class Budget:
+    """What is left of the request's byte allowance (http.max_stow_mb)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise PartProblem(f"the request exceeds http.max_stow_mb ({self.limit >> 20} MB)", 0xA700)
+
+
+async def _spool(part: BodyPartReader, path: str, budget: Budget, timeout: float) -> int:
+    """Write one part to `path`; returns its size, or raises PartProblem (file left for the caller)."""
     n = 0
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         while True:
-            chunk = await part.read_chunk(CHUNK)
+            try:
+                chunk = await asyncio.wait_for(part.read_chunk(CHUNK), timeout)
+            except asyncio.TimeoutError:
+                raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                raise PartProblem(f"upload ended inside this part ({type(exc).__name__})")
+            except Exception as exc:  # aiohttp payload errors on a dropped connection
+                raise PartProblem(f"upload ended inside this part ({type(exc).__name__})")
             if not chunk:
                 break
+            budget.take(len(chunk))
             view = memoryview(chunk)
-            while view:
-                w = os.write(fd, view)
-                view = view[w:]
+            try:
+                while view:
+                    w = os.write(fd, view)
+                    view = view[w:]
+            except OSError as exc:
+                if out_of_space(exc):
+                    raise PartProblem("out of disk space", OUT_OF_RESOURCES, fatal=False)
+                raise PartProblem(f"cannot store data: {exc.strerror}", OUT_OF_RESOURCES, fatal=False)
             n += len(chunk)
-    except (asyncio.IncompleteReadError, ValueError, ConnectionError, AssertionError) as exc:
-        return n, f"upload ended inside this part ({type(exc).__name__})"
-    except Exception as exc:  # aiohttp payload errors on a dropped connection
-        return n, f"upload ended inside this part ({type(exc).__name__}: {exc})"
     finally:
         os.close(fd)
     if not part.at_eof():
-        return n, "upload ended inside this part"
-    return n, None
+        raise PartProblem("upload ended inside this part")
+    return n
 
 
-async def stow(arc, request: web.Request) -> web.Response:
+async def _next_part(reader: MultipartReader, timeout: float):
+    try:
+        return await asyncio.wait_for(reader.next(), timeout)
+    except asyncio.TimeoutError:
+        raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
+    except Exception as exc:  # bad part headers (a 20 KB line, Content-Length: -5), bad boundary
+        raise PartProblem(f"malformed multipart body ({type(exc).__name__})")
+
+
+async def _discard(part, timeout: float) -> None:
+    try:
+        await asyncio.wait_for(part.release(), timeout)
+    except asyncio.TimeoutError:
+        raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
+    except Exception as exc:
+        raise PartProblem(f"upload ended inside a part ({type(exc).__name__})")
+
+
+async def stow(arc, request: web.Request, config=None) -> web.Response:
     study = request.match_info.get("study")
     if study is not None:
         check_uid(study, "Study Instance UID")
+    max_bytes = getattr(config, "max_stow_mb", 16384) << 20
+    max_parts = getattr(config, "max_stow_parts", 10000)
+    timeout = float(getattr(config, "read_timeout", 60.0))
     ctype, cparams = parse_content_type(request.headers.get("Content-Type"))
     if ctype != "multipart/related":
-        raise HttpError(415, f"STOW-RS takes multipart/related; type=\"application/dicom\", not {ctype or 'no content type'}")
+        raise HttpError(415, f"STOW-RS takes multipart/related; type=\"application/dicom\", not {ctype[:100] or 'no content type'}")
     ptype = cparams.get("type", "application/dicom").lower()
     if ptype != "application/dicom":
-        raise HttpError(415, f"only application/dicom parts are accepted (got type={ptype})")
+        raise HttpError(415, f"only application/dicom parts are accepted (got type={ptype[:100]})")
     if not cparams.get("boundary"):
         raise HttpError(400, "multipart/related request without a boundary parameter")
+    check_boundary(cparams["boundary"])
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise HttpError(413, f"the request body ({request.content_length >> 20} MB) exceeds "
+                             f"http.max_stow_mb ({max_bytes >> 20} MB)")
     xml = False
     ranges = parse_accept(request.headers.get("Accept"))
     if ranges:
@@ -88,55 +151,78 @@ async def stow(arc, request: web.Request) -> web.Response:
             raise HttpError(406, "the store response is application/dicom+json or application/dicom+xml")
 
     loop = asyncio.get_running_loop()
-    reader = MultipartReader(request.headers, request.content)
+    try:
+        reader = MultipartReader(request.headers, request.content)
+    except Exception as exc:
+        raise HttpError(400, f"malformed multipart/related request ({type(exc).__name__})")
+    budget = Budget(max_bytes)
     referenced: list[dict] = []
     failed: list[dict] = []
     reasons: list[str] = []
     studies: set[str] = set()
     base = base_url(request)
     n_parts = 0
-    stream_error: str | None = None
+    no_space = too_big = False
+
+    def fail(reason: str, status: int) -> None:
+        failed.append(_failed(reason, status))
+        reasons.append(f"part {n_parts}: {reason}")
+
     while True:
         try:
-            part = await reader.next()
-        except Exception as exc:
-            stream_error = f"malformed or truncated multipart body: {type(exc).__name__}: {exc}"
+            part = await _next_part(reader, timeout)
+        except PartProblem as exc:
+            n_parts += 1
+            fail(exc.reason, exc.status)
             break
         if part is None:
             break
         n_parts += 1
-        if isinstance(part, MultipartReader):
-            failed.append(_failed("nested multipart is not supported", CANNOT_UNDERSTAND))
-            reasons.append(f"part {n_parts}: nested multipart is not supported")
+        try:
+            if n_parts > max_parts:
+                raise PartProblem(f"more than http.max_stow_parts ({max_parts}) parts", 0xA700)
+            if isinstance(part, MultipartReader):
+                await _discard(part, timeout)
+                fail("nested multipart is not supported", CANNOT_UNDERSTAND)
+                continue
+            pct, _ = parse_content_type(part.headers.get("Content-Type", "application/dicom"))
+            if pct not in ("application/dicom", ""):
+                await _discard(part, timeout)
+                fail(f"part type {pct[:60]} is not application/dicom", CANNOT_UNDERSTAND)
+                continue
+            if no_space:  # the disk filled on an earlier part: answer every later part too
+                await _discard(part, timeout)
+                fail("not stored: out of disk space", OUT_OF_RESOURCES)
+                continue
+            path = os.path.join(arc.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
             try:
-                await part.release()
-            except Exception:
-                pass
-            continue
-        pct, _ = parse_content_type(part.headers.get("Content-Type", "application/dicom"))
-        if pct not in ("application/dicom", ""):
-            failed.append(_failed(f"part type {pct} is not application/dicom", CANNOT_UNDERSTAND))
-            reasons.append(f"part {n_parts}: part type {pct} is not application/dicom")
+                await _spool(part, path, budget, timeout)
+            except BaseException:
+                _unlink(path)
+                raise
+        except PartProblem as exc:
+            fail(exc.reason, exc.status)
+            if exc.status == OUT_OF_RESOURCES and "out of disk space" in exc.reason:
+                no_space = True
+            too_big = too_big or "max_stow" in exc.reason
+            if exc.fatal:
+                break
             try:
-                await part.release()
-            except Exception:
-                stream_error = "upload ended inside a part"
+                await _discard(part, timeout)
+            except PartProblem:
                 break
             continue
-        path = os.path.join(arc.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
-        try:
-            size, problem = await _spool(part, path)
-        except OSError as exc:
-            size, problem = 0, f"cannot receive data: {exc.strerror}"
-        if problem is not None:
-            _unlink(path)
-            failed.append(_failed(problem, 0xA700 if "receive" in problem else CANNOT_UNDERSTAND))
-            reasons.append(f"part {n_parts}: {problem}")
-            stream_error = problem
-            break
+        except OSError as exc:  # creating the spool file
+            fail("out of disk space" if out_of_space(exc) else f"cannot store data: {exc.strerror}",
+                 OUT_OF_RESOURCES)
+            no_space = no_space or out_of_space(exc)
+            try:
+                await _discard(part, timeout)
+            except PartProblem:
+                break
+            continue
         result = await loop.run_in_executor(None, functools.partial(
             ingest, arc, path, take_ownership=True, expected_study=study, origin="stow"))
-        _unlink(path)  # normally renamed away by ingest; gone either way
         if result.ok:
             studies.add(result.study_uid)
             url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/{result.sop_instance_uid}"
@@ -146,11 +232,10 @@ async def stow(arc, request: web.Request) -> web.Response:
                 "00081190": {"vr": "UR", "Value": [url]},
             })
         else:
-            reason = result.reason or "rejected"
-            failed.append(_failed(reason, result.dimse_status or PROCESSING_FAILURE))
-            reasons.append(f"part {n_parts}: {reason}")
+            fail(result.reason or "rejected", result.dimse_status or PROCESSING_FAILURE)
+            no_space = no_space or result.dimse_status == OUT_OF_RESOURCES and "disk space" in (result.reason or "")
     if n_parts == 0:
-        raise HttpError(400, stream_error or "the request holds no parts")
+        raise HttpError(400, "the request holds no parts")
     doc: dict = {}
     url_study = study or (next(iter(studies)) if len(studies) == 1 else None)
     if url_study:
@@ -163,8 +248,14 @@ async def stow(arc, request: web.Request) -> web.Response:
         status = 200
     elif referenced:
         status = 202
+    elif no_space:
+        status = 507
+    elif too_big:
+        status = 413
     else:
         status = 409
+    log.info("STOW from %s: %d stored, %d failed%s", request.remote, len(referenced), len(failed),
+             f" ({reasons[0]})" if reasons else "")
     headers = {}
     if reasons:
         headers["Warning"] = ", ".join(
@@ -172,7 +263,6 @@ async def stow(arc, request: web.Request) -> web.Response:
     if xml:
         return web.Response(status=status, body=dicomxml.to_xml(doc),
                             headers={**headers, "Content-Type": "application/dicom+xml"})
-    import json
     return web.Response(status=status, body=json.dumps(doc).encode(),
                         headers={**headers, "Content-Type": "application/dicom+json"})
 

@@ -12,12 +12,15 @@ import gzip
 import hashlib
 import io
 import logging
+import os
+import re
 from collections import OrderedDict
 
 from aiohttp import web
 
 from archive import web_support as ws
-from storage_tiers.base import BlobError
+from archive.fixity import DamagedData
+from storage_tiers.base import BlobNotFound
 from archive.metadata import BASE_TOKEN
 
 from . import dicomxml
@@ -28,16 +31,36 @@ from .pixels import (PixelInfoCache, encode_image, apply_viewport, assemble, dec
                      native_frame, parse_render_params, save_image, to_pil)
 
 log = logging.getLogger("pathpacs.dicomweb")
+
+
+def _read_hashed(fh, h) -> bytes:
+    chunk = fh.read(CHUNK)
+    h.update(chunk)
+    return chunk
+
+
+def abort_stream(request: web.Request, why: str):
+    """A response already under way cannot change its status: cut the connection so the
+    client sees a broken transfer, never a complete one. Raises (aiohttp ends quietly)."""
+    log.error("aborting response to %s %s: %s", request.method, request.path, why)
+    if request.transport is not None:
+        request.transport.abort()
+    raise ConnectionResetError(f"response aborted: {why}")
 CHUNK = 1 << 20
 MAX_TRANSCODE_BYTES = 1 << 30
 
 
+MAX_FRAMES_PER_REQUEST = 1024
+_FRAME_LIST = re.compile(r"^[0-9]{1,10}(,[0-9]{1,10})*$")  # ASCII digits only: no "1_0", no "١"
+
+
 def parse_frame_list(text: str) -> list[int]:
-    try:
-        nums = [int(x) for x in text.split(",")]
-    except ValueError:
+    if len(text) > 11 * MAX_FRAMES_PER_REQUEST or not _FRAME_LIST.match(text):
         raise HttpError(400, f"invalid frame list {text[:80]!r}: expected numbers like 1 or 1,2,3")
-    if not nums or any(n < 1 for n in nums):
+    nums = [int(x) for x in text.split(",")]
+    if len(nums) > MAX_FRAMES_PER_REQUEST:
+        raise HttpError(400, f"at most {MAX_FRAMES_PER_REQUEST} frames per request, not {len(nums)}")
+    if any(n < 1 for n in nums):
         raise HttpError(400, f"invalid frame list {text[:80]!r}: frame numbers start at 1")
     return nums
 
@@ -105,6 +128,9 @@ class Wado:
         self.pixels = PixelInfoCache(arc)
         self._gz: OrderedDict[str, bytes] = OrderedDict()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
+        # Decoding work (rendered, thumbnails, transcoding) holds memory proportional to its
+        # output: at most this many at once, whatever the number of clients.
+        self.heavy = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
 
     # -- helpers ----------------------------------------------------------------------
     def parents(self, sop: str) -> tuple[str, str] | None:
@@ -138,20 +164,22 @@ class Wado:
         located = ws.locate_frames(self.index, sop, nums)
         if located is None:
             raise HttpError(404, f"instance {sop} has no frames")
-        table, frags = located
+        table, frags, crcs = located
         for k, f in zip(nums, frags):
             if f is None:
                 raise HttpError(404, f"frame {k} is out of range: instance {sop} has {table.n} frames")
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, len(nums))
         try:
-            datas = self._read(table, frags)
-        except BlobError:
-            # the blob moved (tier migration, replacement) between lookup and read: look again
+            datas = self.arc.read_frames(sop, table, frags, crcs)
+        except DamagedData:
+            # the blob may have moved (tier migration, replacement) between lookup and read
             located = ws.locate_frames(self.index, sop, nums)
             if located is None:
                 raise HttpError(404, f"instance {sop} has no frames")
-            table, frags = located
-            datas = self._read(table, frags)
+            if located[0].blob == table.blob and located[0].tier == table.tier:
+                raise
+            table, frags, crcs = located
+            datas = self.arc.read_frames(sop, table, frags, crcs)
         if mode != "stored":
             datas = await asyncio.get_running_loop().run_in_executor(None, self._transcode, sop, mode, datas)
         part_ct = f"{media}; transfer-syntax={ts}"
@@ -162,18 +190,9 @@ class Wado:
             body=multipart_body(bnd, [(part_ct, d) for d in datas]),
             headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
 
-    def _read(self, table, frags) -> list[bytes]:
-        tier = self.arc.tier(table.tier)
-        datas = []
-        for f in frags:
-            if len(f) == 1:
-                datas.append(tier.read_range(table.blob, f[0][0], f[0][1]))
-            else:
-                datas.append(b"".join(tier.read_range(table.blob, o, n) for o, n in f))
-        return datas
-
     async def all_frames(self, request: web.Request) -> web.StreamResponse:
-        """The Pixel Data BulkDataURI (.../frames without a list): every frame, streamed."""
+        """The Pixel Data BulkDataURI (.../frames without a list): every frame, streamed, each
+        checked against its CRC32C; a damaged frame aborts the stream (never a clean end)."""
         mi = request.match_info
         sop = mi["instance"]
         self.check_instance(mi["study"], mi["series"], sop)
@@ -184,20 +203,28 @@ class Wado:
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, table.n)
         if not multipart:
             raise NotAcceptable("all frames are served as multipart/related")
+        loop = asyncio.get_running_loop()
+        step = 256
+
+        def batch(start: int) -> list[bytes]:
+            nums = list(range(start, min(table.n, start + step - 1) + 1))
+            located = ws.locate_frames(self.index, sop, nums)
+            if located is None:
+                raise HttpError(404, f"instance {sop} has no frames")
+            t, frags, crcs = located
+            datas = self.arc.read_frames(sop, t, frags, crcs)
+            return datas if mode == "stored" else self._transcode(sop, mode, datas)
+
+        first = await loop.run_in_executor(None, batch, 1)  # damage found here is a clean 500
         bnd = boundary()
         resp = web.StreamResponse(headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
         await resp.prepare(request)
-        tier = self.arc.tier(table.tier)
-        loop = asyncio.get_running_loop()
         head = f"--{bnd}\r\nContent-Type: {media}; transfer-syntax={ts}\r\n\r\n".encode()
-        step = 256
         for start in range(1, table.n + 1, step):
-            nums = list(range(start, min(table.n, start + step - 1) + 1))
-            _, frags = ws.locate_frames(self.index, sop, nums)  # type: ignore[misc]
-            datas = await loop.run_in_executor(None, lambda fr=frags: [
-                b"".join(tier.read_range(table.blob, o, n) for o, n in f) for f in fr])
-            if mode != "stored":
-                datas = await loop.run_in_executor(None, self._transcode, sop, mode, datas)
+            try:
+                datas = first if start == 1 else await loop.run_in_executor(None, batch, start)
+            except (DamagedData, HttpError) as exc:
+                abort_stream(request, f"frames of {sop}: {exc}")
             for d in datas:
                 await resp.write(head)
                 await resp.write(d)
@@ -339,11 +366,15 @@ class Wado:
                 raise NotAcceptable(f"instance {rec['sop']} is too large to decompress; "
                                     "request transfer-syntax=*")
         loop = asyncio.get_running_loop()
-        # transcode before answering so a failure is still a clean 406
+        # Before the first byte goes out: every blob present with its recorded size (a clean
+        # 500 naming the damage), and transcodings done (a clean 406).
+        for rec, ts in plan:
+            await loop.run_in_executor(None, self._check_blob_size, rec)
         transcoded: dict[str, bytes] = {}
         for rec, ts in plan:
             if ts is not None:
-                transcoded[rec["sop"]] = await loop.run_in_executor(None, self._transcode_instance, rec, ts)
+                async with self.heavy:
+                    transcoded[rec["sop"]] = await loop.run_in_executor(None, self._transcode_instance, rec, ts)
         bnd = boundary()
         resp = web.StreamResponse(headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={bnd}'})
@@ -355,15 +386,7 @@ class Wado:
                 head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={rec['ts']}\r\n"
                         f"Content-Length: {rec['size']}\r\nContent-Location: {loc}\r\n\r\n")
                 await resp.write(head.encode())
-                fh = self.arc.tier(rec["tier"]).open(rec["blob"])
-                try:
-                    while True:
-                        chunk = await loop.run_in_executor(None, fh.read, CHUNK)
-                        if not chunk:
-                            break
-                        await resp.write(chunk)
-                finally:
-                    fh.close()
+                await self._stream_blob(request, resp, rec)
             else:
                 data = transcoded.pop(rec["sop"])
                 head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n"
@@ -375,10 +398,49 @@ class Wado:
         await resp.write_eof()
         return resp
 
+    def _check_blob_size(self, rec: dict) -> None:
+        try:
+            size = self.arc.tier(rec["tier"]).size(rec["blob"])
+        except BlobNotFound:
+            raise self.arc.damage(rec["sop"], rec["blob"], rec["tier"], "blob missing", "instance retrieve")
+        if size != rec["size"]:
+            raise self.arc.damage(rec["sop"], rec["blob"], rec["tier"],
+                                  f"blob is {size} bytes, {rec['size']} recorded", "instance retrieve")
+
+    async def _stream_blob(self, request: web.Request, resp: web.StreamResponse, rec: dict) -> None:
+        """Send one stored blob, hashing it on the way: if its bytes are not the ones received
+        at ingest (sha256, size), the connection is cut before the part ends."""
+        loop = asyncio.get_running_loop()
+        h = hashlib.sha256()
+        sent = 0
+        try:
+            fh = await loop.run_in_executor(None, self.arc.tier(rec["tier"]).open, rec["blob"])
+        except BlobNotFound:
+            self.arc.damage(rec["sop"], rec["blob"], rec["tier"], "blob missing", "instance retrieve")
+            abort_stream(request, f"instance {rec['sop']}: blob missing")
+        try:
+            while True:
+                chunk = await loop.run_in_executor(None, _read_hashed, fh, h)
+                if not chunk:
+                    break
+                sent += len(chunk)
+                if sent > rec["size"]:
+                    break
+                await resp.write(chunk)
+        finally:
+            fh.close()
+        if sent != rec["size"] or h.hexdigest() != rec["sha256"]:
+            what = "sha256 mismatch" if sent == rec["size"] else f"blob is {sent}+ bytes, {rec['size']} recorded"
+            self.arc.damage(rec["sop"], rec["blob"], rec["tier"], what, "instance retrieve")
+            abort_stream(request, f"instance {rec['sop']}: {what}")
+
     def _transcode_instance(self, rec: dict, ts: str) -> bytes:
         import pydicom
         from pydicom.uid import UID
 
+        problem = self.arc.check_instance(rec)  # decode only bytes proven to be the stored ones
+        if problem is not None:
+            raise self.arc.damage(rec["sop"], rec["blob"], rec["tier"], problem, "transcode")
         with self.arc.open_instance(rec["sop"]) as fh:
             ds = pydicom.dcmread(fh)
         try:
@@ -416,22 +478,20 @@ class Wado:
         frames = parse_frame_list(mi["frames"]) if "frames" in mi else None
         if frames is not None and len(frames) != 1:
             raise HttpError(400, "rendered frames: ask for one frame at a time")
-        body = await asyncio.get_running_loop().run_in_executor(
-            None, self._render_instance, sop, frames[0] if frames else None, params)
+        async with self.heavy:
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, self._render_instance, sop, frames[0] if frames else None, params)
         return web.Response(body=body, headers={"Content-Type": params.media})
 
     def _frame_bytes(self, sop: str, numbers: list[int]) -> list[bytes]:
         located = ws.locate_frames(self.index, sop, numbers)
         if located is None:
             raise HttpError(404, f"instance {sop} has no pixel data")
-        table, frags = located
-        tier = self.arc.tier(table.tier)
-        out = []
+        table, frags, crcs = located
         for k, f in zip(numbers, frags):
             if f is None:
                 raise HttpError(404, f"frame {k} is out of range: instance {sop} has {table.n} frames")
-            out.append(b"".join(tier.read_range(table.blob, o, n) for o, n in f))
-        return out
+        return self.arc.read_frames(sop, table, frags, crcs)
 
     def _instance_image(self, sop: str, frame: int | None):
         info = self.pixels.get(sop)
@@ -481,8 +541,9 @@ class Wado:
         key = (sop, rec["blob"] if rec else "", params.media, params.quality, params.viewport, params.icc)
         body = self._thumbs.get(key)
         if body is None:
-            body = await asyncio.get_running_loop().run_in_executor(
-                None, self._render_instance, sop, None, params, (256, 256))
+            async with self.heavy:
+                body = await asyncio.get_running_loop().run_in_executor(
+                    None, self._render_instance, sop, None, params, (256, 256))
             self._thumbs[key] = body
             while len(self._thumbs) > 256:
                 self._thumbs.popitem(last=False)

@@ -68,18 +68,24 @@ class FileBlobWriter:
 class FilesystemStore:
     """Blobs as files under a root directory."""
 
-    def __init__(self, root: Path, name: str = "hot", fd_cache_size: int = 256) -> None:
+    def __init__(self, root: Path, name: str = "hot", fd_cache_size: int = 256,
+                 readonly: bool = False) -> None:
+        """readonly: only read blobs (ls, stats, verify): no directories made, no session."""
         self.name = name
         self.root = Path(root)
         self.blob_dir = self.root / "blobs"
         self.tmp_root = self.root / "tmp"
-        self.blob_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_root.mkdir(parents=True, exist_ok=True)
-        self.session = uuid.uuid4().hex
-        self.tmp_dir = self.tmp_root / self.session
-        self.tmp_dir.mkdir()
-        self._session_lock = os.open(self.tmp_dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._session_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.readonly = readonly
+        self.session = ""
+        self._session_lock = -1
+        if not readonly:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            self.tmp_root.mkdir(parents=True, exist_ok=True)
+            self.session = uuid.uuid4().hex
+            self.tmp_dir = self.tmp_root / self.session
+            self.tmp_dir.mkdir()
+            self._session_lock = os.open(self.tmp_dir / "lock", os.O_CREAT | os.O_RDWR, 0o600)
+            fcntl.flock(self._session_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_cache_size = fd_cache_size
         self._lock = threading.Lock()
@@ -164,6 +170,8 @@ class FilesystemStore:
             raise BlobNotFound(key) from exc
 
     def list(self) -> Iterator[BlobInfo]:
+        if not self.blob_dir.exists():
+            return
         for dirpath, _dirs, files in os.walk(self.blob_dir):
             for f in files:
                 yield BlobInfo(f, os.stat(os.path.join(dirpath, f)).st_size)

@@ -82,7 +82,8 @@ def _start(tmp: Path, config_text: str | None = None) -> Server:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, corpus) -> Server:
-    s = _start(tmp_path_factory.mktemp("dwsrv"))
+    # The tests reach the server from 127.0.0.1, playing the reverse proxy for X-Forwarded-*.
+    s = _start(tmp_path_factory.mktemp("dwsrv"), '[http]\ntrusted_proxies = ["127.0.0.1"]\n')
     yield s
     s.stop()
 

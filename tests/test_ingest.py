@@ -18,7 +18,7 @@ def _frames_from_archive(arc: Archive, sop: str, n: int) -> list[bytes]:
     for i in range(1, n + 1):
         loc = arc.index.frame(sop, i)
         assert loc is not None
-        out.append(arc.read_frame(loc))
+        out.append(arc.read_frame(sop, loc))
     assert arc.index.frame(sop, n + 1) is None
     assert arc.index.frame(sop, 0) is None
     return out
