@@ -200,7 +200,7 @@ class Index:
                     head = json.loads(bytes(val[:bytes(val[:512]).find(b"\n")]))
                     if head.get("v", 1) < 2 and not head.get("damaged"):
                         txn.put(key, b"", db=self.db["todo_crc"])
-            if version != SCHEMA:
+            if raw is None or version != SCHEMA:  # releases up to schema 2 never wrote it for new archives
                 txn.put(b"schema", str(SCHEMA).encode(), db=self.db["state"])
 
     def close(self) -> None:
