@@ -14,24 +14,20 @@ import requests
 from pydicom.encaps import generate_frames
 
 import factory
-from conftest import ROOT, Server, free_port, run_cli
+from conftest import Server, free_port, run_cli
 
-# The last release before frame checksums (schema 2): stop 5 as it landed.
-PREVIOUS_RELEASE = "5747fcb8ba5b9931c7ba5a5ba9cfc527c61d20f7"
 
 
 @pytest.fixture(scope="module")
 def previous_release(tmp_path_factory) -> Path:
-    """That release's source tree, extracted from this repository's history."""
-    dest = tmp_path_factory.mktemp("previous-release")
+    """The last release before frame checksums (schema 2), extracted from git history."""
+    from conformance.bench.peers import PREVIOUS_RELEASE, previous_release as extract
+
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE],
-                                 capture_output=True, check=True, timeout=120).stdout
+        return extract(tmp_path_factory.mktemp("previous-release"))
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"cannot check out the previous release {PREVIOUS_RELEASE[:10]} from git history "
                     f"(a shallow clone?): {exc}")
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest
 
 
 def old_cli(release: Path, *args: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+ROOT = Path(__file__).resolve().parents[2]
+# The release before frame checksums (schema 3): stop 5 as it landed. The upgrade test writes
+# an archive with its code, and the frame benchmark measures it beside today's code.
+PREVIOUS_RELEASE = "5747fcb8ba5b9931c7ba5a5ba9cfc527c61d20f7"
+
+
+def previous_release(dest: Path) -> Path:
+    """Extract PREVIOUS_RELEASE's source tree from this repository's git history into `dest`.
+    Run it with PYTHONPATH=dest (its `archive` package then shadows ours)."""
+    if (dest / "archive" / "cli.py").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    tar = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE], capture_output=True,
+                         check=True, timeout=120).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
