@@ -1,6 +1,7 @@
 """The built-in pages: a study list with thumbnails at / (answers from the index only)."""
 from __future__ import annotations
 
+import asyncio
 import html
 
 from aiohttp import web
@@ -23,11 +24,16 @@ def _name(doc: dict) -> str:
 
 
 def add_routes(app: web.Application, arc, wado) -> None:
-    async def index(request: web.Request) -> web.Response:
-        rows = []
+    def newest_studies() -> list[tuple[str, dict]]:
         with arc.index.read() as txn:
             studies = list(arc.index.iter_records("study", txn))
         studies.sort(key=lambda t: t[1].get("updated", ""), reverse=True)
+        return studies
+
+    async def index(request: web.Request) -> web.Response:
+        rows = []
+        # a scan of every study: off the event loop (the study browser issue replaces it with QIDO)
+        studies = await asyncio.get_running_loop().run_in_executor(None, newest_studies)
         for uid, rec in studies[:500]:
             a = rec["attrs"]
             u = html.escape(uid)
