@@ -119,3 +119,82 @@ def test_eight_concurrent_associations(server, tmp_path):
         t.join(120)
     assert statuses == [0] * 24
     assert "instances  24" in run_cli("stats", data=server.data_dir, check=True).stdout
+
+
+# -- hardening: every bad flag or config value is one line and exit 2, nothing is created ----------
+
+BAD_FLAGS = [
+    ["serve", "--dicom-port", "70000"], ["serve", "--dicom-port", "-1"], ["serve", "--http-port", "0"],
+    ["serve", "--aet", "A" * 20], ["serve", "--aet", ""], ["serve", "--aet", "BAD\\AET"],
+    ["serve", "--host", "not a host!"], ["serve", "--http-workers", "abc"], ["serve", "--http-workers", "0"],
+    ["ls", "--level", "galaxy"], ["no-such-verb"],
+]
+
+BAD_CONFIGS = [
+    ('[archive]\naet = "' + "A" * 40 + '"\n', "archive.aet"),
+    ("[archive]\nhost = 5\n", "archive.host"),
+    ("[archive]\ndata_dir = 5\n", "archive.data_dir"),
+    ('[http]\nworkers = "abc"\n', "http.workers"),
+    ('[nodes.x]\naet = 5\nhost = "h"\nport = 104\n', "nodes.x.aet"),
+    ("[archive]\nlmdb_map_size_gb = -1\n", "archive.lmdb_map_size_gb"),
+    ("[archive]\ndicom_port = true\n", "archive.dicom_port"),
+    ("[archive]\nhttp_port = 24380.5\n", "archive.http_port"),
+    ("[archive]\nmax_associations = -1\n", "archive.max_associations"),
+    ("[dimse]\nmax_associations = 0\n", "dimse.max_associations"),
+    ("[archive]\naet = 5\n", "archive.aet"),
+    ('[nodes.x]\naet = "X"\nhost = "h"\nport = 99999\n', "nodes.x.port"),
+    ("[dimse]\nacse_timeout = 0\n", "dimse.acse_timeout"),
+    ("[dimse]\nmax_pdu = 0\n", "dimse.max_pdu"),
+    ('[http]\ntrusted_proxies = ["somewhere"]\n', "http.trusted_proxies"),
+    ('[http]\ncors_origins = "*"\n', "http.cors_origins"),
+    ("[archive\n", "not valid TOML"),
+]
+
+
+def _one_line_error(res) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("pathpacs:"), lines[0]
+    return lines[0]
+
+
+def test_bad_flags_are_one_line_exit_2(tmp_path):
+    for argv in BAD_FLAGS:
+        line = _one_line_error(run_cli(*argv, data=tmp_path / "d"))
+        assert "error" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_config_values_are_one_line_exit_2(tmp_path):
+    cfg = tmp_path / "c.toml"
+    for i, (text, where) in enumerate(BAD_CONFIGS):
+        cfg.write_text(text)
+        verb = "serve" if i % 4 == 0 else "stats"  # both load the same way; serve for a sample
+        line = _one_line_error(run_cli(verb, "--config", str(cfg), data=tmp_path / "d"))
+        assert where in line, (text, line)
+    cfg.write_bytes(b"\x00\xff\xfe binary \x80\x81")
+    assert "not UTF-8" in _one_line_error(run_cli("stats", "--config", str(cfg), data=tmp_path / "d"))
+    assert "is a directory" in _one_line_error(run_cli("stats", "--config", str(tmp_path), data=tmp_path / "d"))
+    assert not (tmp_path / "d").exists()
+
+
+def test_read_only_verbs_create_nothing(tmp_path):
+    for verb in ("ls", "stats", "verify"):
+        target = tmp_path / f"new-{verb}"
+        line = _one_line_error(run_cli(verb, data=target))
+        assert "no archive in" in line
+        assert not target.exists()
+
+
+def test_old_dimse_keys_in_archive_section_still_work(tmp_path):
+    """Config files written for the previous release ([archive] max_associations...) still load."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[archive]\nmax_associations = 8\ndimse_timeout = 30\nnetwork_timeout = 60\n")
+    from archive.config import load
+
+    c = load(cfg)
+    assert (c.max_associations, c.dimse_timeout, c.network_timeout) == (8, 30.0, 60.0)
+    cfg.write_text("[archive]\nmax_associations = 8\n[dimse]\nmax_associations = 12\n")
+    assert load(cfg).max_associations == 12  # [dimse] wins
