@@ -145,6 +145,13 @@ def _seg_find(seg: str, text: str, start: int, stop: int) -> int:
     return -1
 
 
+def _fold(s: str) -> str:
+    """Lower case without changing the length: str.lower turns 'İ' (U+0130) into two code
+    points, after which '?' (one character) would no longer match it."""
+    low = s.lower()
+    return low if len(low) == len(s) else "".join(c if len(c.lower()) != 1 else c.lower() for c in s)
+
+
 def wildcard_match(pattern: str, text: str, ignore_case: bool = False) -> bool:
     """PS3.4 C.2.2.2.4 wildcard matching: '*' any run of characters, '?' any one character.
 
@@ -154,7 +161,7 @@ def wildcard_match(pattern: str, text: str, ignore_case: bool = False) -> bool:
     absorb anything). Each piece is searched once, so the work is at most
     len(text) x len(pattern), never exponential ("a*a*a*...x" costs the same as "a*x")."""
     if ignore_case:
-        pattern, text = pattern.lower(), text.lower()
+        pattern, text = _fold(pattern), _fold(text)
     pieces = pattern.split("*")
     if len(pieces) == 1:
         return len(pattern) == len(text) and _seg_at(pattern, text, 0)
