@@ -18,8 +18,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from aiohttp import web
+from aiohttp import web, web_response
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from archive.fixity import DamagedData
 from archive.query import QueryError
@@ -29,9 +30,10 @@ from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_h
                      multipart_body)
 from .media import NotAcceptable
 from .stow import stow
-from .wado import Wado
+from .wado import StreamAborted, Wado
 
 log = logging.getLogger("pathpacs.dicomweb")
+SERVER_NAME = "pathpacs"
 
 ARC_KEY = web.AppKey("arc", object)
 CFG_KEY = web.AppKey("config", object)
@@ -105,6 +107,9 @@ async def error_middleware(request: web.Request, handler):
     except DamagedData as exc:
         return error(500, f"instance {exc.sop} is damaged on storage ({exc.what}); it is not served. "
                           "The archive logged a fixity event.")
+    except StreamAborted as exc:
+        # already logged; aiohttp finds the connection cut and ends the request quietly
+        return exc.response
     except web.HTTPException:
         raise
     except (ConnectionResetError, ConnectionError, asyncio.CancelledError):
@@ -117,7 +122,32 @@ async def error_middleware(request: web.Request, handler):
 
 async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
     """No software versions in the Server header (aiohttp's default names Python and itself)."""
-    response.headers["Server"] = "pathpacs"
+    response.headers["Server"] = SERVER_NAME
+
+
+class _ClientFaultFilter(logging.Filter):
+    """aiohttp logs a malformed request (bad request line, header too long, bad
+    Content-Length) and a client gone mid-response as ERROR with a traceback: any client
+    could fill the log with them. They become one INFO line naming the client's fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            what = f"malformed request ({exc.code} {exc.message})"
+        elif isinstance(exc, ConnectionError):
+            what = "client connection lost during the response"
+        else:
+            return True
+        record.msg, record.args = f"{record.getMessage()}: {what}"[:500], ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def _quiet_client_faults() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaultFilter) for f in server_log.filters):
+        server_log.addFilter(_ClientFaultFilter())
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -160,16 +190,19 @@ class Handlers:
         params = list(request.query.items())
         loop = asyncio.get_running_loop()
 
-        def run() -> tuple[bytes | list[bytes], bool]:
-            docs, more = qido.search(self.arc, level, params, study=study, series=series,
-                                     retrieve_aet=getattr(self.config, "aet", None),
-                                     max_results=getattr(self.config, "max_results", 10000))
-            return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more
+        def run() -> tuple[bytes | list[bytes], bool, int | None]:
+            docs, more, clamped = qido.search(self.arc, level, params, study=study, series=series,
+                                              retrieve_aet=getattr(self.config, "aet", None),
+                                              max_results=getattr(self.config, "max_results", 10000))
+            return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more, clamped
 
-        encoded, more = await loop.run_in_executor(self.search_pool, run)
-        headers = {}
+        encoded, more, clamped = await loop.run_in_executor(self.search_pool, run)
+        warnings = []
+        if clamped is not None:
+            warnings.append(f'299 pathpacs "limit reduced to http.max_results ({clamped})"')
         if more:
-            headers["Warning"] = '299 pathpacs "There are additional results that can be requested"'
+            warnings.append('299 pathpacs "There are additional results that can be requested"')
+        headers = {"Warning": ", ".join(warnings)} if warnings else {}
         if xml:
             if not encoded:
                 return web.Response(status=204, headers=headers)
@@ -192,6 +225,10 @@ async def _shutdown_pool(pool: ThreadPoolExecutor) -> None:
 
 
 def make_app(arc, config) -> web.Application:
+    # aiohttp writes some answers itself (a malformed request's 400), before any signal of
+    # ours runs: its default Server header names Python and aiohttp versions.
+    web_response.SERVER_SOFTWARE = SERVER_NAME
+    _quiet_client_faults()
     origins = list(getattr(config, "cors_origins", ["*"]) or [])
     app = web.Application(middlewares=[cors_middleware(origins), error_middleware],
                           client_max_size=1 << 20)  # request.read() is never used: STOW streams

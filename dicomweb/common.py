@@ -18,7 +18,7 @@ PARSED_HEADERS = ("Accept", "Content-Type", "Accept-Encoding", "If-None-Match", 
 _PRINTABLE = re.compile(r"^[\t\x20-\x7e]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.\-_:\[\]]{1,255}$")
 _PREFIX_RE = re.compile(r"^(/[A-Za-z0-9._~\-]+)*$")
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*\Z")  # \Z: "$" would let a trailing "\n" through
 
 
 def error(status: int, reason: str, headers: dict | None = None) -> web.Response:

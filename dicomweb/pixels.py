@@ -23,7 +23,7 @@ from .media import EXPLICIT_LE, JPEG_BASELINE, NATIVE
 
 MAX_RENDER_PIXELS = 40_000_000  # largest total pixel matrix assembled for /rendered
 MAX_RENDER_SIDE = 4096  # largest viewport width/height: an answer is at most 4096x4096 pixels
-_INT = re.compile(r"^[0-9]{1,9}$")
+_INT = re.compile(r"[0-9]{1,9}\Z")  # with .match: ASCII digits only, no trailing "\n"
 
 
 @dataclass

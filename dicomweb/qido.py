@@ -144,11 +144,13 @@ def want_xml(accept: str | None) -> bool:
 
 def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | None = None,
            series: str | None = None, retrieve_aet: str | None = None, max_results: int = 10000
-           ) -> tuple[list[dict[str, Any]], bool]:
-    """Run one QIDO search; returns (projected documents, more results exist). At most
+           ) -> tuple[list[dict[str, Any]], bool, int | None]:
+    """Run one QIDO search; returns (projected documents, more results exist, the limit
+    used when the client asked for more than `max_results`, else None). At most
     `max_results` documents (http.max_results) whatever `limit` asks (PS3.18 10.6.3.2: the
     server's maximum applies); the "more results" Warning tells the client to page on."""
     q = parse_params(params)
+    clamped = max_results if q.limit is not None and q.limit > max_results else None
     q.limit = max_results if q.limit is None else min(q.limit, max_results)
     key_tags = {k.tag for k in q.keys}
     include = set(q.include)
@@ -198,7 +200,7 @@ def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | N
             if upper:
                 doc = {**upper, **doc}
         out.append(_project(doc, tags))
-    return out, more
+    return out, more, clamped
 
 
 def _upper(searcher: Searcher, arc, kind: str, uid: str, cache: dict[str, dict]) -> dict:

@@ -21,6 +21,7 @@ import os
 import uuid
 
 from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import LineTooLong
 
 from archive.index import out_of_space
 from archive.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, ingest
@@ -76,10 +77,9 @@ async def _spool(part: BodyPartReader, path: str, budget: Budget, timeout: float
                 chunk = await asyncio.wait_for(part.read_chunk(CHUNK), timeout)
             except asyncio.TimeoutError:
                 raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
-            except (asyncio.IncompleteReadError, ConnectionError) as exc:
-                raise PartProblem(f"upload ended inside this part ({type(exc).__name__})")
-            except Exception as exc:  # aiohttp payload errors on a dropped connection
-                raise PartProblem(f"upload ended inside this part ({type(exc).__name__})")
+            except Exception as exc:  # a dropped connection, aiohttp payload errors
+                log.info("STOW part read failed: %s: %s", type(exc).__name__, exc)
+                raise PartProblem("upload ended inside this part")
             if not chunk:
                 break
             budget.take(len(chunk))
@@ -105,8 +105,11 @@ async def _next_part(reader: MultipartReader, timeout: float):
         return await asyncio.wait_for(reader.next(), timeout)
     except asyncio.TimeoutError:
         raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
-    except Exception as exc:  # bad part headers (a 20 KB line, Content-Length: -5), bad boundary
-        raise PartProblem(f"malformed multipart body ({type(exc).__name__})")
+    except LineTooLong:
+        raise PartProblem("malformed multipart body: a part header line is too long")
+    except Exception as exc:  # bad part headers (Content-Length: -5), bad boundary, dropped connection
+        log.info("STOW multipart parse failed: %s: %s", type(exc).__name__, exc)
+        raise PartProblem("malformed multipart body: invalid part headers or boundary line")
 
 
 async def _discard(part, timeout: float) -> None:
@@ -115,7 +118,8 @@ async def _discard(part, timeout: float) -> None:
     except asyncio.TimeoutError:
         raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
     except Exception as exc:
-        raise PartProblem(f"upload ended inside a part ({type(exc).__name__})")
+        log.info("STOW part discard failed: %s: %s", type(exc).__name__, exc)
+        raise PartProblem("upload ended inside a part")
 
 
 async def stow(arc, request: web.Request, config=None) -> web.Response:
@@ -154,7 +158,8 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
     try:
         reader = MultipartReader(request.headers, request.content)
     except Exception as exc:
-        raise HttpError(400, f"malformed multipart/related request ({type(exc).__name__})")
+        log.info("STOW multipart request refused: %s: %s", type(exc).__name__, exc)
+        raise HttpError(400, "malformed multipart/related request")
     budget = Budget(max_bytes)
     referenced: list[dict] = []
     failed: list[dict] = []

@@ -39,19 +39,38 @@ def _read_hashed(fh, h) -> bytes:
     return chunk
 
 
-def abort_stream(request: web.Request, why: str):
+class StreamAborted(Exception):
+    """Raised by abort_stream; the error middleware hands `response` (already prepared, its
+    connection cut) back to aiohttp, which then ends the request quietly with an access line."""
+
+    def __init__(self, response: web.StreamResponse, why: str) -> None:
+        super().__init__(why)
+        self.response = response
+
+
+def abort_stream(request: web.Request, response: web.StreamResponse, why: str):
     """A response already under way cannot change its status: cut the connection so the
-    client sees a broken transfer, never a complete one. Raises (aiohttp ends quietly)."""
+    client sees a broken transfer, never a complete one. Raises StreamAborted."""
     log.error("aborting response to %s %s: %s", request.method, request.path, why)
     if request.transport is not None:
         request.transport.abort()
-    raise ConnectionResetError(f"response aborted: {why}")
+    raise StreamAborted(response, why)
+
+
+def client_gone(request: web.Request, response: web.StreamResponse) -> StreamAborted:
+    """The client left while a streamed response was being written: one log line, and the
+    request still ends through aiohttp's normal path (so it gets its access line)."""
+    log.info("client %s left during %s %s", request.remote, request.method, request.path)
+    return StreamAborted(response, "client connection lost")
+
+
 CHUNK = 1 << 20
 MAX_TRANSCODE_BYTES = 1 << 30
 
 
 MAX_FRAMES_PER_REQUEST = 1024
-_FRAME_LIST = re.compile(r"^[0-9]{1,10}(,[0-9]{1,10})*$")  # ASCII digits only: no "1_0", no "١"
+# ASCII digits only: no "1_0", no "١"; \Z, not $ (which also matches before a final "\n")
+_FRAME_LIST = re.compile(r"[0-9]{1,10}(,[0-9]{1,10})*\Z")
 
 
 def parse_frame_list(text: str) -> list[int]:
@@ -220,17 +239,20 @@ class Wado:
         resp = web.StreamResponse(headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
         await resp.prepare(request)
         head = f"--{bnd}\r\nContent-Type: {media}; transfer-syntax={ts}\r\n\r\n".encode()
-        for start in range(1, table.n + 1, step):
-            try:
-                datas = first if start == 1 else await loop.run_in_executor(None, batch, start)
-            except (DamagedData, HttpError) as exc:
-                abort_stream(request, f"frames of {sop}: {exc}")
-            for d in datas:
-                await resp.write(head)
-                await resp.write(d)
-                await resp.write(b"\r\n")
-        await resp.write(f"--{bnd}--\r\n".encode())
-        await resp.write_eof()
+        try:
+            for start in range(1, table.n + 1, step):
+                try:
+                    datas = first if start == 1 else await loop.run_in_executor(None, batch, start)
+                except (DamagedData, HttpError) as exc:
+                    abort_stream(request, resp, f"frames of {sop}: {exc}")
+                for d in datas:
+                    await resp.write(head)
+                    await resp.write(d)
+                    await resp.write(b"\r\n")
+            await resp.write(f"--{bnd}--\r\n".encode())
+            await resp.write_eof()
+        except ConnectionError:
+            raise client_gone(request, resp)
         return resp
 
     def _transcode(self, sop: str, mode: str, datas: list[bytes]) -> list[bytes]:
@@ -380,22 +402,25 @@ class Wado:
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={bnd}'})
         await resp.prepare(request)
         base = base_url(request)
-        for rec, ts in plan:
-            loc = f"{base}/studies/{rec['study']}/series/{rec['series']}/instances/{rec['sop']}"
-            if ts is None:
-                head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={rec['ts']}\r\n"
-                        f"Content-Length: {rec['size']}\r\nContent-Location: {loc}\r\n\r\n")
-                await resp.write(head.encode())
-                await self._stream_blob(request, resp, rec)
-            else:
-                data = transcoded.pop(rec["sop"])
-                head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n"
-                        f"Content-Length: {len(data)}\r\nContent-Location: {loc}\r\n\r\n")
-                await resp.write(head.encode())
-                await resp.write(data)
-            await resp.write(b"\r\n")
-        await resp.write(f"--{bnd}--\r\n".encode())
-        await resp.write_eof()
+        try:
+            for rec, ts in plan:
+                loc = f"{base}/studies/{rec['study']}/series/{rec['series']}/instances/{rec['sop']}"
+                if ts is None:
+                    head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={rec['ts']}\r\n"
+                            f"Content-Length: {rec['size']}\r\nContent-Location: {loc}\r\n\r\n")
+                    await resp.write(head.encode())
+                    await self._stream_blob(request, resp, rec)
+                else:
+                    data = transcoded.pop(rec["sop"])
+                    head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n"
+                            f"Content-Length: {len(data)}\r\nContent-Location: {loc}\r\n\r\n")
+                    await resp.write(head.encode())
+                    await resp.write(data)
+                await resp.write(b"\r\n")
+            await resp.write(f"--{bnd}--\r\n".encode())
+            await resp.write_eof()
+        except ConnectionError:
+            raise client_gone(request, resp)
         return resp
 
     def _check_blob_size(self, rec: dict) -> None:
@@ -417,7 +442,7 @@ class Wado:
             fh = await loop.run_in_executor(None, self.arc.tier(rec["tier"]).open, rec["blob"])
         except BlobNotFound:
             self.arc.damage(rec["sop"], rec["blob"], rec["tier"], "blob missing", "instance retrieve")
-            abort_stream(request, f"instance {rec['sop']}: blob missing")
+            abort_stream(request, resp, f"instance {rec['sop']}: blob missing")
         try:
             while True:
                 chunk = await loop.run_in_executor(None, _read_hashed, fh, h)
@@ -432,7 +457,7 @@ class Wado:
         if sent != rec["size"] or h.hexdigest() != rec["sha256"]:
             what = "sha256 mismatch" if sent == rec["size"] else f"blob is {sent}+ bytes, {rec['size']} recorded"
             self.arc.damage(rec["sop"], rec["blob"], rec["tier"], what, "instance retrieve")
-            abort_stream(request, f"instance {rec['sop']}: {what}")
+            abort_stream(request, resp, f"instance {rec['sop']}: {what}")
 
     def _transcode_instance(self, rec: dict, ts: str) -> bytes:
         import pydicom
