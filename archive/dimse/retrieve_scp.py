@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -18,6 +17,8 @@ from pynetdicom import build_context
 
 from archive.query import QueryError, Searcher
 
+from . import compat
+from .connections import OUTGOING_PDU_FLOOR, cap_peer_pdu
 from .contexts import GET_MODELS, MOVE_MODELS
 from .find_scp import query_level
 from .identifiers import keys_from_identifier
@@ -59,10 +60,15 @@ MAX_QUEUED_PDUS = 64
 move_association = threading.local()
 
 
-def remember_association(associate):
+def remember_association(associate, cfg=None):
     def wrapper(*args, **kwargs):
         assoc = associate(*args, **kwargs)
         move_association.current = assoc
+        if cfg is not None and assoc.is_established:
+            # The destination is a configured node, but a stalled one must not hold this
+            # thread forever, and "unlimited" PDUs would mean a whole file in one PDU.
+            compat.set_socket_timeout(assoc, cfg.network_timeout)
+            cap_peer_pdu(assoc.acceptor, max(cfg.max_pdu, OUTGOING_PDU_FLOOR))
         stream_sends(assoc)
         return assoc
     return wrapper
@@ -101,15 +107,7 @@ def stream_sends(assoc) -> None:
     assoc.send_c_store = send_c_store
     # pynetdicom queues every outgoing P-DATA PDU without limit: when disk reads outrun the
     # network the whole file would pile up in memory. Wait while the queue is long.
-    dul = assoc.dul
-    queue_put = dul.send_pdu
-
-    def send_pdu(primitive) -> None:
-        while dul.to_provider_queue.qsize() > MAX_QUEUED_PDUS and assoc.is_established:
-            time.sleep(0.0005)
-        queue_put(primitive)
-
-    dul.send_pdu = send_pdu
+    compat.throttle_sends(assoc, MAX_QUEUED_PDUS)
     assoc._pathpacs_streams = True
 
 

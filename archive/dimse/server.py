@@ -1,14 +1,15 @@
-"""The pynetdicom AE: contexts, handlers, start/stop."""
+"""The pynetdicom AE: contexts, handlers, start/stop, and the connection guard."""
 from __future__ import annotations
 
 import logging
 from functools import partial
 from typing import TYPE_CHECKING
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 
-from . import receive
+from . import compat, receive
 from .commitment import handle_n_action
+from .connections import Connections
 from .contexts import (
     FIND_MODELS, GET_MODELS, MOVE_MODELS, STORAGE_COMMITMENT, STORAGE_SOP_CLASSES,
     STORAGE_TRANSFER_SYNTAXES, VERIFICATION,
@@ -23,24 +24,46 @@ if TYPE_CHECKING:
 log = logging.getLogger("pathpacs.dimse")
 
 
+class ArchiveAE(AE):
+    """An AE whose association limit counts only associations whose A-ASSOCIATE-RQ arrived.
+
+    pynetdicom refuses an association (local limit exceeded) when more acceptor threads are
+    alive than `maximum_associations`, counting connections still waiting for their
+    A-ASSOCIATE-RQ; those are bounded by `max_pending` and `acse_timeout` instead, so the limit
+    reported here is the configured one plus the number of them."""
+
+    connections: Connections | None = None
+
+    @property
+    def maximum_associations(self) -> int:
+        limit = AE.maximum_associations.fget(self)
+        return limit + (self.connections.awaiting_request() if self.connections is not None else 0)
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)
+
+
 class DimseServer:
     """C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE and Storage Commitment on one port."""
 
     def __init__(self, arc: "Archive") -> None:
+        compat.check_version()
         self.arc = arc
         cfg = arc.config
         # Receive C-STORE data straight to disk, into our session dir on the hot tier's
-        # filesystem, so ingest can rename it into place: no instance is held in memory.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # ...and send stored files in chunks too (C-GET/C-MOVE, see retrieve_scp.StoredInstance).
-        _config.STORE_SEND_CHUNKED_DATASET = True
+        # filesystem, so ingest can rename it into place: no instance is held in memory;
+        # send stored files in chunks too (C-GET/C-MOVE, see retrieve_scp.StoredInstance).
+        compat.stream_datasets()
         receive.install(arc.tmp_dir)
-        ae = AE(ae_title=cfg.aet)
+        self.connections = Connections(cfg)
+        ae = ArchiveAE(ae_title=cfg.aet)
+        ae.connections = self.connections
         ae.maximum_pdu_size = cfg.max_pdu
         ae.maximum_associations = cfg.max_associations
         ae.dimse_timeout = cfg.dimse_timeout
         ae.network_timeout = cfg.network_timeout
-        ae.acse_timeout = 30
+        ae.acse_timeout = cfg.acse_timeout
         ae.require_called_aet = cfg.require_called_aet
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_SOP_CLASSES:
@@ -49,7 +72,7 @@ class DimseServer:
         for model in (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS):
             ae.add_supported_context(model)
         ae.add_supported_context(STORAGE_COMMITMENT)
-        ae.associate = remember_association(ae.associate)  # see retrieve_scp.move_association
+        ae.associate = remember_association(ae.associate, cfg)  # see retrieve_scp.move_association
         self.ae = ae
         self._server = None
         self.handlers = [
@@ -59,16 +82,28 @@ class DimseServer:
             (evt.EVT_C_GET, partial(handle_get, arc=arc)),
             (evt.EVT_C_MOVE, partial(handle_move, arc=arc)),
             (evt.EVT_N_ACTION, partial(handle_n_action, arc=arc)),
+            *self.connections.handlers,
         ]
 
     def start(self) -> None:
         cfg = self.arc.config
         self._server = self.ae.start_server(
-            (cfg.host, cfg.dicom_port), block=False, evt_handlers=self.handlers
+            (cfg.host, cfg.dicom_port), block=False, evt_handlers=self.handlers,
+            contexts=compat.cheap_copy_contexts(self.ae.supported_contexts),
         )
-        log.info("DIMSE listening on %s:%d as %s", cfg.host, cfg.dicom_port, cfg.aet)
+        # socketserver's hook, called for each accepted socket before its thread starts.
+        self._server.verify_request = self.connections.verify_request
+        # socketserver listens with a backlog of 5: a burst of connections (or a few idle
+        # ones while the accept loop is busy) would have the rest wait for SYN retransmits.
+        self._server.socket.listen(max(128, min(cfg.max_pending, 4096)))
+        self.connections.start()
+        log.info("DIMSE listening on %s:%d as %s (max %d associations, %d negotiating; max PDU %d; "
+                 "acse_timeout %g s, network_timeout %g s)", cfg.host, cfg.dicom_port, cfg.aet,
+                 cfg.max_associations, cfg.max_pending, cfg.max_pdu, cfg.acse_timeout, cfg.network_timeout)
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self._server.shutdown()  # no new connections
             self._server = None
+        self.connections.stop()
+        self.connections.close_all()

@@ -1,5 +1,8 @@
 """C-STORE SCP: the received file (streamed to disk by receive.SpoolFile, hashed on the way)
-is handed to the one ingest function, which answers with the DIMSE status."""
+is handed to the one ingest function, which answers with the DIMSE status.
+
+The SOP class that counts is the accepted presentation context's abstract syntax: the command's
+Affected SOP Class UID must name it, and ingest checks the data set's SOP Class UID against it."""
 from __future__ import annotations
 
 import logging
@@ -8,25 +11,32 @@ from typing import TYPE_CHECKING
 
 from archive.ingest import OUT_OF_RESOURCES, ingest
 
+from . import compat
 from .receive import SpoolFile
 
 if TYPE_CHECKING:
     from archive.store import Archive
 
 log = logging.getLogger("pathpacs.dimse.store")
+DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3: Error, Data Set does not match SOP Class
 
 
 def handle_store(event, arc: "Archive") -> int:
-    spool: SpoolFile = event.request._dataset_file  # see receive.py; still open here
+    spool: SpoolFile = compat.request_spool(event.request)  # see receive.py; still open here
     state = spool.finished()
-    if state.error is not None:
+    calling = event.assoc.requestor.ae_title
+    context_class = str(event.context.abstract_syntax)
+    command_class = str(event.request.AffectedSOPClassUID or "")
+    if state.error is not None or command_class != context_class:
         Path(event.dataset_path).unlink(missing_ok=True)
-        log.warning("C-STORE from %s refused: cannot write received data: %s",
-                    event.assoc.requestor.ae_title, state.error)
-        return OUT_OF_RESOURCES
+        if state.error is not None:
+            log.warning("C-STORE from %s refused: cannot write received data: %s", calling, state.error)
+            return OUT_OF_RESOURCES
+        log.warning("C-STORE from %s refused (0xA900): Affected SOP Class UID %s is not the presentation "
+                    "context's %s", calling, command_class[:64], context_class)
+        return DATASET_MISMATCH
     result = ingest(
         arc, Path(event.dataset_path), take_ownership=True, sha256=state.sha256,
-        origin="c-store", calling_aet=event.assoc.requestor.ae_title,
-        expected_sop_class=str(event.request.AffectedSOPClassUID),
+        origin="c-store", calling_aet=calling, expected_sop_class=context_class,
     )
     return result.dimse_status
