@@ -193,6 +193,27 @@ def test_idle_half_pdu_sockets_neither_lock_out_nor_stay(make_server):
     assert wait_for(lambda: len(log_lines(srv, pattern)) == 40, 5), srv.log()[-2000:]
 
 
+def test_max_associations_counts_only_requested_associations(make_server):
+    srv = make_server(config_text="[dimse]\nacse_timeout = 5\nmax_associations = 2\n")
+    idle = [socket.create_connection(("127.0.0.1", srv.dicom_port)) for _ in range(5)]
+    for s in idle:
+        s.sendall(b"\x01\x00")
+    time.sleep(0.2)
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(VERIFICATION)
+    held = [ae.associate("127.0.0.1", srv.dicom_port, ae_title=srv.aet) for _ in range(2)]
+    assert all(a.is_established for a in held)  # the 5 idle sockets hold no slot...
+    third = ae.associate("127.0.0.1", srv.dicom_port, ae_title=srv.aet)
+    assert third.is_rejected  # ... but the limit still holds for real associations
+    held[0].release()
+    time.sleep(0.3)
+    assert echoscu(srv).returncode == 0
+    held[1].release()
+    assert wait_for(lambda: log_lines(srv, r"HOLDER -> PATHPACS .*refused .*local limit exceeded \(max_associations\)"), 3)
+    for s in idle:
+        s.close()
+
+
 def test_max_pending_closes_the_excess_at_once(make_server):
     srv = make_server(config_text="[dimse]\nacse_timeout = 2\nmax_pending = 5\n")
     idle = [socket.create_connection(("127.0.0.1", srv.dicom_port)) for _ in range(5)]
@@ -207,19 +228,32 @@ def test_max_pending_closes_the_excess_at_once(make_server):
     assert echoscu(srv).returncode == 0
 
 
-def test_established_peer_stalling_mid_pdu_is_dropped(make_server):
+@pytest.mark.parametrize("how", ["stall", "dribble"])
+def test_established_peer_stalling_mid_pdu_is_dropped(make_server, how):
     srv = make_server(config_text="[dimse]\nacse_timeout = 2\nnetwork_timeout = 2\n")
     sock, _ = raw_associate(srv)
     sock.sendall(pdata(1, 3, echo_rq()))  # one good C-ECHO ...
     reply = recv_pdu(sock)
     assert reply is not None and reply[0] == 0x04
-    sock.sendall(pdata(1, 3, echo_rq(2))[:9])  # ... then half a PDU, and silence
-    assert closed_by_server(sock, within=2 + 2.5) > 1.5
+    pdu = pdata(1, 3, echo_rq(2))
+    sock.sendall(pdu[:9])  # ... then half a PDU, and silence, or the rest a byte every 0.5 s
+    start = time.monotonic()
+    if how == "dribble":
+        try:
+            for b in pdu[9:-1]:
+                time.sleep(0.5)
+                sock.sendall(bytes([b]))
+                if time.monotonic() - start > 6:
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    closed_by_server(sock, within=max(0.1, start + 2 + 2.5 - time.monotonic()))
+    assert time.monotonic() - start > 1.5
     sock.close()
     line = wait_for(lambda: log_lines(srv, r"association RAWSCU -> PATHPACS from 127\.0\.0\.1:\d+: timed out"), 3)
     assert line and "C-ECHO 1" in line[0], srv.log()[-2000:]
     # pynetdicom's idle timer and the socket timeout have the same length: either may see it.
-    assert "in the middle of a PDU" in line[0] or "nothing received for network_timeout" in line[0]
+    assert re.search(r"in the middle of a PDU|no complete PDU within network_timeout|one PDU took over", line[0])
     assert echoscu(srv).returncode == 0
 
 

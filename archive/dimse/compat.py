@@ -13,6 +13,7 @@ fails a test instead of the archive.
 from __future__ import annotations
 
 import copy
+import logging
 import socket
 import struct
 import time
@@ -57,6 +58,7 @@ def check_version(version: str | None = None) -> None:
 PRIVATE_NAMES = [
     ("pynetdicom._config", "STORE_RECV_CHUNKED_DATASET"),
     ("pynetdicom._config", "STORE_SEND_CHUNKED_DATASET"),
+    ("pynetdicom._config", "LOG_HANDLER_LEVEL"),
     ("pynetdicom.dimse_messages", "NamedTemporaryFile"),
     ("C_STORE primitive", "_dataset_file"),
     ("Association", "dul"),
@@ -122,10 +124,19 @@ def missing_private_names() -> list[str]:
 
 # -- configuration and C-STORE spooling -----------------------------------------------------
 
-def stream_datasets() -> None:
-    """Receive C-STORE data sets into a file (see receive.py) and send stored files in chunks."""
+def configure() -> None:
+    """Process-wide pynetdicom settings for the archive:
+    - receive C-STORE data sets into a file (see receive.py), send stored files in chunks;
+    - no 'standard' DIMSE/PDU log handlers: they only make debug output (pynetdicom logs at
+      WARNING here), cost a call per PDU, and raise on malformed messages (each a traceback);
+    - pynetdicom.utils logs every undecodable or non-conformant value a peer sends, and
+      pynetdicom.dimse every undecodable DIMSE message, with a traceback: a hostile peer could
+      fill the log; the failure is in the association's one log line instead."""
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
+    _config.LOG_HANDLER_LEVEL = "none"
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    logging.getLogger("pynetdicom.dimse").setLevel(logging.CRITICAL)  # "invalid DIMSE message" + traceback
 
 
 def use_spool_factory(factory) -> None:
@@ -241,21 +252,20 @@ def abort_and_close(assoc: "Association") -> None:
         sock.close()  # shutdown + close, then Evt17: the state machine ends the association
 
 
-def _recv_exact(raw: socket.socket, n: int) -> bytearray:
-    """n bytes, or fewer if the peer closed the connection; the socket's timeout applies to
-    each wait (TimeoutError)."""
-    buf = bytearray(n)
+def _recv_into(raw: socket.socket, buf: bytearray, start: int) -> int:
+    """Fill buf[start:] from the socket; returns the bytes now in buf (fewer than len(buf) if
+    the peer closed the connection). The socket's timeout applies to each wait (TimeoutError)."""
     view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = raw.recv_into(view[got:], min(n - got, 1 << 20))
-        if k == 0:
-            break
-        got += k
-    view.release()
-    if got < n:
-        del buf[got:]
-    return buf
+    got = start
+    try:
+        while got < len(buf):
+            k = raw.recv_into(view[got:], min(len(buf) - got, 1 << 20))
+            if k == 0:
+                break
+            got += k
+    finally:
+        view.release()
+    return got
 
 
 class ReadWatcher:
@@ -266,6 +276,7 @@ class ReadWatcher:
     def stalled(self, exc: BaseException) -> None: ...
     def peer_closed(self, got: int, wanted: int) -> None: ...
     def invalid(self, what: str) -> None: ...
+    def reading(self, busy: bool) -> None: ...  # a PDU is being read (True) / no longer (False)
 
 
 def bound_pdu_reads(assoc: "Association", watcher: ReadWatcher) -> None:
@@ -277,13 +288,21 @@ def bound_pdu_reads(assoc: "Association", watcher: ReadWatcher) -> None:
     dul = assoc.dul
 
     def read_pdu_data() -> None:
+        watcher.reading(True)
+        try:
+            _read_pdu_data()
+        finally:
+            watcher.reading(False)
+
+    def _read_pdu_data() -> None:
         raw = getattr(dul.socket, "socket", None)
         try:
             if raw is None:
                 raise ConnectionError("socket already closed")
-            header = _recv_exact(raw, 6)
-            if len(header) < 6:
-                watcher.peer_closed(len(header), 6)
+            header = bytearray(6)
+            got = _recv_into(raw, header, 0)
+            if got < 6:
+                watcher.peer_closed(got, 6)
                 dul.event_queue.put("Evt17")  # transport connection closed
                 return
             pdu_type, _, length = struct.unpack(">BBL", header)
@@ -296,19 +315,19 @@ def bound_pdu_reads(assoc: "Association", watcher: ReadWatcher) -> None:
                 watcher.oversized(pdu_type, length, limit)
                 abort_and_close(assoc)
                 return
-            body = _recv_exact(raw, length)
+            pdu_bytes = bytearray(6 + length)
+            pdu_bytes[:6] = header
+            got = _recv_into(raw, pdu_bytes, 6)
         except (OSError, ValueError) as exc:  # timeout mid-PDU, reset, closed under us
             watcher.stalled(exc)
             dul.event_queue.put("Evt17")
             return
-        if len(body) != length:
-            watcher.peer_closed(6 + len(body), 6 + length)
+        if got != 6 + length:
+            watcher.peer_closed(got, 6 + length)
             dul.event_queue.put("Evt17")
             return
-        header += body
-        del body
         try:
-            pdu, event = dul._decode_pdu(header)
+            pdu, event = dul._decode_pdu(pdu_bytes)
         except Exception as exc:
             watcher.invalid(f"undecodable {PDU_TYPES[pdu_type]} PDU ({type(exc).__name__}: {exc})"[:200])
             dul.event_queue.put("Evt19")
@@ -330,7 +349,15 @@ def bound_messages(assoc: "Association", check: Callable[[int, int, int], str | 
     original = dimse.receive_primitive
 
     def receive_primitive(primitive) -> None:
-        original(primitive)
+        try:
+            original(primitive)
+        except Exception as exc:  # pynetdicom 3.0 lets a malformed command set kill the DUL thread
+            on_violation(f"undecodable DIMSE message ({type(exc).__name__}: {exc}): A-ABORT sent"[:200])
+            abort_and_close(assoc)
+            return
+        if "Evt19" in tuple(assoc.dul.event_queue.queue):  # pynetdicom found it invalid; it aborts
+            on_violation("invalid DIMSE message: A-ABORT sent")
+            return
         msg = dimse.message
         command = data = 0
         if msg is not None:

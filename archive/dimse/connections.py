@@ -9,8 +9,9 @@
   Until its A-ASSOCIATE-RQ has arrived it holds none of the `max_associations` slots
   (`awaiting_request`, used by server.ArchiveAE).
 - Established: the socket timeout becomes `network_timeout`, so a peer that stops in the middle
-  of a PDU cannot hold a thread forever; pynetdicom's idle timer (same value) covers silence
-  between messages.
+  of a PDU cannot hold a thread forever, and one that dribbles a PDU is shut down once that PDU
+  has taken longer than `network_timeout`; pynetdicom's idle timer (same value) covers silence
+  between PDUs.
 - Bounds (compat.bound_pdu_reads / bound_messages): a PDU longer than `max_pdu` (+ header
   tolerance) for P-DATA, or than a few hundred KiB for association PDUs, is never read: the
   connection gets an A-ABORT and is closed. So is one whose DIMSE command, in-memory data set
@@ -77,6 +78,7 @@ class Connection:
     closed: bool = False
     finalized: bool = False
     shut_at: float | None = None
+    reading_since: float | None = None  # its DUL thread is inside a PDU since then
 
     @property
     def peer(self) -> str:
@@ -127,6 +129,9 @@ class _Watcher(compat.ReadWatcher):
 
     def invalid(self, what: str) -> None:
         self.owner.note(self.conn, "aborted", f"invalid PDU from the peer: {what}", violation=True)
+
+    def reading(self, busy: bool) -> None:
+        self.conn.reading_since = time.monotonic() if busy else None
 
 
 class Connections:
@@ -306,7 +311,7 @@ class Connections:
             elif isinstance(p, (A_ABORT, A_P_ABORT)) and conn.outcome is None:
                 if compat.idle_timed_out(event.assoc):  # pynetdicom aborts when its idle timer expires
                     conn.outcome = "timed out"
-                    conn.detail = f"nothing received for network_timeout ({self.cfg.network_timeout:g} s)"
+                    conn.detail = f"no complete PDU within network_timeout ({self.cfg.network_timeout:g} s)"
                 else:
                     conn.outcome, conn.detail = "aborted", "by the archive"
 
@@ -357,7 +362,7 @@ class Connections:
         if conn is None:
             return
         if compat.idle_timed_out(event.assoc):
-            self.note(conn, "timed out", f"nothing received for network_timeout ({self.cfg.network_timeout:g} s)")
+            self.note(conn, "timed out", f"no complete PDU within network_timeout ({self.cfg.network_timeout:g} s)")
         elif conn.peer_aborted:
             self.note(conn, "aborted", "by the peer (A-ABORT)")
         else:
@@ -437,6 +442,19 @@ class Connections:
                 conn.shut_at = now
                 stage = "no A-ASSOCIATE-RQ" if not conn.requested else "association not established"
                 self.note(conn, "timed out", f"{stage} within acse_timeout ({self.cfg.acse_timeout:g} s)")
+                if conn.sock is not None:
+                    try:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+            since = conn.reading_since
+            if (conn.established and not conn.finalized and conn.shut_at is None and since is not None
+                    and now - since > self.cfg.network_timeout + 1):
+                # A peer dribbling one PDU: each recv() gets a byte before network_timeout, but
+                # the PDU as a whole may not take longer than that (pynetdicom's idle timer
+                # would abort the association, but only once the PDU is complete).
+                conn.shut_at = now
+                self.note(conn, "timed out", f"one PDU took over network_timeout ({self.cfg.network_timeout:g} s)")
                 if conn.sock is not None:
                     try:
                         conn.sock.shutdown(socket.SHUT_RDWR)

@@ -54,7 +54,7 @@ class DimseServer:
         # Receive C-STORE data straight to disk, into our session dir on the hot tier's
         # filesystem, so ingest can rename it into place: no instance is held in memory;
         # send stored files in chunks too (C-GET/C-MOVE, see retrieve_scp.StoredInstance).
-        compat.stream_datasets()
+        compat.configure()
         receive.install(arc.tmp_dir)
         self.connections = Connections(cfg)
         ae = ArchiveAE(ae_title=cfg.aet)
