@@ -27,7 +27,7 @@ from archive.query import QueryError
 
 from . import pages, qido
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
-                     multipart_body)
+                     log_safe, multipart_body)
 from .media import NotAcceptable
 from .stow import stow
 from .wado import StreamAborted, Wado
@@ -116,7 +116,7 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:
         ref = uuid.uuid4().hex[:12]
-        log.exception("error %s answering %s %s", ref, request.method, request.path)
+        log.exception("error %s answering %s %s", ref, request.method, log_safe(request.path))
         return error(500, f"internal error (logged as {ref})")
 
 
@@ -138,7 +138,7 @@ class _ClientFaultFilter(logging.Filter):
             what = "client connection lost during the response"
         else:
             return True
-        record.msg, record.args = f"{record.getMessage()}: {what}"[:500], ()
+        record.msg, record.args = log_safe(" ".join(f"{record.getMessage()}: {what}".split()), 500), ()
         record.exc_info = record.exc_text = None
         record.levelno, record.levelname = logging.INFO, "INFO"
         return True
@@ -152,10 +152,11 @@ def _quiet_client_faults() -> None:
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: client, method, path (no query string: it can hold patient
-    names), status, bytes sent, duration."""
+    names; control characters escaped: a %0A in the path must not start a forged line),
+    status, bytes sent, duration."""
 
     def log(self, request, response, time: float) -> None:
-        self.logger.info('%s "%s %s" %d %d %.1fms', request.remote, request.method, request.path,
+        self.logger.info('%s "%s %s" %d %d %.1fms', request.remote, request.method, log_safe(request.path),
                          response.status, response.body_length, time * 1000)
 
 

@@ -49,6 +49,13 @@ class HttpError(Exception):
         self.reason = reason
 
 
+def log_safe(s: str, limit: int = 2000) -> str:
+    """Client text for a log line: control characters (CR, LF, ESC...) escaped, so a request
+    cannot forge log lines or send terminal escapes to whoever reads the log."""
+    s = s[:limit]
+    return s if s.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
 def _header_safe(s: str) -> str:
     s = s.replace('"', "'").replace("\\", "/")
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in s)[:300]

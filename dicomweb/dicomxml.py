@@ -4,14 +4,28 @@ pydicom has no XML writer; QIDO and metadata can answer application/dicom+xml wi
 """
 from __future__ import annotations
 
+import re
 from typing import Any
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape as _escape, quoteattr as _quoteattr
 
 from pydicom.datadict import keyword_for_tag
 
 NS = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 _PN_COMPONENTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+# Characters XML 1.0 cannot hold at all (C0 controls but TAB/LF/CR, lone surrogates, U+FFFE/F):
+# stored values may contain them (a PatientID with \x01), client text too (a STOW failure
+# reason quoting a header with a non-UTF-8 byte). They become U+FFFD, so the document stays
+# well-formed and encodable.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def escape(s: str) -> str:
+    return _escape(_NOT_XML.sub("\ufffd", s))
+
+
+def quoteattr(s: str) -> str:
+    return _quoteattr(_NOT_XML.sub("\ufffd", s))
 
 
 def _keyword(tag: str) -> str:

@@ -27,7 +27,7 @@ from archive.index import out_of_space
 from archive.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, ingest
 
 from . import dicomxml
-from .common import HttpError, _header_safe, base_url, check_boundary, check_uid
+from .common import HttpError, _header_safe, base_url, check_boundary, check_uid, log_safe
 from .media import parse_accept, parse_content_type
 
 log = logging.getLogger("pathpacs.dicomweb.stow")
@@ -193,7 +193,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
             pct, _ = parse_content_type(part.headers.get("Content-Type", "application/dicom"))
             if pct not in ("application/dicom", ""):
                 await _discard(part, timeout)
-                fail(f"part type {pct[:60]} is not application/dicom", CANNOT_UNDERSTAND)
+                fail(f"part type {_header_safe(pct[:60])} is not application/dicom", CANNOT_UNDERSTAND)
                 continue
             if no_space:  # the disk filled on an earlier part: answer every later part too
                 await _discard(part, timeout)
@@ -260,7 +260,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
     else:
         status = 409
     log.info("STOW from %s: %d stored, %d failed%s", request.remote, len(referenced), len(failed),
-             f" ({reasons[0]})" if reasons else "")
+             f" ({log_safe(reasons[0], 300)})" if reasons else "")
     headers = {}
     if reasons:
         headers["Warning"] = ", ".join(

@@ -66,6 +66,8 @@ def client_gone(request: web.Request, response: web.StreamResponse) -> StreamAbo
 
 CHUNK = 1 << 20
 MAX_TRANSCODE_BYTES = 1 << 30
+THUMB_CACHE_BYTES = 32 << 20  # all cached thumbnails together
+THUMB_CACHE_MAX_ENTRY = 1 << 20  # larger answers (big viewports) are not cached
 
 
 MAX_FRAMES_PER_REQUEST = 1024
@@ -147,6 +149,7 @@ class Wado:
         self.pixels = PixelInfoCache(arc)
         self._gz: OrderedDict[str, bytes] = OrderedDict()
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
+        self._thumb_bytes = 0
         # Decoding work (rendered, thumbnails, transcoding) holds memory proportional to its
         # output: at most this many at once, whatever the number of clients.
         self.heavy = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
@@ -569,9 +572,14 @@ class Wado:
             async with self.heavy:
                 body = await asyncio.get_running_loop().run_in_executor(
                     None, self._render_instance, sop, None, params, (256, 256))
-            self._thumbs[key] = body
-            while len(self._thumbs) > 256:
-                self._thumbs.popitem(last=False)
+            # Bounded by bytes as well as entries: a thumbnail asked with viewport=4096,4096 is
+            # up to ~30 MB, and each distinct viewport/quality is a new key.
+            if len(body) <= THUMB_CACHE_MAX_ENTRY and key not in self._thumbs:
+                self._thumbs[key] = body
+                self._thumb_bytes += len(body)
+                while len(self._thumbs) > 256 or self._thumb_bytes > THUMB_CACHE_BYTES:
+                    _, old = self._thumbs.popitem(last=False)
+                    self._thumb_bytes -= len(old)
         return web.Response(body=body, headers={"Content-Type": params.media,
                                                 "Cache-Control": "max-age=300"})
 
