@@ -124,10 +124,13 @@ class Archive:
                 if crc is not None and crc32c(data) != crc:
                     raise self.damage(sop, table.blob, table.tier, "a frame failed its CRC32C", "frame read")
                 out.append(data)
-        except BlobNotFound:
-            raise self.damage(sop, table.blob, table.tier, "blob missing", "frame read")
-        except BlobError:
-            raise self.damage(sop, table.blob, table.tier, "blob shorter than its frame table", "frame read")
+        except BlobError as exc:
+            cur = self.index.instance(sop)
+            if cur is None or cur["blob"] != table.blob or cur["tier"] != table.tier:
+                # replaced or moved while we read: not damage; the caller locates it again
+                raise DamagedData(sop, "blob replaced while reading")
+            what = "blob missing" if isinstance(exc, BlobNotFound) else "blob shorter than its frame table"
+            raise self.damage(sop, table.blob, table.tier, what, "frame read")
         return out
 
     def damage(self, sop: str, blob: str, tier: str, what: str, source: str) -> DamagedData:
