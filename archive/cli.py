@@ -1,4 +1,5 @@
-"""`pathpacs` — the one console script: serve, import, ls, stats, verify (+ converters' verbs).
+"""`pathpacs` — the one console script: serve, import, watch, ls, stats, verify, migrate, and the
+converters library's `convert` verb.
 
 Every verb returns an exit code; expected failures print one line to stderr, never a traceback.
 """
@@ -10,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Iterator
+
+from converters import commands as convert_cli
 
 from . import config as config_mod
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
@@ -243,16 +246,65 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def _import_other(arc, path: Path, args: argparse.Namespace) -> list:
     """Non-DICOM files (slides, photos) go through the converters, then the same ingest."""
+    from .importer import import_path
     from .ingest import IngestResult
 
-    try:
-        from converters.commands import import_path
-    except ImportError:
-        return [IngestResult("rejected", reason="not a DICOM file")]
     try:
         return import_path(arc, path, args)
     except Exception as exc:  # ConversionError and friends: one line per file
         return [IngestResult("rejected", reason=str(exc) or type(exc).__name__)]
+
+
+# -- watch -----------------------------------------------------------------------
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """`pathpacs watch DIR`: the drop folder (archive.watch) on the archive of --data."""
+    from converters.errors import ConversionError
+
+    from . import watch as watch_mod
+
+    convert_cli.quiet_libraries()
+    try:
+        opts = convert_cli.options_from_args(args, progress=False)
+        directory = Path(args.directory)
+        watch_mod.prepare(directory)
+        quiet = getattr(args, "quiet", False)
+
+        def say(msg: str) -> None:
+            if not quiet:
+                print(msg, flush=True)
+
+        interval = max(0.05, float(args.interval))
+        stable = max(0.0, float(args.stable_seconds))
+        try:
+            arc = open_archive(args)
+        except Exception as exc:
+            raise ConversionError(f"cannot open the archive: {exc}") from None
+        try:
+            return watch_mod.watch(arc, directory, opts, interval=interval, stable=stable,
+                                   once=getattr(args, "once", False), log=say)
+        finally:
+            arc.close()
+    except ConversionError as exc:
+        return convert_cli.fail(str(exc))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _add_watch(sub) -> None:
+    p = sub.add_parser("watch", help="convert and store scanner files dropped into a folder",
+                       description="Poll DIR; each new file whose size is stable is converted and "
+                                   "stored, then moved to DIR/done/ or DIR/failed/ (with NAME.reason).")
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between scans (default 5)")
+    p.add_argument("--stable-seconds", type=float, default=10.0, metavar="S",
+                   help="a file must keep its size this long before it is taken (default 10)")
+    p.add_argument("--once", action="store_true", help="process what is ready and exit")
+    p.add_argument("--data", type=Path, help="data directory (default ./data or archive.data_dir)")
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument("--quiet", "-q", action="store_true")
+    convert_cli.add_convert_options(p)
+    p.set_defaults(func=cmd_watch)
 
 
 # -- ls / stats / verify --------------------------------------------------------------
@@ -411,12 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_migrate)
 
-    try:
-        from converters.commands import register
-    except ImportError:
-        pass
-    else:
-        register(sub)
+    convert_cli.register(sub)  # `convert`: the converters library's own verb
+    _add_watch(sub)
     return parser
 
 

@@ -1,4 +1,5 @@
-"""``python -m converters convert|watch ...`` (the same verbs as ``pathpacs``)."""
+"""``python -m converters convert ...``: the converters library's own command line (the same
+``convert`` verb as ``pathpacs convert``; importing into an archive is ``pathpacs import``/``watch``)."""
 
 import argparse
 import sys

@@ -1,9 +1,10 @@
-"""CLI verbs of the converters: ``pathpacs convert`` and ``pathpacs watch``.
+"""The converters' command line: ``convert`` (``pathpacs convert``, ``python -m converters convert``).
 
-``register(subparsers)`` is called by ``archive.cli``; ``import_path`` by
-``pathpacs import`` for files that are not DICOM. Expected failures raise
-``ConversionError`` internally and come out as one line on stderr with a
-non-zero exit code.
+A library CLI with no archive behind it: ``register(subparsers)`` adds the ``convert`` verb to
+any argparse parser (``archive.cli`` adds it to ``pathpacs``), ``add_convert_options`` and
+``options_from_args`` give the archive's ``import``/``watch`` verbs the same conversion flags.
+Expected failures raise ``ConversionError`` internally and come out as one line on stderr with
+a non-zero exit code.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import ConversionError
 EXIT_FAILED = 2
 
 
-def _add_convert_options(p: argparse.ArgumentParser) -> None:
+def add_convert_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("conversion")
     g.add_argument("--metadata", type=Path, metavar="FILE.json",
                    help="patient/study/slide metadata (schema in docs/converters.md)")
@@ -42,7 +43,7 @@ def _add_convert_options(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace, *, progress: bool | None = None):
-    """argparse namespace (from convert, watch or import) -> ConvertOptions."""
+    """argparse namespace (from convert, or the archive's watch or import) -> ConvertOptions."""
     from .convert import ConvertOptions
     from .metadata import load_metadata, merge_metadata, validate_metadata
 
@@ -75,14 +76,14 @@ def options_from_args(args: argparse.Namespace, *, progress: bool | None = None)
     )
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     import logging
 
     # tifffile logs what it thinks of broken files; our one-line reason says it better
     logging.getLogger("tifffile").setLevel(logging.CRITICAL)
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
     print(f"pathpacs: error: {message}", file=sys.stderr)
     return EXIT_FAILED
 
@@ -90,49 +91,27 @@ def _fail(message: str) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    _quiet_libraries()
+    quiet_libraries()
     try:
         opts = options_from_args(args)  # progress bar: not with --quiet, only on a terminal
         result = convert(args.input, args.output, opts)
     except ConversionError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except KeyboardInterrupt:
-        return _fail("interrupted")
+        return fail("interrupted")
     except MemoryError:
-        return _fail("out of memory")
+        return fail("out of memory")
     except OSError as exc:
-        return _fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return fail(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
     except Exception as exc:  # an unexpected bug still gets one line, not a traceback
         if os.environ.get("PATHPACS_DEBUG"):
             raise
-        return _fail(f"conversion failed ({type(exc).__name__}: {exc})")
+        return fail(f"conversion failed ({type(exc).__name__}: {exc})")
     if not args.quiet:
         for w in result.warnings:
             print(f"pathpacs: warning: {w}", file=sys.stderr)
         print(result.summary())
     return 0
-
-
-def import_path(arc, path: Path, args: argparse.Namespace | None = None) -> list:
-    """Convert a non-DICOM file and ingest its instances (``pathpacs import``)."""
-    from .importer import import_slide
-
-    _quiet_libraries()
-    opts = options_from_args(args or argparse.Namespace(), progress=False)
-    return import_slide(arc, Path(path), opts)
-
-
-def cmd_watch(args: argparse.Namespace) -> int:
-    from .watch import watch
-
-    _quiet_libraries()
-    try:
-        opts = options_from_args(args, progress=False)
-        return watch(args, Path(args.directory), opts)
-    except ConversionError as exc:
-        return _fail(str(exc))
-    except KeyboardInterrupt:
-        return 0
 
 
 def register(subparsers) -> None:
@@ -143,19 +122,5 @@ def register(subparsers) -> None:
     p.add_argument("input", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUTDIR")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no summary")
-    _add_convert_options(p)
+    add_convert_options(p)
     p.set_defaults(func=cmd_convert)
-
-    p = subparsers.add_parser("watch", help="convert and store scanner files dropped into a folder",
-                              description="Poll DIR; each new file whose size is stable is converted and "
-                                          "stored, then moved to DIR/done/ or DIR/failed/ (with NAME.reason).")
-    p.add_argument("directory", type=Path, metavar="DIR")
-    p.add_argument("--interval", type=float, default=5.0, metavar="S", help="seconds between scans (default 5)")
-    p.add_argument("--stable-seconds", type=float, default=10.0, metavar="S",
-                   help="a file must keep its size this long before it is taken (default 10)")
-    p.add_argument("--once", action="store_true", help="process what is ready and exit")
-    p.add_argument("--data", type=Path, help="data directory (default ./data or archive.data_dir)")
-    p.add_argument("--config", type=Path, help="TOML configuration file")
-    p.add_argument("--quiet", "-q", action="store_true")
-    _add_convert_options(p)
-    p.set_defaults(func=cmd_watch)

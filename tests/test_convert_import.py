@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from converters.commands import import_path
+from archive.importer import import_path, import_slide
 from converters.convert import ConvertOptions
 from converters.errors import ConversionError
-from converters.importer import import_slide
 
 from slide_fixtures import write_ome, write_svs
 
@@ -70,7 +69,7 @@ def test_import_path_bad_file(arc, tmp_path):
 
 def _watch(tmp_path: Path, inbox: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "converters", "watch", str(inbox), "--data", str(tmp_path / "data"),
+        [sys.executable, "-m", "archive", "watch", str(inbox), "--data", str(tmp_path / "data"),
          "--once", "--interval", "0.1", "--stable-seconds", "0.2", *extra],
         capture_output=True, text=True, cwd=REPO, timeout=120)
 
@@ -125,7 +124,7 @@ def test_watch_waits_for_stable_size(tmp_path):
     growing = inbox / "growing.svs"
     growing.write_bytes(b"II*\x00")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "converters", "watch", str(inbox), "--data", str(tmp_path / "data"),
+        [sys.executable, "-m", "archive", "watch", str(inbox), "--data", str(tmp_path / "data"),
          "--once", "--interval", "0.1", "--stable-seconds", "1.5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     src = tmp_path / "real.svs"

@@ -9,19 +9,23 @@ Restarts never import a file twice: UIDs are derived from the file's identity
 crash yields the same SOP Instance UIDs and the archive reports the stored
 ones as duplicates; and ``DIR/.pathpacs-watch.json`` records files whose
 import completed, so a file that was stored but not yet moved is just moved.
+
+The command itself (flags, opening the archive) is ``archive.cli.cmd_watch``; this module is
+the folder logic and uses the Archive only through ``archive.importer``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from .convert import ConvertOptions
-from .errors import ConversionError
+from converters.convert import ConvertOptions
+from converters.errors import ConversionError
+
+from .importer import import_slide
 
 STATE_NAME = ".pathpacs-watch.json"
 IGNORED_SUFFIXES = (".part", ".tmp", ".reason", ".crdownload", ".partial")
@@ -71,8 +75,6 @@ def _identity(path: Path, st: os.stat_result) -> str:
 def process_file(arc, path: Path, opts: ConvertOptions, state: WatchState, directory: Path,
                  log=print) -> bool:
     """Import one stable file; move it to done/ or failed/. True when stored."""
-    from .importer import import_slide
-
     st = path.stat()
     ident = _identity(path, st)
     if state.done(ident):
@@ -122,7 +124,8 @@ def scan(directory: Path):
             yield Path(e.path), st
 
 
-def watch(args: argparse.Namespace, directory: Path, opts: ConvertOptions) -> int:
+def prepare(directory: Path) -> None:
+    """The watch folder must exist; its done/ and failed/ are created (before the archive is opened)."""
     if not directory.is_dir():
         raise ConversionError(f"watch folder {directory} does not exist or is not a directory")
     for sub in ("done", "failed"):
@@ -130,49 +133,38 @@ def watch(args: argparse.Namespace, directory: Path, opts: ConvertOptions) -> in
             (directory / sub).mkdir(exist_ok=True)
         except OSError as exc:
             raise ConversionError(f"cannot create {directory / sub}: {exc.strerror}") from None
-    from archive.cli import open_archive
 
-    quiet = getattr(args, "quiet", False)
 
-    def log(msg: str) -> None:
-        if not quiet:
-            print(msg, flush=True)
-
-    interval = max(0.05, float(args.interval))
-    stable = max(0.0, float(args.stable_seconds))
-    try:
-        arc = open_archive(args)
-    except Exception as exc:
-        raise ConversionError(f"cannot open the archive: {exc}") from None
+def watch(arc, directory: Path, opts: ConvertOptions, *, interval: float, stable: float, once: bool,
+          log: Callable[[str], None] = print) -> int:
+    """Poll ``directory`` until interrupted (or, ``once``, until nothing is pending); the caller
+    opens and closes ``arc``. Returns 1 when ``once`` and a file failed, else 0."""
     state = WatchState(directory / STATE_NAME)
     seen: dict[str, tuple[int, int, float]] = {}
     failures = 0
     log(f"watching {directory} (every {interval:g} s, stable after {stable:g} s)")
-    try:
-        while True:
-            now = time.monotonic()
-            pending = 0
-            present = set()
-            for path, st in scan(directory):
-                present.add(path.name)
-                key = (st.st_size, st.st_mtime_ns)
-                prev = seen.get(path.name)
-                if prev is None or prev[:2] != key:
-                    seen[path.name] = (*key, now)
-                    pending += 1
-                    continue
-                if now - prev[2] < stable:
-                    pending += 1
-                    continue
-                seen.pop(path.name, None)
-                if not process_file(arc, path, opts, state, directory, log):
-                    failures += 1
-            for name in list(seen):
-                if name not in present:
-                    del seen[name]
-            if getattr(args, "once", False) and pending == 0:
-                break
-            time.sleep(interval)
-    finally:
-        arc.close()
-    return 1 if failures and getattr(args, "once", False) else 0
+    while True:
+        now = time.monotonic()
+        pending = 0
+        present = set()
+        for path, st in scan(directory):
+            present.add(path.name)
+            key = (st.st_size, st.st_mtime_ns)
+            prev = seen.get(path.name)
+            if prev is None or prev[:2] != key:
+                seen[path.name] = (*key, now)
+                pending += 1
+                continue
+            if now - prev[2] < stable:
+                pending += 1
+                continue
+            seen.pop(path.name, None)
+            if not process_file(arc, path, opts, state, directory, log):
+                failures += 1
+        for name in list(seen):
+            if name not in present:
+                del seen[name]
+        if once and pending == 0:
+            break
+        time.sleep(interval)
+    return 1 if failures and once else 0
