@@ -1,18 +1,16 @@
 """Shared fixtures: a real `pathpacs serve` process on free ports, and generated data."""
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from conformance.bench import peers
 from conformance.bench.peers import free_port, wait_port  # noqa: F401  (tests import them from here)
+from conformance.bench.peers import Orthanc  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,63 +30,10 @@ def run_cli(*args: str, data: Path | None = None, check: bool = False, **kw) -> 
     return res
 
 
-@dataclass
-class Server:
-    data_dir: Path
-    dicom_port: int
-    http_port: int
-    aet: str = "PATHPACS"
-    config: Path | None = None
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-    extra: list[str] = field(default_factory=list)
-    preexec_fn: object = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def dicomweb_url(self) -> str:
-        return f"{self.http_url}/dicomweb"
-
-    def start(self) -> "Server":
-        cmd = pathpacs_cmd() + [
-            "serve", "--data", str(self.data_dir), "--dicom-port", str(self.dicom_port),
-            "--http-port", str(self.http_port), "--aet", self.aet, "--host", "127.0.0.1",
-        ]
-        if self.config:
-            cmd += ["--config", str(self.config)]
-        self.log_path = self.log_path or self.data_dir.parent / f"server-{self.dicom_port}.log"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd + self.extra, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     preexec_fn=self.preexec_fn)
-        wait_port(self.dicom_port, self.proc)
-        wait_port(self.http_port, self.proc)
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        code = self.proc.returncode
-        self.proc = None
-        return code
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+# A real `pathpacs serve` process: Server(data_dir, dicom_port, http_port, aet=, config=, extra=,
+# preexec_fn=).start(); .stop(sig), .kill9(), .log(), .proc, .http_url, .dicomweb_url. The one
+# launcher tests and benchmarks share (conformance/bench/peers.py).
+Server = peers.Pathpacs
 
 
 @pytest.fixture
@@ -130,41 +75,12 @@ def need(tool: str) -> str:
     return path
 
 
-@dataclass
-class Orthanc:
-    http_port: int
-    dicom_port: int
-    aet: str
-    proc: subprocess.Popen
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-
 def start_orthanc(workdir: Path, modalities: dict[str, tuple[str, str, int]] | None = None,
-                  plugins: list[str] | None = None) -> Orthanc:
+                  plugins: list[str] | None = None, extra: dict | None = None) -> Orthanc:
     """A real Orthanc (Debian package) on free ports, storing under `workdir`."""
-    import json
-
-    binary = need("Orthanc")
-    workdir.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
-    cfg = {
-        "Name": "peer", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
-        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
-        "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
-        "Plugins": plugins or [], "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
-        "StorageCompression": False, "OverwriteInstances": True,
-        "DicomScuTimeout": 30, "LimitFindResults": 0, "LimitFindInstances": 0,
-    }
-    (workdir / "orthanc.json").write_text(json.dumps(cfg))
-    log = open(workdir / "orthanc.log", "wb")
-    proc = subprocess.Popen([binary, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    wait_port(http_port, proc, timeout=60)
-    wait_port(dicom_port, proc, timeout=60)
-    return Orthanc(http_port, dicom_port, "ORTHANC", proc)
+    if peers.orthanc_binary() is None:
+        need("Orthanc")
+    return peers.start_orthanc(workdir, modalities=modalities, plugins=plugins, extra=extra)
 
 
 @pytest.fixture
@@ -178,11 +94,7 @@ def orthanc_factory(tmp_path):
 
     yield factory
     for o in started:
-        o.proc.terminate()
-        try:
-            o.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            o.proc.kill()
+        o.stop()
 
 
 # Debian's chromium, driven by playwright (no browser download). WebGL via SwiftShader for viewers.

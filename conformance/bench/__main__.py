@@ -2,6 +2,8 @@
 
 Runs every benchmark with its peers in the same run, prints one table and writes BENCHMARKS.md
 with a description of the machine. Absolute numbers here are noisy; ratios within a run hold.
+The benchmarks are the modules of this package (ingest, frames, convert); every peer they
+compare is started by conformance.bench.peers, as in the tests.
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # name -> (module, function); each function takes (workdir: Path, quick: bool) -> list[dict]
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": ("conformance.bench.ingest", "run"),
-    "dicomweb": ("dicomweb.bench_frames", "run"),
-    "convert": ("converters.bench_convert", "run"),
+    "dicomweb": ("conformance.bench.frames", "run"),
+    "convert": ("conformance.bench.convert", "run"),
 }
 
 

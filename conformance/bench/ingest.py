@@ -110,7 +110,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     rows.append({"benchmark": "disk", "system": "sequential write + fsync (limit)",
                  "value": f"{fsync_write_mb_s(workdir, 128 if quick else 512):.0f} MB/s", "note": ""})
 
-    pp = start_pathpacs(workdir / "pathpacs")
+    pp = start_pathpacs(workdir / "pathpacs" / "data", quiet=True)
     try:
         dt = dcmsend(pp.dicom_port, pp.aet, series)
         rows.append({"benchmark": f"C-STORE {mb:.0f} MB WSI series (dcmsend)", "system": "pathpacs",
@@ -130,16 +130,16 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                      "note": f"server peak RSS {peak_rss_mb(pp.proc.pid):.0f} MB (streamed from disk)"})
         shutil.rmtree(workdir / "got", ignore_errors=True)
     finally:
-        pp.stop()
+        pp.stop(timeout=30)
         shutil.rmtree(workdir / "pathpacs", ignore_errors=True)
 
-    orthanc = start_orthanc(workdir / "orthanc")
+    orthanc = start_orthanc(workdir / "orthanc", extra={"Name": "bench"})
     try:
         dt_o = dcmsend(orthanc.dicom_port, orthanc.aet, series)
         rows.append({"benchmark": f"C-STORE {mb:.0f} MB WSI series (dcmsend)", "system": "Orthanc (Debian)",
                      "value": f"{mb / dt_o:.0f} MB/s ({dt_o:.2f} s)",
                      "note": f"peak RSS {peak_rss_mb(orthanc.proc.pid):.0f} MB; pathpacs is {dt_o / dt:.1f}x faster"})
     finally:
-        orthanc.stop()
+        orthanc.stop(timeout=30)
         shutil.rmtree(workdir / "orthanc", ignore_errors=True)
     return rows

@@ -1,14 +1,27 @@
-"""Start the systems a benchmark compares: `pathpacs serve` and Orthanc, on free ports."""
+"""The peers that tests and benchmarks run against, one launcher each, on free ports.
+
+- pathpacs: `Pathpacs` (a dataclass: `.start()`, `.stop()`, `.kill9()`, `.log()`) and
+  `start_pathpacs(data_dir, config_text=..., extra=[...], release=...)`: `pathpacs serve` of
+  today's code, or of an earlier release's source tree (`release=`, on PYTHONPATH).
+- Orthanc: `Orthanc` and `start_orthanc(workdir, plugins=..., modalities=..., extra=...)`: the
+  Debian package's Orthanc with its plugins.
+- wsidicomizer (the converter benchmark's peer): `wsidicomizer()`, installed in its own venv.
+
+tests/conftest.py (`Server` is `Pathpacs`; `make_server`, `server`, `start_orthanc`,
+`orthanc_factory`) and every benchmark in conformance/bench start their peers here.
+"""
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -16,11 +29,16 @@ ROOT = Path(__file__).resolve().parents[2]
 # The release before frame checksums (schema 3): stop 5 as it landed. The upgrade test writes
 # an archive with its code, and the frame benchmark measures it beside today's code.
 PREVIOUS_RELEASE = "5747fcb8ba5b9931c7ba5a5ba9cfc527c61d20f7"
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+class PeerMissing(RuntimeError):
+    """A peer's program is not installed."""
 
 
 def previous_release(dest: Path) -> Path:
     """Extract PREVIOUS_RELEASE's source tree from this repository's git history into `dest`.
-    Run it with PYTHONPATH=dest (its `archive` package then shadows ours)."""
+    Run it with PYTHONPATH=dest (its `archive` package then shadows ours): `release=dest`."""
     if (dest / "archive" / "cli.py").exists():
         return dest
     dest.mkdir(parents=True, exist_ok=True)
@@ -49,6 +67,21 @@ def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 
     raise TimeoutError(f"port {port} did not open")
 
 
+def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+    """Until `url` answers 2xx (the process must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}) before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                resp.read()
+                return
+        except Exception:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM: the peak resident set of a live process, in MB."""
     with open(f"/proc/{pid}/status") as fh:
@@ -58,57 +91,207 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+# -- pathpacs --------------------------------------------------------------------------------
+
 @dataclass
-class Proc:
-    proc: subprocess.Popen
+class Pathpacs:
+    """`pathpacs serve --data DATA_DIR` on 127.0.0.1. Ports of 0 are chosen free at start();
+    the log (stdout and stderr) goes to `log_path`, by default DATA_DIR/../server-PORT.log."""
+
+    data_dir: Path
+    dicom_port: int = 0
+    http_port: int = 0
+    aet: str = "PATHPACS"
+    config: Path | None = None
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    extra: list[str] = field(default_factory=list)
+    preexec_fn: object = None
+    release: Path | None = None      # an earlier release's source tree (PYTHONPATH and cwd)
+    quiet: bool = False              # --quiet: warnings only (benchmarks)
+    program: list[str] | None = None  # default: this interpreter, `-m archive`
+    cwd: Path | None = None          # default: `release`, else the repository
+    env: dict[str, str] | None = None  # added to the environment
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    url = http_url
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.http_url}/dicomweb"
+
+    def command(self) -> list[str]:
+        cmd = list(self.program or [sys.executable, "-m", "archive"]) + [
+            "serve", "--data", str(self.data_dir), "--dicom-port", str(self.dicom_port),
+            "--http-port", str(self.http_port), "--aet", self.aet, "--host", "127.0.0.1",
+        ]
+        if self.config:
+            cmd += ["--config", str(self.config)]
+        if self.quiet:
+            cmd.append("--quiet")
+        return cmd + list(self.extra)
+
+    def start(self, timeout: float = 60) -> "Pathpacs":
+        self.dicom_port = self.dicom_port or free_port()
+        self.http_port = self.http_port or free_port()
+        self.log_path = self.log_path or self.data_dir.parent / f"server-{self.dicom_port}.log"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = None
+        if self.release is not None or self.env:
+            env = {**os.environ, **(self.env or {})}
+            if self.release is not None:
+                env["PYTHONPATH"] = str(self.release)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         cwd=self.cwd or self.release or ROOT, env=env,
+                                         preexec_fn=self.preexec_fn)
+        try:
+            wait_port(self.dicom_port, self.proc, timeout)
+            wait_port(self.http_port, self.proc, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        """Signal the server (SIGTERM: a clean stop), wait, kill it after `timeout`; its exit code."""
+        if self.proc is None:
+            return None
+        code = _stop(self.proc, sig, timeout)
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+
+def start_pathpacs(data_dir: Path, *, config_text: str | None = None, extra: list[str] | None = None,
+                   release: Path | None = None, **kw) -> Pathpacs:
+    """Start `pathpacs serve` on DATA_DIR; `config_text` (TOML) is written to DATA_DIR/../NAME.toml.
+    Other keywords are `Pathpacs` fields (ports, aet, quiet, log_path, preexec_fn, program, ...)."""
+    data_dir = Path(data_dir)
+    if config_text is not None:
+        cfg = data_dir.parent / f"{data_dir.name}.toml"
+        cfg.parent.mkdir(parents=True, exist_ok=True)
+        cfg.write_text(config_text)
+        kw["config"] = cfg
+    return Pathpacs(data_dir, extra=list(extra or []), release=release, **kw).start()
+
+
+# -- Orthanc ---------------------------------------------------------------------------------
+
+def orthanc_binary() -> str | None:
+    found = shutil.which("Orthanc")
+    if found is None and Path("/usr/sbin/Orthanc").exists():  # not on a user's PATH
+        found = "/usr/sbin/Orthanc"
+    return found
+
+
+def orthanc_plugins(*names: str) -> list[str]:
+    """The paths of those of the Debian plugins (file names, e.g. libOrthancDicomWeb.so) installed."""
+    return [str(ORTHANC_PLUGINS / n) for n in names if (ORTHANC_PLUGINS / n).exists()]
+
+
+@dataclass
+class Orthanc:
     http_port: int
     dicom_port: int
     aet: str
-    workdir: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    proc: subprocess.Popen
+    workdir: Path | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
-def start_pathpacs(workdir: Path, extra: list[str] | None = None) -> Proc:
-    workdir.mkdir(parents=True, exist_ok=True)
-    http, dicom = free_port(), free_port()
-    cmd = [sys.executable, "-m", "archive", "serve", "--data", str(workdir / "data"), "--host", "127.0.0.1",
-           "--dicom-port", str(dicom), "--http-port", str(http), "--quiet", *(extra or [])]
-    proc = subprocess.Popen(cmd, stdout=open(workdir / "pathpacs.log", "ab"), stderr=subprocess.STDOUT)
-    wait_port(dicom, proc)
-    wait_port(http, proc)
-    return Proc(proc, http, dicom, "PATHPACS", workdir)
+    def stop(self, timeout: float = 20) -> int:
+        return _stop(self.proc, signal.SIGTERM, timeout)
+
+    def log(self) -> str:
+        path = self.workdir / "orthanc.log" if self.workdir else None
+        return path.read_text(errors="replace") if path and path.exists() else ""
 
 
-def start_orthanc(workdir: Path, plugins: list[str] | None = None, extra: dict | None = None) -> Proc:
-    binary = shutil.which("Orthanc")
+def start_orthanc(workdir: Path, *, modalities: dict[str, tuple[str, str, int]] | None = None,
+                  plugins: list[str] | None = None, extra: dict | None = None, aet: str = "ORTHANC",
+                  timeout: float = 60) -> Orthanc:
+    """A real Orthanc on free ports, storing under `workdir` (log: workdir/orthanc.log).
+    `modalities`: DicomModalities (name -> (aet, host, port)); `plugins`: paths (see
+    `orthanc_plugins`); `extra`: configuration keys set last. Raises PeerMissing without Orthanc."""
+    binary = orthanc_binary()
     if binary is None:
-        raise RuntimeError("Orthanc is not installed (apt-get install orthanc)")
+        raise PeerMissing("Orthanc is not installed (apt-get install orthanc)")
+    workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    http, dicom = free_port(), free_port()
+    http_port, dicom_port = free_port(), free_port()
     cfg = {
-        "Name": "bench", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
-        "HttpPort": http, "DicomPort": dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False, "Plugins": plugins or [], "StorageCompression": False,
-        "DicomCheckCalledAet": False, "ConcurrentJobs": 2, "HttpThreadsCount": 50,
+        "Name": "peer", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+        "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": aet,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
+        "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+        "Plugins": list(plugins or []), "DicomAlwaysAllowStore": True, "DicomCheckCalledAet": False,
+        "StorageCompression": False, "OverwriteInstances": True,
+        "DicomScuTimeout": 30, "LimitFindResults": 0, "LimitFindInstances": 0,
+        "ConcurrentJobs": 2, "HttpThreadsCount": 50,
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
     }
     cfg.update(extra or {})
     (workdir / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([binary, str(workdir / "orthanc.json")],
-                            stdout=open(workdir / "orthanc.log", "ab"), stderr=subprocess.STDOUT,
-                            env={**os.environ})
-    wait_port(http, proc)
-    wait_port(dicom, proc)
-    return Proc(proc, http, dicom, "ORTHANC", workdir)
+    with open(workdir / "orthanc.log", "wb") as log:
+        proc = subprocess.Popen([binary, str(workdir / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    orthanc = Orthanc(http_port, dicom_port, aet, proc, workdir)
+    try:
+        wait_port(http_port, proc, timeout)
+        wait_port(dicom_port, proc, timeout)
+        wait_http(f"{orthanc.url}/system", proc, timeout)
+    except BaseException:
+        orthanc.stop()
+        raise
+    return orthanc
+
+
+# -- wsidicomizer ----------------------------------------------------------------------------
+
+def wsidicomizer(install: bool = True) -> str | None:
+    """The wsidicomizer executable: $WSIDICOMIZER, or bench-work/wsidicomizer-venv (created with
+    pip on first use: it pins an older wsidicom than pathpacs uses). None if unavailable."""
+    exe = os.environ.get("WSIDICOMIZER")
+    if exe and Path(exe).exists():
+        return exe
+    venv = ROOT / "bench-work" / "wsidicomizer-venv"
+    exe = venv / "bin" / "wsidicomizer"
+    if exe.exists():
+        return str(exe)
+    if not install:
+        return None
+    print("creating a venv for wsidicomizer in", venv, file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "wsidicomizer"], capture_output=True, text=True)
+    if r.returncode != 0 or not exe.exists():
+        print("could not install wsidicomizer:", r.stderr.strip().splitlines()[-1:] or "", file=sys.stderr)
+        return None
+    return str(exe)

@@ -1,6 +1,6 @@
 """Benchmark: SVS -> DICOM WSI with pathpacs vs wsidicomizer (and OrthancWSIDicomizer).
 
-    python -m converters.bench_convert [--size-mb 320] [--workdir bench-work/convert] [--repeat 1]
+    python -m conformance.bench.convert [--size-mb 320] [--workdir bench-work/convert] [--repeat 1]
 
 Generates an Aperio-like SVS (JPEG tiles with shared JPEGTables, RGB-coded,
 levels 1/4/16, thumbnail, LZW label, JPEG macro) of about ``--size-mb`` with
@@ -11,7 +11,8 @@ BENCHMARKS.md.
 
 wsidicomizer pins an older wsidicom than pathpacs uses, so it runs from its
 own venv: ``$WSIDICOMIZER`` (path to its executable) or
-``bench-work/wsidicomizer-venv``, created with pip on first use.
+``bench-work/wsidicomizer-venv``, created with pip on first use
+(``conformance.bench.peers.wsidicomizer``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from .peers import ROOT, wsidicomizer
+
+REPO = ROOT
 
 
 # --- the slide ---------------------------------------------------------------------------
@@ -37,7 +40,7 @@ def _tile_pool(n: int, tile: int, rng: np.random.Generator, quality: int):
     """n distinct tissue-like tiles and a few glass tiles, as Aperio-style abbreviated JPEG."""
     import imagecodecs
 
-    from .jpeg import split_tables, strip_app_markers
+    from converters.jpeg import split_tables, strip_app_markers
 
     yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
     tables = None
@@ -126,27 +129,8 @@ def _dir_mb(d: Path) -> float:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 1e6
 
 
-def find_wsidicomizer(workdir: Path, install: bool = True) -> str | None:
-    exe = os.environ.get("WSIDICOMIZER")
-    if exe and Path(exe).exists():
-        return exe
-    venv = REPO / "bench-work" / "wsidicomizer-venv"
-    exe = venv / "bin" / "wsidicomizer"
-    if exe.exists():
-        return str(exe)
-    if not install:
-        return None
-    print("creating a venv for wsidicomizer in", venv, file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "wsidicomizer"], capture_output=True, text=True)
-    if r.returncode != 0 or not exe.exists():
-        print("could not install wsidicomizer:", r.stderr.strip().splitlines()[-1:] or "", file=sys.stderr)
-        return None
-    return str(exe)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="bench_convert", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m conformance.bench.convert", description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=float, default=320)
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "convert")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool; the fastest is reported")
@@ -175,7 +159,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tools.append(("pathpacs convert", [sys.executable, "-m", "converters", "convert", str(slide), "-o",
                                        "{out}", "--quiet", "--workers", str(a.workers)]))
     if not a.no_wsidicomizer:
-        exe = find_wsidicomizer(work)
+        exe = wsidicomizer()
         tools.append(("wsidicomizer", [exe, "-i", str(slide), "-o", "{out}", "-w", str(a.workers)] if exe else None))
     if not a.no_orthanc:
         exe = shutil.which("OrthancWSIDicomizer")

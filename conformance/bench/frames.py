@@ -1,6 +1,6 @@
 """Benchmark: DICOMweb frames, metadata, QIDO and STOW — pathpacs vs Orthanc, same run.
 
-    python -m dicomweb.bench_frames [--workdir bench-work/dicomweb] [--frames 3000] [--clients 8]
+    python -m conformance.bench.frames [--workdir bench-work/dicomweb] [--frames 3000] [--clients 8]
 
 1. Writes a ~28k-frame JPEG WSI series (49152x36864 base level, 256 px tiles, levels 1/4/16)
    with tissue-like synthetic tiles, streamed to disk (never the whole slide in memory).
@@ -13,7 +13,8 @@
    scratch index): p50 of an indexed and of a scanning query.
 
 `main()` returns the rows (dicts) for BENCHMARKS.md and prints them as JSON lines.
-Orthanc is /usr/sbin/Orthanc with plugins from /usr/share/orthanc/plugins (Debian).
+Orthanc is /usr/sbin/Orthanc with plugins from /usr/share/orthanc/plugins (Debian). Both are
+started by conformance.bench.peers.
 """
 from __future__ import annotations
 
@@ -21,22 +22,20 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import random
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from conformance.bench.peers import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-ORTHANC = "/usr/sbin/Orthanc"
-ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+from .peers import (PREVIOUS_RELEASE, ROOT, Orthanc, Pathpacs, PeerMissing, free_port, orthanc_plugins,
+                    previous_release, start_orthanc, start_pathpacs, wait_http)
+
+REPO = ROOT
 WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 
@@ -171,55 +170,20 @@ def make_slide(outdir: Path, width: int = 49152, height: int = 36864, tile: int 
 
 # -- processes ---------------------------------------------------------------------------
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2).read()
-            return
-        except Exception:
-            time.sleep(0.2)
-    raise TimeoutError(url)
-
-
-def start_pathpacs(data: Path, log: Path, http_workers: int = 1,
-                   release: Path | None = None) -> tuple[subprocess.Popen, str]:
+def _pathpacs(data: Path, log: Path, http_workers: int = 1, release: Path | None = None) -> Pathpacs:
     """Today's pathpacs, or (release=) an earlier release's source tree on PYTHONPATH."""
-    http = free_port()
-    cmd = [sys.executable, "-m", "archive", "serve", "--data", str(data), "--dicom-port", str(free_port()),
-           "--http-port", str(http), "--host", "127.0.0.1", "--quiet", "--http-workers", str(http_workers)]
-    env = {**os.environ, "PYTHONPATH": str(release)} if release else None
-    proc = subprocess.Popen(cmd, cwd=release or REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{http}"
-    _wait_http(base + "/dicomweb/studies?limit=1", proc)
-    return proc, base + "/dicomweb"
+    return start_pathpacs(data, release=release, quiet=True, log_path=log,
+                          extra=["--http-workers", str(http_workers)])
 
 
-def start_orthanc(work: Path) -> tuple[subprocess.Popen, str] | None:
-    if not Path(ORTHANC).exists():
+def _orthanc(work: Path) -> Orthanc | None:
+    """Orthanc with the DICOMweb and WSI plugins; None when it is not installed."""
+    shutil.rmtree(work / "orthanc", ignore_errors=True)
+    try:
+        return start_orthanc(work / "orthanc", plugins=orthanc_plugins("libOrthancDicomWeb.so", "libOrthancWSI.so"),
+                             extra={"Name": "bench", "RemoteAccessAllowed": True})
+    except PeerMissing:
         return None
-    http = free_port()
-    store = work / "orthanc-storage"
-    shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True)
-    plugins = [str(ORTHANC_PLUGINS / p) for p in ("libOrthancDicomWeb.so", "libOrthancWSI.so")
-               if (ORTHANC_PLUGINS / p).exists()]
-    cfg = {
-        "Name": "bench", "StorageDirectory": str(store), "IndexDirectory": str(store),
-        "HttpPort": http, "DicomPort": free_port(), "RemoteAccessAllowed": True,
-        "AuthenticationEnabled": False, "Plugins": plugins, "HttpThreadsCount": 50,
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "StorageCompression": False,
-    }
-    (work / "orthanc.json").write_text(json.dumps(cfg))
-    proc = subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=open(work / "orthanc.log", "ab"),
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{http}"
-    _wait_http(base + "/system", proc)
-    return proc, base
 
 
 def _stop(proc: subprocess.Popen | None) -> None:
@@ -369,14 +333,15 @@ def qido_100k(work: Path, n_instances: int = 100_000) -> dict:
                     arc.index.put_instance(txn, rec, None, meta, {}, patient, study, series)
         arc.close()
         marker.write_text("ok")
-    proc, base = start_pathpacs(data, work / "pathpacs-qido.log")
+    srv = _pathpacs(data, work / "pathpacs-qido.log")
+    base = srv.dicomweb_url
     try:
         indexed = _timed_get(f"{base}/studies?PatientID=PID0012345", 50)
         date_range = _timed_get(f"{base}/studies?StudyDate=20240101-20240131&limit=100", 20)
         scan = _timed_get(f"{base}/studies?PatientName=smi*&limit=100", 10)
         full_scan = _timed_get(f"{base}/studies?PatientName=nakamura^P1999*", 5)
     finally:
-        _stop(proc)
+        srv.stop(timeout=30)
     return {"PatientID": indexed, "date_range": date_range, "name_prefix_limit100": scan, "name_prefix_narrow": full_scan}
 
 
@@ -410,26 +375,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     data = work / "pathpacs-data"
     shutil.rmtree(data, ignore_errors=True)
-    pp, pbase = start_pathpacs(data, work / "pathpacs.log", args.http_workers)
+    pp = _pathpacs(data, work / "pathpacs.log", args.http_workers)
+    pbase = pp.dicomweb_url
     orth = None
     try:
         res = stow(f"{pbase}/studies", files, work)
         row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)", system="pathpacs", **res)
         if not args.skip_orthanc:
-            orth = start_orthanc(work)
+            orth = _orthanc(work)
         if orth:
-            res = stow(f"{orth[1]}/dicom-web/studies", files, work)
+            res = stow(f"{orth.dicomweb_url}/studies", files, work)
             row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)", system="Orthanc 1.10 + DICOMweb 1.7", **res)
 
         accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
         frame_url = f"{pbase}/studies/{st}/series/{se}/instances/{sop}/frames/"
         # Today's code against the previous release (no frame checksums) on the same slide,
         # alternately, best of two each: the CRC32C check must cost under 5%.
-        from conformance.bench.peers import PREVIOUS_RELEASE, previous_release
         old_data = work / "previous-data"
         shutil.rmtree(old_data, ignore_errors=True)
-        old_proc, old_base = start_pathpacs(old_data, work / "previous.log",
-                                            release=previous_release(work / "previous-release"))
+        old = _pathpacs(old_data, work / "previous.log", release=previous_release(work / "previous-release"))
+        old_base = old.dicomweb_url
         try:
             stow(f"{old_base}/studies", files, work)
             old_url = f"{old_base}/studies/{st}/series/{se}/instances/{sop}/frames/"
@@ -440,7 +405,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if name not in best or r["per_s"] > best[name]["per_s"]:
                         best[name] = r
         finally:
-            _stop(old_proc)
+            old.stop(timeout=30)
         ratio = best["now"]["per_s"] / best["old"]["per_s"]
         row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
             system="pathpacs WADO-RS (CRC32C checked)", note=f"{ratio:.1%} of the previous release", **best["now"])
@@ -462,7 +427,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         port = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(blob), str(port), str(table)], cwd=REPO)
         try:
-            _wait_http(f"http://127.0.0.1:{port}/frames/1", bare)
+            wait_http(f"http://127.0.0.1:{port}/frames/1", bare)
             res = load([f"http://127.0.0.1:{port}/frames/{k}" for k in picks], args.clients)
             row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
                 system="bare aiohttp + os.pread (the limit)", **res)
@@ -470,7 +435,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _stop(bare)
 
         if orth:
-            ob = orth[1]
+            ob = orth.url
             import requests
             res = load([f"{ob}/dicom-web/studies/{st}/series/{se}/instances/{sop}/frames/{k}" for k in picks],
                        args.clients, accept, time_cap=args.orthanc_frames_seconds)
@@ -491,12 +456,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             **_timed_get(meta_url, 50, {"Accept": "application/dicom+json", "Accept-Encoding": "gzip"}))
         if orth:
             row(benchmark="series metadata of the WSI series", system="Orthanc DICOMweb",
-                **_timed_get(f"{orth[1]}/dicom-web/studies/{st}/series/{se}/metadata", 5,
+                **_timed_get(f"{orth.dicomweb_url}/studies/{st}/series/{se}/metadata", 5,
                              {"Accept": "application/dicom+json"}))
     finally:
-        _stop(pp)
+        pp.stop(timeout=30)
         if orth:
-            _stop(orth[0])
+            orth.stop(timeout=30)
 
     if not args.skip_qido:
         q = qido_100k(work)
