@@ -10,7 +10,6 @@ Success is returned only after that commit. Every failure removes what it wrote.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import uuid
@@ -75,12 +74,11 @@ def _hash_file(path: Path) -> str:
 
 def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_ownership: bool,
            sha256: str | None = None) -> tuple[Path, str, int]:
-    """Put the incoming bytes in a temp file we own; return (path, sha256, size)."""
-    tier = arc.hot
+    """Put the incoming bytes in a staging file we own; return (path, sha256, size)."""
     if isinstance(source, (str, Path)):
         source = Path(source)
         if take_ownership:
-            dest = tier.tmp_dir / f"{uuid.uuid4().hex}.part"
+            dest = arc.staging.path()
             try:
                 os.rename(source, dest)
                 return dest, sha256 or _hash_file(dest), dest.stat().st_size
@@ -88,13 +86,13 @@ def _stage(arc: "Archive", source: Path | BinaryIO | Iterable[bytes], take_owner
                 if exc.errno != errno.EXDEV:
                     raise
         with open(source, "rb") as fh:
-            staged = _copy(tier, _chunks(fh))
+            staged = _copy(arc, _chunks(fh))
         if take_ownership:  # another filesystem: copied, and the file was ours to remove
             source.unlink(missing_ok=True)
         return staged
     if hasattr(source, "read"):
-        return _copy(tier, _chunks(source))  # type: ignore[arg-type]
-    return _copy(tier, source)  # type: ignore[arg-type]
+        return _copy(arc, _chunks(source))  # type: ignore[arg-type]
+    return _copy(arc, source)  # type: ignore[arg-type]
 
 
 def _chunks(fh: BinaryIO) -> Iterable[bytes]:
@@ -102,18 +100,20 @@ def _chunks(fh: BinaryIO) -> Iterable[bytes]:
         yield chunk
 
 
-def _copy(tier, chunks: Iterable[bytes]) -> tuple[Path, str, int]:
-    writer = tier.writer()
-    h = hashlib.sha256()
+def _copy(arc: "Archive", chunks: Iterable[bytes]) -> tuple[Path, str, int]:
+    spool = arc.staging.spool()
     try:
         for chunk in chunks:
-            h.update(chunk)
-            writer.write(chunk)
-        writer.close()
+            spool.write(chunk)
+            if spool.error is not None:
+                raise spool.error
+        done = spool.finish()
+        if done.error is not None:
+            raise done.error
     except BaseException:
-        writer.abort()
+        spool.discard()
         raise
-    return writer.tmp_path, h.hexdigest(), writer.size
+    return done.path, done.sha256, done.size
 
 
 def ingest(
@@ -234,9 +234,9 @@ def _commit(
         if outcome is not None:
             return outcome, False
 
-    arc.index.add_pending(blob, arc.hot.session)
+    arc.index.add_pending(blob, arc.staging.session)
     try:
-        arc.hot.adopt(staged, blob)
+        arc.hot.put_file(staged, blob, owned=True)
     except BaseException:
         arc.hot.delete(blob)  # in case the rename happened before the failure
         arc.index.clear_pending(blob)

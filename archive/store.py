@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from storage_tiers import BlobError, BlobNotFound, FilesystemStore
+from storage_tiers import BlobError, BlobNotFound, FilesystemStore, Staging
 
 from .config import Config
 from .fixity import DamagedData, crc32c, scan, sha256_of
@@ -50,6 +50,7 @@ class Archive:
         self.data_dir = data
         self.index = Index(data / "index", map_size=config.lmdb_map_size_gb << 30, readonly=readonly)
         self.hot = FilesystemStore(data / "hot", name="hot", readonly=readonly)
+        self.staging = None if readonly else Staging(data / "hot" / "tmp")
         self._tiers = {"hot": self.hot}
         self._reported: set[tuple[str, str]] = set()
         if not readonly:
@@ -64,13 +65,15 @@ class Archive:
     @property
     def tmp_dir(self) -> Path:
         """A private scratch directory on the hot tier's filesystem (renames are free)."""
-        return self.hot.tmp_dir
+        return self.staging.dir
 
     def tier(self, name: str) -> FilesystemStore:
         return self._tiers[name]
 
     def close(self) -> None:
         self.hot.close()
+        if self.staging is not None:
+            self.staging.close()
         self.index.close()
 
     def __enter__(self) -> "Archive":
@@ -82,10 +85,12 @@ class Archive:
     # -- crash recovery ----------------------------------------------------
     def sweep(self) -> None:
         """Remove temp dirs of dead writers and blobs placed but never committed."""
-        n_tmp = self.hot.sweep_tmp()
+        n_tmp = self.staging.sweep()
+        for tier in self._tiers.values():
+            tier.sweep_incoming()
         n_orphans = 0
         for blob, session in self.index.pending():
-            if self.hot.session_alive(session):
+            if self.staging.session_alive(session):
                 continue
             if not self.index.blob_referenced(blob):
                 for tier in self._tiers.values():

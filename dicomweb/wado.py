@@ -428,7 +428,7 @@ class Wado:
 
     def _check_blob_size(self, rec: dict) -> None:
         try:
-            size = self.arc.tier(rec["tier"]).size(rec["blob"])
+            size = self.arc.tier(rec["tier"]).stat(rec["blob"]).size
         except BlobNotFound:
             raise self.arc.damage(rec["sop"], rec["blob"], rec["tier"], "blob missing", "instance retrieve")
         if size != rec["size"]:

@@ -143,7 +143,7 @@ def test_sweep_removes_dead_sessions_and_uncommitted_blobs(tmp_path):
     blob = a.hot.path_of("deadbeef" * 4)
     blob.parent.mkdir(parents=True, exist_ok=True)
     blob.write_bytes(b"partial")
-    stale = a.hot.tmp_root / "0123456789abcdef"
+    stale = a.staging.root / "0123456789abcdef"
     stale.mkdir()
     (stale / "x.part").write_bytes(b"half")
     a.close()
