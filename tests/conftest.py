@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from conformance.bench import peers
-from conformance.bench.peers import free_port, wait_port  # noqa: F401  (tests import them from here)
-from conformance.bench.peers import Orthanc  # noqa: F401
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(ROOT) not in sys.path:  # conformance (test/bench support) is not installed: it runs from here
+    sys.path.insert(1, str(ROOT))
+
+from conformance.bench import peers  # noqa: E402
+from conformance.bench.peers import free_port, wait_port  # noqa: E402,F401  (tests import them from here)
+from conformance.bench.peers import Orthanc  # noqa: E402,F401
 
 
 def pathpacs_cmd() -> list[str]:

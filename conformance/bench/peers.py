@@ -122,7 +122,7 @@ class Pathpacs:
     quiet: bool = False              # --quiet: warnings only (benchmarks)
     program: list[str] | None = None  # default: this interpreter, `-m archive`
     cwd: Path | None = None          # default: `release`, else the repository
-    env: dict[str, str] | None = None  # added to the environment
+    env: dict[str, str | None] | None = None  # changes to the environment (None: unset)
 
     @property
     def http_url(self) -> str:
@@ -152,9 +152,10 @@ class Pathpacs:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = None
         if self.release is not None or self.env:
-            env = {**os.environ, **(self.env or {})}
+            changes = {**(self.env or {})}
             if self.release is not None:
-                env["PYTHONPATH"] = str(self.release)
+                changes["PYTHONPATH"] = str(self.release)
+            env = {k: v for k, v in {**os.environ, **changes}.items() if v is not None}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          cwd=self.cwd or self.release or ROOT, env=env,
