@@ -84,6 +84,7 @@ def test_wheel_holds_every_subpackage_and_data_file(built):
     with zipfile.ZipFile(built["wheel"]) as zf:
         names = {n for n in zf.namelist() if not n.startswith("pathpacs-")}
     expected = _product_files(built["src"])
+    # a folder of modules without __init__.py is no package (namespaces = false): it would be left out
     assert expected - names == set(), "missing from the wheel"
     assert PROBE.as_posix() in names  # dicomweb/static/** is package data
     for init in ("archive/dimse/__init__.py", "archive/__init__.py", "dicomweb/__init__.py",
