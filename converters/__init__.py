@@ -1,1 +1,1 @@
-"""pathpacs converters package."""
+"""pathpacs converters: a library, scanner file -> DICOM WSI instances (no archive behind it)."""
