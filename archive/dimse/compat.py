@@ -207,11 +207,6 @@ ASSOCIATED_STATES = {"Sta6", "Sta7", "Sta8", "Sta9", "Sta10", "Sta11", "Sta12"}
 INVALID_PDU_PARAMETER = 0x06  # A-ABORT reason (PS3.8 9.3.8), source: service provider
 
 
-def state(assoc: "Association") -> str:
-    """The upper layer state (PS3.8 9.2): 'Sta2' transport open, awaiting A-ASSOCIATE-RQ, ..."""
-    return assoc.dul.state_machine.current_state
-
-
 def set_socket_timeout(assoc: "Association", seconds: float | None) -> None:
     """Timeout of each send/recv on the association's TCP socket (requestor associations:
     pynetdicom leaves it blocking once connected)."""
@@ -269,7 +264,8 @@ def _recv_into(raw: socket.socket, buf: bytearray, start: int) -> int:
 
 
 class ReadWatcher:
-    """What the bounded reader reports (implemented by connections.Connections)."""
+    """What the bounded reader asks and reports, per connection (see connections._Watcher).
+    Called in the association's DUL thread."""
 
     def pdu_limit(self, pdu_type: int, associated: bool) -> int: ...
     def oversized(self, pdu_type: int, length: int, limit: int) -> None: ...

@@ -231,10 +231,6 @@ class Connections:
     def _pending(self) -> int:
         return sum(1 for c in self._all if not c.established and not c.finalized)
 
-    def pending(self) -> int:
-        with self._lock:
-            return self._pending()
-
     def awaiting_request(self) -> int:
         """Association threads alive whose A-ASSOCIATE-RQ has not arrived (they hold no slot)."""
         with self._lock:
