@@ -18,15 +18,6 @@ log = logging.getLogger("pathpacs.fixity")
 CHUNK = 4 << 20
 
 
-class DamagedData(Exception):
-    """Stored bytes failed their checksum (or are missing/short): never serve them as good."""
-
-    def __init__(self, sop: str, what: str) -> None:
-        super().__init__(f"instance {sop}: {what}")
-        self.sop = sop
-        self.what = what
-
-
 def crc32c(data: bytes) -> int:
     return google_crc32c.value(data)
 

@@ -123,3 +123,25 @@ def string_values(el: dict[str, Any] | None) -> list[str]:
         else:
             out.append(str(v))
     return out
+
+
+def int_value(doc: dict[str, Any], tag: str, default: int = 0) -> int:
+    """The first value of a JSON element as an int (IS, US, UL...), `default` if none or not a number."""
+    v = first_value(doc, tag)
+    if v is None or v == "":
+        return default
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        try:
+            return int(float(v))
+        except (TypeError, ValueError):
+            return default
+
+
+def float_value(doc: dict[str, Any], tag: str) -> float | None:
+    v = first_value(doc, tag)
+    try:
+        return None if v is None or v == "" else float(v)
+    except (TypeError, ValueError):
+        return None

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
+from typing import TYPE_CHECKING
+
 from . import metadata as md
-from .index import CASE_FOLDED_TAGS, Index
+from .records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
+from .status import ArchiveError, ErrorKind
+
+if TYPE_CHECKING:
+    from .index import Index
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 RANGE_VRS = {"DA", "TM", "DT"}
@@ -44,8 +50,11 @@ T_PATIENT_NAME = "00100010"
 T_QR_LEVEL = "00080052"
 
 
-class QueryError(ValueError):
-    """The query itself is invalid (bad date, unknown attribute...)."""
+class QueryError(ArchiveError):
+    """The query itself is invalid (bad date, unknown attribute...); kind LEVEL for a bad
+    query/retrieve level (C-FIND answers that 0xA900), else INVALID."""
+
+    kind = ErrorKind.INVALID
 
 
 @dataclass
@@ -257,7 +266,8 @@ def match_doc(doc: dict[str, Any], keys: list[Key], fuzzy: bool = False) -> bool
 
 # -- search ------------------------------------------------------------------------
 
-def _uids(keys: dict[str, Key], tag: str) -> list[str] | None:
+def uid_list(keys: dict[str, Key], tag: str) -> list[str] | None:
+    """The values of a non-universal UID key (a list of UIDs), else None. For planners."""
     k = keys.get(tag)
     if k is None or k.universal:
         return None
@@ -265,7 +275,8 @@ def _uids(keys: dict[str, Key], tag: str) -> list[str] | None:
     return vals or None
 
 
-def _single_exact(keys: dict[str, Key], tag: str) -> str | None:
+def single_exact(keys: dict[str, Key], tag: str) -> str | None:
+    """The one literal value of a key (no wildcard, no range), else None. For planners."""
     k = keys.get(tag)
     if k is None or k.universal or not k.values or len(k.values) != 1:
         return None
@@ -279,7 +290,13 @@ def _int_el(vr: str, n: int) -> dict:
     return {"vr": vr, "Value": [n]}
 
 
-@dataclass
+# Attributes answered from a study record (and so matched against it at upper levels).
+STUDY_LEVEL_TAGS = set(md.STUDY_TAGS) | {T_MODALITIES_IN_STUDY, T_STUDY_UID, T_N_STUDY_SERIES, T_N_STUDY_INSTANCES}
+_UPPER_FOR_INSTANCES = (set(md.STUDY_TAGS) | set(md.SERIES_TAGS) | {T_MODALITIES_IN_STUDY, T_N_SERIES_INSTANCES}) - {
+    T_STUDY_UID, T_SERIES_UID}
+
+
+@dataclass(frozen=True)
 class SearchResult:
     level: str
     doc: dict[str, Any]
@@ -287,248 +304,137 @@ class SearchResult:
     study: str | None = None
     series: str | None = None
     sop: str | None = None
-    record: dict | None = field(default=None, repr=False)
+
+
+def study_doc(rec: StudyRecord, retrieve_aet: str | None = None) -> dict[str, Any]:
+    """A study as C-FIND/QIDO answer it: stored attributes plus the computed ones."""
+    doc = dict(rec.attrs)
+    doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec.uid]}
+    doc[T_MODALITIES_IN_STUDY] = {"vr": "CS", "Value": list(rec.modalities)} if rec.modalities else {"vr": "CS"}
+    doc[T_SOP_CLASSES_IN_STUDY] = {"vr": "UI", "Value": list(rec.sop_classes)}
+    doc[T_N_STUDY_SERIES] = _int_el("IS", rec.n_series)
+    doc[T_N_STUDY_INSTANCES] = _int_el("IS", rec.n_instances)
+    doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    if retrieve_aet:
+        doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [retrieve_aet]}
+    return doc
+
+
+def series_doc(rec: SeriesRecord, retrieve_aet: str | None = None) -> dict[str, Any]:
+    doc = dict(rec.attrs)
+    doc[T_SERIES_UID] = {"vr": "UI", "Value": [rec.uid]}
+    doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec.study]}
+    doc[T_N_SERIES_INSTANCES] = _int_el("IS", rec.n_instances)
+    doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    if retrieve_aet:
+        doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [retrieve_aet]}
+    return doc
+
+
+def instance_doc(rec: InstanceRecord, full: bytes | None = None, retrieve_aet: str | None = None) -> dict[str, Any]:
+    """An instance: its record's attributes, or its whole stored metadata when `full` is given."""
+    if full is not None:
+        doc = json.loads(full)
+        doc.pop("7FE00010", None)
+    else:
+        doc = dict(rec.attrs)
+    doc[T_SOP_UID] = {"vr": "UI", "Value": [rec.sop]}
+    doc["00080016"] = {"vr": "UI", "Value": [rec.sop_class]}
+    doc[T_SERIES_UID] = {"vr": "UI", "Value": [rec.series]}
+    doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec.study]}
+    doc["00083002"] = {"vr": "UI", "Value": [rec.ts]}  # AvailableTransferSyntaxUID
+    doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    if retrieve_aet:
+        doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [retrieve_aet]}
+    return doc
+
+
+def patient_doc(rec: PatientRecord, studies: list[StudyRecord]) -> dict[str, Any]:
+    doc = dict(rec.attrs)
+    doc[T_N_PATIENT_STUDIES] = _int_el("IS", len(studies))
+    doc[T_N_PATIENT_SERIES] = _int_el("IS", sum(s.n_series for s in studies))
+    doc[T_N_PATIENT_INSTANCES] = _int_el("IS", sum(s.n_instances for s in studies))
+    return doc
 
 
 class Searcher:
-    """Runs a query at one level against the index inside one read transaction."""
+    """Runs a query at one level: candidates from the index's planner, then PS3.4 matching
+    here, the same for every backend. Nothing stays open between results."""
 
-    def __init__(self, index: Index, *, fuzzy: bool = False, retrieve_aet: str | None = None,
+    def __init__(self, index: "Index", *, fuzzy: bool = False, retrieve_aet: str | None = None,
                  full_instance_metadata: bool = False) -> None:
         self.index = index
         self.fuzzy = fuzzy
         self.retrieve_aet = retrieve_aet
         self.full = full_instance_metadata
 
-    def search(self, level: str, keys: list[Key], *, study: str | None = None, series: str | None = None) -> Iterator[SearchResult]:
+    def search(self, level: str, keys: list[Key], *, study: str | None = None,
+               series: str | None = None) -> Iterator[SearchResult]:
         if level not in LEVELS:
-            raise QueryError(f"invalid query/retrieve level {level!r}")
+            raise QueryError(f"invalid query/retrieve level {level!r}", kind=ErrorKind.LEVEL)
         for k in keys:
             validate(k)
-        bykey = {k.tag: k for k in keys}
-        with self.index.read() as txn:
-            if level == "PATIENT":
-                yield from self._patients(txn, keys, bykey)
-            elif level == "STUDY":
-                yield from self._studies(txn, keys, bykey, study)
-            elif level == "SERIES":
-                yield from self._series(txn, keys, bykey, study, series)
-            else:
-                yield from self._instances(txn, keys, bykey, study, series)
+        cands = self.index.candidates(level, keys, study=study, series=series, fuzzy=self.fuzzy)
+        if level == "PATIENT":
+            return self._patients(cands, keys)
+        if level == "STUDY":
+            return self._studies(cands, keys)
+        if level == "SERIES":
+            return self._series(cands, keys)
+        return self._instances(cands, keys)
 
-    # PATIENT -----------------------------------------------------------------
-    def _patient_doc(self, txn, pkey: str, prec: dict) -> dict:
-        doc = dict(prec["attrs"])
-        studies = self.index.studies_of_patient(pkey, txn)
-        n_series = n_inst = 0
-        for s in studies:
-            srec = self.index.study(s, txn) or {}
-            n_series += srec.get("n_series", 0)
-            n_inst += srec.get("n_instances", 0)
-        doc[T_N_PATIENT_STUDIES] = _int_el("IS", len(studies))
-        doc[T_N_PATIENT_SERIES] = _int_el("IS", n_series)
-        doc[T_N_PATIENT_INSTANCES] = _int_el("IS", n_inst)
-        return doc
-
-    def _patients(self, txn, keys, bykey) -> Iterator[SearchResult]:
-        pid = _single_exact(bykey, T_PATIENT_ID)
-        if pid is not None:
-            candidates = self.index.patients_with_id(txn, pid)
-        else:
-            candidates = self.index.iter_records("patient", txn)
-        for pkey, prec in candidates:
-            if not match_doc(prec["attrs"], [k for k in keys if not k.tag.startswith("0020120")], self.fuzzy):
+    def _patients(self, cands, keys) -> Iterator[SearchResult]:
+        own = [k for k in keys if not k.tag.startswith("0020120")]
+        for rec in cands:
+            if not match_doc(rec.attrs, own, self.fuzzy):
                 continue
-            doc = self._patient_doc(txn, pkey, prec)
+            doc = patient_doc(rec, self.index.studies_of_patient(rec.key))
             if match_doc(doc, keys, self.fuzzy):
-                yield SearchResult("PATIENT", doc, patient=pkey)
+                yield SearchResult("PATIENT", doc, patient=rec.key)
 
-    # STUDY -------------------------------------------------------------------
-    def study_doc(self, txn, uid: str, rec: dict) -> dict:
-        doc = dict(rec["attrs"])
-        doc[T_STUDY_UID] = {"vr": "UI", "Value": [uid]}
-        if rec["modalities"]:
-            doc[T_MODALITIES_IN_STUDY] = {"vr": "CS", "Value": list(rec["modalities"])}
-        else:
-            doc[T_MODALITIES_IN_STUDY] = {"vr": "CS"}
-        doc[T_SOP_CLASSES_IN_STUDY] = {"vr": "UI", "Value": list(rec["sop_classes"])}
-        doc[T_N_STUDY_SERIES] = _int_el("IS", rec["n_series"])
-        doc[T_N_STUDY_INSTANCES] = _int_el("IS", rec["n_instances"])
-        doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
-        if self.retrieve_aet:
-            doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [self.retrieve_aet]}
-        return doc
-
-    def _study_candidates(self, txn, bykey, study: str | None) -> Iterator[tuple[str, dict]]:
-        uids = [study] if study else _uids(bykey, T_STUDY_UID)
-        if uids is not None:
-            for u in uids:
-                rec = self.index.study(u, txn)
-                if rec is not None:
-                    yield u, rec
-            return
-        found: set[str] | None = None
-        for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
-            if tag == T_PATIENT_NAME and self.fuzzy:
-                continue  # fuzzy matches any name component: not an index prefix
-            fold = str.lower if tag in CASE_FOLDED_TAGS else str
-            v = _single_exact(bykey, tag)
-            if v is not None:
-                found = self.index.studies_by_key(txn, tag, fold(v))
-                break
-            k = bykey.get(tag)
-            if k is not None and not k.universal and k.values and len(k.values) == 1:
-                q = k.values[0]
-                stem = re.split(r"[*?]", q, maxsplit=1)[0]
-                if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
-                    found = self.index.studies_by_key(txn, tag, fold(stem), prefix=True)
-                    break
-        if found is None:
-            k = bykey.get(T_STUDY_DATE)
-            if k is not None and not k.universal and k.values and len(k.values) == 1:
-                q = k.values[0]
-                if "-" in q:
-                    lo, hi = q.split("-", 1)
-                    found = self.index.studies_by_key(txn, T_STUDY_DATE, lo, hi or "99999999")
-                else:
-                    found = self.index.studies_by_key(txn, T_STUDY_DATE, q)
-        if found is not None:
-            for u in sorted(found):
-                rec = self.index.study(u, txn)
-                if rec is not None:
-                    yield u, rec
-            return
-        yield from self.index.iter_records("study", txn)
-
-    def _studies(self, txn, keys, bykey, study) -> Iterator[SearchResult]:
-        for uid, rec in self._study_candidates(txn, bykey, study):
-            doc = self.study_doc(txn, uid, rec)
+    def _studies(self, cands, keys) -> Iterator[SearchResult]:
+        for rec in cands:
+            doc = study_doc(rec, self.retrieve_aet)
             if match_doc(doc, keys, self.fuzzy):
-                yield SearchResult("STUDY", doc, study=uid, record=rec)
+                yield SearchResult("STUDY", doc, study=rec.uid)
 
-    # SERIES ------------------------------------------------------------------
-    def series_doc(self, txn, uid: str, rec: dict) -> dict:
-        doc = dict(rec["attrs"])
-        doc[T_SERIES_UID] = {"vr": "UI", "Value": [uid]}
-        doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec["study"]]}
-        doc[T_N_SERIES_INSTANCES] = _int_el("IS", rec["n_instances"])
-        doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
-        if self.retrieve_aet:
-            doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [self.retrieve_aet]}
-        return doc
-
-    def _split(self, keys: list[Key], level_tags: set[str]) -> tuple[list[Key], list[Key]]:
+    @staticmethod
+    def _split(keys: list[Key], level_tags: set[str]) -> tuple[list[Key], list[Key]]:
         upper = [k for k in keys if k.tag in level_tags and not k.universal]
         rest = [k for k in keys if k not in upper]
         return upper, rest
 
-    def _series(self, txn, keys, bykey, study, series) -> Iterator[SearchResult]:
-        uids = [series] if series else _uids(bykey, T_SERIES_UID)
-        study_keys, own_keys = self._split(keys, set(md.STUDY_TAGS) | {T_MODALITIES_IN_STUDY, T_STUDY_UID, T_N_STUDY_SERIES, T_N_STUDY_INSTANCES})
-        if uids is not None:
-            pairs = []
-            for u in uids:
-                rec = self.index.series(u, txn)
-                if rec is not None and (study is None or rec["study"] == study):
-                    pairs.append((u, rec))
-        else:
-            pairs = self._series_pairs(txn, bykey, study, study_keys)
+    def _series(self, cands, keys) -> Iterator[SearchResult]:
+        study_keys, own_keys = self._split(keys, STUDY_LEVEL_TAGS)
         checked: dict[str, bool] = {}
-        for uid, rec in pairs:
-            st = rec["study"]
+        for rec in cands:
             if study_keys:
-                if st not in checked:
-                    srec = self.index.study(st, txn)
-                    checked[st] = srec is not None and match_doc(self.study_doc(txn, st, srec), study_keys, self.fuzzy)
-                if not checked[st]:
+                if rec.study not in checked:
+                    st = self.index.study(rec.study)
+                    checked[rec.study] = st is not None and match_doc(study_doc(st), study_keys, self.fuzzy)
+                if not checked[rec.study]:
                     continue
-            doc = self.series_doc(txn, uid, rec)
+            doc = series_doc(rec, self.retrieve_aet)
             if match_doc(doc, own_keys, self.fuzzy):
-                yield SearchResult("SERIES", doc, study=st, series=uid, record=rec)
+                yield SearchResult("SERIES", doc, study=rec.study, series=rec.uid)
 
-    def _series_pairs(self, txn, bykey, study, study_keys) -> Iterator[tuple[str, dict]]:
-        if study is not None:
-            studies = [study]
-        elif study_keys:
-            studies = [u for u, _ in self._study_candidates(txn, bykey, None)]
-        else:
-            yield from self.index.iter_records("series", txn)
-            return
-        for st in studies:
-            for s in self.index.series_of_study(st, txn):
-                rec = self.index.series(s, txn)
-                if rec is not None:
-                    yield s, rec
-
-    # IMAGE -------------------------------------------------------------------
-    def instance_doc(self, txn, sop: str, rec: dict) -> dict:
-        if self.full:
-            raw = self.index.metadata(sop, txn)
-            doc = json.loads(raw) if raw else dict(rec["attrs"])
-            doc.pop("7FE00010", None)
-        else:
-            doc = dict(rec["attrs"])
-        doc[T_SOP_UID] = {"vr": "UI", "Value": [sop]}
-        doc["00080016"] = {"vr": "UI", "Value": [rec["sop_class"]]}
-        doc[T_SERIES_UID] = {"vr": "UI", "Value": [rec["series"]]}
-        doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec["study"]]}
-        doc["00083002"] = {"vr": "UI", "Value": [rec["ts"]]}  # AvailableTransferSyntaxUID
-        doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
-        if self.retrieve_aet:
-            doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [self.retrieve_aet]}
-        return doc
-
-    def _instances(self, txn, keys, bykey, study, series) -> Iterator[SearchResult]:
-        uids = _uids(bykey, T_SOP_UID)
-        upper_tags = set(md.STUDY_TAGS) | set(md.SERIES_TAGS) | {T_MODALITIES_IN_STUDY, T_N_SERIES_INSTANCES}
-        upper_keys, own_keys = self._split(keys, upper_tags - {T_STUDY_UID, T_SERIES_UID})
-        if uids is not None:
-            pairs = []
-            for u in uids:
-                rec = self.index.instance(u, txn)
-                if rec is None:
-                    continue
-                if study is not None and rec["study"] != study:
-                    continue
-                if series is not None and rec["series"] != series:
-                    continue
-                pairs.append((u, rec))
-        else:
-            pairs = self._instance_pairs(txn, bykey, keys, study, series)
+    def _instances(self, cands, keys) -> Iterator[SearchResult]:
+        upper_keys, own_keys = self._split(keys, _UPPER_FOR_INSTANCES)
         parent_ok: dict[str, bool] = {}
-        for sop, rec in pairs:
+        for rec in cands:
             if upper_keys:
-                se = rec["series"]
-                if se not in parent_ok:
-                    srec = self.index.series(se, txn)
-                    strec = self.index.study(rec["study"], txn)
-                    parent_ok[se] = bool(srec and strec) and match_doc(
-                        {**self.study_doc(txn, rec["study"], strec), **self.series_doc(txn, se, srec)},
-                        upper_keys, self.fuzzy)
-                if not parent_ok[se]:
+                if rec.series not in parent_ok:
+                    se = self.index.series(rec.series)
+                    st = self.index.study(rec.study)
+                    parent_ok[rec.series] = bool(se and st) and match_doc(
+                        {**study_doc(st), **series_doc(se)}, upper_keys, self.fuzzy)  # type: ignore[arg-type]
+                if not parent_ok[rec.series]:
                     continue
-            doc = self.instance_doc(txn, sop, rec)
+            full = self.index.metadata([rec.sop]) if self.full else []
+            doc = instance_doc(rec, full[0] if full else None, self.retrieve_aet)
             if not self.full and any(k.tag not in doc and not k.universal for k in own_keys):
-                raw = self.index.metadata(sop, txn)
-                full = json.loads(raw) if raw else {}
-                full.update(doc)
-                doc = full
-                doc.pop("7FE00010", None)
+                meta = self.index.metadata([rec.sop])
+                if meta:
+                    doc = {**instance_doc(rec, meta[0], self.retrieve_aet)}
             if match_doc(doc, own_keys, self.fuzzy):
-                yield SearchResult("IMAGE", doc, study=rec["study"], series=rec["series"], sop=sop, record=rec)
-
-    def _instance_pairs(self, txn, bykey, keys, study, series) -> Iterator[tuple[str, dict]]:
-        series_uids = [series] if series else _uids(bykey, T_SERIES_UID)
-        if series_uids is None:
-            study_uids = [study] if study else _uids(bykey, T_STUDY_UID)
-            if study_uids is None:
-                study_uids = [u for u, _ in self._study_candidates(txn, bykey, None)]
-            series_uids = [s for st in study_uids for s in self.index.series_of_study(st, txn)]
-        for se in series_uids:
-            srec = self.index.series(se, txn)
-            if srec is None or (study is not None and srec["study"] != study):
-                continue
-            for sop in self.index.instances_of_series(se, txn):
-                rec = self.index.instance(sop, txn)
-                if rec is not None:
-                    yield sop, rec
+                yield SearchResult("IMAGE", doc, study=rec.study, series=rec.series, sop=rec.sop)

@@ -1,0 +1,113 @@
+"""The index: everything the archive knows about its instances, as domain operations.
+
+A `typing.Protocol`, so a second backend (PostgreSQL, for several nodes) implements the same
+operations; the LMDB backend (archive.index.lmdb) is the embedded default. Nothing outside a
+backend sees a transaction, a cursor or a database name. Reads return typed records
+(archive.records); no read holds the index open after it returns (iterators read in batches).
+
+Query candidate selection is the backend's (LMDB: key ranges; SQL: WHERE clauses); PS3.4
+matching of the candidates is backend-independent (archive.query).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Protocol, Sequence
+
+from ..records import (BlobRef, Frames, InstanceRecord, PatientRecord, SeriesRecord, Stats,
+                       StudyRecord)
+from ..status import Outcome
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """Everything ingest built for one instance, committed in one transaction."""
+
+    record: InstanceRecord
+    frames: list[list[tuple[int, int]]]  # fragments per frame ([] when the instance has none)
+    crcs: list[int]
+    metadata: bytes  # DICOM JSON (BulkDataURIs relative to metadata.BASE_TOKEN)
+    bulk: Mapping[str, bytes]
+    patient_attrs: Mapping[str, Any]
+    study_attrs: Mapping[str, Any]
+    series_attrs: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What `add_instance` did: STORED, DUPLICATE (same sha256: nothing written), REPLACED
+    (`previous` was removed; its blob is the caller's to delete) or REJECTED (same UID, other
+    bytes, and replace was not allowed: nothing written)."""
+
+    outcome: Outcome
+    previous: InstanceRecord | None = None
+
+
+@dataclass(frozen=True)
+class FixityEvent:
+    time: str
+    sop: str
+    blob: BlobRef
+    what: str
+    source: str
+
+
+class Index(Protocol):
+    readonly: bool
+
+    def close(self) -> None: ...
+
+    # -- lookups ------------------------------------------------------------------
+    def instance(self, sop: str) -> InstanceRecord | None: ...
+    def series(self, uid: str) -> SeriesRecord | None: ...
+    def study(self, uid: str) -> StudyRecord | None: ...
+    def patient(self, key: str) -> PatientRecord | None: ...
+
+    def frames(self, sop: str, numbers: Sequence[int]) -> Frames | None:
+        """Location and slots of the requested 1-based frames (None entries when out of
+        range); None when the instance has no frame table. The frame path: keep it cheap."""
+
+    def all_frames(self, sop: str) -> Frames | None:
+        """Every frame's fragments (migration, checks)."""
+
+    def metadata(self, sops: Sequence[str]) -> list[bytes]:
+        """Stored DICOM JSON of each instance that exists, in order, read together."""
+
+    def bulk(self, sop: str, path: str) -> bytes | None: ...
+
+    # -- hierarchy ----------------------------------------------------------------
+    def series_of_study(self, study: str) -> list[SeriesRecord]: ...
+    def instances_of_series(self, series: str) -> list[InstanceRecord]: ...
+    def studies_of_patient(self, patient: str) -> list[StudyRecord]: ...
+    def patients(self) -> Iterator[PatientRecord]:
+        """Every patient, in key order."""
+    def instances(self) -> Iterator[InstanceRecord]:
+        """Every instance."""
+
+    def candidates(self, level: str, keys: Sequence[Any], *, study: str | None = None,
+                   series: str | None = None) -> Iterator[Any]:
+        """Records of `level` ("PATIENT", "STUDY", "SERIES", "IMAGE") that may match `keys`
+        (archive.query.Key), limited to `study`/`series` when given: a superset of the matches,
+        narrowed with the backend's own indexes; archive.query does the exact matching."""
+
+    def stats(self) -> Stats: ...
+
+    # -- writes ---------------------------------------------------------------------
+    def add_instance(self, new: NewInstance, *, replace: bool) -> AddResult:
+        """Add one instance with its parents in one transaction, and clear its blob's pending
+        mark; see AddResult for what happens when the SOP Instance UID is already there."""
+
+    def add_pending(self, blob: BlobRef, session: str) -> None:
+        """A blob is about to be placed before its record commits: a crash sweep removes it
+        unless a record references it."""
+
+    def clear_pending(self, blob: BlobRef) -> None: ...
+    def pending(self) -> list[tuple[BlobRef, str]]: ...
+    def blob_referenced(self, blob: BlobRef) -> bool: ...
+
+    # -- fixity and migrations -----------------------------------------------------------
+    def checksum_todo(self, limit: int) -> list[str]: ...
+    def checksum_todo_count(self) -> int: ...
+    def set_frame_checksums(self, sop: str, blob: BlobRef, crcs: list[int] | None,
+                            damaged: str | None = None) -> bool: ...
+    def record_fixity(self, event: FixityEvent) -> None: ...
+    def fixity_events(self) -> list[FixityEvent]: ...

@@ -1,0 +1,720 @@
+"""The embedded index backend: LMDB (one memory-mapped file, multi-process safe, no setup).
+
+An instance is visible if and only if its record is committed here. Every write is one LMDB
+transaction; the CLI can work beside a running server. Reads are short: iterators read in
+batches, each in its own transaction, so nothing holds the map open while a client is answered.
+
+Databases (keys UTF-8):
+  inst      sop -> JSON instance record (archive.records.InstanceRecord without its location)
+  loc       sop -> "tier\\0key\\0transfer syntax": where the bytes are, recorded once
+  frames    sop -> frame table (archive.index.frametable)
+  meta      sop -> DICOM JSON metadata (BulkDataURIs start with metadata.BASE_TOKEN)
+  bulk      sop \\0 path -> bulk value bytes
+  study     study -> JSON study record      series  series -> JSON series record
+  patient   patient key -> JSON patient record
+  study_series   study \\0 series -> ''     series_inst   series \\0 sop -> ''
+  patient_study  patient \\0 study -> ''
+  study_idx      TAG=value \\0 study -> ''  (PatientID, AccessionNumber, StudyDate, lower-cased PatientName)
+  pending        blob key -> JSON {"session", "tier"} (placed, record not committed yet)
+  blob           blob key -> sop (which instance a blob belongs to)
+  state          schema version
+  todo_crc       sop -> ''  (frame tables still without CRC32C; schema 3 migration, resumable)
+  fixity         ISO time \\0 sop -> JSON fixity event
+Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame; 4 the location
+(tier, key, syntax) moved out of the instance record and the frame table into `loc`.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lmdb
+
+from .. import metadata as md
+from ..records import (BlobRef, Frames, FrameTable, InstanceRecord, PatientRecord, SeriesRecord, Stats,
+                       StudyRecord)
+from ..status import Outcome
+from . import frametable
+from .base import AddResult, FixityEvent, NewInstance
+
+log = logging.getLogger("pathpacs.index")
+
+DB_NAMES = [
+    "inst", "loc", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
+    "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
+]
+INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
+                      "00100010": "PatientName"}
+CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexed lower-cased
+SEP = b"\x00"
+SCHEMA = 4
+BATCH = 512  # records per read transaction when iterating
+
+T_STUDY_UID, T_SERIES_UID, T_SOP_UID = "0020000D", "0020000E", "00080018"
+T_PATIENT_ID, T_ACCESSION, T_STUDY_DATE, T_PATIENT_NAME = "00100020", "00080050", "00080020", "00100010"
+
+
+def index_values(tag: str, attrs: dict) -> list[str]:
+    values = md.string_values(attrs.get(tag)) or [""]
+    return [v.lower() for v in values] if tag in CASE_FOLDED_TAGS else values
+
+
+def _k(*parts: str) -> bytes:
+    return SEP.join(p.encode() for p in parts)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True when `exc` means the index (or a file) ran out of disk space or map size."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(exc, lmdb.MapFullError):
+        return True
+    if isinstance(exc, lmdb.Error):
+        text = str(exc).lower()
+        return "no space left" in text or "quota" in text or "file too large" in text
+    return False
+
+
+def _pack_loc(blob: BlobRef, ts: str) -> bytes:
+    return f"{blob.tier}\0{blob.key}\0{ts}".encode()
+
+
+def _unpack_loc(raw) -> tuple[BlobRef, str]:
+    tier, key, ts = bytes(raw).decode().split("\0")
+    return BlobRef(tier, key), ts
+
+
+# -- record <-> stored JSON -----------------------------------------------------------------
+
+def _instance_json(rec: InstanceRecord) -> bytes:
+    d = rec.to_json()
+    for k in ("blob", "tier", "ts"):
+        d.pop(k)
+    return _dumps(d)
+
+
+def _instance(raw, loc) -> InstanceRecord:
+    d = json.loads(raw)
+    if loc is not None:
+        blob, ts = _unpack_loc(loc)
+        d["tier"], d["blob"], d["ts"] = blob.tier, blob.key, ts
+    return InstanceRecord.from_json(d)
+
+
+def _series(uid: str, d: dict) -> SeriesRecord:
+    return SeriesRecord(uid, d["study"], d["attrs"], d["n_instances"], d["bytes"], tuple(d["sop_classes"]))
+
+
+def _study(uid: str, d: dict) -> StudyRecord:
+    return StudyRecord(uid, d["patient"], d["attrs"], d["n_series"], d["n_instances"], d["bytes"],
+                       tuple(d["modalities"]), tuple(d["sop_classes"]), d.get("updated", ""))
+
+
+def _patient(key: str, d: dict) -> PatientRecord:
+    return PatientRecord(key, d["attrs"], d["n_studies"])
+
+
+class LmdbIndex:
+    """The Index protocol (archive.index.base) over one LMDB environment."""
+
+    def __init__(self, path: Path, map_size: int = 1 << 40, readonly: bool = False) -> None:
+        if not readonly:
+            path.mkdir(parents=True, exist_ok=True)
+        self.readonly = readonly
+        self.env = lmdb.open(
+            str(path), map_size=map_size, max_dbs=len(DB_NAMES) + 2, max_readers=1024,
+            readonly=readonly, readahead=False, lock=True, create=not readonly,
+        )
+        self.db: dict[str, Any] = {}
+        for name in DB_NAMES:
+            try:
+                self.db[name] = self.env.open_db(name.encode(), create=not readonly)
+            except lmdb.NotFoundError:  # read-only open of an archive older than this table
+                continue
+        if not readonly:
+            self._migrate()
+
+    def close(self) -> None:
+        self.env.close()
+
+    # -- schema migrations ------------------------------------------------------------------
+    def _schema(self) -> int:
+        with self.env.begin() as txn:
+            raw = txn.get(b"schema", db=self.db["state"]) if "state" in self.db else None
+            if raw:
+                return int(raw)
+            return 1 if "study" in self.db and txn.stat(self.db["study"])["entries"] else SCHEMA
+
+    def _set_schema(self, txn, version: int) -> None:
+        txn.put(b"schema", str(version).encode(), db=self.db["state"])
+
+    def _migrate(self) -> None:
+        """Bring an index written by an older release up to SCHEMA, step by step, each step
+        recorded when done (a crash resumes at the step it was in; every step is idempotent).
+        Records are always kept."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(b"schema", db=self.db["state"])
+            version = int(raw) if raw else (1 if txn.stat(self.db["study"])["entries"] else SCHEMA)
+            if raw is None:  # releases up to schema 2 never wrote it for a new archive
+                self._set_schema(txn, version)
+        if version < 2:  # 2: PatientName joined the study key index
+            with self.env.begin(write=True) as txn:
+                txn.drop(self.db["study_idx"], delete=False)
+                for study, d in self._iter_json(txn, "study"):
+                    for tag in INDEXED_STUDY_TAGS:
+                        for v in index_values(tag, d["attrs"]):
+                            txn.put(_k(f"{tag}={v}", study), b"", db=self.db["study_idx"])
+                self._set_schema(txn, 2)
+        if version < 3:  # 3: CRC32C per frame; tables gain them in Archive.add_frame_checksums
+            with self.env.begin(write=True) as txn:
+                for key, val in txn.cursor(db=self.db["frames"]).iternext():
+                    head = frametable.head(val)
+                    if not head.checked and not head.damaged:
+                        txn.put(key, b"", db=self.db["todo_crc"])
+                self._set_schema(txn, 3)
+        if version < 4:  # 4: the location is recorded once, in `loc`
+            n = self._split_locations()
+            with self.env.begin(write=True) as txn:
+                self._set_schema(txn, 4)
+            if n:
+                log.info("index: recorded the location of %d instances once (schema 4)", n)
+
+    def _split_locations(self) -> int:
+        done = 0
+        last = b""
+        while True:
+            with self.env.begin(write=True) as txn:
+                cur = txn.cursor(db=self.db["inst"])
+                if not (cur.set_range(last) if last else cur.first()):
+                    return done
+                batch = 0
+                for key, val in cur.iternext():
+                    if key == last:
+                        continue
+                    d = json.loads(val)
+                    if "blob" in d:
+                        txn.put(key, _pack_loc(BlobRef(d.pop("tier"), d.pop("blob")), d.pop("ts")), db=self.db["loc"])
+                        txn.put(key, _dumps(d), db=self.db["inst"])
+                        table = txn.get(key, db=self.db["frames"])
+                        if table is not None:
+                            head, frags, crcs = frametable.read_all(table)
+                            txn.put(key, frametable.pack(frags, crcs if head.checked else None, head.damaged),
+                                    db=self.db["frames"])
+                        done += 1
+                    last = key
+                    batch += 1
+                    if batch >= 2000:
+                        break
+                else:
+                    return done
+
+    # -- small helpers ----------------------------------------------------------------------
+    def _get_json(self, txn, db: str, key: str) -> dict | None:
+        raw = txn.get(key.encode(), db=self.db[db])
+        return None if raw is None else json.loads(raw)
+
+    def _iter_json(self, txn, db: str) -> Iterator[tuple[str, dict]]:
+        for key, val in txn.cursor(db=self.db[db]).iternext():
+            yield key.decode(), json.loads(val)
+
+    def _children(self, txn, db: str, parent: str) -> list[str]:
+        prefix = parent.encode() + SEP
+        cur = txn.cursor(db=self.db[db])
+        out = []
+        if cur.set_range(prefix):
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(prefix):
+                    break
+                out.append(key[len(prefix):].decode())
+        return out
+
+    def _batched(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of `db` (keys starting with `prefix`), BATCH at a time, each batch in
+        its own read transaction: no transaction is open between yields."""
+        for batch in self._batches(db, prefix):
+            yield from batch
+
+    def _batches(self, db: str, prefix: bytes = b"") -> Iterator[list[tuple[bytes, bytes]]]:
+        last: bytes | None = None
+        while True:
+            batch: list[tuple[bytes, bytes]] = []
+            with self.env.begin() as txn:
+                cur = txn.cursor(db=self.db[db])
+                found = cur.set_range(last) if last is not None else (cur.set_range(prefix) if prefix else cur.first())
+                if not found:
+                    return
+                for key, val in cur.iternext():
+                    if last is not None and key == last:
+                        continue
+                    if prefix and not key.startswith(prefix):
+                        break
+                    batch.append((key, val))
+                    if len(batch) >= BATCH:
+                        break
+            if not batch:
+                return
+            yield batch
+            if len(batch) < BATCH:
+                return
+            last = batch[-1][0]
+
+    def _inst(self, txn, sop: str) -> InstanceRecord | None:
+        raw = txn.get(sop.encode(), db=self.db["inst"])
+        if raw is None:
+            return None
+        return _instance(raw, txn.get(sop.encode(), db=self.db["loc"]) if "loc" in self.db else None)
+
+    # -- lookups ----------------------------------------------------------------------------
+    def instance(self, sop: str) -> InstanceRecord | None:
+        with self.env.begin() as txn:
+            return self._inst(txn, sop)
+
+    def series(self, uid: str) -> SeriesRecord | None:
+        with self.env.begin() as txn:
+            d = self._get_json(txn, "series", uid)
+        return None if d is None else _series(uid, d)
+
+    def study(self, uid: str) -> StudyRecord | None:
+        with self.env.begin() as txn:
+            d = self._get_json(txn, "study", uid)
+        return None if d is None else _study(uid, d)
+
+    def patient(self, key: str) -> PatientRecord | None:
+        with self.env.begin() as txn:
+            d = self._get_json(txn, "patient", key)
+        return None if d is None else _patient(key, d)
+
+    def _table(self, txn, sop: str, buf, head: frametable.TableHead) -> FrameTable | None:
+        if head.legacy:  # a read-only open of an archive not migrated yet
+            return FrameTable(BlobRef(head.legacy["tier"], head.legacy["blob"]), head.legacy["ts"], head.n,
+                              head.checked, head.damaged)
+        loc = txn.get(sop.encode(), db=self.db["loc"])
+        if loc is None:
+            return None
+        blob, ts = _unpack_loc(loc)
+        return FrameTable(blob, ts, head.n, head.checked, head.damaged)
+
+    def frames(self, sop: str, numbers: Sequence[int]) -> Frames | None:
+        key = sop.encode()
+        with self.env.begin(buffers=True) as txn:
+            buf = txn.get(key, db=self.db["frames"])
+            if buf is None:
+                return None
+            head, frags, crcs = frametable.read(buf, numbers)
+            table = self._table(txn, sop, buf, head)
+        return None if table is None else Frames(table, tuple(numbers), frags, crcs)
+
+    def all_frames(self, sop: str) -> Frames | None:
+        with self.env.begin(buffers=True) as txn:
+            buf = txn.get(sop.encode(), db=self.db["frames"])
+            if buf is None:
+                return None
+            head, frags, crcs = frametable.read_all(buf)
+            table = self._table(txn, sop, buf, head)
+        return None if table is None else Frames(table, tuple(range(1, head.n + 1)), frags, crcs)
+
+    def metadata(self, sops: Sequence[str]) -> list[bytes]:
+        out = []
+        with self.env.begin() as txn:
+            for sop in sops:
+                raw = txn.get(sop.encode(), db=self.db["meta"])
+                if raw is not None:
+                    out.append(raw)
+        return out
+
+    def bulk(self, sop: str, path: str) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(_k(sop, path), db=self.db["bulk"])
+
+    # -- hierarchy --------------------------------------------------------------------------
+    def series_of_study(self, study: str) -> list[SeriesRecord]:
+        with self.env.begin() as txn:
+            out = []
+            for uid in self._children(txn, "study_series", study):
+                d = self._get_json(txn, "series", uid)
+                if d is not None:
+                    out.append(_series(uid, d))
+            return out
+
+    def instances_of_series(self, series: str) -> list[InstanceRecord]:
+        with self.env.begin() as txn:
+            out = []
+            for sop in self._children(txn, "series_inst", series):
+                rec = self._inst(txn, sop)
+                if rec is not None:
+                    out.append(rec)
+            return out
+
+    def studies_of_patient(self, patient: str) -> list[StudyRecord]:
+        with self.env.begin() as txn:
+            out = []
+            for uid in self._children(txn, "patient_study", patient):
+                d = self._get_json(txn, "study", uid)
+                if d is not None:
+                    out.append(_study(uid, d))
+            return out
+
+    def patients(self) -> Iterator[PatientRecord]:
+        for key, val in self._batched("patient"):
+            yield _patient(key.decode(), json.loads(val))
+
+    def _all_studies(self) -> Iterator[StudyRecord]:
+        for key, val in self._batched("study"):
+            yield _study(key.decode(), json.loads(val))
+
+    def _all_series(self) -> Iterator[SeriesRecord]:
+        for key, val in self._batched("series"):
+            yield _series(key.decode(), json.loads(val))
+
+    def instances(self) -> Iterator[InstanceRecord]:
+        for batch in self._batches("inst"):
+            with self.env.begin() as txn:
+                locs = [txn.get(k, db=self.db["loc"]) if "loc" in self.db else None for k, _v in batch]
+            for (_k2, val), loc in zip(batch, locs):
+                yield _instance(val, loc)
+
+    def stats(self) -> Stats:
+        by_tier: dict[str, int] = {}
+        total = n = 0
+        for rec in self.instances():
+            by_tier[rec.blob.tier] = by_tier.get(rec.blob.tier, 0) + rec.size
+            total += rec.size
+            n += 1
+        with self.env.begin() as txn:
+            counts = {db: txn.stat(self.db[db])["entries"] for db in ("patient", "study", "series")}
+        return Stats(counts["patient"], counts["study"], counts["series"], n, total, by_tier)
+
+    # -- query candidate selection (the LMDB planner) ------------------------------------------
+    def candidates(self, level: str, keys: Sequence[Any], *, study: str | None = None,
+                   series: str | None = None, fuzzy: bool = False) -> Iterator[Any]:
+        from ..query import STUDY_LEVEL_TAGS, uid_list  # the planner reads PS3.4 keys
+
+        bykey = {k.tag: k for k in keys}
+        if level == "PATIENT":
+            yield from self._patient_candidates(bykey)
+        elif level == "STUDY":
+            yield from self._study_candidates(bykey, study, fuzzy)
+        elif level == "SERIES":
+            uids = [series] if series else uid_list(bykey, T_SERIES_UID)
+            if uids is not None:
+                for rec in self._lookup_series(uids):
+                    if study is None or rec.study == study:
+                        yield rec
+            elif study is not None:
+                yield from self.series_of_study(study)
+            elif any(k.tag in STUDY_LEVEL_TAGS and not k.universal for k in keys):
+                for st in self._study_candidates(bykey, None, fuzzy):
+                    yield from self.series_of_study(st.uid)
+            else:
+                yield from self._all_series()
+        else:
+            uids = uid_list(bykey, T_SOP_UID)
+            if uids is not None:
+                for rec in self._lookup_instances(uids):
+                    if (study is None or rec.study == study) and (series is None or rec.series == series):
+                        yield rec
+                return
+            series_uids = [series] if series else uid_list(bykey, T_SERIES_UID)
+            if series_uids is None:
+                studies = [study] if study else uid_list(bykey, T_STUDY_UID)
+                if studies is None:
+                    studies = [s.uid for s in self._study_candidates(bykey, None, fuzzy)]
+                for st in studies:
+                    for se in self.series_of_study(st):
+                        yield from self.instances_of_series(se.uid)
+                return
+            for se_rec in self._lookup_series(series_uids):
+                if study is None or se_rec.study == study:
+                    yield from self.instances_of_series(se_rec.uid)
+
+    def _lookup_series(self, uids: Sequence[str]) -> list[SeriesRecord]:
+        with self.env.begin() as txn:
+            return [_series(u, d) for u in uids if (d := self._get_json(txn, "series", u)) is not None]
+
+    def _lookup_instances(self, uids: Sequence[str]) -> list[InstanceRecord]:
+        with self.env.begin() as txn:
+            return [r for u in uids if (r := self._inst(txn, u)) is not None]
+
+    def _patient_candidates(self, bykey: dict) -> Iterator[PatientRecord]:
+        from ..query import single_exact
+
+        pid = single_exact(bykey, T_PATIENT_ID)
+        if pid is None:
+            yield from self.patients()
+            return
+        for key, val in self._batched("patient", f"{pid}^".encode()):
+            yield _patient(key.decode(), json.loads(val))
+
+    def _study_candidates(self, bykey: dict, study: str | None, fuzzy: bool) -> Iterator[StudyRecord]:
+        from ..query import RANGE_VRS, single_exact, uid_list
+
+        uids = [study] if study else uid_list(bykey, T_STUDY_UID)
+        if uids is None:
+            found: set[str] | None = None
+            for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
+                if tag == T_PATIENT_NAME and fuzzy:
+                    continue  # fuzzy matches any name component: not an index prefix
+                fold = str.lower if tag in CASE_FOLDED_TAGS else str
+                v = single_exact(bykey, tag)
+                if v is not None:
+                    found = self._studies_by_key(tag, fold(v))
+                    break
+                k = bykey.get(tag)
+                if k is not None and not k.universal and k.values and len(k.values) == 1:
+                    q = k.values[0]
+                    stem = re.split(r"[*?]", q, maxsplit=1)[0]
+                    if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
+                        found = self._studies_by_key(tag, fold(stem), prefix=True)
+                        break
+            if found is None:
+                k = bykey.get(T_STUDY_DATE)
+                if k is not None and not k.universal and k.values and len(k.values) == 1 and k.vr in RANGE_VRS:
+                    q = k.values[0]
+                    if "-" in q:
+                        lo, hi = q.split("-", 1)
+                        found = self._studies_by_key(T_STUDY_DATE, lo, hi or "99999999")
+                    else:
+                        found = self._studies_by_key(T_STUDY_DATE, q)
+            if found is None:
+                yield from self._all_studies()
+                return
+            uids = sorted(found)
+        for i in range(0, len(uids), BATCH):
+            with self.env.begin() as txn:
+                batch = [_study(u, d) for u in uids[i:i + BATCH] if (d := self._get_json(txn, "study", u)) is not None]
+            yield from batch
+
+    def _studies_by_key(self, tag: str, lo: str, hi: str | None = None, prefix: bool = False) -> set[str]:
+        """Studies whose indexed `tag` equals lo, starts with lo (prefix), or lies in [lo, hi]."""
+        base = f"{tag}=".encode()
+        start = base + lo.encode() + (b"" if prefix or hi is not None else SEP)
+        out: set[str] = set()
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["study_idx"])
+            if not cur.set_range(start):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(base):
+                    break
+                value, _, uid = key[len(base):].partition(SEP)
+                if hi is not None:
+                    if value.decode() > hi:
+                        break
+                elif prefix:
+                    if not value.startswith(lo.encode()):
+                        break
+                elif value != lo.encode():
+                    break
+                out.add(uid.decode())
+        return out
+
+    # -- writes -----------------------------------------------------------------------------
+    def add_pending(self, blob: BlobRef, session: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(blob.key.encode(), _dumps({"session": session, "tier": blob.tier}), db=self.db["pending"])
+
+    def clear_pending(self, blob: BlobRef) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(blob.key.encode(), db=self.db["pending"])
+
+    def pending(self) -> list[tuple[BlobRef, str]]:
+        out = []
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["pending"]).iternext():
+                raw = bytes(v)
+                if raw.startswith(b"{"):
+                    d = json.loads(raw)
+                    out.append((BlobRef(d.get("tier", "hot"), k.decode()), d["session"]))
+                else:  # schema <= 3: the session alone, and the blob was on the hot tier
+                    out.append((BlobRef("hot", k.decode()), raw.decode()))
+        return out
+
+    def blob_referenced(self, blob: BlobRef) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(blob.key.encode(), db=self.db["blob"]) is not None
+
+    def add_instance(self, new: NewInstance, *, replace: bool, session: str = "") -> AddResult:
+        rec = new.record
+        with self.env.begin(write=True) as txn:
+            current = self._inst(txn, rec.sop)
+            if current is not None:
+                if current.sha256 == rec.sha256:
+                    return AddResult(Outcome.DUPLICATE, current)
+                if not replace:
+                    return AddResult(Outcome.REJECTED, current)
+                self._remove(txn, rec.sop)
+                # the old blob: removed by the caller after this commit, by the sweep after a crash
+                txn.put(current.blob.key.encode(), _dumps({"session": session, "tier": current.blob.tier}),
+                        db=self.db["pending"])
+            self._put(txn, new)
+            txn.delete(rec.blob.key.encode(), db=self.db["pending"])
+        return AddResult(Outcome.REPLACED if current is not None else Outcome.STORED, current)
+
+    def _put(self, txn, new: NewInstance) -> None:
+        rec = new.record
+        sop, study, series, patient = rec.sop, rec.study, rec.series, rec.patient
+        db = self.db
+        txn.put(sop.encode(), _instance_json(rec), db=db["inst"])
+        txn.put(sop.encode(), _pack_loc(rec.blob, rec.ts), db=db["loc"])
+        txn.put(rec.blob.key.encode(), sop.encode(), db=db["blob"])
+        if new.frames:
+            txn.put(sop.encode(), frametable.pack(new.frames, new.crcs), db=db["frames"])
+        txn.put(sop.encode(), new.metadata, db=db["meta"])
+        for path, value in new.bulk.items():
+            txn.put(_k(sop, path), value, db=db["bulk"])
+        txn.put(_k(series, sop), b"", db=db["series_inst"])
+
+        srec = self._get_json(txn, "series", series)
+        new_series = srec is None
+        if srec is None:
+            srec = {"attrs": dict(new.series_attrs), "study": study, "n_instances": 0, "bytes": 0, "sop_classes": []}
+            txn.put(_k(study, series), b"", db=db["study_series"])
+        srec["n_instances"] += 1
+        srec["bytes"] += rec.size
+        if rec.sop_class not in srec["sop_classes"]:
+            srec["sop_classes"].append(rec.sop_class)
+        txn.put(series.encode(), _dumps(srec), db=db["series"])
+
+        strec = self._get_json(txn, "study", study)
+        new_study = strec is None
+        if strec is None:
+            strec = {"attrs": dict(new.study_attrs), "patient": patient, "n_series": 0, "n_instances": 0,
+                     "bytes": 0, "modalities": [], "sop_classes": []}
+            txn.put(_k(patient, study), b"", db=db["patient_study"])
+            for tag in INDEXED_STUDY_TAGS:
+                for v in index_values(tag, strec["attrs"]):
+                    txn.put(_k(f"{tag}={v}", study), b"", db=db["study_idx"])
+        strec["n_series"] += int(new_series)
+        strec["n_instances"] += 1
+        strec["bytes"] += rec.size
+        modality = md.first_value(new.series_attrs, "00080060")
+        if modality and modality not in strec["modalities"]:
+            strec["modalities"].append(modality)
+        if rec.sop_class not in strec["sop_classes"]:
+            strec["sop_classes"].append(rec.sop_class)
+        strec["updated"] = rec.received
+        txn.put(study.encode(), _dumps(strec), db=db["study"])
+
+        prec = self._get_json(txn, "patient", patient)
+        if prec is None:
+            prec = {"attrs": dict(new.patient_attrs), "n_studies": 0}
+        prec["n_studies"] += int(new_study)
+        txn.put(patient.encode(), _dumps(prec), db=db["patient"])
+
+    def _remove(self, txn, sop: str) -> None:
+        """Remove one instance and prune empty parents."""
+        db = self.db
+        rec = self._inst(txn, sop)
+        if rec is None:
+            return
+        study, series, patient = rec.study, rec.series, rec.patient
+        for name in ("inst", "loc", "frames", "todo_crc", "meta"):
+            txn.delete(sop.encode(), db=db[name])
+        txn.delete(rec.blob.key.encode(), db=db["blob"])
+        cur = txn.cursor(db=db["bulk"])
+        prefix = sop.encode() + SEP
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+        txn.delete(_k(series, sop), db=db["series_inst"])
+        srec = self._get_json(txn, "series", series)
+        series_gone = False
+        if srec is not None:
+            srec["n_instances"] -= 1
+            srec["bytes"] -= rec.size
+            if srec["n_instances"] <= 0:
+                txn.delete(series.encode(), db=db["series"])
+                txn.delete(_k(study, series), db=db["study_series"])
+                series_gone = True
+            else:
+                txn.put(series.encode(), _dumps(srec), db=db["series"])
+        strec = self._get_json(txn, "study", study)
+        if strec is None:
+            return
+        strec["n_instances"] -= 1
+        strec["bytes"] -= rec.size
+        strec["n_series"] -= int(series_gone)
+        if series_gone:
+            strec["modalities"] = sorted({
+                m for s in self._children(txn, "study_series", study)
+                for m in md.string_values((self._get_json(txn, "series", s) or {"attrs": {}})["attrs"].get("00080060"))
+            })
+        if strec["n_instances"] <= 0:
+            txn.delete(study.encode(), db=db["study"])
+            txn.delete(_k(patient, study), db=db["patient_study"])
+            for tag in INDEXED_STUDY_TAGS:
+                for v in index_values(tag, strec["attrs"]):
+                    txn.delete(_k(f"{tag}={v}", study), db=db["study_idx"])
+            prec = self._get_json(txn, "patient", patient)
+            if prec is not None:
+                prec["n_studies"] -= 1
+                if prec["n_studies"] <= 0:
+                    txn.delete(patient.encode(), db=db["patient"])
+                else:
+                    txn.put(patient.encode(), _dumps(prec), db=db["patient"])
+        else:
+            txn.put(study.encode(), _dumps(strec), db=db["study"])
+
+    # -- frame checksum migration (schema 3) and fixity events -----------------------------
+    def checksum_todo(self, limit: int) -> list[str]:
+        if "todo_crc" not in self.db:
+            return []
+        with self.env.begin() as txn:
+            out = []
+            for key in txn.cursor(db=self.db["todo_crc"]).iternext(keys=True, values=False):
+                out.append(key.decode())
+                if len(out) >= limit:
+                    break
+            return out
+
+    def checksum_todo_count(self) -> int:
+        if "todo_crc" not in self.db:
+            return 0
+        with self.env.begin() as txn:
+            return txn.stat(self.db["todo_crc"])["entries"]
+
+    def set_frame_checksums(self, sop: str, blob: BlobRef, crcs: list[int] | None,
+                            damaged: str | None = None) -> bool:
+        with self.env.begin(write=True) as txn:
+            txn.delete(sop.encode(), db=self.db["todo_crc"])
+            raw = txn.get(sop.encode(), db=self.db["frames"])
+            loc = txn.get(sop.encode(), db=self.db["loc"])
+            if raw is None or loc is None:
+                return False
+            head, frags, _ = frametable.read_all(raw)
+            if _unpack_loc(loc)[0] != blob or head.checked:
+                return False
+            txn.put(sop.encode(), frametable.pack(frags, crcs, damaged), db=self.db["frames"])
+            return True
+
+    def record_fixity(self, event: FixityEvent) -> None:
+        if "fixity" not in self.db or self.readonly:
+            return
+        d = {"time": event.time, "sop": event.sop, "blob": event.blob.key, "tier": event.blob.tier,
+             "what": event.what, "source": event.source}
+        with self.env.begin(write=True) as txn:
+            txn.put(_k(event.time, event.sop), _dumps(d), db=self.db["fixity"])
+
+    def fixity_events(self) -> list[FixityEvent]:
+        if "fixity" not in self.db:
+            return []
+        with self.env.begin() as txn:
+            out = []
+            for _key, v in txn.cursor(db=self.db["fixity"]).iternext():
+                d = json.loads(v)
+                out.append(FixityEvent(d["time"], d["sop"], BlobRef(d["tier"], d["blob"]), d["what"], d["source"]))
+            return out
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")

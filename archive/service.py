@@ -1,0 +1,505 @@
+"""The Archive: the one API of the archive for DIMSE, DICOMweb, the pages and the CLI.
+
+It owns the data directory: the index (archive.index, a Protocol with an LMDB backend), the
+blob tiers (storage_tiers.BlobStore, by name) and local staging. Protocol layers call these
+methods and use the record types (archive.records) and errors (archive.status) they return;
+none of them touches the index or a store. That makes this the one place where tier lookup
+happens today and where authorization and audit will go.
+
+`AsyncArchive` wraps it for the event loop: every call runs in an executor except frame reads
+from a store whose ranged reads are local (`BlobStore.inline_reads`), which stay inline so the
+frame path keeps its speed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
+
+from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging
+
+from .config import Config
+from .fixity import crc32c, scan, sha256_of
+from .index import FixityEvent, Index, open_index
+from .ingest import IngestResult, ingest
+from .query import Key, QueryError, SearchResult, Searcher
+from .records import BlobRef, Frames, FrameTable, InstanceRecord, PatientRecord, SeriesRecord, Stats, StudyRecord
+from .status import Damaged, ErrorKind, NotFound
+
+log = logging.getLogger("pathpacs.archive")
+CHUNK = 1 << 20
+
+
+class ArchiveNotFound(Exception):
+    """A read-only open of a data directory that holds no archive."""
+
+
+class Archive:
+    def __init__(self, config: Config, readonly: bool = False) -> None:
+        """readonly: for verbs that only look (ls, stats, verify): nothing is created or swept,
+        and a directory without an archive is ArchiveNotFound instead of a new empty archive."""
+        self.config = config
+        data = Path(config.data_dir)
+        self.readonly = readonly
+        if readonly:
+            if not (data / "index" / "data.mdb").is_file():
+                raise ArchiveNotFound(f"no archive in {data}")
+        else:
+            data.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data
+        self.index: Index = open_index(data / "index", map_size_gb=config.lmdb_map_size_gb, readonly=readonly)
+        self.tiers: dict[str, BlobStore] = {"hot": FilesystemStore(data / "hot", name="hot", readonly=readonly)}
+        self.ingest_tier: BlobStore = self.tiers["hot"]
+        self.staging: Staging | None = None if readonly else Staging(data / "hot" / "tmp")
+        self._reported: set[tuple[str, str]] = set()
+        self._parents: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # sop -> (study, series, blob key)
+        self._parents_lock = threading.Lock()
+        if not readonly:
+            self.sweep()
+
+    @classmethod
+    def open(cls, data_dir: Path, config: Config | None = None, readonly: bool = False) -> "Archive":
+        cfg = config or Config()
+        cfg.data_dir = Path(data_dir)
+        return cls(cfg, readonly=readonly)
+
+    def tier(self, name: str) -> BlobStore:
+        try:
+            return self.tiers[name]
+        except KeyError:
+            raise Damaged("?", f"unknown tier {name!r}") from None
+
+    @property
+    def tmp_dir(self) -> Path:
+        """This process's staging directory (on the ingest tier's filesystem: renames are free)."""
+        assert self.staging is not None, "a read-only archive has no staging"
+        return self.staging.dir
+
+    def spool(self, suffix: str = ".part") -> Spool:
+        """A staging file for a receiver (STOW-RS part, C-STORE data set): hashed while written."""
+        assert self.staging is not None, "a read-only archive has no staging"
+        return self.staging.spool(suffix)
+
+    def close(self) -> None:
+        for tier in self.tiers.values():
+            tier.close()
+        if self.staging is not None:
+            self.staging.close()
+        self.index.close()
+
+    def __enter__(self) -> "Archive":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- crash recovery ------------------------------------------------------------------
+    def sweep(self) -> None:
+        """Remove staging dirs of dead processes and blobs placed but never committed."""
+        assert self.staging is not None
+        n_tmp = self.staging.sweep()
+        for tier in self.tiers.values():
+            sweep = getattr(tier, "sweep_incoming", None)
+            if sweep is not None:
+                sweep()
+        n_orphans = 0
+        for blob, session in self.index.pending():
+            if self.staging.session_alive(session):
+                continue
+            if not self.index.blob_referenced(blob):
+                store = self.tiers.get(blob.tier)
+                for t in ([store] if store is not None else self.tiers.values()):
+                    t.delete(blob.key)
+                n_orphans += 1
+            self.index.clear_pending(blob)
+        if n_tmp or n_orphans:
+            log.info("swept %d stale staging dirs and %d uncommitted blobs", n_tmp, n_orphans)
+
+    # -- ingest --------------------------------------------------------------------------
+    def ingest(self, source: Path | BinaryIO | Iterable[bytes], *, take_ownership: bool = False,
+               expected_sop_class: str | None = None, expected_study: str | None = None,
+               calling_aet: str = "", origin: str = "import", sha256: str | None = None) -> IngestResult:
+        """Store one instance (see archive.ingest): never raises for bad input."""
+        return ingest(self, source, take_ownership=take_ownership, expected_sop_class=expected_sop_class,
+                      expected_study=expected_study, calling_aet=calling_aet, origin=origin, sha256=sha256)
+
+    def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",
+                    calling_aet: str = "", expected_sop_class: str | None = None) -> IngestResult:
+        return self.ingest(Path(path), take_ownership=take_ownership, origin=source,
+                           calling_aet=calling_aet, expected_sop_class=expected_sop_class)
+
+    # -- records -------------------------------------------------------------------------
+    def instance(self, sop: str) -> InstanceRecord | None:
+        return self.index.instance(sop)
+
+    def study(self, uid: str) -> StudyRecord | None:
+        return self.index.study(uid)
+
+    def series(self, uid: str) -> SeriesRecord | None:
+        return self.index.series(uid)
+
+    def series_of_study(self, study: str) -> list[SeriesRecord]:
+        return self.index.series_of_study(study)
+
+    def instances_of_series(self, series: str) -> list[InstanceRecord]:
+        return self.index.instances_of_series(series)
+
+    def patients(self) -> Iterator[PatientRecord]:
+        return self.index.patients()
+
+    def studies_of_patient(self, key: str) -> list[StudyRecord]:
+        return self.index.studies_of_patient(key)
+
+    def instances(self) -> Iterator[InstanceRecord]:
+        return self.index.instances()
+
+    def stats(self) -> Stats:
+        return self.index.stats()
+
+    def instance_in(self, study: str, series: str | None, sop: str) -> InstanceRecord:
+        """The instance `sop`, which must belong to `study` (and `series`): else NotFound."""
+        rec = self.index.instance(sop)
+        if rec is None or rec.study != study or (series is not None and rec.series != series):
+            where = f"series {series} of study {study}" if series else f"study {study}"
+            raise NotFound(f"instance {sop} not found in {where}")
+        return rec
+
+    def instances_under(self, study: str, series: str | None = None) -> list[InstanceRecord]:
+        """Every instance of a study (or of one series of it); NotFound when there is none."""
+        if series is not None:
+            se = self.index.series(series)
+            if se is None or se.study != study:
+                raise NotFound(f"series {series} of study {study} not found")
+            return self.index.instances_of_series(series)
+        if self.index.study(study) is None:
+            raise NotFound(f"study {study} not found")
+        return [i for se in self.index.series_of_study(study) for i in self.index.instances_of_series(se.uid)]
+
+    # -- query -----------------------------------------------------------------------------
+    def search(self, level: str, keys: list[Key], *, study: str | None = None, series: str | None = None,
+               fuzzy: bool = False, retrieve_aet: str | None = None,
+               full_metadata: bool = False) -> Iterator[SearchResult]:
+        """PS3.4 matching at one level (QIDO and C-FIND alike); QueryError for a bad query."""
+        searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
+                            full_instance_metadata=full_metadata)
+        return searcher.search(level, keys, study=study, series=series)
+
+    def retrieve_set(self, level: str, keys: list[Key]) -> list[InstanceRecord]:
+        """The instances a C-GET/C-MOVE identifier covers (unique keys at `level` and above)."""
+        keys = [k for k in keys if not k.universal]
+        if not keys:
+            raise QueryError("a retrieve needs at least one unique key")
+        out: dict[str, InstanceRecord] = {}
+        for r in self.search(level, keys):
+            if r.level == "IMAGE":
+                rec = self.index.instance(r.sop)  # type: ignore[arg-type]
+                recs = [rec] if rec else []
+            elif r.level == "SERIES":
+                recs = self.index.instances_of_series(r.series)  # type: ignore[arg-type]
+            elif r.level == "STUDY":
+                recs = [i for se in self.index.series_of_study(r.study) for i in self.index.instances_of_series(se.uid)]  # type: ignore[arg-type]
+            else:
+                recs = [i for st in self.index.studies_of_patient(r.patient)  # type: ignore[arg-type]
+                        for se in self.index.series_of_study(st.uid) for i in self.index.instances_of_series(se.uid)]
+            for rec in recs:
+                out.setdefault(rec.sop, rec)
+        return list(out.values())
+
+    # -- metadata and bulk data -----------------------------------------------------------------
+    def metadata(self, study: str, series: str | None = None, sop: str | None = None) -> list[bytes]:
+        """Stored DICOM JSON of an instance, a series or a study (NotFound when unknown)."""
+        if sop is not None:
+            self.instance_in(study, series, sop)
+            return self.index.metadata([sop])
+        return self.index.metadata([r.sop for r in self.instances_under(study, series)])
+
+    def bulk(self, study: str, series: str, sop: str, path: str) -> bytes:
+        self.instance_in(study, series, sop)
+        value = self.index.bulk(sop, path)
+        if value is None:
+            raise NotFound(f"no bulk data {path[:100]!r} in instance {sop}")
+        return value
+
+    # -- frames --------------------------------------------------------------------------------
+    def frame_table(self, sop: str) -> FrameTable:
+        located = self.index.frames(sop, [])
+        if located is None:
+            raise NotFound(f"instance {sop} has no frames")
+        return located.table
+
+    def check_parents(self, sop: str, study: str, series: str, blob: BlobRef) -> None:
+        """NotFound unless `sop` is in `series` of `study`; remembered per blob (a replaced
+        instance has a new blob, so nothing stale is ever trusted)."""
+        with self._parents_lock:
+            p = self._parents.get(sop)
+        if p is not None and p == (study, series, blob.key):
+            return
+        rec = self.index.instance(sop)
+        if rec is None or rec.study != study or rec.series != series:
+            raise NotFound(f"instance {sop} not found in series {series} of study {study}")
+        with self._parents_lock:
+            self._parents[sop] = (rec.study, rec.series, rec.blob.key)
+            while len(self._parents) > 50_000:
+                self._parents.popitem(last=False)
+
+    def locate_frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
+                      series: str | None = None) -> Frames:
+        """Where the requested frames (1-based) lie: one index read, no blob I/O. NotFound for
+        an unknown instance (or one outside study/series) or a frame out of range."""
+        located = self.index.frames(sop, numbers)
+        if located is None:
+            if self.index.instance(sop) is None:
+                raise NotFound(f"instance {sop} not found")
+            raise NotFound(f"instance {sop} has no frames")
+        if study is not None:
+            self.check_parents(sop, study, series or "", located.table.blob)
+        for k, f in zip(numbers, located.fragments):
+            if f is None:
+                raise NotFound(f"frame {k} is out of range: instance {sop} has {located.table.n} frames")
+        return located
+
+    def read_located(self, sop: str, located: Frames) -> tuple[FrameTable, list[bytes]]:
+        """The stored bytes of located frames, each checked against its CRC32C (Damaged when
+        they are not the bytes received); located again once if the blob moved meanwhile."""
+        try:
+            return located.table, self._read_frames(sop, located)
+        except _Moved:
+            again = self.index.frames(sop, located.numbers)
+            if again is None:
+                raise NotFound(f"instance {sop} not found")
+            return again.table, self._read_frames(sop, again, retry=False)
+
+    def frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
+               series: str | None = None) -> tuple[FrameTable, list[bytes]]:
+        """Locate and read frames (see locate_frames and read_located)."""
+        return self.read_located(sop, self.locate_frames(sop, numbers, study=study, series=series))
+
+    def _read_frames(self, sop: str, located: Frames, retry: bool = True) -> list[bytes]:
+        table = located.table
+        if table.damaged:
+            raise self.damage(sop, table.blob, table.damaged, "frame read")
+        store = self.tier(table.blob.tier)
+        out = []
+        try:
+            for f, crc in zip(located.fragments, located.crcs):
+                if len(f) == 1:  # type: ignore[arg-type]
+                    data = store.read_range(table.blob.key, f[0][0], f[0][1])  # type: ignore[index]
+                else:
+                    data = b"".join(store.read_range(table.blob.key, o, n) for o, n in f)  # type: ignore[union-attr]
+                if crc is not None and crc32c(data) != crc:
+                    raise self.damage(sop, table.blob, "a frame failed its CRC32C", "frame read")
+                out.append(data)
+        except BlobError as exc:
+            cur = self.index.instance(sop)
+            if cur is None or cur.blob != table.blob:
+                if retry:
+                    raise _Moved() from exc
+                raise NotFound(f"instance {sop} not found") from exc
+            what = "blob missing" if isinstance(exc, BlobNotFound) else "blob shorter than its frame table"
+            raise self.damage(sop, table.blob, what, "frame read") from exc
+        return out
+
+    def all_frames(self, sop: str, batch: int = 256) -> Iterator[list[bytes]]:
+        """Every frame, `batch` at a time, each checked (the Pixel Data bulk stream)."""
+        n = self.frame_table(sop).n
+        for start in range(1, n + 1, batch):
+            yield self.frames(sop, list(range(start, min(n, start + batch - 1) + 1)))[1]
+
+    # -- whole instances -------------------------------------------------------------------------
+    def check_blob(self, rec: InstanceRecord) -> None:
+        """Damaged unless the blob is there with its recorded size (cheap: no read)."""
+        try:
+            size = self.tier(rec.blob.tier).stat(rec.blob.key).size
+        except BlobNotFound:
+            raise self.damage(rec.sop, rec.blob, "blob missing", "instance retrieve")
+        if size != rec.size:
+            raise self.damage(rec.sop, rec.blob, f"blob is {size} bytes, {rec.size} recorded", "instance retrieve")
+
+    def open_instance(self, rec: InstanceRecord) -> BinaryIO:
+        """A sequential reader of the stored bytes (unchecked: see instance_chunks)."""
+        try:
+            return self.tier(rec.blob.tier).open(rec.blob.key)
+        except BlobNotFound:
+            raise self.damage(rec.sop, rec.blob, "blob missing", "instance read")
+
+    def instance_chunks(self, rec: InstanceRecord, source: str = "instance retrieve") -> Iterator[bytes]:
+        """The stored bytes in chunks, hashed on the way: Damaged is raised instead of the last
+        chunk if they are not the bytes received (a sender then cuts its stream, so a client
+        never gets a complete but wrong copy)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        sent = 0
+        with self.open_instance(rec) as fh:
+            pending = fh.read(CHUNK)
+            while pending:
+                nxt = fh.read(CHUNK)
+                h.update(pending)
+                sent += len(pending)
+                if sent > rec.size:
+                    break
+                if not nxt:  # the last chunk goes out only once the whole blob is proven
+                    if sent == rec.size and h.hexdigest() == rec.sha256:
+                        yield pending
+                        return
+                    break
+                yield pending
+                pending = nxt
+        what = "sha256 mismatch" if sent == rec.size else f"blob is {sent}{'+' if sent > rec.size else ''} bytes, {rec.size} recorded"
+        raise self.damage(rec.sop, rec.blob, what, source)
+
+    @contextmanager
+    def instance_file(self, rec: InstanceRecord, source: str = "instance send") -> Iterator[Path]:
+        """A local file with the instance's bytes, proven intact (sha256), for senders that need
+        a file (pynetdicom C-STORE sub-operations). The store's own file when it has one, else a
+        verified staging copy removed afterwards."""
+        store = self.tier(rec.blob.tier)
+        local = store.local_path(rec.blob.key)
+        if local is not None:
+            problem = self.check(rec)
+            if problem is not None:
+                raise self.damage(rec.sop, rec.blob, problem, source)
+            yield local
+            return
+        assert self.staging is not None
+        spool = self.staging.spool(".dcm")
+        try:
+            for chunk in self.instance_chunks(rec, source):
+                spool.write(chunk)
+            done = spool.finish()
+            if done.error is not None:
+                raise done.error
+            yield done.path
+        finally:
+            spool.discard()
+
+    # -- fixity ----------------------------------------------------------------------------------
+    def check(self, rec: InstanceRecord) -> str | None:
+        """Re-hash one blob now; None when intact, else what is wrong."""
+        store = self.tiers.get(rec.blob.tier)
+        if store is None:
+            return f"unknown tier {rec.blob.tier}"
+        try:
+            fh = store.open(rec.blob.key)
+        except BlobNotFound:
+            return "missing"
+        with fh:
+            digest, size = sha256_of(fh)
+        if size != rec.size:
+            return f"size mismatch ({size} bytes, {rec.size} recorded)"
+        if digest != rec.sha256:
+            return "sha256 mismatch"
+        return None
+
+    def damage(self, sop: str, blob: BlobRef, what: str, source: str) -> Damaged:
+        """Log and persist a fixity event (once per instance and problem in this process);
+        returns the Damaged error to raise. Never blocks the caller on the index write."""
+        key = (sop, what)
+        if key not in self._reported:
+            self._reported.add(key)
+            log.error("fixity: instance %s (blob %s in %s): %s, found by %s", sop, blob.key, blob.tier, what, source)
+            if not self.readonly:
+                event = FixityEvent(datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                                    sop, blob, what, source)
+                threading.Thread(target=self._record, args=(event,), daemon=True, name="fixity-event").start()
+        return Damaged(sop, what)
+
+    def _record(self, event: FixityEvent) -> None:
+        try:
+            self.index.record_fixity(event)
+        except Exception:
+            log.exception("cannot record fixity event for %s", event.sop)
+
+    def fixity_events(self) -> list[FixityEvent]:
+        return self.index.fixity_events()
+
+    # -- schema 3: frame checksums for archives written before them ----------------------------
+    def checksums_pending(self) -> int:
+        return self.index.checksum_todo_count()
+
+    def add_frame_checksums(self, progress: Callable[[int], None] | None = None,
+                            stop: threading.Event | None = None) -> tuple[int, int]:
+        """Give every frame table written before CRC32C existed its checksums, from bytes first
+        proven intact: each blob is re-read once, its sha256 compared with the one recorded at
+        ingest, and only then are the frames' CRCs (computed in the same pass) recorded. A blob
+        that fails is marked damaged (its frames are refused) and logged as a fixity event.
+        Resumable: the to-do list lives in the index. Returns (done, damaged)."""
+        done = damaged = 0
+        while not (stop is not None and stop.is_set()):
+            batch = self.index.checksum_todo(64)
+            if not batch:
+                break
+            for sop in batch:
+                if stop is not None and stop.is_set():
+                    break
+                rec = self.index.instance(sop)
+                located = self.index.all_frames(sop)
+                if rec is None or located is None:
+                    self.index.set_frame_checksums(sop, BlobRef("", ""), None)
+                    continue
+                problem = None
+                crcs: list[int] | None = None
+                try:
+                    with self.tier(rec.blob.tier).open(rec.blob.key) as fh:
+                        sha, size, crcs = scan(fh, located.fragments)  # type: ignore[arg-type]
+                    if size != rec.size:
+                        problem = f"size mismatch ({size} bytes, {rec.size} recorded)"
+                    elif sha != rec.sha256:
+                        problem = "sha256 mismatch"
+                except BlobNotFound:
+                    problem = "blob missing"
+                except Damaged:
+                    problem = f"unknown tier {rec.blob.tier}"
+                if problem is None:
+                    self.index.set_frame_checksums(sop, rec.blob, crcs)
+                else:
+                    damaged += 1
+                    self.index.set_frame_checksums(sop, rec.blob, None, damaged=problem)
+                    self.damage(sop, rec.blob, problem, "checksum migration")
+                done += 1
+                if progress is not None:
+                    progress(rec.size)
+        return done, damaged
+
+
+class _Moved(Exception):
+    """A blob vanished under a read because its instance was moved or replaced: look again."""
+
+
+class AsyncArchive:
+    """The Archive for an event loop: blocking calls run on threads; frame reads from a store
+    with local ranged reads (`inline_reads`) run inline, a pread being cheaper than a thread hop."""
+
+    def __init__(self, arc: Archive, workers: int = 8) -> None:
+        self.sync = arc
+        self.config = arc.config
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="archive")
+        self._search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="search")
+
+    async def run(self, fn: Callable, *args, **kwargs):
+        """Any blocking archive work, on the archive's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+
+    async def search_run(self, fn: Callable, *args, **kwargs):
+        """Searches on their own threads: a slow one (a scan of a big index) never delays frame
+        reads or other clients."""
+        return await asyncio.get_running_loop().run_in_executor(self._search_pool, partial(fn, *args, **kwargs))
+
+    async def frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
+                     series: str | None = None) -> tuple[FrameTable, list[bytes]]:
+        located = self.sync.locate_frames(sop, numbers, study=study, series=series)  # mmap lookup
+        store = self.sync.tiers.get(located.table.blob.tier)
+        if store is not None and store.inline_reads and len(numbers) <= 16:
+            return self.sync.read_located(sop, located)
+        return await self.run(self.sync.read_located, sop, located)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._search_pool.shutdown(wait=False, cancel_futures=True)
