@@ -38,7 +38,7 @@ $(BROWSER_STAMP): tests/browser/package-lock.json
 	npm ci --prefix tests/browser --ignore-scripts --no-audit --no-fund --loglevel=error
 
 test: $(STAMP) system-tools $(BROWSER_STAMP)
-	$(PY) -m pytest -n 2 -p no:cacheprovider tests; code=$$?; \
+	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider tests; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$code
 
 bench: $(STAMP) system-tools

@@ -81,7 +81,7 @@ def load_config(args: argparse.Namespace) -> Config:
 
 def open_archive(args: argparse.Namespace, readonly: bool = False):
     """The archive of --data; read-only verbs pass readonly=True: they never create it."""
-    from .store import Archive, ArchiveNotFound
+    from .service import Archive, ArchiveNotFound
 
     try:
         return Archive(load_config(args), readonly=readonly)
@@ -116,7 +116,7 @@ def _http_worker(cfg: Config, quiet: bool) -> None:
         pass
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
-    from .store import Archive
+    from .service import Archive
 
     arc = Archive(cfg)
     try:
@@ -129,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import multiprocessing
 
     from .dimse import DimseServer
-    from .store import Archive
+    from .service import Archive
 
     cfg = load_config(args)
     arc = Archive(cfg)
@@ -220,39 +220,45 @@ def _is_dicom(path: Path) -> bool:
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .status import Outcome
+
     files = list(_walk(args.paths))
-    counts = {"stored": 0, "duplicate": 0, "replaced": 0, "rejected": 0}
+    counts = {o: 0 for o in Outcome}
     reasons: list[str] = []
     arc = open_archive(args)
     try:
-        bar = tqdm(files, unit="file", disable=args.quiet or not files, file=sys.stderr)
+        # a progress bar on a terminal only: never into pipes and logs
+        bar = tqdm(files, unit="file", disable=args.quiet or not files or not sys.stderr.isatty(), file=sys.stderr)
         for path in bar:
             if _is_dicom(path):
                 results = [arc.ingest_file(path, source="import")]
             else:
                 results = _import_other(arc, path, args)
             for r in results:
-                counts[r.status] += 1
-                if r.status == "rejected":
+                counts[r.outcome] += 1
+                if not r.ok:
                     reasons.append(f"{path}: {r.reason}")
     finally:
         arc.close()
     for line in reasons:
         print(f"rejected {line}", file=sys.stderr)
-    print(f"{counts['stored']} stored, {counts['duplicate']} duplicate, "
-          f"{counts['replaced']} replaced, {counts['rejected']} rejected")
-    return 1 if counts["rejected"] else 0
+    print(f"{counts[Outcome.STORED]} stored, {counts[Outcome.DUPLICATE]} duplicate, "
+          f"{counts[Outcome.REPLACED]} replaced, {counts[Outcome.REJECTED]} rejected")
+    return 1 if counts[Outcome.REJECTED] else 0
 
 
 def _import_other(arc, path: Path, args: argparse.Namespace) -> list:
     """Non-DICOM files (slides, photos) go through the converters, then the same ingest."""
+    from converters.errors import ConversionError
+
     from .importer import import_path
-    from .ingest import IngestResult
+    from .ingest import rejected
+    from .status import ErrorKind
 
     try:
         return import_path(arc, path, args)
-    except Exception as exc:  # ConversionError and friends: one line per file
-        return [IngestResult("rejected", reason=str(exc) or type(exc).__name__)]
+    except ConversionError as exc:  # one line per file
+        return [rejected(str(exc) or "cannot convert", ErrorKind.CANNOT_UNDERSTAND)]
 
 
 # -- watch -----------------------------------------------------------------------
@@ -309,7 +315,7 @@ def _add_watch(sub) -> None:
 
 # -- ls / stats / verify --------------------------------------------------------------
 
-def _v(doc: dict, tag: str) -> str:
+def _v(doc, tag: str) -> str:
     from .metadata import string_values
 
     return "\\".join(string_values(doc.get(tag)))
@@ -318,39 +324,28 @@ def _v(doc: dict, tag: str) -> str:
 def cmd_ls(args: argparse.Namespace) -> int:
     arc = open_archive(args, readonly=True)
     try:
-        idx = arc.index
-        with idx.read() as txn:
-            for pkey, prec in sorted(idx.iter_records("patient", txn)):
-                a = prec["attrs"]
-                print(f"PATIENT {_v(a, '00100020') or '-'}  {_v(a, '00100010')}  "
-                      f"born {_v(a, '00100030') or '-'}  sex {_v(a, '00100040') or '-'}")
-                for st in idx.studies_of_patient(pkey, txn):
-                    srec = idx.study(st, txn)
-                    if srec is None:
+        for patient in arc.patients():
+            a = patient.attrs
+            print(f"PATIENT {_v(a, '00100020') or '-'}  {_v(a, '00100010')}  "
+                  f"born {_v(a, '00100030') or '-'}  sex {_v(a, '00100040') or '-'}")
+            for st in arc.studies_of_patient(patient.key):
+                sa = st.attrs
+                print(f"  STUDY {st.uid}  date {_v(sa, '00080020') or '-'}  acc {_v(sa, '00080050') or '-'}  "
+                      f"{_v(sa, '00081030')}  [{','.join(st.modalities)}] "
+                      f"{st.n_series} series, {st.n_instances} instances, {_human(st.bytes)}")
+                if args.level == "study":
+                    continue
+                for se in arc.series_of_study(st.uid):
+                    ea = se.attrs
+                    print(f"    SERIES {se.uid}  {_v(ea, '00080060')} #{_v(ea, '00200011') or '-'} "
+                          f"{_v(ea, '0008103E')}  {se.n_instances} instances")
+                    if args.level == "series":
                         continue
-                    sa = srec["attrs"]
-                    print(f"  STUDY {st}  date {_v(sa, '00080020') or '-'}  acc {_v(sa, '00080050') or '-'}  "
-                          f"{_v(sa, '00081030')}  [{','.join(srec['modalities'])}] "
-                          f"{srec['n_series']} series, {srec['n_instances']} instances, {_human(srec['bytes'])}")
-                    if args.level in ("study",):
-                        continue
-                    for se in idx.series_of_study(st, txn):
-                        serec = idx.series(se, txn)
-                        if serec is None:
-                            continue
-                        ea = serec["attrs"]
-                        print(f"    SERIES {se}  {_v(ea, '00080060')} #{_v(ea, '00200011') or '-'} "
-                              f"{_v(ea, '0008103E')}  {serec['n_instances']} instances")
-                        if args.level == "series":
-                            continue
-                        for sop in idx.instances_of_series(se, txn):
-                            rec = idx.instance(sop, txn)
-                            if rec is None:
-                                continue
-                            ia = rec["attrs"]
-                            print(f"      INSTANCE {sop}  {_v(ia, '00080008')}  "
-                                  f"{_v(ia, '00480007') or _v(ia, '00280011')}x{_v(ia, '00480006') or _v(ia, '00280010')}  "
-                                  f"{rec['n_frames']} frames  ts {rec['ts']}  {_human(rec['size'])}  {rec['tier']}")
+                    for rec in arc.instances_of_series(se.uid):
+                        ia = rec.attrs
+                        print(f"      INSTANCE {rec.sop}  {_v(ia, '00080008')}  "
+                              f"{_v(ia, '00480007') or _v(ia, '00280011')}x{_v(ia, '00480006') or _v(ia, '00280010')}  "
+                              f"{rec.n_frames} frames  ts {rec.ts}  {_human(rec.size)}  {rec.blob.tier}")
     finally:
         arc.close()
     return 0
@@ -388,15 +383,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
     problems: list[str] = []
     checked = 0
     try:
-        recs = list(arc.iter_instances())
-        total = sum(r["size"] for r in recs)
+        recs = list(arc.instances())
+        total = sum(r.size for r in recs)
         with tqdm(total=total, unit="B", unit_scale=True, disable=args.quiet, file=sys.stderr) as bar:
             for rec in recs:
-                problem = arc.check_instance(rec)
+                problem = arc.check(rec)
                 checked += 1
-                bar.update(rec["size"])
+                bar.update(rec.size)
                 if problem:
-                    problems.append(f"{problem}: {rec['sop']} (blob {rec['blob']} in {rec['tier']})")
+                    problems.append(f"{problem}: {rec.sop} (blob {rec.blob.key} in {rec.blob.tier})")
     finally:
         arc.close()
     for line in problems:
@@ -490,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        from .index import out_of_space
+        from .status import out_of_space
 
         if out_of_space(exc):
             print(f"pathpacs: error: out of disk space ({exc})", file=sys.stderr)

@@ -26,9 +26,9 @@ from pydicom.uid import UID
 from . import metadata as md
 from .dicomfile import DicomFileError, ParsedFile, parse_file
 from .fixity import scan, sha256_of
-from .index import NewInstance, out_of_space
+from .index import NewInstance
 from .records import BlobRef, InstanceRecord
-from .status import DIMSE_STATUS_OF, DimseStatus, ErrorKind, Outcome
+from .status import DIMSE_STATUS_OF, DimseStatus, ErrorKind, Outcome, out_of_space
 
 if TYPE_CHECKING:
     from .service import Archive

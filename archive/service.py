@@ -154,6 +154,9 @@ class Archive:
     def patients(self) -> Iterator[PatientRecord]:
         return self.index.patients()
 
+    def studies(self) -> Iterator[StudyRecord]:
+        return self.index.studies()
+
     def studies_of_patient(self, key: str) -> list[StudyRecord]:
         return self.index.studies_of_patient(key)
 
@@ -219,6 +222,10 @@ class Archive:
             self.instance_in(study, series, sop)
             return self.index.metadata([sop])
         return self.index.metadata([r.sop for r in self.instances_under(study, series)])
+
+    def instance_metadata(self, rec: InstanceRecord) -> bytes | None:
+        got = self.index.metadata([rec.sop])
+        return got[0] if got else None
 
     def bulk(self, study: str, series: str, sop: str, path: str) -> bytes:
         self.instance_in(study, series, sop)

@@ -5,6 +5,8 @@ archive raises, each carrying its kind so protocol layers map kinds to statuses 
 from __future__ import annotations
 
 import enum
+import errno
+from typing import Callable
 
 
 class DimseStatus(enum.IntEnum):
@@ -118,3 +120,14 @@ HTTP_STATUS_OF = {
     ErrorKind.UNAVAILABLE: 503,
     ErrorKind.INTERNAL: 500,
 }
+
+
+# Backends register how their own errors say "disk full" (LMDB: MapFullError, ENOSPC texts).
+SPACE_CHECKS: list[Callable[[BaseException], bool]] = []
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """True when `exc` means a disk (or an index's map) is full: answered 0xA700 / 507."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return True
+    return any(check(exc) for check in SPACE_CHECKS)

@@ -26,6 +26,7 @@ from converters.convert import ConvertOptions
 from converters.errors import ConversionError
 
 from .importer import import_slide
+from .status import Outcome
 
 STATE_NAME = ".pathpacs-watch.json"
 IGNORED_SUFFIXES = (".part", ".tmp", ".reason", ".crdownload", ".partial")
@@ -93,7 +94,7 @@ def process_file(arc, path: Path, opts: ConvertOptions, state: WatchState, direc
     except Exception as exc:
         reason = f"conversion failed ({type(exc).__name__}: {exc})"
     if reason is None:
-        bad = [r for r in results if r.status not in ("stored", "duplicate", "replaced")]
+        bad = [r for r in results if not r.ok]
         if bad:
             reason = "; ".join(f"{r.sop_instance_uid or '?'}: {r.reason}" for r in bad)
         elif not results:
@@ -101,7 +102,7 @@ def process_file(arc, path: Path, opts: ConvertOptions, state: WatchState, direc
     if reason is None:
         state.mark(ident, [r.sop_instance_uid for r in results])
         dest = _move(path, directory / "done")
-        stored = sum(1 for r in results if r.status != "duplicate")
+        stored = sum(1 for r in results if r.outcome is not Outcome.DUPLICATE)
         log(f"stored {path.name}: {len(results)} instances ({stored} new) -> {dest.parent.name}/")
         return True
     dest = _move(path, directory / "failed")

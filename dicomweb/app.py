@@ -15,20 +15,19 @@ import asyncio
 import ipaddress
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from aiohttp import web, web_response
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
-from archive.fixity import DamagedData
-from archive.query import QueryError
+from archive.service import AsyncArchive
+from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
 from . import pages, qido
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
                      log_safe, multipart_body)
-from .media import NotAcceptable
+from .media import NotAcceptable, negotiate_search
 from .stow import stow
 from .wado import StreamAborted, Wado
 
@@ -100,13 +99,13 @@ async def error_middleware(request: web.Request, handler):
         return await handler(request)
     except HttpError as exc:
         return error(exc.status, exc.reason)
-    except QueryError as exc:
-        return error(400, str(exc))
     except NotAcceptable as exc:
         return error(406, str(exc))
-    except DamagedData as exc:
+    except Damaged as exc:
         return error(500, f"instance {exc.sop} is damaged on storage ({exc.what}); it is not served. "
                           "The archive logged a fixity event.")
+    except ArchiveError as exc:  # one table: archive error kind -> HTTP status
+        return error(HTTP_STATUS_OF[exc.kind], exc.reason)
     except StreamAborted as exc:
         # already logged; aiohttp finds the connection cut and ends the request quietly
         return exc.response
@@ -170,13 +169,10 @@ def _streamed_cors(origins: list[str]):
 
 
 class Handlers:
-    def __init__(self, arc, config) -> None:
+    def __init__(self, arc: AsyncArchive, config) -> None:
         self.arc = arc
         self.config = config
         self.wado = Wado(arc)
-        # Searches run off the event loop, on their own threads, so a slow one (a full scan
-        # of a big index) delays neither frame requests nor other clients' reads.
-        self.search_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qido")
 
     async def qido(self, request: web.Request, level: str) -> web.Response:
         mi = request.match_info
@@ -186,18 +182,18 @@ class Handlers:
             check_uid(study, "Study Instance UID")
         if series is not None:
             check_uid(series, "Series Instance UID")
-        xml = qido.want_xml(request.headers.get("Accept"))
+        xml = negotiate_search(request.headers.get("Accept"))
         base = base_url(request)
         params = list(request.query.items())
-        loop = asyncio.get_running_loop()
 
         def run() -> tuple[bytes | list[bytes], bool, int | None]:
-            docs, more, clamped = qido.search(self.arc, level, params, study=study, series=series,
+            docs, more, clamped = qido.search(self.arc.sync, level, params, study=study, series=series,
                                               retrieve_aet=getattr(self.config, "aet", None),
                                               max_results=getattr(self.config, "max_results", 10000))
             return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more, clamped
 
-        encoded, more, clamped = await loop.run_in_executor(self.search_pool, run)
+        # on the archive's search threads: a slow search delays neither frames nor other clients
+        encoded, more, clamped = await self.arc.search_run(run)
         warnings = []
         if clamped is not None:
             warnings.append(f'299 pathpacs "limit reduced to http.max_results ({clamped})"')
@@ -221,11 +217,9 @@ class Handlers:
         return error(404, f"no DICOMweb resource at {request.path}")
 
 
-async def _shutdown_pool(pool: ThreadPoolExecutor) -> None:
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-def make_app(arc, config) -> web.Application:
+def make_app(archive, config) -> web.Application:
+    """The application over an Archive (archive.service); handlers get its async wrapper."""
+    arc = AsyncArchive(archive)
     # aiohttp writes some answers itself (a malformed request's 400), before any signal of
     # ours runs: its default Server header names Python and aiohttp versions.
     web_response.SERVER_SOFTWARE = SERVER_NAME
@@ -240,7 +234,11 @@ def make_app(arc, config) -> web.Application:
     app.on_response_prepare.append(_streamed_cors(origins))
     app.on_response_prepare.append(_server_header)
     h = Handlers(arc, config)
-    app.on_cleanup.append(lambda _app: _shutdown_pool(h.search_pool))
+
+    async def close_pools(_app) -> None:
+        arc.close()
+
+    app.on_cleanup.append(close_pools)
     w = h.wado
     S, R, I = "/dicomweb/studies/{study}", "/series/{series}", "/instances/{instance}"
     r = app.router
@@ -267,6 +265,6 @@ def make_app(arc, config) -> web.Application:
     r.add_get(S + R + "/instances", partial(h.qido, level="IMAGE"))
     r.add_post("/dicomweb/studies", h.stow)
     r.add_post(S, h.stow)
-    pages.add_routes(app, arc, w)
+    pages.add_routes(app, arc)
     r.add_route("*", "/dicomweb/{tail:.*}", h.not_found)
     return app

@@ -159,3 +159,128 @@ def wants(ranges: list[MediaRange], *candidates: str) -> str | None:
             if t == c or t in ("*/*", None) or (t.endswith("/*") and c.startswith(t[:-1])):
                 return c
     return None
+
+
+# -- what each resource answers (one place for every Accept decision) --------------------------
+
+def negotiate_frames(accept: str | None, stored_ts: str, n_frames: int) -> tuple[str, str, str, bool]:
+    """-> (mode, media type, transfer syntax, multipart); mode: stored | native | jpeg."""
+    stored_media = media_of_ts(stored_ts)
+    ranges = parse_accept(accept)
+    if not ranges:
+        return "stored", stored_media, stored_ts, True
+    for r in ranges:
+        multipart = r.multipart
+        t = (r.part_type or "*/*") if multipart else r.type
+        ts = r.transfer_syntax
+        if not multipart and n_frames != 1:
+            continue  # single-part answers carry one frame only
+        if t in ("*/*", "*", "application/*", "image/*"):
+            if ts in (None, "*", stored_ts) and (t != "image/*" or stored_media.startswith("image/")):
+                return "stored", stored_media, stored_ts, multipart
+            if ts == EXPLICIT_LE and t != "image/*":
+                return ("stored" if stored_ts in NATIVE else "native"), "application/octet-stream", EXPLICIT_LE, multipart
+            continue
+        if t == "application/octet-stream":
+            if ts == "*" or ts == stored_ts:
+                return "stored", t, stored_ts, multipart
+            if ts in (None, EXPLICIT_LE):
+                return ("stored" if stored_ts in NATIVE else "native"), t, EXPLICIT_LE, multipart
+            continue
+        if t.startswith("image/"):
+            if t == "image/x-jls":
+                t = "image/jls"
+            want = stored_ts if ts == "*" and t == stored_media else (ts or MEDIA_DEFAULT_TS.get(t))
+            if t == stored_media and want == stored_ts:
+                return "stored", t, stored_ts, multipart
+            if t == "image/jpeg" and want == JPEG_BASELINE:
+                return "jpeg", t, JPEG_BASELINE, multipart
+    raise NotAcceptable(f"cannot serve frames stored as {stored_ts} in any of the accepted media types "
+                        f"({accept}); stored bytes are available as {stored_media} or "
+                        f"application/octet-stream with transfer-syntax=*")
+
+
+def negotiate_instances(accept: str | None) -> str | None:
+    """-> None for the stored transfer syntax, else the requested one."""
+    ranges = parse_accept(accept)
+    if not ranges:
+        return None
+    for r in ranges:
+        t = (r.part_type or "application/dicom") if r.multipart else r.type
+        if not r.multipart and t != "*/*":
+            continue
+        if t not in ("application/dicom", "*/*", "application/*"):
+            continue
+        ts = r.transfer_syntax
+        return None if ts in (None, "*") else ts
+    raise NotAcceptable('instances are served as multipart/related; type="application/dicom"')
+
+
+def negotiate_search(accept: str | None) -> bool:
+    """QIDO-RS: True for multipart/related; type=application/dicom+xml; 406 when nothing fits."""
+    ranges = parse_accept(accept)
+    if not ranges:
+        return False
+    for r in ranges:
+        if r.multipart:
+            if r.part_type in ("application/dicom+xml", None):
+                return True
+            continue
+        if r.type in ("application/dicom+json", "application/json", "*/*", "application/*"):
+            return False
+    raise NotAcceptable("QIDO-RS answers application/dicom+json or multipart/related; "
+                         "type=\"application/dicom+xml\"")
+
+
+def negotiate_metadata(accept: str | None) -> bool:
+    """WADO-RS metadata: False for application/dicom+json (the default), True for
+    multipart/related; type="application/dicom+xml"; 406 when neither is acceptable."""
+    ranges = parse_accept(accept)
+    for r in ranges:
+        if r.multipart and r.part_type == "application/dicom+xml":
+            return True
+        if r.type in ("application/dicom+json", "application/json", "*/*", "application/*"):
+            return False
+    if not ranges:
+        return False
+    raise NotAcceptable("metadata is served as application/dicom+json or "
+                        "multipart/related; type=\"application/dicom+xml\"")
+
+
+def negotiate_bulk(accept: str | None) -> bool:
+    """Bulk data: True for multipart/related (the default), False for a single part."""
+    ranges = parse_accept(accept)
+    if not ranges:
+        return True
+    for r in ranges:
+        t = (r.part_type or "application/octet-stream") if r.multipart else r.type
+        if t in ("application/octet-stream", "*/*", "application/*"):
+            return r.multipart or t != "application/octet-stream"
+    raise NotAcceptable("bulk data is served as application/octet-stream")
+
+
+def negotiate_rendered(accept: str | None) -> str:
+    """Rendered resources and thumbnails: the image media type to encode."""
+    ranges = parse_accept(accept)
+    if not ranges:
+        return "image/jpeg"
+    for r in ranges:
+        t = r.type
+        if t in ("image/jpeg", "image/png", "image/gif"):
+            return t
+        if t in ("*/*", "image/*"):
+            return "image/jpeg"
+    raise NotAcceptable("rendered images are available as image/jpeg, image/png or image/gif")
+
+
+def negotiate_store_response(accept: str | None) -> bool:
+    """STOW-RS response: False for application/dicom+json (the default), True for XML."""
+    for r in parse_accept(accept):
+        t = r.part_type if r.multipart else r.type
+        if t == "application/dicom+xml":
+            return True
+        if t in ("application/dicom+json", "application/json", "*/*", "application/*", None):
+            return False
+    if not accept or not accept.strip():
+        return False
+    raise NotAcceptable("the store response is application/dicom+json or application/dicom+xml")

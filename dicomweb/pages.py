@@ -23,27 +23,26 @@ def _name(doc: dict) -> str:
     return html.escape("; ".join(names))
 
 
-def add_routes(app: web.Application, arc, wado) -> None:
-    def newest_studies() -> list[tuple[str, dict]]:
-        with arc.index.read() as txn:
-            studies = list(arc.index.iter_records("study", txn))
-        studies.sort(key=lambda t: t[1].get("updated", ""), reverse=True)
+def add_routes(app: web.Application, arc) -> None:
+    def newest_studies() -> list:
+        studies = list(arc.sync.studies())
+        studies.sort(key=lambda s: s.updated, reverse=True)
         return studies
 
     async def index(request: web.Request) -> web.Response:
         rows = []
         # a scan of every study: off the event loop (the study browser issue replaces it with QIDO)
-        studies = await asyncio.get_running_loop().run_in_executor(None, newest_studies)
-        for uid, rec in studies[:500]:
-            a = rec["attrs"]
-            u = html.escape(uid)
+        studies = await arc.run(newest_studies)
+        for rec in studies[:500]:
+            a = rec.attrs
+            u = html.escape(rec.uid)
             rows.append(
                 f"<tr><td><a href='dicomweb/studies/{u}/thumbnail?viewport=512,512'>"
                 f"<img loading=lazy src='dicomweb/studies/{u}/thumbnail?viewport=96,96' alt=''></a></td>"
                 f"<td>{_name(a)}<br><small>{_v(a, '00100020')}</small></td>"
                 f"<td>{_v(a, '00080020')}</td><td>{_v(a, '00080050')}</td><td>{_v(a, '00081030')}</td>"
-                f"<td>{html.escape(','.join(rec.get('modalities', [])))}</td>"
-                f"<td>{rec['n_series']} / {rec['n_instances']}</td>"
+                f"<td>{html.escape(','.join(rec.modalities))}</td>"
+                f"<td>{rec.n_series} / {rec.n_instances}</td>"
                 f"<td><a href='dicomweb/studies/{u}/series'>series</a> · "
                 f"<a href='dicomweb/studies/{u}/metadata'>metadata</a></td></tr>")
         body = f"""<!doctype html><html><head><meta charset=utf-8><title>pathpacs</title>

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from archive import metadata as md
+from archive.status import NotFound
 
 from .common import HttpError
 from .media import EXPLICIT_LE, JPEG_BASELINE, NATIVE
@@ -52,13 +54,6 @@ class PixelInfo:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-def _v(doc: dict, tag: str, default: Any = None) -> Any:
-    el = doc.get(tag)
-    if not el or not el.get("Value"):
-        return default
-    return el["Value"][0]
-
-
 def _icc(doc: dict) -> tuple[str | None, bytes | None]:
     for holder in [doc] + list((doc.get("00480105") or {}).get("Value") or []):
         el = (holder or {}).get("00282000")
@@ -73,56 +68,69 @@ def _icc(doc: dict) -> tuple[str | None, bytes | None]:
 
 
 class PixelInfoCache:
+    """Pixel attributes per instance, read from its stored metadata. Keyed by SOP Instance UID
+    and blob: an instance replaced (on_conflict = "replace") has a new blob, so its new rows,
+    columns and syntax are read, never the old ones. Thread-safe (used from executor threads)."""
+
     def __init__(self, arc, size: int = 256) -> None:
-        self.arc = arc
-        self._cache: OrderedDict[str, PixelInfo] = OrderedDict()
+        self.arc = arc  # archive.service.Archive
+        self._cache: OrderedDict[tuple[str, str], PixelInfo] = OrderedDict()
+        self._lock = threading.Lock()
         self.size = size
 
     def get(self, sop: str) -> PixelInfo | None:
-        info = self._cache.get(sop)
-        if info is not None:
-            self._cache.move_to_end(sop)
-            return info
-        rec = self.arc.index.instance(sop)
-        raw = self.arc.index.metadata(sop)
-        if rec is None or raw is None:
+        rec = self.arc.instance(sop)
+        if rec is None:
+            return None
+        key = (sop, rec.blob.key)
+        with self._lock:
+            info = self._cache.get(key)
+            if info is not None:
+                self._cache.move_to_end(key)
+                return info
+        raw = self.arc.instance_metadata(rec)
+        if raw is None:
             return None
         doc = json.loads(raw)
-        rows = int(_v(doc, "00280010", 0) or 0)
-        cols = int(_v(doc, "00280011", 0) or 0)
+        rows = md.int_value(doc, "00280010")
+        cols = md.int_value(doc, "00280011")
         positions = None
-        org = str(_v(doc, "00209311", "") or "")
+        org = str(md.first_value(doc, "00209311") or "")
         if org == "TILED_SPARSE":
             positions = []
             for item in (doc.get("52009230") or {}).get("Value") or []:
-                pp = _v(item, "0048021A") or {}
-                positions.append((int(_v(pp, "0048021E", 1)), int(_v(pp, "0048021F", 1))))
-            if len(positions) != rec["n_frames"]:
+                pp = ((item or {}).get("0048021A") or {}).get("Value", [{}])[0] or {}
+                positions.append((md.int_value(pp, "0048021E", 1), md.int_value(pp, "0048021F", 1)))
+            if len(positions) != rec.n_frames:
                 positions = None
         icc_path, icc_inline = _icc(doc)
-        wc, ww = _v(doc, "00281050"), _v(doc, "00281051")
+        wc, ww = md.float_value(doc, "00281050"), md.float_value(doc, "00281051")
         info = PixelInfo(
-            sop=sop, study=rec["study"], series=rec["series"], ts=rec["ts"], rows=rows, cols=cols,
-            spp=int(_v(doc, "00280002", 1) or 1), bits_allocated=int(_v(doc, "00280100", 8) or 8),
-            bits_stored=int(_v(doc, "00280101", 0) or _v(doc, "00280100", 8) or 8),
-            pixel_rep=int(_v(doc, "00280103", 0) or 0),
-            photometric=str(_v(doc, "00280004", "MONOCHROME2") or "MONOCHROME2"),
-            planar=int(_v(doc, "00280006", 0) or 0), n_frames=rec["n_frames"],
-            total_rows=int(_v(doc, "00480007", 0) or rows), total_cols=int(_v(doc, "00480006", 0) or cols),
-            image_type=[str(x) for x in ((doc.get("00080008") or {}).get("Value") or [])],
+            sop=sop, study=rec.study, series=rec.series, ts=rec.ts, rows=rows, cols=cols,
+            spp=md.int_value(doc, "00280002", 1) or 1, bits_allocated=md.int_value(doc, "00280100", 8) or 8,
+            bits_stored=md.int_value(doc, "00280101") or md.int_value(doc, "00280100", 8) or 8,
+            pixel_rep=md.int_value(doc, "00280103"),
+            photometric=str(md.first_value(doc, "00280004") or "MONOCHROME2"),
+            planar=md.int_value(doc, "00280006"), n_frames=rec.n_frames,
+            total_rows=md.int_value(doc, "00480007") or rows, total_cols=md.int_value(doc, "00480006") or cols,
+            image_type=md.string_values(doc.get("00080008")),
             organization=org, positions=positions, icc_path=icc_path, icc_inline=icc_inline,
-            window=(float(wc), float(ww)) if wc is not None and ww is not None else None,
+            window=(wc, ww) if wc is not None and ww is not None else None,
         )
-        self._cache[sop] = info
-        while len(self._cache) > self.size:
-            self._cache.popitem(last=False)
+        with self._lock:
+            self._cache[key] = info
+            while len(self._cache) > self.size:
+                self._cache.popitem(last=False)
         return info
 
     def icc_profile(self, info: PixelInfo) -> bytes | None:
         if info.icc_inline is not None:
             return info.icc_inline
         if info.icc_path:
-            return self.arc.index.bulk(info.sop, info.icc_path)
+            try:
+                return self.arc.bulk(info.study, info.series, info.sop, info.icc_path)
+            except NotFound:
+                return None
         return None
 
 

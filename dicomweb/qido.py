@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from archive import metadata as md
-from archive.query import Key, QueryError, Searcher, tag_hex, vr_of
+from archive.query import Key, QueryError, series_doc, study_doc, tag_hex, vr_of
 
 from . import dicomxml
 from .common import BASE_TOKEN_B, HttpError
-from .media import parse_accept
 
 # Default return attributes (PS3.18 Table 10.6.3-3 study, -4 series, -5 instance)
 STUDY_DEFAULT = [
@@ -126,22 +125,6 @@ def _project(doc: dict[str, Any], tags: set[str] | None) -> dict[str, Any]:
     return {t: doc[t] for t in doc if t in tags}
 
 
-def want_xml(accept: str | None) -> bool:
-    """True for multipart/related; type=application/dicom+xml; 406 when nothing fits."""
-    ranges = parse_accept(accept)
-    if not ranges:
-        return False
-    for r in ranges:
-        if r.multipart:
-            if r.part_type in ("application/dicom+xml", None):
-                return True
-            continue
-        if r.type in ("application/dicom+json", "application/json", "*/*", "application/*"):
-            return False
-    raise HttpError(406, "QIDO-RS answers application/dicom+json or multipart/related; "
-                         "type=\"application/dicom+xml\"")
-
-
 def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | None = None,
            series: str | None = None, retrieve_aet: str | None = None, max_results: int = 10000
            ) -> tuple[list[dict[str, Any]], bool, int | None]:
@@ -171,8 +154,8 @@ def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | N
         full = q.include_all or bool((include | key_tags) - _RECORD_INSTANCE_TAGS - _UPPER_TAGS)
     if q.include_all:
         tags = None
-    searcher = Searcher(arc.index, fuzzy=q.fuzzy, retrieve_aet=retrieve_aet, full_instance_metadata=full)
-    results = searcher.search(level, q.keys, study=study, series=series)
+    results = arc.search(level, q.keys, study=study, series=series, fuzzy=q.fuzzy,
+                         retrieve_aet=retrieve_aet, full_metadata=full)
     stop = None if q.limit is None else q.offset + q.limit
     page = list(itertools.islice(results, q.offset, None if stop is None else stop + 1))
     more = stop is not None and len(page) > q.limit  # type: ignore[operator]
@@ -188,32 +171,32 @@ def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | N
         elif level == "SERIES":
             doc["00081190"] = {"vr": "UR", "Value": [f"{md.BASE_TOKEN}/studies/{r.study}/series/{r.series}"]}
             if study is None:
-                doc = {**_upper(searcher, arc, "study", r.study, study_cache), **doc}
+                doc = {**_upper(arc, retrieve_aet, "study", r.study, study_cache), **doc}
         else:
             doc["00081190"] = {"vr": "UR", "Value": [
                 f"{md.BASE_TOKEN}{md.instance_path(r.study, r.series, r.sop)}"]}
             upper: dict[str, Any] = {}
             if study is None:
-                upper.update(_upper(searcher, arc, "study", r.study, study_cache))
+                upper.update(_upper(arc, retrieve_aet, "study", r.study, study_cache))
             if series is None:
-                upper.update(_upper(searcher, arc, "series", r.series, series_cache))
+                upper.update(_upper(arc, retrieve_aet, "series", r.series, series_cache))
             if upper:
                 doc = {**upper, **doc}
         out.append(_project(doc, tags))
     return out, more, clamped
 
 
-def _upper(searcher: Searcher, arc, kind: str, uid: str, cache: dict[str, dict]) -> dict:
+def _upper(arc, retrieve_aet: str | None, kind: str, uid: str, cache: dict[str, dict]) -> dict:
     doc = cache.get(uid)
     if doc is None:
         if kind == "study":
-            rec = arc.index.study(uid)
-            doc = searcher.study_doc(None, uid, rec) if rec else {}
+            rec = arc.study(uid)
+            doc = study_doc(rec, retrieve_aet) if rec else {}
             if doc:
                 doc["00081190"] = {"vr": "UR", "Value": [f"{md.BASE_TOKEN}/studies/{uid}"]}
         else:
-            rec = arc.index.series(uid)
-            doc = searcher.series_doc(None, uid, rec) if rec else {}
+            srec = arc.series(uid)
+            doc = series_doc(srec, retrieve_aet) if srec else {}
             if doc:
                 doc.pop("00081190", None)
         cache[uid] = doc

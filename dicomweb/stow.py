@@ -14,25 +14,21 @@ parts, each read waits at most `read_timeout` seconds, part header lines at most
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
-import os
-import uuid
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import LineTooLong
 
-from archive.index import out_of_space
-from archive.ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, ingest
+from archive.status import DimseStatus, ErrorKind, out_of_space
+from storage_tiers import Spool, Spooled
 
 from . import dicomxml
 from .common import HttpError, _header_safe, base_url, check_boundary, check_uid, log_safe
-from .media import parse_accept, parse_content_type
+from .media import negotiate_store_response, parse_content_type
 
 log = logging.getLogger("pathpacs.dicomweb.stow")
 CHUNK = 1 << 20
-PROCESSING_FAILURE = 0x0110
 
 
 def _failed(reason: str, status: int, sop: str | None = None, sop_class: str | None = None) -> dict:
@@ -49,7 +45,7 @@ def _failed(reason: str, status: int, sop: str | None = None, sop_class: str | N
 class PartProblem(Exception):
     """This part could not be received; `status` is its FailureReason, `fatal` ends the request."""
 
-    def __init__(self, reason: str, status: int = CANNOT_UNDERSTAND, fatal: bool = True) -> None:
+    def __init__(self, reason: str, status: int = DimseStatus.CANNOT_UNDERSTAND, fatal: bool = True) -> None:
         super().__init__(reason)
         self.reason, self.status, self.fatal = reason, status, fatal
 
@@ -64,40 +60,40 @@ class Budget:
     def take(self, n: int) -> None:
         self.used += n
         if self.used > self.limit:
-            raise PartProblem(f"the request exceeds http.max_stow_mb ({self.limit >> 20} MB)", 0xA700)
+            raise PartProblem(f"the request exceeds http.max_stow_mb ({self.limit >> 20} MB)", DimseStatus.OUT_OF_RESOURCES)
 
 
-async def _spool(part: BodyPartReader, path: str, budget: Budget, timeout: float) -> int:
-    """Write one part to `path`; returns its size, or raises PartProblem (file left for the caller)."""
-    n = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(part.read_chunk(CHUNK), timeout)
-            except asyncio.TimeoutError:
-                raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
-            except Exception as exc:  # a dropped connection, aiohttp payload errors
-                log.info("STOW part read failed: %s: %s", type(exc).__name__, exc)
-                raise PartProblem("upload ended inside this part")
-            if not chunk:
-                break
-            budget.take(len(chunk))
-            view = memoryview(chunk)
-            try:
-                while view:
-                    w = os.write(fd, view)
-                    view = view[w:]
-            except OSError as exc:
-                if out_of_space(exc):
-                    raise PartProblem("out of disk space", OUT_OF_RESOURCES, fatal=False)
-                raise PartProblem(f"cannot store data: {exc.strerror}", OUT_OF_RESOURCES, fatal=False)
-            n += len(chunk)
-    finally:
-        os.close(fd)
+async def _spool(arc, part: BodyPartReader, spool: Spool, budget: Budget, timeout: float) -> Spooled:
+    """Receive one part into `spool` (hashed while written, on the archive's threads, the
+    next chunk read from the network meanwhile); PartProblem when it cannot be completed
+    (the caller discards the spool)."""
+    writing: asyncio.Future | None = None
+    while True:
+        try:
+            chunk = await asyncio.wait_for(part.read_chunk(CHUNK), timeout)
+        except asyncio.TimeoutError:
+            raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
+        except Exception as exc:  # a dropped connection, aiohttp payload errors
+            log.info("STOW part read failed: %s: %s", type(exc).__name__, exc)
+            raise PartProblem("upload ended inside this part")
+        finally:
+            if writing is not None:
+                await writing
+                writing = None
+        if spool.error is not None:
+            what = "out of disk space" if out_of_space(spool.error) else f"cannot store data: {spool.error.strerror}"
+            raise PartProblem(what, DimseStatus.OUT_OF_RESOURCES, fatal=False)
+        if not chunk:
+            break
+        budget.take(len(chunk))
+        writing = asyncio.ensure_future(arc.run(spool.write, chunk))
+    done = await arc.run(spool.finish)
+    if done.error is not None:
+        raise PartProblem("out of disk space" if out_of_space(done.error) else "cannot store data",
+                          DimseStatus.OUT_OF_RESOURCES, fatal=False)
     if not part.at_eof():
         raise PartProblem("upload ended inside this part")
-    return n
+    return done
 
 
 async def _next_part(reader: MultipartReader, timeout: float):
@@ -141,20 +137,8 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
     if request.content_length is not None and request.content_length > max_bytes:
         raise HttpError(413, f"the request body ({request.content_length >> 20} MB) exceeds "
                              f"http.max_stow_mb ({max_bytes >> 20} MB)")
-    xml = False
-    ranges = parse_accept(request.headers.get("Accept"))
-    if ranges:
-        for r in ranges:
-            t = r.part_type if r.multipart else r.type
-            if t == "application/dicom+xml":
-                xml = True
-                break
-            if t in ("application/dicom+json", "application/json", "*/*", "application/*", None):
-                break
-        else:
-            raise HttpError(406, "the store response is application/dicom+json or application/dicom+xml")
+    xml = negotiate_store_response(request.headers.get("Accept"))
 
-    loop = asyncio.get_running_loop()
     try:
         reader = MultipartReader(request.headers, request.content)
     except Exception as exc:
@@ -185,29 +169,29 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
         n_parts += 1
         try:
             if n_parts > max_parts:
-                raise PartProblem(f"more than http.max_stow_parts ({max_parts}) parts", 0xA700)
+                raise PartProblem(f"more than http.max_stow_parts ({max_parts}) parts", DimseStatus.OUT_OF_RESOURCES)
             if isinstance(part, MultipartReader):
                 await _discard(part, timeout)
-                fail("nested multipart is not supported", CANNOT_UNDERSTAND)
+                fail("nested multipart is not supported", DimseStatus.CANNOT_UNDERSTAND)
                 continue
             pct, _ = parse_content_type(part.headers.get("Content-Type", "application/dicom"))
             if pct not in ("application/dicom", ""):
                 await _discard(part, timeout)
-                fail(f"part type {_header_safe(pct[:60])} is not application/dicom", CANNOT_UNDERSTAND)
+                fail(f"part type {_header_safe(pct[:60])} is not application/dicom", DimseStatus.CANNOT_UNDERSTAND)
                 continue
             if no_space:  # the disk filled on an earlier part: answer every later part too
                 await _discard(part, timeout)
-                fail("not stored: out of disk space", OUT_OF_RESOURCES)
+                fail("not stored: out of disk space", DimseStatus.OUT_OF_RESOURCES)
                 continue
-            path = os.path.join(arc.tmp_dir, f"stow-{uuid.uuid4().hex}.part")
+            spool = arc.sync.spool(".stow")
             try:
-                await _spool(part, path, budget, timeout)
+                done = await _spool(arc, part, spool, budget, timeout)
             except BaseException:
-                _unlink(path)
+                spool.discard()
                 raise
         except PartProblem as exc:
             fail(exc.reason, exc.status)
-            if exc.status == OUT_OF_RESOURCES and "out of disk space" in exc.reason:
+            if exc.status == DimseStatus.OUT_OF_RESOURCES and "out of disk space" in exc.reason:
                 no_space = True
             too_big = too_big or "max_stow" in exc.reason
             if exc.fatal:
@@ -219,15 +203,15 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
             continue
         except OSError as exc:  # creating the spool file
             fail("out of disk space" if out_of_space(exc) else f"cannot store data: {exc.strerror}",
-                 OUT_OF_RESOURCES)
+                 DimseStatus.OUT_OF_RESOURCES)
             no_space = no_space or out_of_space(exc)
             try:
                 await _discard(part, timeout)
             except PartProblem:
                 break
             continue
-        result = await loop.run_in_executor(None, functools.partial(
-            ingest, arc, path, take_ownership=True, expected_study=study, origin="stow"))
+        result = await arc.run(arc.sync.ingest, done.path, take_ownership=True, sha256=done.sha256,
+                               expected_study=study, origin="stow")
         if result.ok:
             studies.add(result.study_uid)
             url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/{result.sop_instance_uid}"
@@ -237,8 +221,8 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
                 "00081190": {"vr": "UR", "Value": [url]},
             })
         else:
-            fail(result.reason or "rejected", result.dimse_status or PROCESSING_FAILURE)
-            no_space = no_space or result.dimse_status == OUT_OF_RESOURCES and "disk space" in (result.reason or "")
+            fail(result.reason or "rejected", result.dimse_status)
+            no_space = no_space or result.kind is ErrorKind.OUT_OF_SPACE
     if n_parts == 0:
         raise HttpError(400, "the request holds no parts")
     doc: dict = {}
@@ -270,10 +254,3 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
                             headers={**headers, "Content-Type": "application/dicom+xml"})
     return web.Response(status=status, body=json.dumps(doc).encode(),
                         headers={**headers, "Content-Type": "application/dicom+json"})
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -17,13 +17,14 @@ from converters.errors import ConversionError
 
 from slide_fixtures import write_ome, write_svs
 
-store = pytest.importorskip("archive.store")
+from archive.service import Archive
+from archive.status import Outcome
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def arc(tmp_path):
-    a = store.Archive.open(tmp_path / "data")
+    a = Archive.open(tmp_path / "data")
     yield a
     a.close()
 
@@ -36,16 +37,14 @@ def test_import_slide_stores_every_instance(arc, tmp_path):
     src = tmp_path / "s.svs"
     write_svs(src)
     results = import_slide(arc, src, ConvertOptions())
-    assert [r.status for r in results] == ["stored"] * 6
+    assert [r.outcome for r in results] == [Outcome.STORED] * 6
     assert len({r.sop_instance_uid for r in results}) == 6
     assert len(_blob_files(tmp_path / "data")) == 6
     # converted into the archive's own temp dir and moved, not copied: nothing left behind
     leftovers = [p for p in arc.tmp_dir.rglob("*") if p.is_file() and p.name != "lock"]
     assert leftovers == []
     # the archive can serve a frame of the base level
-    from archive.store import Archive  # noqa: F401  (the API the CLI uses)
-
-    rec = arc.index.instance(results[0].sop_instance_uid)
+    rec = arc.instance(results[0].sop_instance_uid)
     assert rec is not None
 
 
@@ -54,8 +53,8 @@ def test_import_slide_same_seed_is_duplicate(arc, tmp_path):
     write_ome(src)
     first = import_slide(arc, src, ConvertOptions(uid_seed="file-1"))
     again = import_slide(arc, src, ConvertOptions(uid_seed="file-1"))
-    assert [r.status for r in first] == ["stored"] * 4
-    assert [r.status for r in again] == ["duplicate"] * 4
+    assert [r.outcome for r in first] == [Outcome.STORED] * 4
+    assert [r.outcome for r in again] == [Outcome.DUPLICATE] * 4
     assert [r.sop_instance_uid for r in first] == [r.sop_instance_uid for r in again]
 
 

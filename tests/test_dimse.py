@@ -296,11 +296,11 @@ def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_fil
     assert dcmsend(srv, *wsi_files).returncode == 0
     sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in wsi_files]
     # Rot one blob on disk: it must not be reported as committed.
-    from archive.index import Index
-    idx = Index(srv.data_dir / "index")
-    rec = idx.instance(sops[1])
-    idx.close()
-    blob = srv.data_dir / "hot" / "blobs" / rec["blob"][:2] / rec["blob"][2:4] / rec["blob"]
+    from archive.service import Archive
+    arc = Archive.open(srv.data_dir, readonly=True)
+    rec = arc.instance(sops[1])
+    arc.close()
+    blob = srv.data_dir / "hot" / "blobs" / rec.blob.key[:2] / rec.blob.key[2:4] / rec.blob.key
     raw = bytearray(blob.read_bytes())
     raw[-100] ^= 0xFF
     blob.write_bytes(bytes(raw))

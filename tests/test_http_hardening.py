@@ -567,24 +567,25 @@ def test_stow_out_of_space_507_every_part_answered(small_fs, tmp_path):
 
 def _record(srv: Server, sop: str) -> dict:
     from archive.config import Config
-    from archive.store import Archive
+    from archive.service import Archive
 
     arc = Archive(Config(data_dir=srv.data_dir), readonly=True)
     try:
-        rec = arc.index.instance(sop)
-        loc = arc.index.locate_frames(sop, list(range(1, rec["n_frames"] + 1)))
-        return {**rec, "frags": loc[1]}
+        rec = arc.instance(sop)
+        loc = arc.index.all_frames(sop)
+        return {**rec.to_json(), "frags": loc.fragments}
     finally:
         arc.close()
 
 
 def _fixity_events(srv: Server) -> list[dict]:
     from archive.config import Config
-    from archive.store import Archive
+    from archive.service import Archive
 
     arc = Archive(Config(data_dir=srv.data_dir), readonly=True)
     try:
-        return arc.index.fixity_events()
+        return [{"sop": e.sop, "blob": e.blob.key, "tier": e.blob.tier, "what": e.what, "source": e.source}
+                for e in arc.fixity_events()]
     finally:
         arc.close()
 

@@ -10,17 +10,18 @@ from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
 from pydicom.uid import generate_uid
 
 import factory
-from archive.store import Archive
+from archive.records import BlobRef
+from archive.service import Archive
+from archive.status import NotFound, Outcome
 
 
 def _frames_from_archive(arc: Archive, sop: str, n: int) -> list[bytes]:
     out = []
     for i in range(1, n + 1):
-        loc = arc.index.frame(sop, i)
-        assert loc is not None
-        out.append(arc.read_frame(sop, loc))
-    assert arc.index.frame(sop, n + 1) is None
-    assert arc.index.frame(sop, 0) is None
+        out.append(arc.frames(sop, [i])[1][0])
+    for k in (n + 1, 0):
+        with pytest.raises(NotFound):
+            arc.frames(sop, [k])
     return out
 
 
@@ -51,14 +52,14 @@ def _tiles(n: int) -> list[bytes]:
 def test_one_fragment_per_frame_with_bot(arc, tmp_path):
     tiles = _tiles(4)
     p, ds = _instance(tmp_path, "bot", encapsulate(tiles, has_bot=True), 4)
-    assert arc.ingest_file(p).status == "stored"
+    assert arc.ingest_file(p).outcome is Outcome.STORED
     assert _frames_from_archive(arc, ds.SOPInstanceUID, 4) == [t + b"\0" * (len(t) % 2) for t in tiles]
 
 
 def test_several_fragments_per_frame_with_bot(arc, tmp_path):
     tiles = _tiles(3)
     p, ds = _instance(tmp_path, "multi", encapsulate(tiles, fragments_per_frame=3, has_bot=True), 3)
-    assert arc.ingest_file(p).status == "stored"
+    assert arc.ingest_file(p).outcome is Outcome.STORED
     expected = list(generate_frames(pydicom.dcmread(p).PixelData, number_of_frames=3))
     assert _frames_from_archive(arc, ds.SOPInstanceUID, 3) == expected
 
@@ -89,7 +90,7 @@ def test_several_fragments_per_frame_with_extended_offset_table(arc, tmp_path):
     raw = p.read_bytes()
     start = raw.rindex(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12
     p.write_bytes(raw[:start] + pixel)
-    assert arc.ingest_file(p).status == "stored"
+    assert arc.ingest_file(p).outcome is Outcome.STORED
     assert _frames_from_archive(arc, ds.SOPInstanceUID, 3) == [b"".join(f) for f in items]
 
 
@@ -108,7 +109,7 @@ def test_no_offset_table_split_by_jpeg_markers(arc, tmp_path):
     raw = p.read_bytes()
     start = raw.rindex(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff") + 12
     p.write_bytes(raw[:start] + pixel)
-    assert arc.ingest_file(p).status == "stored"
+    assert arc.ingest_file(p).outcome is Outcome.STORED
     assert _frames_from_archive(arc, ds.SOPInstanceUID, 3) == [t + b"\0" * (len(t) % 2) for t in tiles]
 
 
@@ -116,7 +117,7 @@ def test_native_frames(arc, tmp_path):
     ds = factory.wsi_instance(generate_uid(), generate_uid(), 512, 256, transfer_syntax="1.2.840.10008.1.2.1")
     p = tmp_path / "native.dcm"
     ds.save_as(p, enforce_file_format=True)
-    assert arc.ingest_file(p).status == "stored"
+    assert arc.ingest_file(p).outcome is Outcome.STORED
     size = 256 * 256 * 3
     assert _frames_from_archive(arc, ds.SOPInstanceUID, 2) == [ds.PixelData[:size], ds.PixelData[size:]]
 
@@ -124,10 +125,10 @@ def test_native_frames(arc, tmp_path):
 def test_metadata_is_precomputed_with_bulk_data_out_of_line(arc, tmp_path):
     icc = bytes(range(256)) * 20
     p = factory.wsi_series(tmp_path / "s", levels=((512, 512),), icc_profile=icc)[0]
-    assert arc.ingest_file(p).status == "stored"
+    assert arc.ingest_file(p).outcome is Outcome.STORED
     import json
     sop = str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-    doc = json.loads(arc.index.metadata(sop))
+    doc = json.loads(arc.index.metadata([sop])[0])
     op = doc["00480105"]["Value"][0]
     uri = op["00282000"]["BulkDataURI"]
     assert uri.endswith("/bulkdata/00480105/0/00282000")
@@ -139,8 +140,8 @@ def test_sweep_removes_dead_sessions_and_uncommitted_blobs(tmp_path):
     data = tmp_path / "data"
     a = Archive.open(data)
     # Simulate a crash between the rename into blobs/ and the index commit.
-    a.index.add_pending("deadbeef" * 4, "no-such-session")
-    blob = a.hot.path_of("deadbeef" * 4)
+    a.index.add_pending(BlobRef("hot", "deadbeef" * 4), "no-such-session")
+    blob = a.tiers["hot"].path_of("deadbeef" * 4)
     blob.parent.mkdir(parents=True, exist_ok=True)
     blob.write_bytes(b"partial")
     stale = a.staging.root / "0123456789abcdef"
@@ -178,18 +179,18 @@ def test_serve_stops_cleanly(make_server, sig):
 
 def test_older_index_is_migrated_on_open(tmp_path):
     """An index written before PatientName was a study key gets that key rebuilt on open."""
-    from archive.index import Index
+    from archive.index import LmdbIndex
     from archive.query import Key, Searcher
 
     data = tmp_path / "data"
     a = Archive.open(data)
     for p in factory.wsi_series(tmp_path / "in", patient_name="Older^Anna", levels=((256, 256),)):
         assert a.ingest_file(p).ok
-    with a.index.write() as txn:  # make it look like schema 1
+    with a.index.env.begin(write=True) as txn:  # make it look like schema 1 (LMDB backend internals)
         txn.delete(b"schema", db=a.index.db["state"])
         txn.drop(a.index.db["study_idx"], delete=False)
     a.close()
-    idx = Index(data / "index")
+    idx = LmdbIndex(data / "index")
     try:
         hits = list(Searcher(idx).search("STUDY", [Key("00100010", "PN", ["older*"])]))
         assert len(hits) == 1

@@ -65,12 +65,12 @@ def _old_archive(release: Path, tmp: Path) -> tuple[Path, list[Path]]:
 
 def _blob_of(data: Path, sop: str) -> Path:
     from archive.config import Config
-    from archive.store import Archive
+    from archive.service import Archive
 
     arc = Archive(Config(data_dir=data), readonly=True)
     try:
-        rec = arc.index.instance(sop)
-        return arc.hot.path_of(rec["blob"])
+        rec = arc.instance(sop)
+        return arc.tier(rec.blob.tier).local_path(rec.blob.key)
     finally:
         arc.close()
 

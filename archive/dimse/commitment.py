@@ -16,16 +16,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom import AE, build_role
 
+from archive.status import DimseStatus
+
 from .contexts import STORAGE_COMMITMENT
 
 if TYPE_CHECKING:
-    from archive.store import Archive
+    from archive.service import Archive
 
 log = logging.getLogger("pathpacs.dimse.commitment")
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP Instance
-NO_SUCH_INSTANCE = 0x0112
-PROCESSING_FAILURE = 0x0110
-CLASS_INSTANCE_CONFLICT = 0x0119
 
 
 def verdict(arc: "Archive", request: Dataset) -> tuple[int, Dataset]:
@@ -34,19 +33,19 @@ def verdict(arc: "Archive", request: Dataset) -> tuple[int, Dataset]:
     for item in request.get("ReferencedSOPSequence", []):
         sop_class = str(item.get("ReferencedSOPClassUID", ""))
         sop = str(item.get("ReferencedSOPInstanceUID", ""))
-        rec = arc.index.instance(sop) if sop else None
+        rec = arc.instance(sop) if sop else None
         ref = Dataset()
         ref.ReferencedSOPClassUID = sop_class
         ref.ReferencedSOPInstanceUID = sop
         if rec is None:
-            ref.FailureReason = NO_SUCH_INSTANCE
-        elif rec["sop_class"] != sop_class:
-            ref.FailureReason = CLASS_INSTANCE_CONFLICT
+            ref.FailureReason = DimseStatus.NO_SUCH_OBJECT_INSTANCE
+        elif rec.sop_class != sop_class:
+            ref.FailureReason = DimseStatus.CLASS_INSTANCE_CONFLICT
         else:
-            problem = arc.check_instance(rec)
+            problem = arc.check(rec)
             if problem is not None:
                 log.error("commitment refused for %s: blob %s", sop, problem)
-                ref.FailureReason = PROCESSING_FAILURE
+                ref.FailureReason = DimseStatus.PROCESSING_FAILURE
         (failed if "FailureReason" in ref else ok).append(ref)
     info = Dataset()
     info.TransactionUID = request.TransactionUID
@@ -61,16 +60,16 @@ def verdict(arc: "Archive", request: Dataset) -> tuple[int, Dataset]:
 def handle_n_action(event, arc: "Archive"):
     req = event.request
     if str(req.RequestedSOPClassUID) != STORAGE_COMMITMENT or req.ActionTypeID != 1:
-        return 0x0123, None  # No such action
+        return DimseStatus.NO_SUCH_ACTION_TYPE, None
     info = event.action_information
     if "TransactionUID" not in info or "ReferencedSOPSequence" not in info:
-        return 0x0120, None  # Missing attribute
+        return DimseStatus.MISSING_ATTRIBUTE, None
     requester = event.assoc.requestor.ae_title
     threading.Thread(
         target=_report, args=(arc, event.assoc, requester, info), daemon=True,
         name=f"commitment-{info.TransactionUID}",
     ).start()
-    return 0x0000, None
+    return DimseStatus.SUCCESS, None
 
 
 def _report(arc: "Archive", assoc, requester: str, request: Dataset) -> None:

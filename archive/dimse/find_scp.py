@@ -4,25 +4,31 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
-from archive.query import QueryError, Searcher
+from archive.query import QueryError
+from archive.status import DimseStatus, ErrorKind
 
 from .contexts import FIND_MODELS
 from .identifiers import keys_from_identifier, response_dataset
 
 if TYPE_CHECKING:
-    from archive.store import Archive
+    from archive.service import Archive
 
 log = logging.getLogger("pathpacs.dimse.find")
-IDENTIFIER_MISMATCH = 0xA900
-UNABLE_TO_PROCESS = 0xC000
 
 
 def query_level(identifier, model_root: str) -> str:
     level = str(identifier.get("QueryRetrieveLevel", "")).upper()
     allowed = ("PATIENT", "STUDY", "SERIES", "IMAGE") if model_root == "PATIENT" else ("STUDY", "SERIES", "IMAGE")
     if level not in allowed:
-        raise QueryError(f"invalid Query/Retrieve Level {level!r} for the {model_root} root model")
+        raise QueryError(f"invalid Query/Retrieve Level {level[:20]!r} for the {model_root} root model",
+                         kind=ErrorKind.LEVEL)
     return level
+
+
+def refusal_status(exc: QueryError) -> DimseStatus:
+    """PS3.4 C.4.1.1.4: a level the model does not have is "Identifier does not match SOP
+    Class" (0xA900); any other bad key is "Unable to process" (0xC000)."""
+    return DimseStatus.DATASET_MISMATCH if exc.kind is ErrorKind.LEVEL else DimseStatus.CANNOT_UNDERSTAND
 
 
 def handle_find(event, arc: "Archive") -> Iterator:
@@ -30,23 +36,23 @@ def handle_find(event, arc: "Archive") -> Iterator:
         identifier = event.identifier
         level = query_level(identifier, FIND_MODELS[str(event.request.AffectedSOPClassUID)])
         keys = keys_from_identifier(identifier)
-        results = Searcher(arc.index, retrieve_aet=arc.config.aet).search(level, keys)
+        results = arc.search(level, keys, retrieve_aet=arc.config.aet)
         first = next(results, None)
     except QueryError as exc:
         log.warning("C-FIND refused: %s", exc)
-        yield IDENTIFIER_MISMATCH if "Level" in str(exc) else UNABLE_TO_PROCESS, None
+        yield refusal_status(exc), None
         return
     except Exception as exc:
         log.warning("C-FIND failed: %s", exc)
-        yield UNABLE_TO_PROCESS, None
+        yield DimseStatus.CANNOT_UNDERSTAND, None
         return
     if first is None:
         return
     for result in _chain(first, results):
         if event.is_cancelled:
-            yield 0xFE00, None
+            yield DimseStatus.CANCEL, None
             return
-        yield 0xFF00, response_dataset(result.doc, identifier, level, arc.config.aet)
+        yield DimseStatus.PENDING, response_dataset(result.doc, identifier, level, arc.config.aet)
 
 
 def _chain(first, rest):

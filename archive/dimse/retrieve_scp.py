@@ -15,7 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
-from archive.query import QueryError, Searcher
+from archive.query import QueryError
+from archive.records import InstanceRecord
+from archive.status import ArchiveError, DimseStatus
 
 from . import compat
 from .connections import OUTGOING_PDU_FLOOR, cap_peer_pdu
@@ -24,32 +26,13 @@ from .find_scp import query_level
 from .identifiers import keys_from_identifier
 
 if TYPE_CHECKING:
-    from archive.store import Archive
+    from archive.service import Archive
 
 log = logging.getLogger("pathpacs.dimse.retrieve")
 
 
-def matching_instances(arc: "Archive", identifier, model_root: str) -> list[str]:
-    level = query_level(identifier, model_root)
-    keys = [k for k in keys_from_identifier(identifier) if not k.universal]
-    if not keys:
-        raise QueryError("a retrieve needs at least one unique key")
-    searcher = Searcher(arc.index)
-    sops: list[str] = []
-    with arc.index.read() as txn:
-        for r in searcher.search(level, keys):
-            if r.level == "IMAGE":
-                sops.append(r.sop)
-            elif r.level == "SERIES":
-                sops.extend(arc.index.instances_of_series(r.series, txn))
-            elif r.level == "STUDY":
-                for se in arc.index.series_of_study(r.study, txn):
-                    sops.extend(arc.index.instances_of_series(se, txn))
-            else:  # PATIENT
-                for st in arc.index.studies_of_patient(r.patient, txn):
-                    for se in arc.index.series_of_study(st, txn):
-                        sops.extend(arc.index.instances_of_series(se, txn))
-    return list(dict.fromkeys(sops))
+def matching_instances(arc: "Archive", identifier, model_root: str) -> list[InstanceRecord]:
+    return arc.retrieve_set(query_level(identifier, model_root), keys_from_identifier(identifier))
 
 
 UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}
@@ -101,6 +84,9 @@ def stream_sends(assoc) -> None:
     original = assoc.send_c_store
 
     def send_c_store(dataset, *args, **kwargs):
+        reason = getattr(dataset, "unsendable", None)
+        if reason is not None:
+            raise RuntimeError(f"instance not sent: {reason}")  # pynetdicom counts a failure
         path = getattr(dataset, "stored_path", None)
         return original(path if path is not None else dataset, *args, **kwargs)
 
@@ -111,59 +97,70 @@ def stream_sends(assoc) -> None:
     assoc._pathpacs_streams = True
 
 
-def _datasets(event, arc: "Archive", sops: list[str], assoc=None, sub_association: bool = False) -> Iterator:
+class UnsendableInstance(Dataset):
+    """Yielded for an instance that cannot be sent (its stored bytes failed their check): the
+    send fails, so pynetdicom counts a failed sub-operation and lists the UID in the
+    Failed SOP Instance UID List, instead of the instance silently vanishing."""
+
+    def __init__(self, sop: str, reason: str) -> None:
+        super().__init__()
+        self.SOPInstanceUID = sop
+        self.unsendable = reason
+
+
+def _datasets(event, arc: "Archive", recs: list[InstanceRecord], assoc=None,
+              sub_association: bool = False) -> Iterator:
     """Yield instances to send: the stored file, streamed, whenever the peer accepted its
     syntax; decoded to explicit VR little endian (in memory) only when the peer accepted an
     uncompressed syntax but not the stored one; converted between uncompressed syntaxes by
-    pynetdicom when needed."""
-    for sop in sops:
+    pynetdicom when needed. Only bytes proven intact (sha256) are sent."""
+    for rec in recs:
         if event.is_cancelled:
-            yield 0xFE00, None
+            yield DimseStatus.CANCEL, None
             return
-        path = arc.instance_path(sop)
-        if path is None:
-            log.warning("instance %s vanished during retrieve", sop)
-            continue
         if sub_association:
             assoc = getattr(move_association, "current", None)
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-        accepted = _accepted_syntaxes(assoc, str(header.SOPClassUID))
-        ts = str(header.file_meta.TransferSyntaxUID)
-        if not accepted or ts in accepted:
+        try:
+            with arc.instance_file(rec, "C-GET/C-MOVE") as path:
+                accepted = _accepted_syntaxes(assoc, rec.sop_class)
+                header = pydicom.dcmread(path, stop_before_pixels=True)
+                if not accepted or rec.ts in accepted:
+                    stream_sends(assoc)
+                    yield DimseStatus.PENDING, StoredInstance(header, path)
+                    continue
+                ds = pydicom.dcmread(path)
+        except ArchiveError as exc:
+            log.warning("instance %s not sent: %s", rec.sop, exc.reason)
             stream_sends(assoc)
-            yield 0xFF00, StoredInstance(header, path)
+            yield DimseStatus.PENDING, UnsendableInstance(rec.sop, exc.reason)
             continue
-        ds = pydicom.dcmread(path)
-        if accepted & UNCOMPRESSED and ts not in UNCOMPRESSED:
+        if accepted & UNCOMPRESSED and rec.ts not in UNCOMPRESSED:
             try:
                 ds.decompress(generate_instance_uid=False)  # lossless decode keeps the UID
             except Exception as exc:
-                log.warning("cannot decode %s for a peer without %s: %s", sop, ts, exc)
-        yield 0xFF00, ds
+                log.warning("cannot decode %s for a peer without %s: %s", rec.sop, rec.ts, exc)
+        yield DimseStatus.PENDING, ds
 
 
 def handle_get(event, arc: "Archive") -> Iterator:
     try:
-        sops = matching_instances(arc, event.identifier, GET_MODELS[str(event.request.AffectedSOPClassUID)])
+        recs = matching_instances(arc, event.identifier, GET_MODELS[str(event.request.AffectedSOPClassUID)])
     except QueryError as exc:
         log.warning("C-GET refused: %s", exc)
         yield 1
-        yield 0xA900, None
+        yield DimseStatus.DATASET_MISMATCH, None
         return
-    yield len(sops)
-    yield from _datasets(event, arc, sops, event.assoc)
+    yield len(recs)
+    yield from _datasets(event, arc, recs, event.assoc)
 
 
-def move_contexts(arc: "Archive", sops: list[str]) -> list:
+def move_contexts(recs: list[InstanceRecord]) -> list:
     """Presentation contexts for the sub-association: each (SOP class, stored syntax)."""
     wanted: dict[str, list[str]] = {}
-    for sop in sops:
-        rec = arc.index.instance(sop)
-        if rec is None:
-            continue
-        syntaxes = wanted.setdefault(rec["sop_class"], [])
-        if rec["ts"] not in syntaxes:
-            syntaxes.append(rec["ts"])
+    for rec in recs:
+        syntaxes = wanted.setdefault(rec.sop_class, [])
+        if rec.ts not in syntaxes:
+            syntaxes.append(rec.ts)
     # One context per stored syntax, plus one uncompressed fallback per class: the destination
     # accepts or rejects each on its own, so compressed bytes go as they are wherever possible.
     contexts = []
@@ -182,14 +179,14 @@ def handle_move(event, arc: "Archive") -> Iterator:
         yield None, None
         return
     try:
-        sops = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.request.AffectedSOPClassUID)])
+        recs = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.request.AffectedSOPClassUID)])
     except QueryError as exc:
         log.warning("C-MOVE refused: %s", exc)
         yield node.host, node.port
         yield 1
-        yield 0xA900, None
+        yield DimseStatus.DATASET_MISMATCH, None
         return
-    yield node.host, node.port, {"contexts": move_contexts(arc, sops) or None}
+    yield node.host, node.port, {"contexts": move_contexts(recs) or None}
     move_association.current = None
-    yield len(sops)
-    yield from _datasets(event, arc, sops, sub_association=True)
+    yield len(recs)
+    yield from _datasets(event, arc, recs, sub_association=True)

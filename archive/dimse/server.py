@@ -19,7 +19,7 @@ from .retrieve_scp import handle_get, handle_move, remember_association
 from .store_scp import handle_store
 
 if TYPE_CHECKING:
-    from archive.store import Archive
+    from archive.service import Archive
 
 log = logging.getLogger("pathpacs.dimse")
 

@@ -9,16 +9,15 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from archive.ingest import OUT_OF_RESOURCES, ingest
+from archive.status import DimseStatus
 
 from . import compat
 from .receive import SpoolFile
 
 if TYPE_CHECKING:
-    from archive.store import Archive
+    from archive.service import Archive
 
 log = logging.getLogger("pathpacs.dimse.store")
-DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3: Error, Data Set does not match SOP Class
 
 
 def handle_store(event, arc: "Archive") -> int:
@@ -31,12 +30,12 @@ def handle_store(event, arc: "Archive") -> int:
         Path(event.dataset_path).unlink(missing_ok=True)
         if state.error is not None:
             log.warning("C-STORE from %s refused: cannot write received data: %s", calling, state.error)
-            return OUT_OF_RESOURCES
+            return DimseStatus.OUT_OF_RESOURCES
         log.warning("C-STORE from %s refused (0xA900): Affected SOP Class UID %s is not the presentation "
                     "context's %s", calling, command_class[:64], context_class)
-        return DATASET_MISMATCH
-    result = ingest(
-        arc, Path(event.dataset_path), take_ownership=True, sha256=state.sha256,
+        return DimseStatus.DATASET_MISMATCH
+    result = arc.ingest(
+        Path(event.dataset_path), take_ownership=True, sha256=state.sha256,
         origin="c-store", calling_aet=calling, expected_sop_class=context_class,
     )
     return result.dimse_status

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import AddResult, FixityEvent, Index, NewInstance
-from .lmdb import LmdbIndex, out_of_space
+from ..status import out_of_space
+from .lmdb import LmdbIndex
 
 __all__ = ["AddResult", "FixityEvent", "Index", "LmdbIndex", "NewInstance", "open_index", "out_of_space"]
 

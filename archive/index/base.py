@@ -11,7 +11,7 @@ matching of the candidates is backend-independent (archive.query).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from ..records import (BlobRef, Frames, InstanceRecord, PatientRecord, SeriesRecord, Stats,
                        StudyRecord)
@@ -80,6 +80,8 @@ class Index(Protocol):
     def studies_of_patient(self, patient: str) -> list[StudyRecord]: ...
     def patients(self) -> Iterator[PatientRecord]:
         """Every patient, in key order."""
+    def studies(self) -> Iterator[StudyRecord]:
+        """Every study."""
     def instances(self) -> Iterator[InstanceRecord]:
         """Every instance."""
 
@@ -95,6 +97,10 @@ class Index(Protocol):
     def add_instance(self, new: NewInstance, *, replace: bool) -> AddResult:
         """Add one instance with its parents in one transaction, and clear its blob's pending
         mark; see AddResult for what happens when the SOP Instance UID is already there."""
+
+    def add_instances(self, news: "Iterable[NewInstance]") -> int:
+        """Add many new instances in one transaction (rebuilds, bulk loads); existing UIDs are
+        left alone. Returns how many were added."""
 
     def add_pending(self, blob: BlobRef, session: str) -> None:
         """A blob is about to be placed before its record commits: a crash sweep removes it

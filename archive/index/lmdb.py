@@ -25,7 +25,6 @@ Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame;
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import re
@@ -38,7 +37,7 @@ import lmdb
 from .. import metadata as md
 from ..records import (BlobRef, Frames, FrameTable, InstanceRecord, PatientRecord, SeriesRecord, Stats,
                        StudyRecord)
-from ..status import Outcome
+from ..status import SPACE_CHECKS, Outcome, out_of_space  # noqa: F401  (re-exported)
 from . import frametable
 from .base import AddResult, FixityEvent, NewInstance
 
@@ -72,16 +71,17 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def out_of_space(exc: BaseException) -> bool:
-    """True when `exc` means the index (or a file) ran out of disk space or map size."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+def _lmdb_out_of_space(exc: BaseException) -> bool:
+    """LMDB's ways of saying its disk or its map is full."""
     if isinstance(exc, lmdb.MapFullError):
         return True
     if isinstance(exc, lmdb.Error):
         text = str(exc).lower()
         return "no space left" in text or "quota" in text or "file too large" in text
     return False
+
+
+SPACE_CHECKS.append(_lmdb_out_of_space)
 
 
 def _pack_loc(blob: BlobRef, ts: str) -> bytes:
@@ -367,7 +367,7 @@ class LmdbIndex:
         for key, val in self._batched("patient"):
             yield _patient(key.decode(), json.loads(val))
 
-    def _all_studies(self) -> Iterator[StudyRecord]:
+    def studies(self) -> Iterator[StudyRecord]:
         for key, val in self._batched("study"):
             yield _study(key.decode(), json.loads(val))
 
@@ -485,7 +485,7 @@ class LmdbIndex:
                     else:
                         found = self._studies_by_key(T_STUDY_DATE, q)
             if found is None:
-                yield from self._all_studies()
+                yield from self.studies()
                 return
             uids = sorted(found)
         for i in range(0, len(uids), BATCH):
@@ -558,6 +558,17 @@ class LmdbIndex:
             self._put(txn, new)
             txn.delete(rec.blob.key.encode(), db=self.db["pending"])
         return AddResult(Outcome.REPLACED if current is not None else Outcome.STORED, current)
+
+    def add_instances(self, news) -> int:
+        """Add many new instances in one transaction (index rebuilds, bulk loads); an instance
+        already there is left as it is. Returns how many were added."""
+        n = 0
+        with self.env.begin(write=True) as txn:
+            for new in news:
+                if txn.get(new.record.sop.encode(), db=self.db["inst"]) is None:
+                    self._put(txn, new)
+                    n += 1
+        return n
 
     def _put(self, txn, new: NewInstance) -> None:
         rec = new.record
