@@ -174,7 +174,9 @@ def negotiate_frames(accept: str | None, stored_ts: str, n_frames: int) -> tuple
         t = (r.part_type or "*/*") if multipart else r.type
         ts = r.transfer_syntax
         if not multipart and n_frames != 1:
-            continue  # single-part answers carry one frame only
+            if r.type != "*/*":
+                continue  # single-part answers carry one frame only
+            multipart = True  # */* covers multipart/related too
         if t in ("*/*", "*", "application/*", "image/*"):
             if ts in (None, "*", stored_ts) and (t != "image/*" or stored_media.startswith("image/")):
                 return "stored", stored_media, stored_ts, multipart

@@ -1,0 +1,178 @@
+"""The Index contract: the domain operations every index backend must answer alike.
+
+Parametrised over BACKENDS (LMDB now; the PostgreSQL backend joins it). Records go in as
+NewInstance and come out typed; searches go through archive.query.Searcher, the backend-
+independent matcher, over the backend's candidate selection.
+"""
+from __future__ import annotations
+
+import pytest
+
+from archive import metadata as md
+from archive.index import LmdbIndex, NewInstance
+from archive.query import Key, Searcher
+from archive.records import BlobRef, InstanceRecord
+from archive.status import Outcome
+
+WSI = "1.2.840.10008.5.1.4.1.1.77.1.6"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def lmdb_index(tmp_path):
+    return LmdbIndex(tmp_path / "index", map_size=1 << 30)
+
+
+BACKENDS = {"lmdb": lmdb_index}
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def index(request, tmp_path):
+    idx = BACKENDS[request.param](tmp_path)
+    yield idx
+    idx.close()
+
+
+def pn(name: str) -> dict:
+    return {"vr": "PN", "Value": [{"Alphabetic": name}]}
+
+
+def new(sop: str, *, study: str = "1.2.1", series: str = "1.2.1.1", pid: str = "P1", name: str = "Doe^Jane",
+        date: str = "20250101", acc: str = "A1", modality: str = "SM", sha: str = "a" * 64, size: int = 100,
+        sop_class: str = WSI, frames=((10, 5), (15, 7)), blob: str | None = None, number: int = 1) -> NewInstance:
+    patient = {"00100010": pn(name), "00100020": {"vr": "LO", "Value": [pid]}}
+    study_attrs = {**patient, "0020000D": {"vr": "UI", "Value": [study]}, "00080020": {"vr": "DA", "Value": [date]},
+                   "00080050": {"vr": "SH", "Value": [acc]}}
+    series_attrs = {"0020000E": {"vr": "UI", "Value": [series]}, "00080060": {"vr": "CS", "Value": [modality]}}
+    attrs = {"00200013": {"vr": "IS", "Value": [number]}, "00280010": {"vr": "US", "Value": [256]}}
+    rec = InstanceRecord(sop, sop_class, study, series, f"{pid}^", "1.2.840.10008.1.2.4.50",
+                         BlobRef("hot", blob or f"blob-{sop}"), size, sha, "2026-01-01T00:00:00.000", "SCU", "test",
+                         len(frames), True, 0, attrs)
+    meta = md.dumps({**study_attrs, **series_attrs, **attrs, "00080018": {"vr": "UI", "Value": [sop]}})
+    return NewInstance(rec, [[f] for f in frames], [1000 + i for i in range(len(frames))], meta,
+                       {"00282000": b"icc" * 500}, patient, study_attrs, series_attrs)
+
+
+def test_add_and_read_back_typed_records(index):
+    assert index.add_instance(new("1.3.1"), replace=False).outcome is Outcome.STORED
+    rec = index.instance("1.3.1")
+    assert rec is not None and rec.blob == BlobRef("hot", "blob-1.3.1") and rec.n_frames == 2
+    assert rec.int_value("00200013") == 1 and rec.size == 100
+    st, se = index.study("1.2.1"), index.series("1.2.1.1")
+    assert st.n_series == 1 and st.n_instances == 1 and st.modalities == ("SM",) and st.patient == "P1^"
+    assert se.study == "1.2.1" and se.n_instances == 1 and se.sop_classes == (WSI,)
+    assert index.patient("P1^").n_studies == 1
+    assert index.metadata(["1.3.1", "nope"]) and len(index.metadata(["1.3.1", "nope"])) == 1
+    assert index.bulk("1.3.1", "00282000") == b"icc" * 500 and index.bulk("1.3.1", "x") is None
+    assert index.instance("nope") is None and index.study("nope") is None
+
+
+def test_frames_located_with_crcs_and_location(index):
+    index.add_instance(new("1.3.2", frames=((100, 10), (110, 20), (130, 30))), replace=False)
+    got = index.frames("1.3.2", [3, 1, 4, 0])
+    assert got.table.blob == BlobRef("hot", "blob-1.3.2") and got.table.n == 3 and got.table.checked
+    assert got.fragments == [[(130, 30)], [(100, 10)], None, None]
+    assert got.crcs == [1002, 1000, None, None]
+    assert index.frames("nope", [1]) is None
+    everything = index.all_frames("1.3.2")
+    assert everything.fragments == [[(100, 10)], [(110, 20)], [(130, 30)]]
+
+
+def test_multi_fragment_frames(index):
+    n = new("1.3.3")
+    n = NewInstance(n.record, [[(10, 4), (20, 6)], [(40, 8)]], [7, 8], n.metadata, n.bulk,
+                    n.patient_attrs, n.study_attrs, n.series_attrs)
+    index.add_instance(n, replace=False)
+    got = index.frames("1.3.3", [1, 2])
+    assert got.fragments == [[(10, 4), (20, 6)], [(40, 8)]] and got.crcs == [7, 8]
+
+
+def test_duplicate_conflict_and_replace(index):
+    index.add_instance(new("1.3.4", sha="a" * 64), replace=False)
+    same = index.add_instance(new("1.3.4", sha="a" * 64, blob="other"), replace=False)
+    assert same.outcome is Outcome.DUPLICATE and same.previous.blob.key == "blob-1.3.4"
+    other = index.add_instance(new("1.3.4", sha="b" * 64, blob="other"), replace=False)
+    assert other.outcome is Outcome.REJECTED
+    assert index.instance("1.3.4").sha256 == "a" * 64
+    done = index.add_instance(new("1.3.4", sha="b" * 64, blob="newblob", size=300), replace=True, session="s1")
+    assert done.outcome is Outcome.REPLACED and done.previous.blob.key == "blob-1.3.4"
+    assert index.instance("1.3.4").blob.key == "newblob"
+    assert index.study("1.2.1").n_instances == 1 and index.study("1.2.1").bytes == 300
+    # the old blob is pending (the caller deletes it; a crash leaves it to the sweep)
+    assert (BlobRef("hot", "blob-1.3.4"), "s1") in index.pending()
+    assert not index.blob_referenced(BlobRef("hot", "blob-1.3.4"))
+    assert index.blob_referenced(BlobRef("hot", "newblob"))
+
+
+def test_pending_marks(index):
+    b = BlobRef("hot", "k")
+    index.add_pending(b, "sess")
+    assert index.pending() == [(b, "sess")]
+    index.add_instance(new("1.3.5", blob="k"), replace=False)  # committing clears its mark
+    assert index.pending() == []
+    index.add_pending(BlobRef("hot", "z"), "sess")
+    index.clear_pending(BlobRef("hot", "z"))
+    assert index.pending() == []
+
+
+def test_hierarchy_walks_and_iteration(index):
+    for i in range(3):
+        index.add_instance(new(f"1.4.{i}", series="1.2.1.1", number=i), replace=False)
+    index.add_instance(new("1.4.9", series="1.2.1.2", modality="OT", sop_class=SC), replace=False)
+    index.add_instance(new("1.5.1", study="1.2.2", series="1.2.2.1", pid="P2", name="Roe^Rick"), replace=False)
+    assert sorted(s.uid for s in index.series_of_study("1.2.1")) == ["1.2.1.1", "1.2.1.2"]
+    assert sorted(r.sop for r in index.instances_of_series("1.2.1.1")) == ["1.4.0", "1.4.1", "1.4.2"]
+    assert [s.uid for s in index.studies_of_patient("P2^")] == ["1.2.2"]
+    assert sorted(p.key for p in index.patients()) == ["P1^", "P2^"]
+    assert sorted(s.uid for s in index.studies()) == ["1.2.1", "1.2.2"]
+    assert sorted(index.study("1.2.1").modalities) == ["OT", "SM"]
+    stats = index.stats()
+    assert (stats.patients, stats.studies, stats.series, stats.instances) == (2, 2, 3, 5)
+    assert stats.bytes == 500 and stats.by_tier == {"hot": 500}
+
+
+def test_iteration_spans_many_read_batches(index):
+    index.add_instances(new(f"1.6.{i}", number=i) for i in range(1300))
+    assert len({r.sop for r in index.instances()}) == 1300
+    assert index.study("1.2.1").n_instances == 1300
+
+
+def _search(index, level, keys, **kw):
+    return list(Searcher(index, fuzzy=kw.pop("fuzzy", False)).search(level, keys, **kw))
+
+
+def test_candidates_answer_every_kind_of_key(index):
+    index.add_instance(new("1.7.1", study="2.1", series="2.1.1", pid="PA", name="Smith^Ann", date="20240105", acc="X1"), replace=False)
+    index.add_instance(new("1.7.2", study="2.2", series="2.2.1", pid="PB", name="Smithers^Bob", date="20240220", acc="X2"), replace=False)
+    index.add_instance(new("1.7.3", study="2.3", series="2.3.1", pid="PC", name="Jones^Cat", date="20250101", acc="Y3",
+                           modality="OT"), replace=False)
+    studies = lambda keys, **kw: sorted(r.study for r in _search(index, "STUDY", keys, **kw))  # noqa: E731
+    assert studies([Key("00100020", "LO", ["PB"])]) == ["2.2"]
+    assert studies([Key("00100010", "PN", ["smith*"])]) == ["2.1", "2.2"]
+    assert studies([Key("00100010", "PN", ["*ith*"])]) == ["2.1", "2.2"]
+    assert studies([Key("00100010", "PN", ["cat"])], fuzzy=True) == ["2.3"]
+    assert studies([Key("00080020", "DA", ["20240101-20240131"])]) == ["2.1"]
+    assert studies([Key("00080020", "DA", ["-20241231"])]) == ["2.1", "2.2"]
+    assert studies([Key("0020000D", "UI", ["2.3", "2.1", "9.9"])]) == ["2.1", "2.3"]
+    assert studies([Key("00080050", "SH", ["Y3"])]) == ["2.3"]
+    assert studies([Key("00080061", "CS", ["OT"])]) == ["2.3"]
+    assert studies([]) == ["2.1", "2.2", "2.3"]
+    series = _search(index, "SERIES", [Key("00100020", "LO", ["PA"])])
+    assert [r.series for r in series] == ["2.1.1"]
+    assert [r.series for r in _search(index, "SERIES", [], study="2.2")] == ["2.2.1"]
+    assert [r.sop for r in _search(index, "IMAGE", [Key("00080018", "UI", ["1.7.3"])])] == ["1.7.3"]
+    assert [r.sop for r in _search(index, "IMAGE", [], study="2.1", series="2.1.1")] == ["1.7.1"]
+    assert _search(index, "IMAGE", [Key("00080018", "UI", ["1.7.3"])], study="2.1") == []
+    patients = _search(index, "PATIENT", [Key("00100020", "LO", ["PC"])])
+    assert [r.patient for r in patients] == ["PC^"]
+    assert patients[0].doc["00201200"]["Value"] == [1]  # NumberOfPatientRelatedStudies
+
+
+def test_frame_checksum_migration_and_fixity_events(index):
+    from archive.index import FixityEvent
+
+    index.add_instance(new("1.8.1"), replace=False)
+    assert index.checksum_todo(10) == [] and index.checksum_todo_count() == 0
+    assert not index.set_frame_checksums("1.8.1", BlobRef("hot", "blob-1.8.1"), [1, 2])  # already has CRCs
+    ev = FixityEvent("2026-01-01T00:00:00.000Z", "1.8.1", BlobRef("hot", "blob-1.8.1"), "a frame failed its CRC32C", "test")
+    index.record_fixity(ev)
+    assert index.fixity_events() == [ev]
