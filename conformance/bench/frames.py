@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import random
 import shutil
 import struct
@@ -296,44 +297,70 @@ web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 """
 
 
-def qido_100k(work: Path, n_instances: int = 100_000) -> dict:
-    """Index n synthetic instances (records only) and time QIDO study searches."""
+OLD_QIDO_LOADER = r"""
+import json, random, sys
+from pathlib import Path
+from archive import metadata as md
+from archive.store import Archive
+data, n, per_study = Path(sys.argv[1]), int(sys.argv[2]), 5
+arc = Archive.open(data)
+with arc.index.write() as txn:
+    for rec, meta, patient, study, series in json.load(sys.stdin):
+        arc.index.put_instance(txn, rec, None, md.dumps(meta), {}, patient, study, series)
+arc.close()
+"""
+
+
+def _qido_docs(n_instances: int):
+    """The synthetic records of the QIDO benchmark, the same for every release."""
+    per_study = 5
+    rng = random.Random(3)
+    families = ["Smith", "Jones", "Garcia", "Muller", "Rossi", "Kim", "Nakamura", "Dubois", "Silva", "Novak"]
+    for i in range(n_instances // per_study):
+        st, se = f"2.25.{10**9 + i}", f"2.25.{2 * 10**9 + i}"
+        pid = f"PID{i:07d}"
+        date = f"20{rng.randint(10, 25)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
+        patient = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": f"{rng.choice(families)}^P{i}"}]},
+                   "00100020": {"vr": "LO", "Value": [pid]}}
+        study = {**patient, "0020000D": {"vr": "UI", "Value": [st]},
+                 "00080020": {"vr": "DA", "Value": [date]},
+                 "00080050": {"vr": "SH", "Value": [f"A{i:08d}"]}}
+        series = {"0020000E": {"vr": "UI", "Value": [se]}, "00080060": {"vr": "CS", "Value": ["SM"]}}
+        for k in range(per_study):
+            sop = f"2.25.{3 * 10**9 + i * per_study + k}"
+            rec = {"sop": sop, "sop_class": WSI_CLASS, "study": st, "series": se,
+                   "patient": f"{pid}^", "ts": JPEG_BASELINE, "blob": f"none{sop}", "tier": "hot",
+                   "size": 1000, "sha256": "0" * 64, "received": "2026-01-01T00:00:00",
+                   "calling_aet": "", "origin": "bench", "n_frames": 1, "encapsulated": True,
+                   "pixel_offset": 0, "attrs": {"00200013": {"vr": "IS", "Value": [k + 1]}}}
+            meta = {**study, **series, "00080018": {"vr": "UI", "Value": [sop]}}
+            yield rec, meta, patient, study, series
+
+
+def qido_100k(work: Path, n_instances: int = 100_000, release: Path | None = None) -> dict:
+    """Index n synthetic instances (records only) and time QIDO study searches; release= does
+    it with an earlier release's code and server (its own index format)."""
     from archive import metadata as md
     from archive.index import NewInstance
     from archive.records import BlobRef, InstanceRecord
     from archive.service import Archive
 
-    data = work / "qido100k"
+    data = work / ("qido100k" if release is None else "qido100k-previous")
     marker = data / "complete"
     if not marker.exists():
         shutil.rmtree(data, ignore_errors=True)
-        arc = Archive.open(data)
-        per_study = 5
-        rng = random.Random(3)
-        families = ["Smith", "Jones", "Garcia", "Muller", "Rossi", "Kim", "Nakamura", "Dubois", "Silva", "Novak"]
-        news = []
-        if True:
-            for i in range(n_instances // per_study):
-                st, se = f"2.25.{10**9 + i}", f"2.25.{2 * 10**9 + i}"
-                pid = f"PID{i:07d}"
-                date = f"20{rng.randint(10, 25)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}"
-                patient = {"00100010": {"vr": "PN", "Value": [{"Alphabetic": f"{rng.choice(families)}^P{i}"}]},
-                           "00100020": {"vr": "LO", "Value": [pid]}}
-                study = {**patient, "0020000D": {"vr": "UI", "Value": [st]},
-                         "00080020": {"vr": "DA", "Value": [date]},
-                         "00080050": {"vr": "SH", "Value": [f"A{i:08d}"]}}
-                series = {"0020000E": {"vr": "UI", "Value": [se]}, "00080060": {"vr": "CS", "Value": ["SM"]}}
-                for k in range(per_study):
-                    sop = f"2.25.{3 * 10**9 + i * per_study + k}"
-                    rec = InstanceRecord(sop, WSI_CLASS, st, se, f"{pid}^", JPEG_BASELINE, BlobRef("hot", f"none{sop}"),
-                                         1000, "0" * 64, "2026-01-01T00:00:00", "", "bench", 1, True, 0,
-                                         {"00200013": {"vr": "IS", "Value": [k + 1]}})
-                    meta = md.dumps({**study, **series, "00080018": {"vr": "UI", "Value": [sop]}})
-                    news.append(NewInstance(rec, [], [], meta, {}, patient, study, series))
-        arc.index.add_instances(news)  # one transaction (a bench fixture: records without blobs)
-        arc.close()
+        if release is None:
+            arc = Archive.open(data)
+            news = [NewInstance(InstanceRecord.from_json(rec), [], [], md.dumps(meta), {}, patient, study, series)
+                    for rec, meta, patient, study, series in _qido_docs(n_instances)]
+            arc.index.add_instances(news)  # one transaction (a bench fixture: records without blobs)
+            arc.close()
+        else:
+            docs = json.dumps(list(_qido_docs(n_instances))).encode()
+            subprocess.run([sys.executable, "-c", OLD_QIDO_LOADER, str(data), str(n_instances)], input=docs,
+                           cwd=release, env={**os.environ, "PYTHONPATH": str(release)}, check=True)
         marker.write_text("ok")
-    srv = _pathpacs(data, work / "pathpacs-qido.log")
+    srv = _pathpacs(data, work / ("pathpacs-qido.log" if release is None else "previous-qido.log"), release=release)
     base = srv.dicomweb_url
     try:
         indexed = _timed_get(f"{base}/studies?PatientID=PID0012345", 50)
@@ -396,7 +423,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         old = _pathpacs(old_data, work / "previous.log", release=previous_release(work / "previous-release"))
         old_base = old.dicomweb_url
         try:
-            stow(f"{old_base}/studies", files, work)
+            old_stow = stow(f"{old_base}/studies", files, work)
             old_url = f"{old_base}/studies/{st}/series/{se}/instances/{sop}/frames/"
             best: dict[str, dict] = {}
             for _round in range(2):
@@ -404,8 +431,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     r = load([url + str(k) for k in picks], args.clients, accept)
                     if name not in best or r["per_s"] > best[name]["per_s"]:
                         best[name] = r
+            old_meta = _timed_get(f"{old_base}/studies/{st}/series/{se}/metadata", 50,
+                                  {"Accept": "application/dicom+json"})
         finally:
             old.stop(timeout=30)
+        row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)",
+            system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)", **old_stow)
         ratio = best["now"]["per_s"] / best["old"]["per_s"]
         row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
             system="pathpacs WADO-RS (CRC32C checked)", note=f"{ratio:.1%} of the previous release", **best["now"])
@@ -451,6 +482,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         meta_url = f"{pbase}/studies/{st}/series/{se}/metadata"
         row(benchmark="series metadata of the WSI series", system="pathpacs",
             **_timed_get(meta_url, 50, {"Accept": "application/dicom+json"}))
+        row(benchmark="series metadata of the WSI series", system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)",
+            **old_meta)
         row(benchmark="series metadata of the WSI series (gzip)", system="pathpacs",
             **_timed_get(meta_url, 50, {"Accept": "application/dicom+json", "Accept-Encoding": "gzip"}))
         if orth:
@@ -464,8 +497,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if not args.skip_qido:
         q = qido_100k(work)
+        q_old = qido_100k(work, release=previous_release(work / "previous-release"))
         for name, res in q.items():
             row(benchmark=f"QIDO study search, 100k instances indexed ({name})", system="pathpacs", **res)
+            row(benchmark=f"QIDO study search, 100k instances indexed ({name})",
+                system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)", **q_old[name])
     return rows
 
 

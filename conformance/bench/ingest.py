@@ -15,7 +15,7 @@ from pydicom.uid import generate_uid
 
 from conformance.synthetic import wsi_header, write_streamed
 
-from .peers import peak_rss_mb, start_orthanc, start_pathpacs
+from .peers import PREVIOUS_RELEASE, peak_rss_mb, previous_release, start_orthanc, start_pathpacs
 
 
 def _tile_pool(n: int, size: int, quality: int = 80, seed: int = 0) -> list[bytes]:
@@ -132,6 +132,19 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     finally:
         pp.stop(timeout=30)
         shutil.rmtree(workdir / "pathpacs", ignore_errors=True)
+
+    # the previous release on the same series, for "no slower than before"
+    old = start_pathpacs(workdir / "previous" / "data", quiet=True,
+                         release=previous_release(workdir / "previous-release"))
+    try:
+        dt_old = dcmsend(old.dicom_port, old.aet, series)
+        rows.append({"benchmark": f"C-STORE {mb:.0f} MB WSI series (dcmsend)",
+                     "system": f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)",
+                     "value": f"{mb / dt_old:.0f} MB/s ({dt_old:.2f} s)",
+                     "note": f"today's code takes {dt / dt_old:.0%} of its time"})
+    finally:
+        old.stop(timeout=30)
+        shutil.rmtree(workdir / "previous", ignore_errors=True)
 
     orthanc = start_orthanc(workdir / "orthanc", extra={"Name": "bench"})
     try:
