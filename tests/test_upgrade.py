@@ -139,3 +139,42 @@ def test_server_migrates_previous_release_archive_in_background(previous_release
         srv.stop()
     assert run_cli("migrate", data=data).stdout.strip() == "nothing to migrate"
     assert run_cli("verify", "--quiet", data=data).returncode == 0
+
+
+QUERIES = [
+    "studies", "studies?PatientID=P1", "studies?PatientName=*a*&includefield=all", "series",
+    "series?Modality=SM", "instances", "instances?includefield=all",
+]
+
+
+def _answers(srv: Server, study: str, series: str) -> dict[str, object]:
+    """What a client sees: QIDO answers and metadata, with this server's base URL taken out."""
+    out: dict[str, object] = {}
+    for q in QUERIES + [f"studies/{study}/metadata", f"studies/{study}/series/{series}/metadata"]:
+        r = requests.get(f"{srv.dicomweb_url}/{q}", headers={"Accept-Encoding": "identity"}, timeout=30)
+        assert r.status_code == 200, (q, r.status_code, r.text[:200])
+        out[q] = sorted(requests.compat.json.loads(r.text.replace(srv.dicomweb_url, "BASE")),
+                        key=lambda d: str(sorted(d.items())))
+    return out
+
+
+def test_same_answers_before_and_after_the_upgrade(previous_release, tmp_path):
+    """The previous release serving its own archive, then today's code on that archive after
+    its migration: the same QIDO answers and metadata, the same frames."""
+    data, files = _old_archive(previous_release, tmp_path)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    old = Server(data, free_port(), free_port(), release=previous_release).start()
+    try:
+        before = _answers(old, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        old_frames = [_get_frame(old, files[0], n).content for n in range(1, 13)]
+    finally:
+        old.stop()
+    new = Server(data, free_port(), free_port()).start()
+    try:
+        after = _answers(new, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        new_frames = [_get_frame(new, files[0], n).content for n in range(1, 13)]
+    finally:
+        new.stop()
+    assert new_frames == old_frames == _frames(files[0])
+    for q in before:
+        assert after[q] == before[q], q
