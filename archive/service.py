@@ -37,14 +37,22 @@ log = logging.getLogger("pathpacs.archive")
 CHUNK = 1 << 20
 
 
+def default_tiers(data: Path, readonly: bool = False) -> dict[str, BlobStore]:
+    """The zero-config layout: one filesystem tier, "hot", under DATA/hot."""
+    return {"hot": FilesystemStore(data / "hot", name="hot", readonly=readonly)}
+
+
 class ArchiveNotFound(Exception):
     """A read-only open of a data directory that holds no archive."""
 
 
 class Archive:
-    def __init__(self, config: Config, readonly: bool = False) -> None:
+    def __init__(self, config: Config, readonly: bool = False,
+                 tiers: dict[str, BlobStore] | None = None, ingest_tier: str = "hot") -> None:
         """readonly: for verbs that only look (ls, stats, verify): nothing is created or swept,
-        and a directory without an archive is ArchiveNotFound instead of a new empty archive."""
+        and a directory without an archive is ArchiveNotFound instead of a new empty archive.
+        tiers: the blob stores by name (default: one filesystem tier "hot" under the data
+        directory); ingest_tier: where new instances go."""
         self.config = config
         data = Path(config.data_dir)
         self.readonly = readonly
@@ -55,8 +63,8 @@ class Archive:
             data.mkdir(parents=True, exist_ok=True)
         self.data_dir = data
         self.index: Index = open_index(data / "index", map_size_gb=config.lmdb_map_size_gb, readonly=readonly)
-        self.tiers: dict[str, BlobStore] = {"hot": FilesystemStore(data / "hot", name="hot", readonly=readonly)}
-        self.ingest_tier: BlobStore = self.tiers["hot"]
+        self.tiers: dict[str, BlobStore] = tiers if tiers is not None else default_tiers(data, readonly)
+        self.ingest_tier: BlobStore = self.tiers[ingest_tier]
         self.staging: Staging | None = None if readonly else Staging(data / "hot" / "tmp")
         self._reported: set[tuple[str, str]] = set()
         self._parents: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # sop -> (study, series, blob key)
