@@ -83,7 +83,8 @@ def test_c_get_streams_from_a_store_without_local_files(arc, tmp_path):
     received: dict[str, bytes] = {}
 
     def on_store(event):
-        received[str(event.request.AffectedSOPInstanceUID)] = event.encoded_dataset()
+        # in this process pynetdicom receives data sets into a file (the server set that up)
+        received[str(event.request.AffectedSOPInstanceUID)] = Path(event.dataset_path).read_bytes()
         return 0x0000
 
     try:
