@@ -132,9 +132,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service import Archive
 
     cfg = load_config(args)
+    from .dimse.compat import UnsupportedPynetdicom
+
     arc = Archive(cfg)
+    try:
+        dimse = DimseServer(arc)
+    except UnsupportedPynetdicom as exc:
+        arc.close()
+        raise CliError(str(exc))
     migration = _start_checksum_migration(arc)
-    dimse = DimseServer(arc)
     try:
         dimse.start()
     except OSError as exc:

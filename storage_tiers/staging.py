@@ -32,7 +32,7 @@ class Spool:
     """A file being received into staging, hashed while written."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
+        self.path = Path(path)
         self._fh = open(path, "xb", buffering=0)
         self._hash = hashlib.sha256()
         self.size = 0
@@ -52,6 +52,8 @@ class Spool:
             self.size += n
         except OSError as exc:
             self.error = exc
+        except ValueError:  # written after discard() closed it (an aborted transfer)
+            self.error = OSError("the spool file was discarded")
         return n
 
     def finish(self) -> Spooled:

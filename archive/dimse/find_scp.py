@@ -34,7 +34,7 @@ def refusal_status(exc: QueryError) -> DimseStatus:
 def handle_find(event, arc: "Archive") -> Iterator:
     try:
         identifier = event.identifier
-        level = query_level(identifier, FIND_MODELS[str(event.request.AffectedSOPClassUID)])
+        level = query_level(identifier, FIND_MODELS[str(event.context.abstract_syntax)])
         keys = keys_from_identifier(identifier)
         results = arc.search(level, keys, retrieve_aet=arc.config.aet)
         first = next(results, None)

@@ -15,12 +15,12 @@ creates with `dimse_messages.NamedTemporaryFile` (compat.use_spool_factory). We 
 """
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from storage_tiers import Spool
 
 from . import compat
 
@@ -37,15 +37,16 @@ _unfinished: dict[threading.Thread, set["SpoolFile"]] = {}
 
 
 class SpoolFile:
+    """The file-like object pynetdicom writes a data set into: the staging Spool (the one
+    receiving file of every entry point) with the interface pynetdicom's temporary file has,
+    registered under its association until the C-STORE handler takes it."""
+
     directory: Path | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         assert self.directory is not None, "SpoolFile.directory is not set"
-        self.name = str(self.directory / f"{uuid.uuid4().hex}.dcm")
-        self._fh = open(self.name, "xb")
-        self._hash = hashlib.sha256()
-        self._size = 0
-        self._error: str | None = None
+        self._spool = Spool(self.directory / f"{uuid.uuid4().hex}.dcm")
+        self.name = str(self._spool.path)
         self._discarded = False
         self._owner = threading.current_thread()
         with _lock:
@@ -56,28 +57,13 @@ class SpoolFile:
         return self
 
     def write(self, data: bytes) -> int:
-        if self._error is None:
-            try:
-                self._fh.write(data)
-                self._hash.update(data)
-                self._size += len(data)
-            except (OSError, ValueError) as exc:  # ValueError: discarded (closed) meanwhile
-                self._error = getattr(exc, "strerror", None) or str(exc)
-        return len(data)
+        return self._spool.write(data)
 
-    def flush(self) -> None:
-        if self._error is None:
-            try:
-                self._fh.flush()
-            except (OSError, ValueError) as exc:
-                self._error = getattr(exc, "strerror", None) or str(exc)
+    def flush(self) -> None:  # unbuffered: every write is already in the file
+        pass
 
     def close(self) -> None:
-        if not self._fh.closed:
-            try:
-                self._fh.close()
-            except OSError as exc:
-                self._error = self._error or exc.strerror or str(exc)
+        self._spool.finish()
 
     def finished(self) -> Spooled:
         """State once pynetdicom has received the whole data set (the C-STORE handler runs).
@@ -90,20 +76,17 @@ class SpoolFile:
                     del _unfinished[self._owner]
             discarded = self._discarded
         if discarded:
-            return Spooled("", self._size, "the association ended before the data set was handled")
-        self.flush()
-        return Spooled(self._hash.hexdigest(), self._size, self._error)
+            return Spooled("", self._spool.size, "the association ended before the data set was handled")
+        done = self._spool.finish()
+        error = None if done.error is None else (done.error.strerror or str(done.error))
+        return Spooled(done.sha256, done.size, error)
 
     def discard(self) -> int:
         """Close and delete the file; returns the bytes it held."""
         self._discarded = True
-        self._error = self._error or "discarded"
-        self.close()
-        try:
-            os.unlink(self.name)
-        except FileNotFoundError:
-            pass
-        return self._size
+        size = self._spool.size
+        self._spool.discard()
+        return size
 
 
 def discard_unfinished(thread: threading.Thread) -> tuple[int, int]:

@@ -144,7 +144,7 @@ def _datasets(event, arc: "Archive", recs: list[InstanceRecord], assoc=None,
 
 def handle_get(event, arc: "Archive") -> Iterator:
     try:
-        recs = matching_instances(arc, event.identifier, GET_MODELS[str(event.request.AffectedSOPClassUID)])
+        recs = matching_instances(arc, event.identifier, GET_MODELS[str(event.context.abstract_syntax)])
     except QueryError as exc:
         log.warning("C-GET refused: %s", exc)
         yield 1
@@ -179,7 +179,7 @@ def handle_move(event, arc: "Archive") -> Iterator:
         yield None, None
         return
     try:
-        recs = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.request.AffectedSOPClassUID)])
+        recs = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.context.abstract_syntax)])
     except QueryError as exc:
         log.warning("C-MOVE refused: %s", exc)
         yield node.host, node.port
