@@ -96,13 +96,16 @@ def _run_http(arc, cfg: Config, reuse_port: bool) -> None:
 
     from dicomweb.app import make_app
 
-    from dicomweb.app import AccessLogger
+    from dicomweb.accesslog import AccessLogger, flush_all
 
     access = logging.getLogger("pathpacs.http.access") if cfg.access_log else None
-    web.run_app(make_app(arc, cfg), host=cfg.host, port=cfg.http_port, print=None,
-                handle_signals=True, access_log=access, access_log_class=AccessLogger,
-                keepalive_timeout=cfg.keepalive_timeout, reuse_address=True,
-                reuse_port=reuse_port or None)
+    try:
+        web.run_app(make_app(arc, cfg), host=cfg.host, port=cfg.http_port, print=None,
+                    handle_signals=True, access_log=access, access_log_class=AccessLogger,
+                    keepalive_timeout=cfg.keepalive_timeout, reuse_address=True,
+                    reuse_port=reuse_port or None)
+    finally:
+        flush_all()
 
 
 def _http_worker(cfg: Config, quiet: bool) -> None:

@@ -145,3 +145,9 @@ def float_value(doc: dict[str, Any], tag: str) -> float | None:
         return None if v is None or v == "" else float(v)
     except (TypeError, ValueError):
         return None
+
+
+def sequence_items(doc: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    """The items of a sequence element (empty when absent)."""
+    el = doc.get(tag)
+    return [item or {} for item in ((el or {}).get("Value") or [])]

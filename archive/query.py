@@ -138,6 +138,8 @@ def _seg_at(seg: str, text: str, i: int) -> bool:
     """Does `seg` ('?' = any one character) match text at position i?"""
     if i + len(seg) > len(text):
         return False
+    if "?" not in seg:
+        return text.startswith(seg, i)
     for k, c in enumerate(seg):
         if c != "?" and text[i + k] != c:
             return False
@@ -161,6 +163,15 @@ def _fold(s: str) -> str:
     return low if len(low) == len(s) else "".join(c if len(c.lower()) != 1 else c.lower() for c in s)
 
 
+@lru_cache(maxsize=1024)
+def _pieces(pattern: str) -> tuple[str, str, tuple[str, ...]] | None:
+    """A pattern cut at its stars (first, last, the non-empty middle pieces); None: no star."""
+    pieces = pattern.split("*")
+    if len(pieces) == 1:
+        return None
+    return pieces[0], pieces[-1], tuple(p for p in pieces[1:-1] if p)
+
+
 def wildcard_match(pattern: str, text: str, ignore_case: bool = False) -> bool:
     """PS3.4 C.2.2.2.4 wildcard matching: '*' any run of characters, '?' any one character.
 
@@ -171,10 +182,10 @@ def wildcard_match(pattern: str, text: str, ignore_case: bool = False) -> bool:
     len(text) x len(pattern), never exponential ("a*a*a*...x" costs the same as "a*x")."""
     if ignore_case:
         pattern, text = _fold(pattern), _fold(text)
-    pieces = pattern.split("*")
-    if len(pieces) == 1:
+    pieces = _pieces(pattern)
+    if pieces is None:
         return len(pattern) == len(text) and _seg_at(pattern, text, 0)
-    first, last, middle = pieces[0], pieces[-1], [p for p in pieces[1:-1] if p]
+    first, last, middle = pieces
     if len(first) + len(last) > len(text):
         return False
     if not _seg_at(first, text, 0) or not _seg_at(last, text, len(text) - len(last)):

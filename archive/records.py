@@ -7,17 +7,17 @@ subsets (`attrs`) are DICOM JSON (PS3.18 F.2) as built once at ingest; read valu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from . import metadata as md
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
-@dataclass(frozen=True)
-class BlobRef:
+class BlobRef(NamedTuple):
     """Where an instance's bytes are: a tier and the key inside it. Recorded once per instance;
-    moving a blob is one update of this."""
+    moving a blob is one update of this. (NamedTuple, like the frame-path records below:
+    immutable and the cheapest to make, one per frame request.)"""
 
     tier: str
     key: str
@@ -120,8 +120,7 @@ class PatientRecord:
     n_studies: int = 0
 
 
-@dataclass(frozen=True)
-class FrameTable:
+class FrameTable(NamedTuple):
     """Where one instance's frames lie in its blob (read once at ingest), with their CRC32C."""
 
     blob: BlobRef
@@ -131,8 +130,7 @@ class FrameTable:
     damaged: str | None = None  # the blob failed its sha256 when checksums were added
 
 
-@dataclass(frozen=True)
-class Frames:
+class Frames(NamedTuple):
     """Located frames: the table header and, per requested frame number, fragments and CRC."""
 
     table: FrameTable

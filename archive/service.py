@@ -252,9 +252,8 @@ class Archive:
     def check_parents(self, sop: str, study: str, series: str, blob: BlobRef) -> None:
         """NotFound unless `sop` is in `series` of `study`; remembered per blob (a replaced
         instance has a new blob, so nothing stale is ever trusted)."""
-        with self._parents_lock:
-            p = self._parents.get(sop)
-        if p is not None and p == (study, series, blob.key):
+        p = self._parents.get(sop)  # a dict read is atomic; only inserts take the lock
+        if p is not None and p[2] == blob.key and p[0] == study and p[1] == series:
             return
         rec = self.index.instance(sop)
         if rec is None or rec.study != study or rec.series != series:
@@ -371,16 +370,19 @@ class Archive:
         raise self.damage(rec.sop, rec.blob, what, source)
 
     @contextmanager
-    def instance_file(self, rec: InstanceRecord, source: str = "instance send") -> Iterator[Path]:
+    def instance_file(self, rec: InstanceRecord, source: str = "instance send",
+                      verify_later: bool = False) -> Iterator[Path]:
         """A local file with the instance's bytes, proven intact (sha256), for senders that need
         a file (pynetdicom C-STORE sub-operations). The store's own file when it has one, else a
-        verified staging copy removed afterwards."""
+        verified staging copy removed afterwards. verify_later: the caller hashes the store's
+        own file while it reads it (and fails its send on a mismatch), so it is not read twice."""
         store = self.tier(rec.blob.tier)
         local = store.local_path(rec.blob.key)
         if local is not None:
-            problem = self.check(rec)
-            if problem is not None:
-                raise self.damage(rec.sop, rec.blob, problem, source)
+            if not verify_later:
+                problem = self.check(rec)
+                if problem is not None:
+                    raise self.damage(rec.sop, rec.blob, problem, source)
             yield local
             return
         assert self.staging is not None

@@ -18,13 +18,13 @@ import uuid
 from functools import partial
 
 from aiohttp import web, web_response
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 
 from archive.service import AsyncArchive
 from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
 from . import pages, qido
+from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
                      log_safe, multipart_body)
 from .media import NotAcceptable, negotiate_search
@@ -34,8 +34,6 @@ from .wado import StreamAborted, Wado
 log = logging.getLogger("pathpacs.dicomweb")
 SERVER_NAME = "pathpacs"
 
-ARC_KEY = web.AppKey("arc", object)
-CFG_KEY = web.AppKey("config", object)
 
 ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
 EXPOSE_HEADERS = "Content-Type, Content-Length, Content-Encoding, ETag, Warning, Content-Location, Location"
@@ -119,11 +117,6 @@ async def error_middleware(request: web.Request, handler):
         return error(500, f"internal error (logged as {ref})")
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """No software versions in the Server header (aiohttp's default names Python and itself)."""
-    response.headers["Server"] = SERVER_NAME
-
-
 class _ClientFaultFilter(logging.Filter):
     """aiohttp logs a malformed request (bad request line, header too long, bad
     Content-Length) and a client gone mid-response as ERROR with a traceback: any client
@@ -147,16 +140,6 @@ def _quiet_client_faults() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientFaultFilter) for f in server_log.filters):
         server_log.addFilter(_ClientFaultFilter())
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: client, method, path (no query string: it can hold patient
-    names; control characters escaped: a %0A in the path must not start a forged line),
-    status, bytes sent, duration."""
-
-    def log(self, request, response, time: float) -> None:
-        self.logger.info('%s "%s %s" %d %d %.1fms', request.remote, request.method, log_safe(request.path),
-                         response.status, response.body_length, time * 1000)
 
 
 def _streamed_cors(origins: list[str]):
@@ -220,22 +203,20 @@ class Handlers:
 def make_app(archive, config) -> web.Application:
     """The application over an Archive (archive.service); handlers get its async wrapper."""
     arc = AsyncArchive(archive)
-    # aiohttp writes some answers itself (a malformed request's 400), before any signal of
-    # ours runs: its default Server header names Python and aiohttp versions.
+    # The Server header of every answer, aiohttp's own (a malformed request's 400) included:
+    # its default names Python and aiohttp versions.
     web_response.SERVER_SOFTWARE = SERVER_NAME
     _quiet_client_faults()
     origins = list(getattr(config, "cors_origins", ["*"]) or [])
     app = web.Application(middlewares=[cors_middleware(origins), error_middleware],
                           client_max_size=1 << 20)  # request.read() is never used: STOW streams
-    app[ARC_KEY] = arc
-    app[CFG_KEY] = config
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(n, strict=False)
                                 for n in getattr(config, "trusted_proxies", []) or []]
     app.on_response_prepare.append(_streamed_cors(origins))
-    app.on_response_prepare.append(_server_header)
     h = Handlers(arc, config)
 
     async def close_pools(_app) -> None:
+        flush_access_log()
         arc.close()
 
     app.on_cleanup.append(close_pools)

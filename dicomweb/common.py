@@ -34,9 +34,10 @@ def error(status: int, reason: str, headers: dict | None = None) -> web.Response
 def check_headers(request: web.Request) -> None:
     """400 for a parsed header that is not printable ASCII (a non-UTF-8 byte arrives as a
     lone surrogate and would break every later encode)."""
+    headers = request.headers
     for name in PARSED_HEADERS:
-        value = request.headers.get(name)
-        if value is not None and not _PRINTABLE.match(value):
+        value = headers.get(name)
+        if value is not None and not (value.isascii() and (value.isprintable() or _PRINTABLE.match(value))):
             raise HttpError(400, f"the {name} header holds characters that are not printable ASCII")
 
 

@@ -99,7 +99,24 @@ MAX_MEDIA_RANGES = 64
 _Q = re.compile(r"^(0(\.[0-9]{0,3})?|1(\.0{0,3})?)$")  # RFC 9110 12.4.2 qvalue
 
 
+_ACCEPT_CACHE: dict[str, list["MediaRange"]] = {}
+
+
 def parse_accept(header: str | None) -> list[MediaRange]:
+    """See _parse_accept; remembered per header text (clients send the same one on every
+    request, and the frame path is hot). Callers must not change the list."""
+    if header is None:
+        return []
+    got = _ACCEPT_CACHE.get(header)
+    if got is None:
+        got = _parse_accept(header)
+        if len(_ACCEPT_CACHE) >= 256:
+            _ACCEPT_CACHE.clear()
+        _ACCEPT_CACHE[header] = got
+    return got
+
+
+def _parse_accept(header: str | None) -> list[MediaRange]:
     """Media ranges in preference order (q descending, then as written). No header -> [].
 
     A range with q=0 is "not acceptable", and so is one whose q is not a valid qvalue

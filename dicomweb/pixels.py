@@ -55,7 +55,7 @@ class PixelInfo:
 
 
 def _icc(doc: dict) -> tuple[str | None, bytes | None]:
-    for holder in [doc] + list((doc.get("00480105") or {}).get("Value") or []):
+    for holder in [doc] + md.sequence_items(doc, "00480105"):
         el = (holder or {}).get("00282000")
         if not el:
             continue
@@ -98,8 +98,8 @@ class PixelInfoCache:
         org = str(md.first_value(doc, "00209311") or "")
         if org == "TILED_SPARSE":
             positions = []
-            for item in (doc.get("52009230") or {}).get("Value") or []:
-                pp = ((item or {}).get("0048021A") or {}).get("Value", [{}])[0] or {}
+            for item in md.sequence_items(doc, "52009230"):
+                pp = (md.sequence_items(item, "0048021A") or [{}])[0]
                 positions.append((md.int_value(pp, "0048021E", 1), md.int_value(pp, "0048021F", 1)))
             if len(positions) != rec.n_frames:
                 positions = None

@@ -62,7 +62,21 @@ def test_frames_and_instances_without_local_files(arc, tmp_path):
     assert not path.exists()
 
 
-def test_c_get_streams_from_a_store_without_local_files(arc, tmp_path):
+@pytest.fixture(params=["no local files", "local files"])
+def any_arc(request, tmp_path):
+    data = tmp_path / "data"
+    cfg = Config(data_dir=data, host="127.0.0.1", dicom_port=free_port())
+    store = NoLocalFiles if request.param == "no local files" else FilesystemStore
+    a = Archive(cfg, tiers={"hot": store(data / "hot", name="hot")})
+    yield a
+    a.close()
+
+
+def test_c_get_never_sends_a_damaged_instance(any_arc, tmp_path):
+    """From a store without local files (a verified staging copy is sent) and from the
+    filesystem store (its file is hashed while pynetdicom reads it, and a mismatch fails the
+    sub-operation before its last fragment): the damaged instance is a counted failure."""
+    arc = any_arc
     files = factory.wsi_series(tmp_path / "in")
     for f in files:
         assert arc.ingest_file(f).ok
@@ -77,6 +91,7 @@ def test_c_get_streams_from_a_store_without_local_files(arc, tmp_path):
     with pytest.raises(Damaged):
         with arc.instance_file(rec):
             pass
+    arc._reported.clear()  # so the send reports it again (one fixity line per problem and process)
 
     server = DimseServer(arc)
     server.start()
@@ -105,11 +120,17 @@ def test_c_get_streams_from_a_store_without_local_files(arc, tmp_path):
     finally:
         server.stop()
     status, ident = last
-    assert status.Status == 0xB000 and status.NumberOfFailedSuboperations == 1
-    assert status.NumberOfCompletedSuboperations == len(files) - 1
-    failed = ident.FailedSOPInstanceUIDList
-    assert str(bad.SOPInstanceUID) in ([failed] if isinstance(failed, str) else list(failed))
+    first_sop = str(ds0.SOPInstanceUID)
     assert str(bad.SOPInstanceUID) not in received
-    for f in (files[0], files[2]):
-        sop = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
-        assert _frames(f)[0] in received[sop]  # the stored JPEG bytes went out as stored
+    assert _frames(files[0])[0] in received[first_sop]  # the stored JPEG bytes went out as stored
+    if isinstance(arc.tiers["hot"], NoLocalFiles):
+        # proven before sending: a clean failed sub-operation, the others complete
+        assert status.Status == 0xB000 and status.NumberOfFailedSuboperations == 1
+        assert status.NumberOfCompletedSuboperations == len(files) - 1
+        failed = ident.FailedSOPInstanceUIDList
+        assert str(bad.SOPInstanceUID) in ([failed] if isinstance(failed, str) else list(failed))
+        sop = str(pydicom.dcmread(files[2], stop_before_pixels=True).SOPInstanceUID)
+        assert _frames(files[2])[0] in received[sop]
+    else:
+        # found while sending: the message cannot be completed, the association is aborted
+        assert assoc.is_aborted and "Status" not in status  # no final (success) response

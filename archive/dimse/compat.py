@@ -60,6 +60,7 @@ PRIVATE_NAMES = [
     ("pynetdicom._config", "STORE_SEND_CHUNKED_DATASET"),
     ("pynetdicom._config", "LOG_HANDLER_LEVEL"),
     ("pynetdicom.dimse_messages", "NamedTemporaryFile"),
+    ("pynetdicom.dimse_messages", "open"),  # the builtin, looked up there when a file is sent
     ("C_STORE primitive", "_dataset_file"),
     ("Association", "dul"),
     ("Association", "dimse"),
@@ -106,7 +107,15 @@ def missing_private_names() -> list[str]:
         "DIMSEMessage": DIMSEMessage(),
         "AssociationSocket": sock,
     }
-    missing = [f"{where}.{name}" for where, name in PRIVATE_NAMES if not hasattr(objects[where], name)]
+    import builtins
+
+    objects_with_builtins = {**objects, "pynetdicom.dimse_messages": _ModuleView(dimse_messages, builtins)}
+    missing = [f"{where}.{name}" for where, name in PRIVATE_NAMES
+               if not hasattr(objects_with_builtins[where], name)]
+    import inspect
+
+    if "open(self._data_set_path[0], \"rb\")" not in inspect.getsource(DIMSEMessage.encode_msg):
+        missing.append("DIMSEMessage.encode_msg opening the data set file with open(path, 'rb')")
     from pynetdicom import dul as dul_module, fsm
 
     if set(getattr(dul_module, "_PDU_TYPES", {})) != {bytes([t]) for t in PDU_TYPES}:
@@ -132,11 +141,34 @@ def configure() -> None:
     - pynetdicom.utils logs every undecodable or non-conformant value a peer sends, and
       pynetdicom.dimse every undecodable DIMSE message, with a traceback: a hostile peer could
       fill the log; the failure is in the association's one log line instead."""
+    if not _saved:
+        _saved.update(recv=_config.STORE_RECV_CHUNKED_DATASET, send=_config.STORE_SEND_CHUNKED_DATASET,
+                      log=_config.LOG_HANDLER_LEVEL, ntf=dimse_messages.NamedTemporaryFile,
+                      open=dimse_messages.__dict__.get("open"))
     _config.STORE_RECV_CHUNKED_DATASET = True
     _config.STORE_SEND_CHUNKED_DATASET = True
     _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
     logging.getLogger("pynetdicom.dimse").setLevel(logging.CRITICAL)  # "invalid DIMSE message" + traceback
+
+
+_saved: dict = {}
+
+
+def restore() -> None:
+    """Put back what configure(), use_spool_factory() and verify_sent_files() changed (a
+    server stopped inside a process that goes on using pynetdicom, e.g. a test's SCU)."""
+    if not _saved:
+        return
+    _config.STORE_RECV_CHUNKED_DATASET = _saved["recv"]
+    _config.STORE_SEND_CHUNKED_DATASET = _saved["send"]
+    _config.LOG_HANDLER_LEVEL = _saved["log"]
+    dimse_messages.NamedTemporaryFile = _saved["ntf"]
+    if _saved["open"] is None:
+        dimse_messages.__dict__.pop("open", None)
+    else:
+        dimse_messages.open = _saved["open"]  # type: ignore[attr-defined]
+    _saved.clear()
 
 
 def use_spool_factory(factory) -> None:
@@ -366,3 +398,90 @@ def bound_messages(assoc: "Association", check: Callable[[int, int, int], str | 
             abort_and_close(assoc)
 
     dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
+
+
+# -- sending stored files, verified while pynetdicom reads them ----------------------------------
+
+class _ModuleView:
+    """A module's names plus the builtins it falls back on (for the private-name check)."""
+
+    def __init__(self, module, builtins_module) -> None:
+        self._m, self._b = module, builtins_module
+
+    def __getattr__(self, name: str):
+        try:
+            return getattr(self._m, name)
+        except AttributeError:
+            return getattr(self._b, name)
+
+
+class SendDamaged(Exception):
+    """A stored file read for sending is not the bytes recorded at ingest."""
+
+
+class _VerifiedReader:
+    """The file pynetdicom reads a stored instance from, hashing every byte read: when the end
+    is reached with the wrong size or sha256, the last read raises SendDamaged instead of
+    returning the last fragment, so the C-STORE sub-operation fails and never completes."""
+
+    def __init__(self, fh, expect: "Expectation") -> None:
+        import hashlib
+
+        self._fh, self._expect = fh, expect
+        self._hash = hashlib.sha256()
+        self._pos = 0  # bytes hashed from the start of the file
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0 and offset > self._pos:  # pynetdicom skips the file meta: hash it first
+            self._fh.seek(self._pos)
+            self._hash.update(self._fh.read(offset - self._pos))
+            self._pos = offset
+        return self._fh.seek(offset, whence)
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._fh.read(n)
+        self._hash.update(data)
+        self._pos += len(data)
+        end = n < 0 or len(data) < n or self._pos >= self._expect.size
+        if end:
+            rest = self._fh.read(1)  # a longer file is damaged too
+            if self._pos != self._expect.size or rest or self._hash.hexdigest() != self._expect.sha256:
+                what = "sha256 mismatch" if self._pos == self._expect.size and not rest else "size mismatch"
+                self._expect.on_damage(what)
+                raise SendDamaged(what)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._fh.close()
+
+
+class Expectation:
+    def __init__(self, sha256: str, size: int, on_damage: Callable[[str], None]) -> None:
+        self.sha256, self.size, self.on_damage = sha256, size, on_damage
+
+
+_expected: dict[str, Expectation] = {}
+
+
+def expect_file(path, sha256: str, size: int, on_damage: Callable[[str], None]) -> None:
+    """The next sends of `path` are verified against (sha256, size) while read."""
+    _expected[str(path)] = Expectation(sha256, size, on_damage)
+
+
+def forget_file(path) -> None:
+    _expected.pop(str(path), None)
+
+
+def _open(file, mode="r", *args, **kwargs):
+    expect = _expected.get(str(file)) if mode == "rb" else None
+    fh = open(file, mode, *args, **kwargs)
+    return fh if expect is None else _VerifiedReader(fh, expect)
+
+
+def verify_sent_files() -> None:
+    """Make pynetdicom's file sends (C-STORE sub-operations of C-GET/C-MOVE) go through
+    `_open`: files registered with expect_file are hashed while read."""
+    dimse_messages.open = _open  # type: ignore[attr-defined]

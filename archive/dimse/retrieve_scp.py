@@ -88,7 +88,14 @@ def stream_sends(assoc) -> None:
         if reason is not None:
             raise RuntimeError(f"instance not sent: {reason}")  # pynetdicom counts a failure
         path = getattr(dataset, "stored_path", None)
-        return original(path if path is not None else dataset, *args, **kwargs)
+        try:
+            return original(path if path is not None else dataset, *args, **kwargs)
+        except compat.SendDamaged:
+            # Part of the data set is out already: the message cannot be ended, so the
+            # association is (the peer never receives the damaged instance as complete).
+            log.error("aborting the association: a stored file failed its sha256 while being sent")
+            assoc.abort()
+            raise
 
     assoc.send_c_store = send_c_store
     # pynetdicom queues every outgoing P-DATA PDU without limit: when disk reads outrun the
@@ -121,12 +128,20 @@ def _datasets(event, arc: "Archive", recs: list[InstanceRecord], assoc=None,
         if sub_association:
             assoc = getattr(move_association, "current", None)
         try:
-            with arc.instance_file(rec, "C-GET/C-MOVE") as path:
-                accepted = _accepted_syntaxes(assoc, rec.sop_class)
+            accepted = _accepted_syntaxes(assoc, rec.sop_class)
+            as_stored = not accepted or rec.ts in accepted
+            # Sent as stored: hashed while pynetdicom reads the file (compat.expect_file), a
+            # mismatch failing the sub-operation before its last fragment. Decoded: proven first.
+            with arc.instance_file(rec, "C-GET/C-MOVE", verify_later=as_stored) as path:
                 header = pydicom.dcmread(path, stop_before_pixels=True)
-                if not accepted or rec.ts in accepted:
+                if as_stored:
                     stream_sends(assoc)
-                    yield DimseStatus.PENDING, StoredInstance(header, path)
+                    compat.expect_file(path, rec.sha256, rec.size,
+                                       lambda what, r=rec: arc.damage(r.sop, r.blob, what, "C-GET/C-MOVE"))
+                    try:
+                        yield DimseStatus.PENDING, StoredInstance(header, path)
+                    finally:
+                        compat.forget_file(path)
                     continue
                 ds = pydicom.dcmread(path)
         except ArchiveError as exc:

@@ -55,6 +55,7 @@ class DimseServer:
         # filesystem, so ingest can rename it into place: no instance is held in memory;
         # send stored files in chunks too (C-GET/C-MOVE, see retrieve_scp.StoredInstance).
         compat.configure()
+        compat.verify_sent_files()
         receive.install(arc.tmp_dir)
         self.connections = Connections(cfg)
         ae = ArchiveAE(ae_title=cfg.aet)
@@ -107,3 +108,4 @@ class DimseServer:
             self._server = None
         self.connections.stop()
         self.connections.close_all()
+        compat.restore()

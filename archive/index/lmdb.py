@@ -53,6 +53,7 @@ CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexe
 SEP = b"\x00"
 SCHEMA = 4
 BATCH = 512  # records per read transaction when iterating
+FIRST_BATCH = 16
 
 T_STUDY_UID, T_SERIES_UID, T_SOP_UID = "0020000D", "0020000E", "00080018"
 T_PATIENT_ID, T_ACCESSION, T_STUDY_DATE, T_PATIENT_NAME = "00100020", "00080050", "00080020", "00100010"
@@ -142,6 +143,8 @@ class LmdbIndex:
                 continue
         if not readonly:
             self._migrate()
+        self._frames_db = self.db.get("frames")
+        self._loc_db = self.db.get("loc")
 
     def close(self) -> None:
         self.env.close()
@@ -245,6 +248,7 @@ class LmdbIndex:
 
     def _batches(self, db: str, prefix: bytes = b"") -> Iterator[list[tuple[bytes, bytes]]]:
         last: bytes | None = None
+        size = FIRST_BATCH  # small first: a search with a limit stops early; then up to BATCH
         while True:
             batch: list[tuple[bytes, bytes]] = []
             with self.env.begin() as txn:
@@ -258,14 +262,15 @@ class LmdbIndex:
                     if prefix and not key.startswith(prefix):
                         break
                     batch.append((key, val))
-                    if len(batch) >= BATCH:
+                    if len(batch) >= size:
                         break
             if not batch:
                 return
             yield batch
-            if len(batch) < BATCH:
+            if len(batch) < size:
                 return
             last = batch[-1][0]
+            size = min(size * 2, BATCH)
 
     def _inst(self, txn, sop: str) -> InstanceRecord | None:
         raw = txn.get(sop.encode(), db=self.db["inst"])
@@ -304,13 +309,21 @@ class LmdbIndex:
         return FrameTable(blob, ts, head.n, head.checked, head.damaged)
 
     def frames(self, sop: str, numbers: Sequence[int]) -> Frames | None:
+        # The frame path: two gets from the memory map in one read transaction, no JSON.
         key = sop.encode()
         with self.env.begin(buffers=True) as txn:
-            buf = txn.get(key, db=self.db["frames"])
+            buf = txn.get(key, db=self._frames_db)
             if buf is None:
                 return None
             head, frags, crcs = frametable.read(buf, numbers)
-            table = self._table(txn, sop, buf, head)
+            if head.legacy:
+                table = self._table(txn, sop, buf, head)
+            else:
+                loc = txn.get(key, db=self._loc_db)
+                if loc is None:
+                    return None
+                tier, bkey, ts = bytes(loc).decode().split("\0")
+                table = FrameTable(BlobRef(tier, bkey), ts, head.n, head.checked, head.damaged)
         return None if table is None else Frames(table, tuple(numbers), frags, crcs)
 
     def all_frames(self, sop: str) -> Frames | None:
@@ -488,10 +501,13 @@ class LmdbIndex:
                 yield from self.studies()
                 return
             uids = sorted(found)
-        for i in range(0, len(uids), BATCH):
+        i, step = 0, FIRST_BATCH
+        while i < len(uids):
             with self.env.begin() as txn:
-                batch = [_study(u, d) for u in uids[i:i + BATCH] if (d := self._get_json(txn, "study", u)) is not None]
+                batch = [_study(u, d) for u in uids[i:i + step] if (d := self._get_json(txn, "study", u)) is not None]
             yield from batch
+            i += step
+            step = min(step * 2, BATCH)
 
     def _studies_by_key(self, tag: str, lo: str, hi: str | None = None, prefix: bool = False) -> set[str]:
         """Studies whose indexed `tag` equals lo, starts with lo (prefix), or lies in [lo, hi]."""
