@@ -69,6 +69,28 @@ def table(rows: list[dict]) -> list[str]:
     return out
 
 
+_CHILD = r"""
+import importlib, json, sys
+from pathlib import Path
+module, func, tmp, quick, out = sys.argv[1:6]
+rows = getattr(importlib.import_module(module), func)(Path(tmp), quick == "1")
+Path(out).write_text(json.dumps(rows, default=str))
+"""
+
+
+def _run_isolated(module: str, func: str, tmp: Path, quick: bool) -> list[dict]:
+    """One benchmark in its own interpreter: what one leaves in memory cannot inflate the
+    next one's measurements (a child forked from a big process reports the parent's peak RSS)."""
+    import json
+
+    out = tmp / "rows.json"
+    res = subprocess.run([sys.executable, "-c", _CHILD, module, func, str(tmp), "1" if quick else "0", str(out)],
+                         cwd=ROOT)
+    if res.returncode != 0 or not out.exists():  # one failing peer must not hide the other results
+        return [{"benchmark": module, "system": "-", "value": "FAILED", "note": f"exit code {res.returncode}"}]
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance.bench")
     p.add_argument("--quick", action="store_true", help="small inputs, for a smoke run")
@@ -82,12 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {name}", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-", dir=os.environ.get("BENCH_TMP")) as tmp:
-            try:
-                fn: Callable = getattr(importlib.import_module(module), func)
-                rows = fn(Path(tmp), args.quick)
-            except Exception as exc:  # one failing peer must not hide the other results
+            rows = _run_isolated(module, func, Path(tmp), args.quick)
+            if len(rows) == 1 and rows[0].get("value") == "FAILED":
                 failed += 1
-                rows = [{"benchmark": name, "system": "-", "value": "FAILED", "note": f"{type(exc).__name__}: {exc}"}]
         lines = table(rows)
         print("\n".join(lines), flush=True)
         sections += [f"## {name}", "", *lines, ""]
