@@ -217,6 +217,7 @@ def make_app(archive, config) -> web.Application:
 
     async def close_pools(_app) -> None:
         flush_access_log()
+        h.wado.close()
         arc.close()
 
     app.on_cleanup.append(close_pools)

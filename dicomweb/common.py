@@ -106,10 +106,14 @@ _BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?
 
 
 def check_boundary(value: str) -> str:
-    """A multipart boundary as RFC 2046 5.1.1 defines it: 1-70 characters from a fixed set."""
+    """A multipart boundary as RFC 2046 5.1.1 defines it: 1-70 characters from a fixed set.
+    A leading space is legal there but the multipart parser (aiohttp) strips it, so every
+    part would fail: refused up front with that reason instead."""
     if not _BOUNDARY.match(value):
         raise HttpError(400, "the multipart boundary must be 1-70 characters (RFC 2046 bchars), "
                              f"got {len(value)} characters")
+    if value.startswith(" "):
+        raise HttpError(400, "a multipart boundary starting with a space is not supported")
     return value
 
 

@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from collections import OrderedDict
 
 from aiohttp import web
@@ -94,7 +96,19 @@ class Wado:
         self._thumb_bytes = 0
         # Decoding work (rendered, thumbnails, transcoding) holds memory proportional to its
         # output: at most this many at once, whatever the number of clients.
-        self.heavy = asyncio.Semaphore(max(1, min(4, os.cpu_count() or 1)))
+        # Their own few threads, too: each thread keeps its own malloc arena, and a decoded
+        # 4096x4096 image left in eight of them is hundreds of MB of resident memory.
+        n = max(1, min(4, os.cpu_count() or 1))
+        self.heavy = asyncio.Semaphore(n)
+        self._heavy_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="render")
+
+    async def _decode(self, fn, *args):
+        """Decoding work (rendered, thumbnails, transcoding), at most `heavy` at once."""
+        async with self.heavy:
+            return await asyncio.get_running_loop().run_in_executor(self._heavy_pool, partial(fn, *args))
+
+    def close(self) -> None:
+        self._heavy_pool.shutdown(wait=False, cancel_futures=True)
 
     # -- frames -------------------------------------------------------------------------
     async def frames(self, request: web.Request) -> web.StreamResponse:
@@ -104,7 +118,7 @@ class Wado:
         table, datas = await self.arc.frames(sop, nums, study=mi["study"], series=mi["series"])
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, len(nums))
         if mode != "stored":
-            datas = await self.arc.run(self._transcode, sop, mode, datas)
+            datas = await self._decode(self._transcode, sop, mode, datas)
         part_ct = f"{media}; transfer-syntax={ts}"
         if not multipart:
             return web.Response(body=datas[0], headers={"Content-Type": part_ct})
@@ -256,8 +270,7 @@ class Wado:
         transcoded: dict[str, bytes] = {}
         for rec, ts in plan:
             if ts is not None:
-                async with self.heavy:
-                    transcoded[rec.sop] = await self.arc.run(self._transcode_instance, rec, ts)
+                transcoded[rec.sop] = await self._decode(self._transcode_instance, rec, ts)
         bnd = boundary()
         resp = web.StreamResponse(headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={bnd}'})
@@ -332,8 +345,7 @@ class Wado:
         if frames is not None and len(frames) != 1:
             raise HttpError(400, "rendered frames: ask for one frame at a time")
         await self.arc.run(self.arc.sync.instance_in, mi["study"], mi["series"], sop)
-        async with self.heavy:
-            body = await self.arc.run(self._render_instance, sop, frames[0] if frames else None, params)
+        body = await self._decode(self._render_instance, sop, frames[0] if frames else None, params)
         return web.Response(body=body, headers={"Content-Type": params.media})
 
     def _instance_image(self, sop: str, frame: int | None):
@@ -380,8 +392,7 @@ class Wado:
         key = (rec.sop, rec.blob.key, params.media, params.quality, params.viewport, params.icc)
         body = self._thumbs.get(key)
         if body is None:
-            async with self.heavy:
-                body = await self.arc.run(self._render_instance, rec.sop, None, params, (256, 256))
+            body = await self._decode(self._render_instance, rec.sop, None, params, (256, 256))
             # Bounded by bytes as well as entries: a thumbnail asked with viewport=4096,4096 is
             # up to ~30 MB, and each distinct viewport/quality is a new key.
             if len(body) <= THUMB_CACHE_MAX_ENTRY and key not in self._thumbs:

@@ -351,7 +351,8 @@ def stow_case(draw) -> tuple[bytes, bytes, int | None]:
         raw_parts.append(all(h == b"Content-Type: application/dicom\r\n" for h in hdr_lines) and kind != "boundary-inside")
         parts.append(b"--" + bnd.encode("utf-8", "replace") + b"\r\n" + b"".join(hdr_lines) + b"\r\n" + p + b"\r\n")
     body = b"".join(parts) + b"--" + bnd.encode("utf-8", "replace") + b"--\r\n"
-    intact = n > 0 and all(raw_parts) and 1 <= len(bnd) <= 70 and all(c in BCHARS for c in bnd) and not bnd.endswith(" ")
+    intact = (n > 0 and all(raw_parts) and 1 <= len(bnd) <= 70 and all(c in BCHARS for c in bnd)
+              and not bnd.endswith(" ") and not bnd.startswith(" "))  # a leading space: refused, 400
     how = draw(st.sampled_from(["as is", "as is", "as is", "truncated", "garbage", "mutated", "random"]))
     if how == "truncated":
         body = body[: draw(st.integers(0, len(body)))]

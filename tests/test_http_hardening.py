@@ -797,6 +797,11 @@ def test_stow_boundary_length(srv, tmp_path):
         if want == 400:
             assert "boundary" in r.text
             assert_clean_error(r)
+    # legal in RFC 2046 but stripped by the multipart parser: every part would fail; a 400 says why
+    body, _ = multipart([inst], bnd=" lead")
+    r = requests.post(f"{srv.dicomweb_url}/studies", data=body, timeout=30,
+                      headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=" lead"'})
+    assert r.status_code == 400 and "starting with a space" in r.text
     wait_staging_idle(srv)
     alive(srv)
 
