@@ -229,7 +229,10 @@ class Archive:
         if sop is not None:
             self.instance_in(study, series, sop)
             return self.index.metadata([sop])
-        return self.index.metadata([r.sop for r in self.instances_under(study, series)])
+        metas = self.index.metadata_under(study, series)
+        if metas is None:
+            raise NotFound(f"series {series} of study {study} not found" if series else f"study {study} not found")
+        return metas
 
     def instance_metadata(self, rec: InstanceRecord) -> bytes | None:
         got = self.index.metadata([rec.sop])
@@ -516,6 +519,18 @@ class AsyncArchive:
         if store is not None and store.inline_reads and len(numbers) <= 16:
             return self.sync.read_located(sop, located)
         return await self.run(self.sync.read_located, sop, located)
+
+    SMALL_SERIES = 32  # instances: metadata of a series this small is answered inline
+
+    async def small(self, study: str, series: str | None, sop: str | None) -> bool:
+        """Whether the metadata of this resource is small enough to answer on the event loop
+        (an instance, or a series of at most SMALL_SERIES instances: one record lookup)."""
+        if sop is not None:
+            return True
+        if series is None:
+            return False
+        rec = self.sync.index.series(series)
+        return rec is not None and rec.n_instances <= self.SMALL_SERIES
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

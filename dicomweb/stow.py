@@ -63,14 +63,25 @@ class Budget:
             raise PartProblem(f"the request exceeds http.max_stow_mb ({self.limit >> 20} MB)", DimseStatus.OUT_OF_RESOURCES)
 
 
+WRITE_BATCH = 4 << 20
+
+
+def _write_all(spool: Spool, chunks: list[bytes]) -> None:
+    for c in chunks:
+        spool.write(c)
+
+
 async def _spool(arc, part: BodyPartReader, spool: Spool, budget: Budget, timeout: float) -> Spooled:
     """Receive one part into `spool` (hashed while written, on the archive's threads, the
     next chunk read from the network meanwhile); PartProblem when it cannot be completed
     (the caller discards the spool)."""
     writing: asyncio.Future | None = None
+    pending: list[bytes] = []  # chunks gathered until WRITE_BATCH: one thread hop per batch
+    pending_size = 0
     while True:
         try:
-            chunk = await asyncio.wait_for(part.read_chunk(CHUNK), timeout)
+            async with asyncio.timeout(timeout):  # no task per chunk, unlike wait_for
+                chunk = await part.read_chunk(CHUNK)
         except asyncio.TimeoutError:
             raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
         except Exception as exc:  # a dropped connection, aiohttp payload errors
@@ -86,7 +97,16 @@ async def _spool(arc, part: BodyPartReader, spool: Spool, budget: Budget, timeou
         if not chunk:
             break
         budget.take(len(chunk))
-        writing = asyncio.ensure_future(arc.run(spool.write, chunk))
+        pending.append(chunk)
+        pending_size += len(chunk)
+        if pending_size >= WRITE_BATCH:
+            writing = asyncio.ensure_future(arc.run(_write_all, spool, pending))
+            pending, pending_size = [], 0
+    if pending:
+        await arc.run(_write_all, spool, pending)
+    if spool.error is not None:
+        what = "out of disk space" if out_of_space(spool.error) else f"cannot store data: {spool.error.strerror}"
+        raise PartProblem(what, DimseStatus.OUT_OF_RESOURCES, fatal=False)
     done = await arc.run(spool.finish)
     if done.error is not None:
         raise PartProblem("out of disk space" if out_of_space(done.error) else "cannot store data",
@@ -98,7 +118,8 @@ async def _spool(arc, part: BodyPartReader, spool: Spool, budget: Budget, timeou
 
 async def _next_part(reader: MultipartReader, timeout: float):
     try:
-        return await asyncio.wait_for(reader.next(), timeout)
+        async with asyncio.timeout(timeout):
+            return await reader.next()
     except asyncio.TimeoutError:
         raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
     except LineTooLong:
@@ -110,7 +131,8 @@ async def _next_part(reader: MultipartReader, timeout: float):
 
 async def _discard(part, timeout: float) -> None:
     try:
-        await asyncio.wait_for(part.release(), timeout)
+        async with asyncio.timeout(timeout):
+            await part.release()
     except asyncio.TimeoutError:
         raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
     except Exception as exc:

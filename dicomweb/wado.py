@@ -186,7 +186,13 @@ class Wado:
         base = base_url(request).encode()
         gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
         inm = request.headers.get("If-None-Match")
-        status, body, headers = await self.arc.run(self._metadata_answer, study, series, sop, base, xml, gzip_ok, inm)
+        if not xml and await self.arc.small(study, series, sop):
+            # a few instances (an instance, a WSI series): memory-mapped reads and a few KB of
+            # hashing, cheaper than a thread hop; anything bigger (a study, XML) goes to a thread
+            status, body, headers = self._metadata_answer(study, series, sop, base, xml, gzip_ok, inm)
+        else:
+            status, body, headers = await self.arc.run(self._metadata_answer, study, series, sop, base, xml,
+                                                       gzip_ok, inm)
         return web.Response(status=status, body=body, headers=headers)
 
     def _metadata_answer(self, study, series, sop, base: bytes, xml: bool, gzip_ok: bool,

@@ -72,6 +72,10 @@ class Index(Protocol):
     def metadata(self, sops: Sequence[str]) -> list[bytes]:
         """Stored DICOM JSON of each instance that exists, in order, read together."""
 
+    def metadata_under(self, study: str, series: str | None = None) -> list[bytes] | None:
+        """Stored DICOM JSON of every instance of a study (or one series of it), read together;
+        None when the study (or the series in that study) is not there."""
+
     def bulk(self, sop: str, path: str) -> bytes | None: ...
 
     # -- hierarchy ----------------------------------------------------------------

@@ -344,6 +344,28 @@ class LmdbIndex:
                     out.append(raw)
         return out
 
+    def metadata_under(self, study: str, series: str | None = None) -> list[bytes] | None:
+        """Stored metadata of every instance of a study (or of one series of it), read in one
+        transaction from the hierarchy keys; None when the study/series is not there."""
+        meta = self.db["meta"]
+        with self.env.begin() as txn:
+            if series is not None:
+                d = self._get_json(txn, "series", series)
+                if d is None or d["study"] != study:
+                    return None
+                series_list = [series]
+            else:
+                if txn.get(study.encode(), db=self.db["study"]) is None:
+                    return None
+                series_list = self._children(txn, "study_series", study)
+            out = []
+            for se in series_list:
+                for sop in self._children(txn, "series_inst", se):
+                    raw = txn.get(sop.encode(), db=meta)
+                    if raw is not None:
+                        out.append(raw)
+            return out
+
     def bulk(self, sop: str, path: str) -> bytes | None:
         with self.env.begin() as txn:
             return txn.get(_k(sop, path), db=self.db["bulk"])
