@@ -225,6 +225,24 @@ def stow(url: str, files: list[Path], work: Path) -> dict:
             "MB_per_s": round(size / 1e6 / dt, 1)}
 
 
+def stow_rounds(files: list[Path], work: Path, release: Path, rounds: int = 2) -> dict[str, dict]:
+    """STOW the series into a fresh archive of each system, alternately; the best of each."""
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for name, rel in (("now", None), ("old", release)):
+            data = work / f"stow-{name}"
+            shutil.rmtree(data, ignore_errors=True)
+            srv = _pathpacs(data, work / f"stow-{name}.log", release=rel)
+            try:
+                r = stow(f"{srv.dicomweb_url}/studies", files, work)
+            finally:
+                srv.stop(timeout=30)
+                shutil.rmtree(data, ignore_errors=True)
+            if name not in best or r["MB_per_s"] > best[name]["MB_per_s"]:
+                best[name] = r
+    return best
+
+
 async def _load(urls: list[str], clients: int, accept: str | None, time_cap: float | None) -> dict:
     import aiohttp
 
@@ -406,8 +424,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     pbase = pp.dicomweb_url
     orth = None
     try:
-        res = stow(f"{pbase}/studies", files, work)
-        row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)", system="pathpacs", **res)
+        # STOW into fresh archives, today's code and the previous release alternately, best of
+        # two each (the first STOW of a run also pays for a cold page cache)
+        stows = stow_rounds(files, work, previous_release(work / "previous-release"))
+        row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)", system="pathpacs",
+            **stows["now"])
+        stow(f"{pbase}/studies", files, work)  # the data the frame benchmarks read
         if not args.skip_orthanc:
             orth = _orthanc(work)
         if orth:
@@ -423,7 +445,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         old = _pathpacs(old_data, work / "previous.log", release=previous_release(work / "previous-release"))
         old_base = old.dicomweb_url
         try:
-            old_stow = stow(f"{old_base}/studies", files, work)
+            stow(f"{old_base}/studies", files, work)
             old_url = f"{old_base}/studies/{st}/series/{se}/instances/{sop}/frames/"
             best: dict[str, dict] = {}
             for _round in range(2):
@@ -436,7 +458,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         finally:
             old.stop(timeout=30)
         row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)",
-            system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)", **old_stow)
+            system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)", **stows["old"])
         ratio = best["now"]["per_s"] / best["old"]["per_s"]
         row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
             system="pathpacs WADO-RS (CRC32C checked)", note=f"{ratio:.1%} of the previous release", **best["now"])
