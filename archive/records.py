@@ -95,10 +95,6 @@ class SeriesRecord:
     bytes: int = 0
     sop_classes: tuple[str, ...] = ()
 
-    @property
-    def modality(self) -> str | None:
-        return md.first_value(self.attrs, "00080060")
-
 
 @dataclass(frozen=True)
 class StudyRecord:
