@@ -126,11 +126,77 @@ class NodeSection(_Section):
     port: Port
 
 
+TierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]  # pydantic-core regex: no \Z
+Availability = Literal["ONLINE", "NEARLINE", "OFFLINE"]
+Days = Annotated[float, BeforeValidator(lambda v: _number(v, "days")), Field(ge=0, le=365 * 100)]
+
+
+def _number(v: Any, what: str) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"must be a number of {what}")
+    return float(v)
+
+
+class S3Section(_Section):
+    endpoint: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^https?://")]
+    bucket: Annotated[str, Field(min_length=3, max_length=63)]
+    region: str = "us-east-1"
+    prefix: Annotated[str, Field(max_length=256)] = ""
+    access_key: str | None = None  # else AWS_ACCESS_KEY_ID
+    secret_key: str | None = None  # else AWS_SECRET_ACCESS_KEY
+    timeout: Seconds = 30.0
+
+
+class TierSection(_Section):
+    path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    s3: S3Section | None = None
+    availability: Availability | None = None  # default: ONLINE for paths, NEARLINE for s3
+    price_per_tb_month: Annotated[float, BeforeValidator(lambda v: _number(v, "currency units")), Field(ge=0)] = 0.0
+    recall_on_access: StrictBool = False
+    immutable: StrictBool = False
+    retention_days: Annotated[StrictInt, Field(ge=1, le=365 * 100)] | None = None
+
+
+class RuleSection(_Section):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    from_: TierName = Field(alias="from")
+    to: TierName
+    after_days_since_access: Days | None = None
+    after_days_since_received: Days | None = None
+    match: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=1024)]] = {}
+
+
+class ReplicaSection(_Section):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    tier: TierName
+    of: list[TierName]
+    within_minutes: Annotated[float, BeforeValidator(lambda v: _number(v, "minutes")), Field(gt=0, le=60 * 24 * 365)] = 60.0
+
+
+class FixitySection(_Section):
+    every_days: Days = 30.0
+    max_mb_per_s: Annotated[float, BeforeValidator(lambda v: _number(v, "MB/s")), Field(gt=0, le=100000)] = 50.0
+
+
+class LifecycleSection(_Section):
+    ingest_tier: TierName = "hot"
+    access_interval_minutes: Annotated[float, BeforeValidator(lambda v: _number(v, "minutes")), Field(gt=0, le=1440)] = 10.0
+    rules_every_minutes: Annotated[float, BeforeValidator(lambda v: _number(v, "minutes")), Field(gt=0, le=1440 * 30)] = 60.0
+    background: StrictBool = True  # rules, replicas and fixity run inside `serve`
+
+
 class ConfigFile(_Section):
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
     http: HttpSection = HttpSection()
     nodes: dict[Annotated[str, Field(min_length=1, max_length=64)], NodeSection] = {}
+    tiers: dict[TierName, TierSection] = {}
+    rules: list[RuleSection] = []
+    replicas: list[ReplicaSection] = []
+    fixity: FixitySection = FixitySection()
+    lifecycle: LifecycleSection = LifecycleSection()
 
 
 # -- the runtime configuration (flat: what the code reads) ----------------------------------
@@ -143,6 +209,38 @@ class Node:
     aet: str
     host: str
     port: int
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A configured blob tier: a filesystem path or an S3 bucket."""
+
+    name: str
+    path: Path | None = None
+    s3: dict[str, Any] | None = None
+    availability: str = "ONLINE"
+    price_per_tb_month: float = 0.0
+    recall_on_access: bool = False
+    immutable: bool = False
+    retention_days: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A lifecycle rule: move a study's instances from one tier to another once due."""
+
+    from_tier: str
+    to_tier: str
+    after_days_since_access: float | None = None
+    after_days_since_received: float | None = None
+    match: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Replica:
+    tier: str
+    of: tuple[str, ...]
+    within_minutes: float = 60.0
 
 
 @dataclass
@@ -173,6 +271,22 @@ class Config:
     keepalive_timeout: float = 75.0
     access_log: bool = True
     nodes: dict[str, Node] = field(default_factory=dict)
+    # [tiers.*], [[rules]], [[replicas]], [fixity], [lifecycle]
+    tiers: dict[str, Tier] = field(default_factory=dict)  # empty: one "hot" tier under data_dir
+    rules: list[Rule] = field(default_factory=list)
+    replicas: list[Replica] = field(default_factory=list)
+    fixity_every_days: float = 30.0
+    fixity_max_mb_per_s: float = 50.0
+    ingest_tier: str = "hot"
+    access_interval_minutes: float = 10.0
+    rules_every_minutes: float = 60.0
+    background: bool = True
+
+    def tier_configs(self) -> dict[str, Tier]:
+        """The tiers, with the zero-config default (one filesystem tier "hot" in data_dir)."""
+        if self.tiers:
+            return self.tiers
+        return {"hot": Tier("hot", path=Path(self.data_dir) / "hot")}
 
     def node_by_aet(self, aet: str) -> Node | None:
         for node in self.nodes.values():
@@ -242,7 +356,76 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         setattr(cfg, _HTTP_RENAMES.get(key, key), getattr(doc.http, key))
     for name, node in doc.nodes.items():
         cfg.nodes[name] = Node(name, node.aet, node.host, node.port)
+    for name, t in doc.tiers.items():
+        if (t.path is None) == (t.s3 is None):
+            raise ConfigError(f"tiers.{name}: give exactly one of path or s3")
+        path = None
+        if t.path is not None:
+            p = Path(t.path)
+            path = p if p.is_absolute() else base_dir / p
+        if t.immutable and t.s3 is None:
+            raise ConfigError(f"tiers.{name}.immutable: only an s3 tier can be immutable (S3 Object Lock)")
+        if t.immutable and t.retention_days is None:
+            raise ConfigError(f"tiers.{name}.retention_days: an immutable tier needs its retention")
+        availability = t.availability or ("NEARLINE" if t.s3 is not None else "ONLINE")
+        cfg.tiers[name] = Tier(name, path, t.s3.model_dump() if t.s3 else None, availability, t.price_per_tb_month,
+                               t.recall_on_access, t.immutable, t.retention_days)
+    cfg.rules = [Rule(r.from_, r.to, r.after_days_since_access, r.after_days_since_received, dict(r.match))
+                 for r in doc.rules]
+    cfg.replicas = [Replica(r.tier, tuple(r.of), r.within_minutes) for r in doc.replicas]
+    if "fixity" in raw:
+        cfg.fixity_every_days, cfg.fixity_max_mb_per_s = doc.fixity.every_days, doc.fixity.max_mb_per_s
+    if "lifecycle" in raw:
+        lc = doc.lifecycle
+        cfg.ingest_tier, cfg.access_interval_minutes = lc.ingest_tier, lc.access_interval_minutes
+        cfg.rules_every_minutes, cfg.background = lc.rules_every_minutes, lc.background
+    check_tiers(cfg)
     return validate(cfg)
+
+
+def check_tiers(cfg: Config) -> None:
+    """Rules and replicas name configured tiers, and the rules have no cycle (a study would
+    move round and round)."""
+    tiers = cfg.tier_configs()
+    if cfg.ingest_tier not in tiers:
+        raise ConfigError(f"lifecycle.ingest_tier: no tier named {cfg.ingest_tier!r} (tiers: {', '.join(tiers)})")
+    for i, r in enumerate(cfg.rules):
+        for key, name in (("from", r.from_tier), ("to", r.to_tier)):
+            if name not in tiers:
+                raise ConfigError(f"rules[{i}].{key}: no tier named {name!r} (tiers: {', '.join(tiers)})")
+        if r.from_tier == r.to_tier:
+            raise ConfigError(f"rules[{i}]: from and to are the same tier {r.from_tier!r}")
+        if r.after_days_since_access is None and r.after_days_since_received is None and not r.match:
+            raise ConfigError(f"rules[{i}]: give after_days_since_access, after_days_since_received or match")
+        if tiers[r.to_tier].immutable:
+            raise ConfigError(f"rules[{i}].to: {r.to_tier!r} is immutable: it takes replicas, not moves")
+    edges: dict[str, set[str]] = {}
+    for r in cfg.rules:
+        edges.setdefault(r.from_tier, set()).add(r.to_tier)
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for nxt in edges.get(node, ()):
+                if nxt == start:
+                    return path + [nxt]
+                if nxt not in path:
+                    stack.append((nxt, path + [nxt]))
+        return None
+
+    for name in edges:
+        cyc = cycle_from(name)
+        if cyc:
+            raise ConfigError(f"rules: a cycle {' -> '.join(cyc)} would move studies round and round")
+    for i, rep in enumerate(cfg.replicas):
+        if rep.tier not in tiers:
+            raise ConfigError(f"replicas[{i}].tier: no tier named {rep.tier!r}")
+        for name in rep.of:
+            if name not in tiers:
+                raise ConfigError(f"replicas[{i}].of: no tier named {name!r}")
+            if name == rep.tier:
+                raise ConfigError(f"replicas[{i}]: a tier cannot hold replicas of itself ({name!r})")
 
 
 def validate(cfg: Config) -> Config:

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
@@ -317,7 +317,14 @@ class SearchResult:
     sop: str | None = None
 
 
-def study_doc(rec: StudyRecord, retrieve_aet: str | None = None) -> dict[str, Any]:
+Availability = Callable[[Any], str]  # tier name or {tier: n} -> ONLINE | NEARLINE | OFFLINE
+
+
+def _online(_where: Any) -> str:
+    return "ONLINE"
+
+
+def study_doc(rec: StudyRecord, retrieve_aet: str | None = None, availability: Availability = _online) -> dict[str, Any]:
     """A study as C-FIND/QIDO answer it: stored attributes plus the computed ones."""
     doc = dict(rec.attrs)
     doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec.uid]}
@@ -325,24 +332,25 @@ def study_doc(rec: StudyRecord, retrieve_aet: str | None = None) -> dict[str, An
     doc[T_SOP_CLASSES_IN_STUDY] = {"vr": "UI", "Value": list(rec.sop_classes)}
     doc[T_N_STUDY_SERIES] = _int_el("IS", rec.n_series)
     doc[T_N_STUDY_INSTANCES] = _int_el("IS", rec.n_instances)
-    doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    doc[T_AVAILABILITY] = {"vr": "CS", "Value": [availability(rec.tiers)]}
     if retrieve_aet:
         doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [retrieve_aet]}
     return doc
 
 
-def series_doc(rec: SeriesRecord, retrieve_aet: str | None = None) -> dict[str, Any]:
+def series_doc(rec: SeriesRecord, retrieve_aet: str | None = None, availability: Availability = _online) -> dict[str, Any]:
     doc = dict(rec.attrs)
     doc[T_SERIES_UID] = {"vr": "UI", "Value": [rec.uid]}
     doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec.study]}
     doc[T_N_SERIES_INSTANCES] = _int_el("IS", rec.n_instances)
-    doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    doc[T_AVAILABILITY] = {"vr": "CS", "Value": [availability(rec.tiers)]}
     if retrieve_aet:
         doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [retrieve_aet]}
     return doc
 
 
-def instance_doc(rec: InstanceRecord, full: bytes | None = None, retrieve_aet: str | None = None) -> dict[str, Any]:
+def instance_doc(rec: InstanceRecord, full: bytes | None = None, retrieve_aet: str | None = None,
+                 availability: Availability = _online) -> dict[str, Any]:
     """An instance: its record's attributes, or its whole stored metadata when `full` is given."""
     if full is not None:
         doc = json.loads(full)
@@ -354,7 +362,7 @@ def instance_doc(rec: InstanceRecord, full: bytes | None = None, retrieve_aet: s
     doc[T_SERIES_UID] = {"vr": "UI", "Value": [rec.series]}
     doc[T_STUDY_UID] = {"vr": "UI", "Value": [rec.study]}
     doc["00083002"] = {"vr": "UI", "Value": [rec.ts]}  # AvailableTransferSyntaxUID
-    doc[T_AVAILABILITY] = {"vr": "CS", "Value": ["ONLINE"]}
+    doc[T_AVAILABILITY] = {"vr": "CS", "Value": [availability(rec.blob.tier)]}
     if retrieve_aet:
         doc[T_RETRIEVE_AET] = {"vr": "AE", "Value": [retrieve_aet]}
     return doc
@@ -373,8 +381,9 @@ class Searcher:
     here, the same for every backend. Nothing stays open between results."""
 
     def __init__(self, index: "Index", *, fuzzy: bool = False, retrieve_aet: str | None = None,
-                 full_instance_metadata: bool = False) -> None:
+                 full_instance_metadata: bool = False, availability: Availability = _online) -> None:
         self.index = index
+        self.availability = availability
         self.fuzzy = fuzzy
         self.retrieve_aet = retrieve_aet
         self.full = full_instance_metadata
@@ -405,7 +414,7 @@ class Searcher:
 
     def _studies(self, cands, keys) -> Iterator[SearchResult]:
         for rec in cands:
-            doc = study_doc(rec, self.retrieve_aet)
+            doc = study_doc(rec, self.retrieve_aet, self.availability)
             if match_doc(doc, keys, self.fuzzy):
                 yield SearchResult("STUDY", doc, study=rec.uid)
 
@@ -425,7 +434,7 @@ class Searcher:
                     checked[rec.study] = st is not None and match_doc(study_doc(st), study_keys, self.fuzzy)
                 if not checked[rec.study]:
                     continue
-            doc = series_doc(rec, self.retrieve_aet)
+            doc = series_doc(rec, self.retrieve_aet, self.availability)
             if match_doc(doc, own_keys, self.fuzzy):
                 yield SearchResult("SERIES", doc, study=rec.study, series=rec.uid)
 
@@ -442,10 +451,10 @@ class Searcher:
                 if not parent_ok[rec.series]:
                     continue
             full = self.index.metadata([rec.sop]) if self.full else []
-            doc = instance_doc(rec, full[0] if full else None, self.retrieve_aet)
+            doc = instance_doc(rec, full[0] if full else None, self.retrieve_aet, self.availability)
             if not self.full and any(k.tag not in doc and not k.universal for k in own_keys):
                 meta = self.index.metadata([rec.sop])
                 if meta:
-                    doc = {**instance_doc(rec, meta[0], self.retrieve_aet)}
+                    doc = {**instance_doc(rec, meta[0], self.retrieve_aet, self.availability)}
             if match_doc(doc, own_keys, self.fuzzy):
                 yield SearchResult("IMAGE", doc, study=rec.study, series=rec.series, sop=rec.sop)

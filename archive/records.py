@@ -94,6 +94,7 @@ class SeriesRecord:
     n_instances: int = 0
     bytes: int = 0
     sop_classes: tuple[str, ...] = ()
+    tiers: Mapping[str, int] = field(default_factory=dict, compare=False)  # instances per tier
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class StudyRecord:
     modalities: tuple[str, ...] = ()
     sop_classes: tuple[str, ...] = ()
     updated: str = ""
+    tiers: Mapping[str, int] = field(default_factory=dict, compare=False)  # instances per tier
 
 
 @dataclass(frozen=True)

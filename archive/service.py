@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Sequence
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
-from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging
+from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
@@ -31,15 +33,28 @@ from .index import FixityEvent, Index, open_index
 from .ingest import IngestResult, ingest
 from .query import Key, QueryError, SearchResult, Searcher
 from .records import BlobRef, Frames, FrameTable, InstanceRecord, PatientRecord, SeriesRecord, Stats, StudyRecord
-from .status import Damaged, ErrorKind, NotFound
+from .status import Damaged, ErrorKind, NotFound, Unavailable
 
 log = logging.getLogger("pathpacs.archive")
 CHUNK = 1 << 20
 
 
-def default_tiers(data: Path, readonly: bool = False) -> dict[str, BlobStore]:
-    """The zero-config layout: one filesystem tier, "hot", under DATA/hot."""
-    return {"hot": FilesystemStore(data / "hot", name="hot", readonly=readonly)}
+def build_tiers(cfg: Config, readonly: bool = False) -> dict[str, BlobStore]:
+    """The stores of the configured tiers (zero config: one filesystem tier "hot" under
+    DATA/hot). S3 tiers are not contacted here; `Archive.check_tiers` does that at start-up."""
+    stores: dict[str, BlobStore] = {}
+    for name, t in cfg.tier_configs().items():
+        if t.path is not None:
+            stores[name] = FilesystemStore(Path(t.path), name=name, readonly=readonly)
+        else:
+            from storage_tiers.s3 import S3Store
+
+            s3 = dict(t.s3 or {})
+            stores[name] = S3Store(name, immutable=t.immutable, retention_days=t.retention_days, **s3)
+    return stores
+
+
+AVAILABILITY_ORDER = {"ONLINE": 0, "NEARLINE": 1, "OFFLINE": 2}
 
 
 class ArchiveNotFound(Exception):
@@ -63,8 +78,16 @@ class Archive:
             data.mkdir(parents=True, exist_ok=True)
         self.data_dir = data
         self.index: Index = open_index(data / "index", map_size_gb=config.lmdb_map_size_gb, readonly=readonly)
-        self.tiers: dict[str, BlobStore] = tiers if tiers is not None else default_tiers(data, readonly)
-        self.ingest_tier: BlobStore = self.tiers[ingest_tier]
+        self.tiers: dict[str, BlobStore] = tiers if tiers is not None else build_tiers(config, readonly)
+        self.ingest_tier: BlobStore = self.tiers[config.ingest_tier if tiers is None else ingest_tier]
+        tier_cfg = config.tier_configs()
+        self._availability = {name: (tier_cfg[name].availability if name in tier_cfg else
+                                     "ONLINE" if getattr(store, "inline_reads", False) else "NEARLINE")
+                              for name, store in self.tiers.items()}
+        self._recall_tiers = {n for n, t in tier_cfg.items() if t.recall_on_access and n in self.tiers}
+        self._touched: dict[str, float] = {}
+        self._touch_queue: "queue.SimpleQueue[str] | None" = None
+        self.on_access: Callable[[str], None] | None = None  # the lifecycle's recall hook
         self.staging: Staging | None = None if readonly else Staging(data / "hot" / "tmp")
         self._reported: set[tuple[str, str]] = set()
         self._parents: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # sop -> (study, series, blob key)
@@ -77,6 +100,57 @@ class Archive:
         cfg = config or Config()
         cfg.data_dir = Path(data_dir)
         return cls(cfg, readonly=readonly)
+
+    # -- tiers: availability and access ---------------------------------------------------------
+    def availability(self, counts: "Mapping[str, int] | str") -> str:
+        """InstanceAvailability of data on a tier, or on several (the least available wins)."""
+        if isinstance(counts, str):
+            return self._availability.get(counts, "OFFLINE")
+        worst = "ONLINE"
+        for name, n in counts.items():
+            a = self._availability.get(name, "OFFLINE")
+            if n > 0 and AVAILABILITY_ORDER[a] > AVAILABILITY_ORDER[worst]:
+                worst = a
+        return worst
+
+    def touch(self, study: str) -> None:
+        """Record that a study was read: at most once per lifecycle.access_interval_minutes per
+        study and process, written by a background thread (never on the request path)."""
+        now = time.monotonic()
+        last = self._touched.get(study)
+        if last is not None and now - last < self.config.access_interval_minutes * 60:
+            return
+        self._touched[study] = now
+        if len(self._touched) > 100_000:
+            self._touched.clear()
+        if self.readonly:
+            return
+        if self._touch_queue is None:
+            self._touch_queue = queue.SimpleQueue()
+            threading.Thread(target=self._touch_writer, name="access-times", daemon=True).start()
+        self._touch_queue.put(study)
+
+    def _touch_writer(self) -> None:
+        q = self._touch_queue
+        assert q is not None
+        while True:
+            study = q.get()
+            try:
+                self.index.touch_study(study, _now())
+                if self._recall_tiers and self.on_access is not None:
+                    st = self.index.study(study)
+                    if st is not None and set(st.tiers) & self._recall_tiers:
+                        self.on_access(study)
+            except Exception:
+                log.exception("cannot record the access time of study %s", study)
+
+    def check_tiers(self) -> None:
+        """At start-up: every store answers (an S3 bucket exists, an immutable one has Object
+        Lock). Raises the store's error (one line naming the tier) when one does not."""
+        for store in self.tiers.values():
+            check = getattr(store, "check", None)
+            if check is not None:
+                check()
 
     def tier(self, name: str) -> BlobStore:
         try:
@@ -199,7 +273,7 @@ class Archive:
                full_metadata: bool = False) -> Iterator[SearchResult]:
         """PS3.4 matching at one level (QIDO and C-FIND alike); QueryError for a bad query."""
         searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
-                            full_instance_metadata=full_metadata)
+                            full_instance_metadata=full_metadata, availability=self.availability)
         return searcher.search(level, keys, study=study, series=series)
 
     def retrieve_set(self, level: str, keys: list[Key]) -> list[InstanceRecord]:
@@ -300,28 +374,71 @@ class Archive:
 
     def _read_frames(self, sop: str, located: Frames, retry: bool = True) -> list[bytes]:
         table = located.table
-        if table.damaged:
-            raise self.damage(sop, table.blob, table.damaged, "frame read")
-        store = self.tier(table.blob.tier)
-        out = []
         try:
-            for f, crc in zip(located.fragments, located.crcs):
-                if len(f) == 1:  # type: ignore[arg-type]
-                    data = store.read_range(table.blob.key, f[0][0], f[0][1])  # type: ignore[index]
-                else:
-                    data = b"".join(store.read_range(table.blob.key, o, n) for o, n in f)  # type: ignore[union-attr]
-                if crc is not None and crc32c(data) != crc:
-                    raise self.damage(sop, table.blob, "a frame failed its CRC32C", "frame read")
-                out.append(data)
-        except BlobError as exc:
+            if table.damaged:
+                raise self.damage(sop, table.blob, table.damaged, "frame read")
+            return self._read_from(sop, table.blob, located)
+        except Damaged:
+            for copy in self.index.copies(sop):  # a good replica serves while the damage is reported
+                try:
+                    datas = self._read_from(sop, copy, located, report=False)
+                    log.warning("frames of %s served from its copy on %s", sop, copy.tier)
+                    return datas
+                except (Damaged, Unavailable):
+                    continue
+            raise
+        except _Gone as exc:
             cur = self.index.instance(sop)
             if cur is None or cur.blob != table.blob:
                 if retry:
                     raise _Moved() from exc
                 raise NotFound(f"instance {sop} not found") from exc
-            what = "blob missing" if isinstance(exc, BlobNotFound) else "blob shorter than its frame table"
-            raise self.damage(sop, table.blob, what, "frame read") from exc
+            raise self.damage(sop, table.blob, exc.what, "frame read") from exc
+
+    def _read_from(self, sop: str, blob: BlobRef, located: Frames, report: bool = True) -> list[bytes]:
+        store = self.tier(blob.tier)
+        out = []
+        try:
+            for f, crc in zip(located.fragments, located.crcs):
+                if len(f) == 1:  # type: ignore[arg-type]
+                    data = store.read_range(blob.key, f[0][0], f[0][1])  # type: ignore[index]
+                else:
+                    data = b"".join(store.read_range(blob.key, o, n) for o, n in f)  # type: ignore[union-attr]
+                if crc is not None and crc32c(data) != crc:
+                    if not report:
+                        raise Damaged(sop, "a frame failed its CRC32C")
+                    raise self.damage(sop, blob, "a frame failed its CRC32C", "frame read")
+                out.append(data)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"tier {blob.tier} is unavailable: {exc}") from exc
+        except BlobError as exc:
+            if not report:
+                raise Damaged(sop, "copy unreadable") from exc
+            raise _Gone("blob missing" if isinstance(exc, BlobNotFound) else "blob shorter than its frame table") from exc
         return out
+
+    async def _read_from_async(self, sop: str, located: Frames) -> list[bytes]:
+        """Frames from a store with native async ranged reads (object storage), concurrently,
+        on the event loop: no thread waits on the network."""
+        table = located.table
+        if table.damaged:
+            raise self.damage(sop, table.blob, table.damaged, "frame read")
+        store = self.tier(table.blob.tier)
+
+        async def one(f: list[tuple[int, int]]) -> bytes:
+            parts = await asyncio.gather(*(store.read_range_async(table.blob.key, o, n) for o, n in f))  # type: ignore[attr-defined]
+            return b"".join(parts)
+
+        try:
+            datas = await asyncio.gather(*(one(f) for f in located.fragments))  # type: ignore[arg-type]
+        except StoreUnavailable as exc:
+            raise Unavailable(f"tier {table.blob.tier} is unavailable: {exc}") from exc
+        except BlobError:
+            return await asyncio.get_running_loop().run_in_executor(None, self.read_located, sop, located)
+        for data, crc in zip(datas, located.crcs):
+            if crc is not None and crc32c(data) != crc:  # the slow path knows about replicas
+                return await asyncio.get_running_loop().run_in_executor(None, self.read_located, sop, located)
+        return list(datas)
 
     def all_frames(self, sop: str, batch: int = 256) -> Iterator[list[bytes]]:
         """Every frame, `batch` at a time, each checked (the Pixel Data bulk stream)."""
@@ -334,6 +451,8 @@ class Archive:
         """Damaged unless the blob is there with its recorded size (cheap: no read)."""
         try:
             size = self.tier(rec.blob.tier).stat(rec.blob.key).size
+        except StoreUnavailable as exc:
+            raise Unavailable(f"tier {rec.blob.tier} is unavailable: {exc}") from exc
         except BlobNotFound:
             raise self.damage(rec.sop, rec.blob, "blob missing", "instance retrieve")
         if size != rec.size:
@@ -343,6 +462,8 @@ class Archive:
         """A sequential reader of the stored bytes (unchecked: see instance_chunks)."""
         try:
             return self.tier(rec.blob.tier).open(rec.blob.key)
+        except StoreUnavailable as exc:
+            raise Unavailable(f"tier {rec.blob.tier} is unavailable: {exc}") from exc
         except BlobNotFound:
             raise self.damage(rec.sop, rec.blob, "blob missing", "instance read")
 
@@ -403,15 +524,20 @@ class Archive:
     # -- fixity ----------------------------------------------------------------------------------
     def check(self, rec: InstanceRecord) -> str | None:
         """Re-hash one blob now; None when intact, else what is wrong."""
-        store = self.tiers.get(rec.blob.tier)
+        return self.check_copy(rec, rec.blob)
+
+    def check_copy(self, rec: InstanceRecord, blob: BlobRef) -> str | None:
+        """Re-hash one copy of an instance (its primary or a replica); None when intact."""
+        store = self.tiers.get(blob.tier)
         if store is None:
-            return f"unknown tier {rec.blob.tier}"
+            return f"unknown tier {blob.tier}"
         try:
-            fh = store.open(rec.blob.key)
+            with store.open(blob.key) as fh:
+                digest, size = sha256_of(fh)
+        except StoreUnavailable:
+            return f"tier {blob.tier} unavailable"
         except BlobNotFound:
             return "missing"
-        with fh:
-            digest, size = sha256_of(fh)
         if size != rec.size:
             return f"size mismatch ({size} bytes, {rec.size} recorded)"
         if digest != rec.sha256:
@@ -489,6 +615,18 @@ class Archive:
         return done, damaged
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class _Gone(Exception):
+    """A blob is missing or short under a read: moved/replaced (look again) or damaged."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(what)
+        self.what = what
+
+
 class _Moved(Exception):
     """A blob vanished under a read because its instance was moved or replaced: look again."""
 
@@ -515,9 +653,18 @@ class AsyncArchive:
     async def frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
                      series: str | None = None) -> tuple[FrameTable, list[bytes]]:
         located = self.sync.locate_frames(sop, numbers, study=study, series=series)  # mmap lookup
+        if study:
+            self.sync.touch(study)
         store = self.sync.tiers.get(located.table.blob.tier)
         if store is not None and store.inline_reads and len(numbers) <= 16:
             return self.sync.read_located(sop, located)
+        if store is not None and hasattr(store, "read_range_async"):
+            timeout = float(getattr(store, "timeout", 30.0)) * 2
+            try:
+                async with asyncio.timeout(timeout):
+                    return located.table, await self.sync._read_from_async(sop, located)
+            except TimeoutError:
+                raise Unavailable(f"tier {located.table.blob.tier} did not answer within {timeout:g} s")
         return await self.run(self.sync.read_located, sop, located)
 
     SMALL_SERIES = 32  # instances: metadata of a series this small is answered inline

@@ -191,12 +191,12 @@ def _upper(arc, retrieve_aet: str | None, kind: str, uid: str, cache: dict[str, 
     if doc is None:
         if kind == "study":
             rec = arc.study(uid)
-            doc = study_doc(rec, retrieve_aet) if rec else {}
+            doc = study_doc(rec, retrieve_aet, arc.availability) if rec else {}
             if doc:
                 doc["00081190"] = {"vr": "UR", "Value": [f"{md.BASE_TOKEN}/studies/{uid}"]}
         else:
             srec = arc.series(uid)
-            doc = series_doc(srec, retrieve_aet) if srec else {}
+            doc = series_doc(srec, retrieve_aet, arc.availability) if srec else {}
             if doc:
                 doc.pop("00081190", None)
         cache[uid] = doc

@@ -51,6 +51,7 @@ def response_dataset(doc: dict[str, Any], identifier: Dataset, level: str, aet: 
         out.SpecificCharacterSet = "ISO_IR 192"
     if 0x00080054 in identifier:
         out.RetrieveAETitle = aet
-    if 0x00080056 in identifier:
-        out.InstanceAvailability = "ONLINE"
+    if 0x00080056 in identifier:  # from the tiers the data is on (the least available wins)
+        avail = (doc.get("00080056") or {}).get("Value") or ["ONLINE"]
+        out.InstanceAvailability = avail[0]
     return out

@@ -20,8 +20,15 @@ Databases (keys UTF-8):
   state          schema version
   todo_crc       sop -> ''  (frame tables still without CRC32C; schema 3 migration, resumable)
   fixity         ISO time \\0 sop -> JSON fixity event
+  copies         sop \\0 tier -> JSON {"key", "created"}: further copies (replicas) of an instance
+  moves          sop -> JSON move journal entry {"src", "dst", "state", "session", "time"}
+  access         study -> ISO time of the last access (written at most once per interval)
+  flags          study -> JSON {"pinned", "hold"}
+  verified       sop \\0 tier -> ISO time the copy on that tier last re-hashed intact
+Study and series records count their instances per tier ("tiers": {name: n}) for availability.
 Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame; 4 the location
-(tier, key, syntax) moved out of the instance record and the frame table into `loc`.
+(tier, key, syntax) moved out of the instance record and the frame table into `loc`; 5 tier counts
+in study and series records, copies, moves, access, flags, verified.
 """
 from __future__ import annotations
 
@@ -46,12 +53,13 @@ log = logging.getLogger("pathpacs.index")
 DB_NAMES = [
     "inst", "loc", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
     "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
+    "copies", "moves", "access", "flags", "verified",
 ]
 INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
                       "00100010": "PatientName"}
 CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexed lower-cased
 SEP = b"\x00"
-SCHEMA = 4
+SCHEMA = 5
 BATCH = 512  # records per read transaction when iterating
 FIRST_BATCH = 16
 
@@ -112,12 +120,20 @@ def _instance(raw, loc) -> InstanceRecord:
 
 
 def _series(uid: str, d: dict) -> SeriesRecord:
-    return SeriesRecord(uid, d["study"], d["attrs"], d["n_instances"], d["bytes"], tuple(d["sop_classes"]))
+    return SeriesRecord(uid, d["study"], d["attrs"], d["n_instances"], d["bytes"], tuple(d["sop_classes"]),
+                        d.get("tiers") or {})
 
 
 def _study(uid: str, d: dict) -> StudyRecord:
     return StudyRecord(uid, d["patient"], d["attrs"], d["n_series"], d["n_instances"], d["bytes"],
-                       tuple(d["modalities"]), tuple(d["sop_classes"]), d.get("updated", ""))
+                       tuple(d["modalities"]), tuple(d["sop_classes"]), d.get("updated", ""), d.get("tiers") or {})
+
+
+def _count(rec: dict, tier: str, delta: int) -> None:
+    counts = rec.setdefault("tiers", {})
+    counts[tier] = counts.get(tier, 0) + delta
+    if counts[tier] <= 0:
+        del counts[tier]
 
 
 def _patient(key: str, d: dict) -> PatientRecord:
@@ -190,6 +206,29 @@ class LmdbIndex:
                 self._set_schema(txn, 4)
             if n:
                 log.info("index: recorded the location of %d instances once (schema 4)", n)
+        if version < 5:  # 5: per-tier counts in study and series records
+            self._count_tiers()
+            with self.env.begin(write=True) as txn:
+                self._set_schema(txn, 5)
+
+    def _count_tiers(self) -> None:
+        """Recompute every study's and series' instance count per tier from `loc`."""
+        with self.env.begin(write=True) as txn:
+            series_counts: dict[str, dict[str, int]] = {}
+            study_counts: dict[str, dict[str, int]] = {}
+            for key, val in txn.cursor(db=self.db["inst"]).iternext():
+                d = json.loads(val)
+                loc = txn.get(key, db=self.db["loc"])
+                tier = _unpack_loc(loc)[0].tier if loc is not None else d.get("tier", "hot")
+                for counts, uid in ((series_counts, d["series"]), (study_counts, d["study"])):
+                    c = counts.setdefault(uid, {})
+                    c[tier] = c.get(tier, 0) + 1
+            for db, counts in (("series", series_counts), ("study", study_counts)):
+                for uid, c in counts.items():
+                    rec = self._get_json(txn, db, uid)
+                    if rec is not None:
+                        rec["tiers"] = c
+                        txn.put(uid.encode(), _dumps(rec), db=self.db[db])
 
     def _split_locations(self) -> int:
         done = 0
@@ -629,6 +668,7 @@ class LmdbIndex:
             txn.put(_k(study, series), b"", db=db["study_series"])
         srec["n_instances"] += 1
         srec["bytes"] += rec.size
+        _count(srec, rec.blob.tier, 1)
         if rec.sop_class not in srec["sop_classes"]:
             srec["sop_classes"].append(rec.sop_class)
         txn.put(series.encode(), _dumps(srec), db=db["series"])
@@ -645,6 +685,7 @@ class LmdbIndex:
         strec["n_series"] += int(new_series)
         strec["n_instances"] += 1
         strec["bytes"] += rec.size
+        _count(strec, rec.blob.tier, 1)
         modality = md.first_value(new.series_attrs, "00080060")
         if modality and modality not in strec["modalities"]:
             strec["modalities"].append(modality)
@@ -666,8 +707,15 @@ class LmdbIndex:
         if rec is None:
             return
         study, series, patient = rec.study, rec.series, rec.patient
-        for name in ("inst", "loc", "frames", "todo_crc", "meta"):
+        for name in ("inst", "loc", "frames", "todo_crc", "meta", "moves"):
             txn.delete(sop.encode(), db=db[name])
+        for name in ("copies", "verified"):
+            cur = txn.cursor(db=db[name])
+            prefix = sop.encode() + SEP
+            if cur.set_range(prefix):
+                while cur.key().startswith(prefix):
+                    if not cur.delete():
+                        break
         txn.delete(rec.blob.key.encode(), db=db["blob"])
         cur = txn.cursor(db=db["bulk"])
         prefix = sop.encode() + SEP
@@ -681,6 +729,7 @@ class LmdbIndex:
         if srec is not None:
             srec["n_instances"] -= 1
             srec["bytes"] -= rec.size
+            _count(srec, rec.blob.tier, -1)
             if srec["n_instances"] <= 0:
                 txn.delete(series.encode(), db=db["series"])
                 txn.delete(_k(study, series), db=db["study_series"])
@@ -692,6 +741,7 @@ class LmdbIndex:
             return
         strec["n_instances"] -= 1
         strec["bytes"] -= rec.size
+        _count(strec, rec.blob.tier, -1)
         strec["n_series"] -= int(series_gone)
         if series_gone:
             strec["modalities"] = sorted({
@@ -713,6 +763,122 @@ class LmdbIndex:
                     txn.put(patient.encode(), _dumps(prec), db=db["patient"])
         else:
             txn.put(study.encode(), _dumps(strec), db=db["study"])
+
+    # -- tiers: moves, copies, access, flags, fixity times (schema 5) -------------------------
+    def move_begin(self, sop: str, src: BlobRef, dst: BlobRef, session: str) -> None:
+        """Journal a move before any byte is copied: a crash leaves an entry the next start
+        resolves (before the switch: the copy is deleted; after: the source is)."""
+        entry = {"src": list(src), "dst": list(dst), "state": "copying", "session": session, "time": _now()}
+        with self.env.begin(write=True) as txn:
+            txn.put(sop.encode(), _dumps(entry), db=self.db["moves"])
+
+    def move_switch(self, sop: str, src: BlobRef, dst: BlobRef) -> bool:
+        """Point the instance at `dst` (in one transaction with its tier counts and the
+        journal), if it is still at `src`. False: it moved or changed meanwhile."""
+        with self.env.begin(write=True) as txn:
+            rec = self._inst(txn, sop)
+            if rec is None or rec.blob != src:
+                return False
+            txn.put(sop.encode(), _pack_loc(dst, rec.ts), db=self.db["loc"])
+            txn.delete(src.key.encode(), db=self.db["blob"])
+            txn.put(dst.key.encode(), sop.encode(), db=self.db["blob"])
+            for db, uid in (("series", rec.series), ("study", rec.study)):
+                d = self._get_json(txn, db, uid)
+                if d is not None:
+                    _count(d, src.tier, -1)
+                    _count(d, dst.tier, 1)
+                    txn.put(uid.encode(), _dumps(d), db=self.db[db])
+            entry = self._get_json(txn, "moves", sop)
+            if entry is not None:
+                entry["state"] = "switched"
+                txn.put(sop.encode(), _dumps(entry), db=self.db["moves"])
+            txn.delete(_k(sop, dst.tier), db=self.db["copies"])  # it is the primary now
+            return True
+
+    def move_end(self, sop: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(sop.encode(), db=self.db["moves"])
+
+    def moves(self) -> list[tuple[str, BlobRef, BlobRef, str, str]]:
+        """Journal entries: (sop, src, dst, state, session)."""
+        out = []
+        with self.env.begin() as txn:
+            for k, v in txn.cursor(db=self.db["moves"]).iternext():
+                d = json.loads(v)
+                out.append((k.decode(), BlobRef(*d["src"]), BlobRef(*d["dst"]), d["state"], d["session"]))
+        return out
+
+    def add_copy(self, sop: str, blob: BlobRef) -> bool:
+        """Record a further (verified) copy of an instance; False if the instance is gone."""
+        with self.env.begin(write=True) as txn:
+            if txn.get(sop.encode(), db=self.db["inst"]) is None:
+                return False
+            txn.put(_k(sop, blob.tier), _dumps({"key": blob.key, "created": _now()}), db=self.db["copies"])
+            txn.put(blob.key.encode(), sop.encode(), db=self.db["blob"])
+            return True
+
+    def drop_copy(self, sop: str, tier: str) -> BlobRef | None:
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(_k(sop, tier), db=self.db["copies"])
+            if raw is None:
+                return None
+            blob = BlobRef(tier, json.loads(raw)["key"])
+            txn.delete(_k(sop, tier), db=self.db["copies"])
+            txn.delete(blob.key.encode(), db=self.db["blob"])
+            return blob
+
+    def copies(self, sop: str) -> list[BlobRef]:
+        prefix = sop.encode() + SEP
+        out = []
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["copies"])
+            if cur.set_range(prefix):
+                for k, v in cur.iternext():
+                    if not k.startswith(prefix):
+                        break
+                    out.append(BlobRef(k[len(prefix):].decode(), json.loads(v)["key"]))
+        return out
+
+    def touch_study(self, study: str, when: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(study.encode(), when.encode(), db=self.db["access"])
+
+    def study_access(self, study: str) -> str | None:
+        with self.env.begin() as txn:
+            raw = txn.get(study.encode(), db=self.db["access"])
+        return None if raw is None else raw.decode()
+
+    def set_flags(self, study: str, **flags: bool) -> dict[str, bool]:
+        with self.env.begin(write=True) as txn:
+            d = self._get_json(txn, "flags", study) or {}
+            d.update(flags)
+            d = {k: v for k, v in d.items() if v}
+            if d:
+                txn.put(study.encode(), _dumps(d), db=self.db["flags"])
+            else:
+                txn.delete(study.encode(), db=self.db["flags"])
+            return d
+
+    def flags(self, study: str) -> dict[str, bool]:
+        with self.env.begin() as txn:
+            return self._get_json(txn, "flags", study) or {}
+
+    def set_verified(self, sop: str, tier: str, when: str) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(_k(sop, tier), when.encode(), db=self.db["verified"])
+
+    def verified(self, sop: str, tier: str) -> str | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_k(sop, tier), db=self.db["verified"])
+        return None if raw is None else raw.decode()
+
+    def backup(self, directory: Path) -> Path:
+        """A consistent copy of the index while it is in use (LMDB's own copy, compacted)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        if any(directory.iterdir()):
+            raise FileExistsError(f"{directory} is not empty")
+        self.env.copy(str(directory), compact=True)
+        return directory / "data.mdb"
 
     # -- frame checksum migration (schema 3) and fixity events -----------------------------
     def checksum_todo(self, limit: int) -> list[str]:
@@ -765,5 +931,5 @@ class LmdbIndex:
             return out
 
 
-def now_iso() -> str:
+def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
