@@ -16,6 +16,7 @@ from converters import commands as convert_cli
 
 from . import config as config_mod
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
+from .status import ArchiveError
 
 log = logging.getLogger("pathpacs")
 
@@ -137,13 +138,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     from .dimse.compat import UnsupportedPynetdicom
 
+    from storage_tiers import BlobError
+
     arc = Archive(cfg)
     try:
+        arc.check_tiers()  # an S3 bucket missing or unreachable, an immutable one without Object Lock
         dimse = DimseServer(arc)
     except UnsupportedPynetdicom as exc:
         arc.close()
         raise CliError(str(exc))
+    except BlobError as exc:
+        arc.close()
+        raise CliError(f"tier check failed: {exc}")
     migration = _start_checksum_migration(arc)
+    arc.lifecycle.start()  # rules, replicas, fixity and recalls, in the background
     try:
         dimse.start()
     except OSError as exc:
@@ -168,6 +176,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for proc in workers:
             proc.join(10)
         dimse.stop()
+        arc.lifecycle.stop()
         if migration is not None:
             migration[1].set()
             migration[0].join(30)
@@ -385,29 +394,199 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def _existing_archive(args: argparse.Namespace):
+    """A verb that changes bookkeeping (verified times, moves) but must not create an archive."""
+    cfg = load_config(args)
+    if not (Path(cfg.data_dir) / "index" / "data.mdb").is_file():
+        raise CliError(f"no archive in {cfg.data_dir}")
+    from .service import Archive
+
+    return Archive(cfg)
+
+
+def _selected(arc, args: argparse.Namespace) -> list:
+    study, series = getattr(args, "study", None), getattr(args, "series", None)
+    try:
+        return arc.lifecycle.instances(study=study, series=series)
+    except ArchiveError as exc:
+        raise CliError(exc.reason)
+
+
+def _bar(args, total: int, unit: str = "B"):
     from tqdm import tqdm
 
-    arc = open_archive(args, readonly=True)
-    problems: list[str] = []
-    checked = 0
+    return tqdm(total=total, unit=unit, unit_scale=True, disable=args.quiet or not sys.stderr.isatty(),
+                file=sys.stderr)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash every copy (primary and replicas) of the selected instances."""
+    if args.sample is not None and not 0 < args.sample <= 1:
+        raise CliError("--sample is a fraction in (0, 1]")
+    arc = _existing_archive(args)
     try:
-        recs = list(arc.instances())
-        total = sum(r.size for r in recs)
-        with tqdm(total=total, unit="B", unit_scale=True, disable=args.quiet, file=sys.stderr) as bar:
-            for rec in recs:
-                problem = arc.check(rec)
-                checked += 1
-                bar.update(rec.size)
-                if problem:
-                    problems.append(f"{problem}: {rec.sop} (blob {rec.blob.key} in {rec.blob.tier})")
+        if args.tier is not None and args.tier not in arc.tiers:
+            raise CliError(f"no tier named {args.tier!r} (tiers: {', '.join(arc.tiers)})")
+        recs = _selected(arc, args)
+        with _bar(args, sum(r.size for r in recs)) as bar:
+            report = arc.lifecycle.verify(recs, tier=args.tier, sample=args.sample, progress=bar.update)
     finally:
         arc.close()
-    for line in problems:
+    bad = {line.split(": ", 1)[1].split(" ", 1)[0] for line in report.problems}
+    for line in report.problems:
         print(line)
-    print(f"verified {checked} instances: {checked - len(problems)} intact, {len(problems)} bad",
-          file=sys.stderr if problems else sys.stdout)
-    return 1 if problems else 0
+    checked = len(recs) if args.sample is None else report.done
+    print(f"verified {checked} instances ({report.done} copies): {checked - len(bad)} intact, {len(bad)} bad",
+          file=sys.stderr if report.problems else sys.stdout)
+    return 1 if report.problems else 0
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    arc = _existing_archive(args)
+    try:
+        recs = _selected(arc, args)
+        with _bar(args, sum(r.size for r in recs)) as bar:
+            report = arc.lifecycle.repair(recs, progress=bar.update)
+    finally:
+        arc.close()
+    for line in report.problems:
+        print(f"not repaired: {line}")
+    print(f"repaired {report.done} copies" + (f", {len(report.problems)} problems left" if report.problems else ""),
+          file=sys.stderr if report.problems else sys.stdout)
+    return 1 if report.problems else 0
+
+
+def cmd_tier(args: argparse.Namespace) -> int:
+    arc = _existing_archive(args)
+    try:
+        return _TIER_VERBS[args.tier_command](arc, args)
+    finally:
+        arc.close()
+
+
+def _tier_status(arc, args) -> int:
+    from .lifecycle import _parse
+
+    rows: dict[str, dict] = {name: {"instances": 0, "bytes": 0, "copies": 0, "oldest": None}
+                             for name in arc.tiers}
+    for rec in arc.instances():
+        for blob in arc.lifecycle.copies_of(rec):
+            row = rows.setdefault(blob.tier, {"instances": 0, "bytes": 0, "copies": 0, "oldest": None})
+            row["copies" if blob != rec.blob else "instances"] += 1
+            row["bytes"] += rec.size
+            last = _parse(arc.index.verified(rec.sop, blob.tier)) or _parse(rec.received)
+            if last is not None and (row["oldest"] is None or last < row["oldest"]):
+                row["oldest"] = last
+    print(f"{'tier':<10} {'kind':<10} {'availability':<12} {'instances':>9} {'replicas':>8} {'bytes':>12}  least recently verified")
+    for name, row in rows.items():
+        store = arc.tiers.get(name)
+        kind = "s3" if store is not None and not getattr(store, "inline_reads", True) else "filesystem"
+        oldest = row["oldest"].strftime("%Y-%m-%d %H:%M") if row["oldest"] else "-"
+        print(f"{name:<10} {kind:<10} {arc.availability(name):<12} {row['instances']:>9} {row['copies']:>8} "
+              f"{_human(row['bytes']):>12}  {oldest}")
+    return 0
+
+
+def _tier_move(arc, args) -> int:
+    if args.to not in arc.tiers:
+        raise CliError(f"no tier named {args.to!r} (tiers: {', '.join(arc.tiers)})")
+    recs = _selected(arc, args)
+    with _bar(args, sum(r.size for r in recs)) as bar:
+        report = arc.lifecycle.move_all(recs, args.to, progress=bar.update)
+    return _moved(report, args.to)
+
+
+def _moved(report, where: str) -> int:
+    for line in report.problems:
+        print(f"not moved: {line}", file=sys.stderr)
+    print(f"{report.done} instances moved to {where} ({_human(report.bytes)}), {report.skipped} already there or pinned")
+    return 1 if report.problems else 0
+
+
+def _tier_apply(arc, args) -> int:
+    with _bar(args, 0) as bar:
+        report = arc.lifecycle.apply(dry_run=args.dry_run, progress=bar.update)
+    if args.dry_run:
+        for line in report.problems:
+            print(line)
+        print(f"would move {report.done} instances ({_human(report.bytes)})")
+        return 0
+    for line in report.problems:
+        print(f"not moved: {line}", file=sys.stderr)
+    print(f"{report.done} instances moved ({_human(report.bytes)})")
+    return 1 if report.problems else 0
+
+
+def _tier_recall(arc, args) -> int:
+    if arc.study(args.study) is None:
+        raise CliError(f"study {args.study} not found")
+    with _bar(args, 0) as bar:
+        report = arc.lifecycle.recall(args.study, progress=bar.update)
+    return _moved(report, arc.ingest_tier.name)
+
+
+def _tier_flag(flag: str, value: bool):
+    def run(arc, args) -> int:
+        if arc.study(args.study) is None:
+            raise CliError(f"study {args.study} not found")
+        flags = arc.index.set_flags(args.study, **{flag: value})
+        print(f"study {args.study}: " + (", ".join(sorted(flags)) if flags else "no flags"))
+        return 0
+    return run
+
+
+_TIER_VERBS = {
+    "status": _tier_status, "move": _tier_move, "apply": _tier_apply, "recall": _tier_recall,
+    "pin": _tier_flag("pinned", True), "unpin": _tier_flag("pinned", False),
+    "hold": _tier_flag("hold", True), "release": _tier_flag("hold", False),
+}
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    if args.index_command == "backup":
+        arc = _existing_archive(args)
+        try:
+            path = arc.index.backup(args.directory)
+        except FileExistsError as exc:
+            raise CliError(str(exc))
+        finally:
+            arc.close()
+        print(f"index copied to {path} ({_human(path.stat().st_size)})")
+        return 0
+    from .rebuild import rebuild
+
+    cfg = load_config(args)
+    from .service import Archive
+
+    arc = Archive(cfg)
+    try:
+        if arc.staging is not None and arc.staging.others_alive():
+            raise CliError("another pathpacs process (a server?) is using this archive: stop it first")
+        total = sum(b.size for store in arc.tiers.values() for b in store.list())
+        with _bar(args, total) as bar:
+            report = rebuild(arc, progress=bar.update)
+    finally:
+        arc.close()
+    for line in report.unreadable:
+        print(f"unreadable: {line}")
+    per_tier = ", ".join(f"{n} on {t}" for t, n in report.tiers.items())
+    print(f"index rebuilt: {report.instances} instances ({per_tier}), {report.copies} replicas, "
+          f"{len(report.unreadable)} blobs unreadable")
+    return 1 if report.unreadable else 0
+
+
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from .capacity import forecast, table
+
+    cfg = load_config(args)
+    if args.slides_per_day <= 0 or args.gb_per_slide <= 0 or not 1 <= args.years <= 100:
+        raise CliError("--slides-per-day and --gb-per-slide must be positive, --years 1-100")
+    rows = forecast(cfg, args.slides_per_day, args.gb_per_slide, args.years)
+    print(f"{args.slides_per_day:g} slides/day x {args.gb_per_slide:g} GB for {args.years} years "
+          f"({args.slides_per_day * args.gb_per_slide * 365 / 1000:,.0f} TB a year arriving)")
+    for line in table(rows):
+        print(line)
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -466,6 +645,53 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("migrate", help="run pending data migrations now (frame checksums), with progress")
     _common(p)
     p.set_defaults(func=cmd_migrate)
+
+    v = sub.choices["verify"]  # registered above; it takes a selection too
+    v.add_argument("--tier", help="only the copies on this tier")
+    v.add_argument("--study", help="only this study")
+    v.add_argument("--sample", type=float, help="a random fraction of the instances, e.g. 0.01")
+
+    p = sub.add_parser("repair", help="restore bad or missing copies from a good one (hash-checked)")
+    _common(p)
+    p.add_argument("--study")
+    p.set_defaults(func=cmd_repair)
+
+    p = sub.add_parser("tier", help="storage tiers: status, move, apply rules, recall, pin, hold")
+    tsub = p.add_subparsers(dest="tier_command", required=True)
+    for name, help_ in (("status", "instances, bytes and last fixity per tier"),
+                        ("apply", "apply the lifecycle rules now"), ("move", "move a study or series to a tier"),
+                        ("recall", "bring a study back to the ingest tier"), ("pin", "a study never moves"),
+                        ("unpin", "undo pin"), ("hold", "legal hold: never deleted, never moved off its replicas"),
+                        ("release", "undo hold")):
+        tp = tsub.add_parser(name, help=help_)
+        _common(tp)
+        tp.set_defaults(func=cmd_tier)
+        if name == "apply":
+            tp.add_argument("--dry-run", action="store_true", help="list what would move and how many bytes")
+        if name == "move":
+            g = tp.add_mutually_exclusive_group(required=True)
+            g.add_argument("--study")
+            g.add_argument("--series")
+            tp.add_argument("--to", required=True, help="destination tier")
+        if name in ("recall", "pin", "unpin", "hold", "release"):
+            tp.add_argument("--study", required=True)
+
+    p = sub.add_parser("index", help="the index: backup while running, rebuild from the blobs")
+    isub = p.add_subparsers(dest="index_command", required=True)
+    ip = isub.add_parser("backup", help="a consistent copy of the index, while the server runs")
+    _common(ip)
+    ip.add_argument("directory", type=Path)
+    ip.set_defaults(func=cmd_index)
+    ip = isub.add_parser("rebuild", help="recreate the index from the blobs on every tier (server stopped)")
+    _common(ip)
+    ip.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("capacity", help="TB per tier and cost per year from the rules, replicas and prices")
+    _common(p)
+    p.add_argument("--slides-per-day", type=float, required=True)
+    p.add_argument("--gb-per-slide", type=float, required=True)
+    p.add_argument("--years", type=int, required=True)
+    p.set_defaults(func=cmd_capacity)
 
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     _add_watch(sub)

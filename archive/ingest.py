@@ -175,11 +175,12 @@ def ingest(
             owned.unlink(missing_ok=True)
 
 
-def _commit(
-    arc: "Archive", staged: Path, parsed: ParsedFile, sha: str, size: int,
-    expected_sop_class: str | None, expected_study: str | None, calling_aet: str, origin: str,
-) -> tuple[IngestResult, bool]:
-    """Validate, place and record one staged file; (result, whether the file was placed)."""
+def describe(path: Path, parsed: ParsedFile, sha: str, size: int, blob: BlobRef, *,
+             expected_sop_class: str | None = None, expected_study: str | None = None,
+             calling_aet: str = "", origin: str = "import", received: str | None = None) -> NewInstance:
+    """Everything the index records about one parsed file stored as `blob`: validated UIDs,
+    DICOM JSON metadata, bulk values, frame layout and CRC32C. Rejected for bad input.
+    Ingest and `pathpacs index rebuild` both build their records here."""
     ds = parsed.dataset
     sop = ds.get("SOPInstanceUID")
     sop_class = ds.get("SOPClassUID")
@@ -214,23 +215,34 @@ def _commit(
     crcs: list[int] = []
     if parsed.frames:
         layout = [[(f.offset, f.length) for f in fr] for fr in parsed.frames]
-        with open(staged, "rb") as fh:  # one sequential read of the pixel data (page cache)
+        with open(path, "rb") as fh:  # one sequential read of the pixel data (page cache)
             _, _, crcs = scan(fh, layout, start=layout[0][0][0], want_sha=False)
     pid = md.first_value(doc, "00100020") or ""
     issuer = md.first_value(doc, "00100021") or ""
     patient = f"{pid}^{issuer}" if pid else f"~{md.first_value(doc, '00100010') or ''}"
-    tier = arc.ingest_tier
-    blob = BlobRef(tier.name, uuid.uuid4().hex)
     rec = InstanceRecord(
         sop=sop, sop_class=sop_class, study=study, series=series, patient=patient,
         ts=str(parsed.transfer_syntax), blob=blob, size=size, sha256=sha,
-        received=datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        received=received or datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         calling_aet=calling_aet, origin=origin, n_frames=len(parsed.frames),
         encapsulated=parsed.encapsulated, pixel_offset=parsed.pixel_offset,
         attrs=md.subset(doc, md.INSTANCE_TAGS),
     )
-    new = NewInstance(rec, layout, crcs, md.dumps(doc), bulk, md.subset(doc, md.PATIENT_TAGS),
-                      md.subset(doc, md.STUDY_TAGS), md.subset(doc, md.SERIES_TAGS))
+    return NewInstance(rec, layout, crcs, md.dumps(doc), bulk, md.subset(doc, md.PATIENT_TAGS),
+                       md.subset(doc, md.STUDY_TAGS), md.subset(doc, md.SERIES_TAGS))
+
+
+def _commit(
+    arc: "Archive", staged: Path, parsed: ParsedFile, sha: str, size: int,
+    expected_sop_class: str | None, expected_study: str | None, calling_aet: str, origin: str,
+) -> tuple[IngestResult, bool]:
+    """Validate, place and record one staged file; (result, whether the file was placed)."""
+    tier = arc.ingest_tier
+    blob = BlobRef(tier.name, uuid.uuid4().hex)
+    new = describe(staged, parsed, sha, size, blob, expected_sop_class=expected_sop_class,
+                   expected_study=expected_study, calling_aet=calling_aet, origin=origin)
+    rec = new.record
+    sop, sop_class, study, series = rec.sop, rec.sop_class, rec.study, rec.series
     replace = arc.config.on_conflict == "replace"
     result = IngestResult(Outcome.STORED, sop, sop_class, study, series, size=size)
 

@@ -92,8 +92,20 @@ class Archive:
         self._reported: set[tuple[str, str]] = set()
         self._parents: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # sop -> (study, series, blob key)
         self._parents_lock = threading.Lock()
+        from .lifecycle import Lifecycle
+
+        self.lifecycle = Lifecycle(self)
         if not readonly:
             self.sweep()
+            self.lifecycle.recover()
+
+    def reopen_index(self) -> None:
+        """After the index directory was replaced (index rebuild)."""
+        self.index = open_index(self.data_dir / "index", map_size_gb=self.config.lmdb_map_size_gb,
+                                readonly=self.readonly)
+        self.lifecycle.index = self.index
+        with self._parents_lock:
+            self._parents.clear()
 
     @classmethod
     def open(cls, data_dir: Path, config: Config | None = None, readonly: bool = False) -> "Archive":

@@ -114,6 +114,11 @@ class Staging:
             os.close(fd)
         return False
 
+    def others_alive(self) -> bool:
+        """Whether another live process has a session here (a server using the archive)."""
+        return any(p.is_dir() and p.name != self.session and self.session_alive(p.name)
+                   for p in self.root.iterdir())
+
     def sweep(self) -> int:
         """Remove session directories left by crashed processes; returns how many."""
         n = 0
