@@ -491,8 +491,16 @@ def _tier_move(arc, args) -> int:
     if args.to not in arc.tiers:
         raise CliError(f"no tier named {args.to!r} (tiers: {', '.join(arc.tiers)})")
     recs = _selected(arc, args)
+    hook = None
+    crash_at = os.environ.get("PATHPACS_CRASH_AFTER")  # fault injection for the kill -9 tests
+    if crash_at:
+        import signal
+
+        def hook(step: str) -> None:
+            if step == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
     with _bar(args, sum(r.size for r in recs)) as bar:
-        report = arc.lifecycle.move_all(recs, args.to, progress=bar.update)
+        report = arc.lifecycle.move_all(recs, args.to, progress=bar.update, hook=hook)
     return _moved(report, args.to)
 
 

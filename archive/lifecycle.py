@@ -182,7 +182,8 @@ class Lifecycle:
         return list(self.index.instances())
 
     def move_all(self, recs: Iterable[InstanceRecord], to_tier: str, *,
-                 progress: Callable[[int], None] | None = None, dry_run: bool = False) -> Report:
+                 progress: Callable[[int], None] | None = None, dry_run: bool = False,
+                 hook: Callable[[str], None] | None = None) -> Report:
         report = Report()
         for rec in recs:
             if rec.blob.tier == to_tier:
@@ -196,7 +197,7 @@ class Lifecycle:
                 report.bytes += rec.size
                 continue
             try:
-                if self.move(rec, to_tier):
+                if self.move(rec, to_tier, hook=hook):
                     report.done += 1
                     report.bytes += rec.size
             except ArchiveError as exc:
@@ -207,9 +208,13 @@ class Lifecycle:
 
     # -- rules --------------------------------------------------------------------------------
     def _rule_keys(self, match: dict[str, str]) -> list[Key]:
+        """C-FIND keys of a rule's match, matched against the study: Modality (a series
+        attribute) is matched against ModalitiesInStudy, as a study-level C-FIND does."""
         keys = []
         for name, value in match.items():
             tag = tag_hex(name)
+            if tag == "00080060":
+                tag = "00080061"
             keys.append(Key(tag, vr_of(tag), [value] if value else None))
         return keys
 
