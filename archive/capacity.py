@@ -6,8 +6,8 @@ ingest tier; a rule moves a day's slides once they are older than its `after_day
 (slides are assumed not to be read again after their first days, the common case the reports
 describe) or `after_days_since_received`; rules with a `match` are assumed to apply to all
 slides (the model does not know study attributes). Every replica holds a copy of what is on the
-tiers it replicates. Cost per year sums the monthly TB price of what each tier holds, month
-by month.
+tiers it replicates. Cost per year sums the monthly TB price of what each tier holds, charged
+day by day (12/365 of a month's price per day).
 """
 from __future__ import annotations
 
@@ -45,10 +45,8 @@ def forecast(cfg: Config, slides_per_day: float, gb_per_slide: float, years: int
     total_days = int(years * 365)
     cost = 0.0
     for day in range(1, total_days + 1):
-        if day % 30 == 0 or day == total_days:  # price per TB-month, sampled monthly
-            held = _held(path, day, daily_tb, cfg, tiers)
-            months = 1.0 if day % 30 == 0 else (day % 30) / 30
-            cost += sum(held[t] * tiers[t].price_per_tb_month * months for t in held)
+        held = _held(path, day, daily_tb, cfg, tiers)  # a TB-month price, charged day by day
+        cost += sum(held[t] * tiers[t].price_per_tb_month * 12 / 365 for t in held)
         if day % 365 == 0:
             rows.append(YearRow(day // 365, _held(path, day, daily_tb, cfg, tiers), cost))
             cost = 0.0
