@@ -338,7 +338,8 @@ class SeaweedFS:
     every permission. Buckets are never created on upload: `create_bucket`. The log is
     workdir/weed.log. `stop()` (SIGTERM, SIGKILL after `timeout`: weed's graceful stop takes ~15 s,
     and a test server's data need not survive), `kill()`, `pause()`/`resume()` (SIGSTOP/SIGCONT: a
-    server that accepts connections and never answers)."""
+    server that accepts connections and never answers). Where util-linux's setpriv is installed,
+    weed dies with the thread that started it (start it from a thread that lives as long)."""
 
     workdir: Path
     access_key: str = "pathpacs-test"
@@ -348,7 +349,10 @@ class SeaweedFS:
     volume_port: int = 0
     filer_port: int = 0
     s3_port: int = 0
-    volume_size_limit_mb: int = 1024
+    # Each bucket is a collection that starts with 7 volumes: a count set here, not derived from
+    # the free disk (volumes are not preallocated, the count is only a cap).
+    volume_size_limit_mb: int = 256
+    volume_max: int = 200
     proc: subprocess.Popen | None = None
 
     @property
@@ -379,7 +383,7 @@ class SeaweedFS:
                 f"-s3.config={w / 's3.json'}", f"-s3.localSocket={w / 's3.sock'}",
                 "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.autoCreateBucket=false",
                 "-master.telemetry=false", f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
-                "-volume.max=0", "-volume.preStopSeconds=0"]
+                f"-volume.max={self.volume_max}", "-volume.preStopSeconds=0"]
 
     def start(self, timeout: float = 60, attempts: int = 3) -> "SeaweedFS":
         """Start and wait until an authenticated S3 request succeeds and a first write lands.
@@ -410,8 +414,12 @@ class SeaweedFS:
 
     def _launch(self, timeout: float) -> None:
         env = {**os.environ, "TMPDIR": str(self.workdir / "tmp")}  # weed's own log files go there
+        cmd = self.command()
+        setpriv = shutil.which("setpriv")
+        if setpriv:  # killed with its parent (a test run killed -9 leaves no server behind)
+            cmd = [setpriv, "--pdeathsig", "KILL", *cmd]
         with open(self.workdir / "weed.log", "ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          cwd=self.workdir, start_new_session=True)
         deadline = time.monotonic() + timeout
         wait_port(self.s3_port, self.proc, timeout)
