@@ -363,7 +363,7 @@ def test_credentials_region_and_endpoint_from_the_environment(seaweedfs, s3_pref
 
 # -- immutable tiers -------------------------------------------------------------------------
 
-def test_immutable_tier_writes_with_object_lock_and_refuses_deletes(seaweedfs, s3_prefix):
+def test_immutable_tier_writes_with_object_lock_and_refuses_deletes(seaweedfs, s3_prefix, tmp_path):
     kw = seaweedfs.store_kwargs()
     with pytest.raises(BlobError, match="retention_days"):
         S3Store("vault", bucket=S3_BUCKET, immutable=True, **kw)
@@ -375,7 +375,7 @@ def test_immutable_tier_writes_with_object_lock_and_refuses_deletes(seaweedfs, s
     s.check()
     s.put_stream("6" * 32, [b"kept for two days"])
     s.put_stream("7" * 32, _blocks(20 * MB))  # past the threshold: a multipart upload, locked too
-    src = Path(os.environ.get("TMPDIR", "/tmp")) / f"pathpacs-s3-{os.getpid()}.bin"
+    src = tmp_path / "a.bin"
     src.write_bytes(b"a file")
     s.put_file(src, "8" * 32, owned=True)
     assert not src.exists()
