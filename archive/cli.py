@@ -570,9 +570,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         if arc.staging is not None and arc.staging.others_alive():
             raise CliError("another pathpacs process (a server?) is using this archive: stop it first")
-        total = sum(b.size for store in arc.tiers.values() for b in store.list())
-        with _bar(args, total) as bar:
-            report = rebuild(arc, progress=bar.update)
+        try:
+            with _bar(args, 0) as bar:
+                report = rebuild(arc, progress=bar.update)
+        except ArchiveError as exc:
+            raise CliError(exc.reason)
     finally:
         arc.close()
     for line in report.unreadable:

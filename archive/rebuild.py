@@ -25,6 +25,8 @@ from .dicomfile import DicomFileError, parse_file
 from .index import LmdbIndex
 from .ingest import Rejected, describe
 from .records import BlobRef
+from .status import Unavailable
+from storage_tiers import StoreUnavailable
 
 if TYPE_CHECKING:
     from .service import Archive
@@ -65,7 +67,11 @@ def rebuild(arc: "Archive", progress: Callable[[int], None] | None = None) -> Re
         for tier_name in order:
             store = arc.tiers[tier_name]
             n_tier = 0
-            for info in store.list():
+            try:
+                listing = list(store.list())
+            except StoreUnavailable as exc:  # never swap in an index missing a whole tier
+                raise Unavailable(f"tier {tier_name} cannot be listed ({exc}): the index was not rebuilt") from None
+            for info in listing:
                 blob = BlobRef(tier_name, info.key)
                 new = _describe_blob(arc, blob, report)
                 if progress:
@@ -88,8 +94,11 @@ def rebuild(arc: "Archive", progress: Callable[[int], None] | None = None) -> Re
         for sop, blob in extra_copies:
             if new_index.add_copy(sop, blob):
                 report.copies += 1
-    finally:
+    except BaseException:
         new_index.close()
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    new_index.close()
     _swap(arc, target)
     return report
 

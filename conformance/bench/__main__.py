@@ -26,6 +26,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "ingest": ("conformance.bench.ingest", "run"),
     "dicomweb": ("conformance.bench.frames", "run"),
     "convert": ("conformance.bench.convert", "run"),
+    "tiers": ("conformance.bench.tiers", "run"),
+    "s3 client": ("conformance.bench.s3", "run"),
 }
 
 
