@@ -259,3 +259,113 @@ def test_hung_s3_does_not_stall_hot_frames(outage):
     p99 = lambda xs: xs[int(len(xs) * 0.99) - 1]  # noqa: E731
     assert p99(during) < max(5 * p99(base), p99(base) + 0.05), (p99(base), p99(during), statistics.median(during))
     assert cold_status and all(s in (200, 503) for s in cold_status), cold_status
+
+
+def _commit(srv: Server, items: list[tuple[str, str]]) -> tuple[int, Dataset]:
+    """Storage Commitment on the same association: (event type, event information)."""
+    from pynetdicom.sop_class import StorageCommitmentPushModel
+    from test_dimse import _commit_request, _report_collector
+
+    reports, got, on_report = _report_collector()
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(StorageCommitmentPushModel)
+    a = ae.associate("127.0.0.1", srv.dicom_port, ae_title=srv.aet,
+                     ext_neg=[build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)],
+                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert a.is_established
+    status, _ = a.send_n_action(_commit_request(items), 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+    assert status.Status == 0x0000
+    assert got.wait(30)
+    a.release()
+    return reports[0]
+
+
+def test_commitment_is_truthful_on_s3_and_when_it_is_down(outage):
+    srv, weed, hot, cold, _cfg, _data = outage
+    items = [(factory.WSI, uids(p)[2]) for p in (hot, cold)]
+    event_type, info = _commit(srv, items)
+    assert event_type == 1 and len(info.ReferencedSOPSequence) == 2  # the S3 blob re-hashed intact
+    weed.stop(timeout=1)
+    event_type, info = _commit(srv, items)
+    assert event_type == 2
+    assert [i.ReferencedSOPInstanceUID for i in info.FailedSOPSequence] == [uids(cold)[2]]
+    assert [i.ReferencedSOPInstanceUID for i in info.ReferencedSOPSequence] == [uids(hot)[2]]
+
+
+def test_recall_on_access_and_background_fixity(seaweedfs, s3_prefix, tmp_path):
+    files = factory.wsi_series(tmp_path / "in", levels=((512, 512),))
+    cfg = tiers_config(tmp_path, seaweedfs, s3_prefix, extra="""
+[fixity]
+every_days = 0
+[lifecycle]
+access_interval_minutes = 0.01
+""")
+    cfg.write_text(cfg.read_text().replace("timeout = 5.0 }", "timeout = 5.0 }\nrecall_on_access = true"))
+    data = tmp_path / "data"
+    assert cli(cfg, data, "import", "--quiet", str(files[0])).returncode == 0
+    st, se, sop = uids(files[0])
+    assert cli(cfg, data, "tier", "move", "--study", st, "--to", "cold").returncode == 0
+    srv = Server(data, free_port(), free_port(), config=cfg).start()
+    try:
+        r = requests.get(_frame_url(srv, files[0], 1), headers=JPEG, timeout=30)  # served from S3 ...
+        assert r.status_code == 200 and r.content == frames_of(files[0])[0]
+        deadline = time.monotonic() + 60
+        while "recalled study" not in srv.log():  # ... and recalled in the background
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.3)
+        assert len(blob_files(tmp_path / "tiers" / "hot")) == 1
+        assert s3_keys(seaweedfs, s3_prefix) == []
+        r = requests.get(_frame_url(srv, files[0], 2), headers=JPEG, timeout=30)
+        assert r.status_code == 200 and r.content == frames_of(files[0])[1]
+        # the scheduled fixity pass (every_days = 0: everything is due) records a verified time
+        deadline = time.monotonic() + 60
+        while "least recently verified" not in (out := cli(cfg, data, "tier", "status").stdout) or \
+                "-" == [ln.split()[-1] for ln in out.splitlines() if ln.startswith("hot")][0]:
+            assert time.monotonic() < deadline, out
+            time.sleep(0.5)
+    finally:
+        srv.stop()
+
+
+def test_immutable_vault_takes_replicas_and_keeps_them(seaweedfs, s3_prefix, tmp_path):
+    bucket = seaweedfs.create_bucket(f"vault-{s3_prefix.strip('/').replace('/', '-')[-20:]}".lower(), object_lock=True)
+    files = factory.wsi_series(tmp_path / "in", levels=((256, 256),))
+    k = seaweedfs.store_kwargs()
+    cfg = tiers_config(tmp_path, seaweedfs, s3_prefix, extra=f"""
+[tiers.vault]
+s3 = {{ endpoint = "{k['endpoint']}", bucket = "{bucket}", region = "{k['region']}", access_key = "{k['access_key']}", secret_key = "{k['secret_key']}" }}
+immutable = true
+retention_days = 5475
+
+[[replicas]]
+tier = "vault"
+of = ["hot", "warm", "cold"]
+within_minutes = 0.05
+""")
+    data = tmp_path / "data"
+    srv = Server(data, free_port(), free_port(), config=cfg).start()
+    try:
+        assert subprocess.run([need("dcmsend"), "-aec", srv.aet, "127.0.0.1", str(srv.dicom_port), str(files[0])],
+                              capture_output=True, timeout=60).returncode == 0
+        deadline = time.monotonic() + 60
+        while "vault" not in cli(cfg, data, "tier", "status").stdout or \
+                [ln.split()[4] for ln in cli(cfg, data, "tier", "status").stdout.splitlines() if ln.startswith("vault")] != ["1"]:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.5)
+    finally:
+        srv.stop()
+    from storage_tiers.s3 import S3Store
+    from storage_tiers import BlobError
+
+    vault = S3Store("vault", bucket=bucket, immutable=True, retention_days=5475, **k)
+    keys = [b.key for b in vault.list()]
+    assert len(keys) == 1
+    with pytest.raises(BlobError, match="retained until"):
+        vault.delete(keys[0])  # nothing deletes from it before its retention ends
+    assert vault.exists(keys[0])
+    # a bucket without Object Lock cannot be an immutable tier: serve refuses to start, one line
+    plain = tmp_path / "plain.toml"
+    plain.write_text(cfg.read_text().replace(bucket, S3_BUCKET))
+    res = run_cli("serve", "--config", str(plain), "--dicom-port", str(free_port()), "--http-port", str(free_port()),
+                  "--host", "127.0.0.1", data=tmp_path / "data2", timeout=60)
+    assert res.returncode == 2 and "Object Lock" in res.stderr and res.stderr.count("\n") == 1, res.stderr
