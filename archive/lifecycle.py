@@ -86,7 +86,8 @@ class Lifecycle:
         self._thread: threading.Thread | None = None
 
     # -- moving one instance ------------------------------------------------------------------
-    def _copy(self, rec: InstanceRecord, src: BlobRef, dst: BlobRef) -> None:
+    def _copy(self, rec: InstanceRecord, src: BlobRef, dst: BlobRef,
+              hook: Callable[[str], None] | None = None) -> None:
         """Stream src's bytes to dst, in bounded memory, then re-hash dst: MoveFailed (and
         dst removed) unless it holds exactly the bytes recorded at ingest."""
         source, dest = self.arc.tier(src.tier), self.arc.tier(dst.tier)
@@ -100,6 +101,8 @@ class Lifecycle:
         except (StoreUnavailable, BlobError, OSError) as exc:
             self._remove_quietly(dst)
             raise MoveFailed(f"copy of {rec.sop} to {dst.tier} failed: {exc}") from exc
+        if hook:
+            hook("copied")
         problem = self.arc.check_copy(rec, dst)
         if problem is not None:
             self._remove_quietly(dst)
@@ -114,7 +117,8 @@ class Lifecycle:
     def move(self, rec: InstanceRecord, to_tier: str, *, hook: Callable[[str], None] | None = None) -> bool:
         """Move one instance's primary copy to `to_tier`: copy -> verify -> switch -> delete.
         Returns False when there was nothing to do (already there, or it changed meanwhile).
-        hook(step) is called after "copied", "switched" (tests kill the process there)."""
+        hook(step) is called after "copied", "verified" and "switched" (the kill -9 tests stop
+        the process there)."""
         if rec.blob.tier == to_tier:
             return False
         if to_tier not in self.arc.tiers:
@@ -126,7 +130,7 @@ class Lifecycle:
         self.index.move_begin(rec.sop, src, dst, self.arc.staging.session if self.arc.staging else "")
         if existing is None:
             try:
-                self._copy(rec, src, dst)
+                self._copy(rec, src, dst, hook)
             except MoveFailed:
                 self.index.move_end(rec.sop)
                 raise
@@ -134,7 +138,7 @@ class Lifecycle:
             self.index.move_end(rec.sop)
             raise MoveFailed(f"the replica of {rec.sop} on {to_tier} does not verify")
         if hook:
-            hook("copied")
+            hook("verified")
         if not self.index.move_switch(rec.sop, src, dst):
             if existing is None:
                 self._remove_quietly(dst)

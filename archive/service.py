@@ -459,16 +459,27 @@ class Archive:
             yield self.frames(sop, list(range(start, min(n, start + batch - 1) + 1)))[1]
 
     # -- whole instances -------------------------------------------------------------------------
-    def check_blob(self, rec: InstanceRecord) -> None:
-        """Damaged unless the blob is there with its recorded size (cheap: no read)."""
+    def current(self, rec: InstanceRecord) -> InstanceRecord | None:
+        """The instance's record now, if its blob moved since `rec` was read (a read racing a
+        tier move or a replacement looks again instead of failing); None if it did not."""
+        now = self.index.instance(rec.sop)
+        return now if now is not None and now.blob != rec.blob else None
+
+    def check_blob(self, rec: InstanceRecord) -> InstanceRecord:
+        """The record to read (`rec`, or the current one if the blob moved meanwhile), once its
+        blob is there with its recorded size (cheap: no read); Damaged otherwise."""
         try:
             size = self.tier(rec.blob.tier).stat(rec.blob.key).size
         except StoreUnavailable as exc:
             raise Unavailable(f"tier {rec.blob.tier} is unavailable: {exc}") from exc
         except BlobNotFound:
+            moved = self.current(rec)
+            if moved is not None:
+                return self.check_blob(moved)
             raise self.damage(rec.sop, rec.blob, "blob missing", "instance retrieve")
         if size != rec.size:
             raise self.damage(rec.sop, rec.blob, f"blob is {size} bytes, {rec.size} recorded", "instance retrieve")
+        return rec
 
     def open_instance(self, rec: InstanceRecord) -> BinaryIO:
         """A sequential reader of the stored bytes (unchecked: see instance_chunks)."""
@@ -477,6 +488,9 @@ class Archive:
         except StoreUnavailable as exc:
             raise Unavailable(f"tier {rec.blob.tier} is unavailable: {exc}") from exc
         except BlobNotFound:
+            moved = self.current(rec)
+            if moved is not None:  # the bytes are the same (same sha256), only elsewhere
+                return self.open_instance(moved)
             raise self.damage(rec.sop, rec.blob, "blob missing", "instance read")
 
     def instance_chunks(self, rec: InstanceRecord, source: str = "instance retrieve") -> Iterator[bytes]:

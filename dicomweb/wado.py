@@ -271,8 +271,7 @@ class Wado:
                 raise NotAcceptable(f"instance {rec.sop} is too large to decompress; request transfer-syntax=*")
         # Before the first byte goes out: every blob present with its recorded size (a clean
         # 500 naming the damage), and transcodings done (a clean 406).
-        for rec, ts in plan:
-            await self.arc.run(arc.check_blob, rec)
+        plan = [(await self.arc.run(arc.check_blob, rec), ts) for rec, ts in plan]
         transcoded: dict[str, bytes] = {}
         for rec, ts in plan:
             if ts is not None:

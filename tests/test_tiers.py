@@ -99,7 +99,7 @@ def test_move_hot_warm_and_back_serves_identical_bytes(archive, tmp_path):
     assert blob_files(tmp_path / "tiers" / "warm") == [] and len(blob_files(tmp_path / "tiers" / "hot")) == 2
 
 
-@pytest.mark.parametrize("step", ["copied", "switched"])
+@pytest.mark.parametrize("step", ["copied", "verified", "switched"])
 def test_kill_9_during_a_move_loses_nothing(archive, tmp_path, step):
     cfg, data, files = archive
     study = uids(files[0])[0]
@@ -117,6 +117,49 @@ def test_kill_9_during_a_move_loses_nothing(archive, tmp_path, step):
     res = cli(cfg, data, "tier", "move", "--study", study, "--to", "warm")
     assert res.returncode == 0 and len(blob_files(tmp_path / "tiers" / "warm")) == 2
     assert cli(cfg, data, "verify", "--quiet").returncode == 0
+
+
+def test_reads_racing_moves_never_fail(archive, tmp_path):
+    """Frames and whole instances read without pause while the study moves back and forth:
+    every answer is 200 with the stored bytes (a read racing a switch looks again)."""
+    import threading
+
+    cfg, data, files = archive
+    st, se, sop = uids(files[0])
+    srv = Server(data, free_port(), free_port(), config=cfg).start()
+    want = frames_of(files[0])
+    whole = files[0].read_bytes()
+    errors: list = []
+    stop = threading.Event()
+    count = [0]
+
+    def reader() -> None:
+        s = requests.Session()
+        u = f"{srv.dicomweb_url}/studies/{st}/series/{se}/instances/{sop}"
+        while not stop.is_set():
+            n = 1 + count[0] % len(want)
+            r = s.get(f"{u}/frames/{n}", headers={"Accept": "image/jpeg"}, timeout=30)
+            if r.status_code != 200 or r.content != want[n - 1]:
+                errors.append(("frame", n, r.status_code))
+            r = s.get(u, headers={"Accept": 'multipart/related; type="application/dicom"'}, timeout=30)
+            if r.status_code != 200 or whole not in r.content:
+                errors.append(("instance", r.status_code))
+            count[0] += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for tier in ("warm", "hot", "warm", "hot"):
+            res = cli(cfg, data, "tier", "move", "--study", st, "--to", tier)
+            assert res.returncode == 0, res.stderr
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        srv.stop()
+    assert count[0] > 10 and errors == [], errors[:5]
+    assert "fixity" not in srv.log()  # no read took a move for damage
 
 
 def test_rules_replicas_availability_repair(tmp_path):
