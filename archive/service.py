@@ -27,6 +27,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
+from .access import SYSTEM, Principal
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
 from .index import FixityEvent, Index, open_index
@@ -282,11 +283,21 @@ class Archive:
     # -- query -----------------------------------------------------------------------------
     def search(self, level: str, keys: list[Key], *, study: str | None = None, series: str | None = None,
                fuzzy: bool = False, retrieve_aet: str | None = None,
-               full_metadata: bool = False) -> Iterator[SearchResult]:
-        """PS3.4 matching at one level (QIDO and C-FIND alike); QueryError for a bad query."""
+               full_metadata: bool = False, who: Principal = SYSTEM) -> Iterator[SearchResult]:
+        """PS3.4 matching at one level (QIDO and C-FIND alike); QueryError for a bad query.
+        Only what `who` may see is answered: a scoped principal gets its studies alone."""
         searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
                             full_instance_metadata=full_metadata, availability=self.availability)
-        return searcher.search(level, keys, study=study, series=series)
+        results = searcher.search(level, keys, study=study, series=series)
+        if who.studies is None:
+            return results
+        return (r for r in results if who.sees(r.study))
+
+    def check_visible(self, who: Principal, study: str) -> None:
+        """NotFound (never Forbidden: existence is not disclosed) when `study` is outside the
+        scope of `who`."""
+        if not who.sees(study):
+            raise NotFound(f"study {study} not found")
 
     def retrieve_set(self, level: str, keys: list[Key]) -> list[InstanceRecord]:
         """The instances a C-GET/C-MOVE identifier covers (unique keys at `level` and above)."""

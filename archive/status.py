@@ -26,6 +26,7 @@ class DimseStatus(enum.IntEnum):
     CLASS_INSTANCE_CONFLICT = 0x0119
     OUT_OF_RESOURCES = 0xA700
     OUT_OF_RESOURCES_SUBOPS = 0xA702  # C-GET/C-MOVE: unable to perform sub-operations
+    NOT_AUTHORIZED = 0x0124  # refused: not authorized (PS3.7 C.5.2)
     MOVE_DESTINATION_UNKNOWN = 0xA801
     DATASET_MISMATCH = 0xA900  # data set does not match SOP class / identifier does not match
     CANNOT_UNDERSTAND = 0xC000
@@ -56,6 +57,9 @@ class ErrorKind(enum.Enum):
     OUT_OF_SPACE = "out of space"
     DAMAGED = "damaged"  # stored bytes failed their checksum, or are missing
     UNAVAILABLE = "unavailable"  # the tier holding the data cannot be reached
+    UNAUTHENTICATED = "unauthenticated"  # no, invalid or expired credentials
+    FORBIDDEN = "forbidden"  # valid credentials without the right
+    RETAINED = "retained"  # under retention or legal hold: refused until it ends
     INTERNAL = "internal"
 
 
@@ -94,6 +98,12 @@ class Unavailable(ArchiveError):
     kind = ErrorKind.UNAVAILABLE
 
 
+class Retained(ArchiveError):
+    """Deletion refused: retention has not ended, or a legal hold is set."""
+
+    kind = ErrorKind.RETAINED
+
+
 # One table per protocol: ErrorKind -> status.
 DIMSE_STATUS_OF = {
     ErrorKind.NOT_FOUND: DimseStatus.NO_SUCH_OBJECT_INSTANCE,
@@ -105,6 +115,9 @@ DIMSE_STATUS_OF = {
     ErrorKind.OUT_OF_SPACE: DimseStatus.OUT_OF_RESOURCES,
     ErrorKind.DAMAGED: DimseStatus.PROCESSING_FAILURE,
     ErrorKind.UNAVAILABLE: DimseStatus.OUT_OF_RESOURCES,
+    ErrorKind.UNAUTHENTICATED: DimseStatus.NOT_AUTHORIZED,
+    ErrorKind.FORBIDDEN: DimseStatus.NOT_AUTHORIZED,
+    ErrorKind.RETAINED: DimseStatus.PROCESSING_FAILURE,
     ErrorKind.INTERNAL: DimseStatus.PROCESSING_FAILURE,
 }
 
@@ -118,6 +131,9 @@ HTTP_STATUS_OF = {
     ErrorKind.OUT_OF_SPACE: 507,
     ErrorKind.DAMAGED: 500,
     ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.RETAINED: 409,
     ErrorKind.INTERNAL: 500,
 }
 
