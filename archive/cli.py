@@ -15,6 +15,7 @@ from typing import Iterator
 from converters import commands as convert_cli
 
 from . import config as config_mod
+from . import token_commands
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 from .status import ArchiveError
 
@@ -136,7 +137,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service import Archive
 
     cfg = load_config(args)
+    from .authn import check_exposure
     from .dimse.compat import UnsupportedPynetdicom
+
+    try:
+        warning = check_exposure(cfg)
+    except ValueError as exc:
+        raise CliError(str(exc))
+    if warning:
+        log.warning("%s", warning)
 
     from storage_tiers import BlobError
 
@@ -703,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--years", type=int, required=True)
     p.set_defaults(func=cmd_capacity)
 
+    token_commands.register(sub, _common)  # `token create|list|revoke`
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     _add_watch(sub)
     return parser

@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
+from .access import check_roles
+
 MAX_PORT = 65535
 
 
@@ -85,7 +87,7 @@ class _Section(BaseModel):
 class ArchiveSection(_Section):
     data_dir: str = Field("./data", min_length=1, max_length=4096)
     aet: AeTitle = "PATHPACS"
-    host: Host = "0.0.0.0"
+    host: Host = "127.0.0.1"
     dicom_port: Port = 11112
     http_port: Port = 8080
     on_conflict: Literal["reject", "replace"] = "reject"
@@ -110,7 +112,7 @@ class DimseSection(_Section):
 
 class HttpSection(_Section):
     workers: Annotated[StrictInt, Field(ge=1, le=64)] = 1
-    cors_origins: list[Annotated[str, Field(min_length=1, max_length=512)]] = ["*"]
+    cors_origins: list[Annotated[str, Field(min_length=1, max_length=512)]] = []
     trusted_proxies: list[Network] = []
     max_stow_mb: Annotated[StrictInt, Field(ge=1, le=1 << 20)] = 16384
     max_stow_parts: Annotated[StrictInt, Field(ge=1, le=100000)] = 10000
@@ -118,6 +120,30 @@ class HttpSection(_Section):
     read_timeout: Seconds = 60.0
     keepalive_timeout: Seconds = 75.0
     access_log: StrictBool = True
+
+
+RoleName = Literal["viewer", "uploader", "ai", "sysadmin", "secadmin", "auditor"]
+
+
+class OidcSection(_Section):
+    issuer: Annotated[str, Field(min_length=1, max_length=1024)]
+    audience: Annotated[str, Field(min_length=1, max_length=1024)]
+    jwks_url: Annotated[str, Field(min_length=1, max_length=1024)] | None = None  # default: discovery
+    algorithms: list[Literal["RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                             "ES512", "EdDSA"]] = ["RS256", "ES256"]
+    role_claim: Annotated[str, Field(min_length=1, max_length=256)] = "roles"  # dotted path: realm_access.roles
+    role_map: dict[Annotated[str, Field(min_length=1, max_length=256)], list[RoleName]] = {}
+    name_claim: Annotated[str, Field(min_length=1, max_length=256)] = "preferred_username"
+    leeway_seconds: Annotated[StrictInt, Field(ge=0, le=300)] = 30
+    jwks_refresh_minutes: Annotated[float, BeforeValidator(lambda v: _number(v, "minutes")), Field(gt=0, le=1440)] = 60.0
+
+
+class AuthSection(_Section):
+    mode: Literal["none", "token", "oidc"] = "none"
+    allow_unauthenticated: StrictBool = False  # mode none on a non-loopback listener
+    allow_combined_admin_roles: StrictBool = False  # sysadmin / secadmin / auditor in one principal
+    cache_seconds: Annotated[float, BeforeValidator(lambda v: _number(v, "seconds")), Field(ge=0, le=10)] = 5.0
+    oidc: OidcSection | None = None
 
 
 class NodeSection(_Section):
@@ -191,6 +217,7 @@ class ConfigFile(_Section):
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
     http: HttpSection = HttpSection()
+    auth: AuthSection = AuthSection()
     nodes: dict[Annotated[str, Field(min_length=1, max_length=64)], NodeSection] = {}
     tiers: dict[TierName, TierSection] = {}
     rules: list[RuleSection] = []
@@ -247,7 +274,7 @@ class Replica:
 class Config:
     data_dir: Path = Path("./data")
     aet: str = "PATHPACS"
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     dicom_port: int = 11112
     http_port: int = 8080
     on_conflict: str = "reject"  # same SOP Instance UID, different bytes: "reject" | "replace"
@@ -262,7 +289,7 @@ class Config:
     require_called_aet: bool = False
     # [http]
     http_workers: int = 1
-    cors_origins: list[str] = field(default_factory=lambda: ["*"])
+    cors_origins: list[str] = field(default_factory=list)  # no foreign origin unless listed
     trusted_proxies: list[str] = field(default_factory=list)
     max_stow_mb: int = 16384
     max_stow_parts: int = 10000
@@ -270,6 +297,12 @@ class Config:
     read_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     access_log: bool = True
+    # [auth]
+    auth_mode: str = "none"
+    allow_unauthenticated: bool = False
+    allow_combined_admin_roles: bool = False
+    auth_cache_seconds: float = 5.0
+    oidc: dict[str, Any] | None = None
     nodes: dict[str, Node] = field(default_factory=dict)
     # [tiers.*], [[rules]], [[replicas]], [fixity], [lifecycle]
     tiers: dict[str, Tier] = field(default_factory=dict)  # empty: one "hot" tier under data_dir
@@ -354,6 +387,19 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         setattr(cfg, key, getattr(doc.dimse, key))
     for key in doc.http.model_fields_set:
         setattr(cfg, _HTTP_RENAMES.get(key, key), getattr(doc.http, key))
+    if "auth" in raw:
+        a = doc.auth
+        cfg.auth_mode, cfg.allow_unauthenticated = a.mode, a.allow_unauthenticated
+        cfg.allow_combined_admin_roles, cfg.auth_cache_seconds = a.allow_combined_admin_roles, a.cache_seconds
+        cfg.oidc = a.oidc.model_dump() if a.oidc else None
+        if a.mode == "oidc" and a.oidc is None:
+            raise ConfigError("auth.mode = \"oidc\" needs an [auth.oidc] section (issuer, audience)")
+        if a.oidc is not None:
+            for claim, roles in a.oidc.role_map.items():
+                try:
+                    check_roles(roles, a.allow_combined_admin_roles)
+                except ValueError as exc:
+                    raise ConfigError(f"auth.oidc.role_map.{claim}: {exc}")
     for name, node in doc.nodes.items():
         cfg.nodes[name] = Node(name, node.aet, node.host, node.port)
     for name, t in doc.tiers.items():

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, BinaryIO, Iterable
 from pydicom.uid import UID
 
 from . import metadata as md
+from .access import SYSTEM, Principal
 from .dicomfile import DicomFileError, ParsedFile, parse_file
 from .fixity import scan, sha256_of
 from .index import NewInstance
@@ -134,13 +135,15 @@ def ingest(
     calling_aet: str = "",
     origin: str = "import",
     sha256: str | None = None,
+    who: Principal = SYSTEM,
 ) -> IngestResult:
     """Store one DICOM Part 10 instance durably, or refuse it with a reason. Never raises
     for bad input; the IngestResult says what happened (and the DIMSE status to answer).
 
     take_ownership: `source` is a file we may move (same filesystem: no copy); it is gone
     when ingest returns, whatever the outcome (stored, duplicate, refused, error).
-    sha256: the digest of an owned file already computed while it was written."""
+    sha256: the digest of an owned file already computed while it was written.
+    who: the caller; refused (FORBIDDEN) unless it may store this object in this study."""
     staged: Path | None = None
     owned = Path(source) if take_ownership and isinstance(source, (str, Path)) else None
     try:
@@ -154,6 +157,8 @@ def ingest(
             parsed = parse_file(staged)
         except DicomFileError as exc:
             raise Rejected(str(exc), ErrorKind.CANNOT_UNDERSTAND)
+        if who is not SYSTEM:
+            _check_may_store(who, parsed)
         result, placed = _commit(arc, staged, parsed, sha, size, expected_sop_class, expected_study,
                                  calling_aet, origin)
         if placed:
@@ -173,6 +178,15 @@ def ingest(
             staged.unlink(missing_ok=True)
         if owned is not None and owned != staged:
             owned.unlink(missing_ok=True)
+
+
+def _check_may_store(who: Principal, parsed: ParsedFile) -> None:
+    sop_class = str(parsed.dataset.get("SOPClassUID", ""))
+    study = str(parsed.dataset.get("StudyInstanceUID", ""))
+    if not who.may_store(sop_class, study):
+        what = ("outside its studies" if who.studies is not None and study not in who.studies
+                else f"of SOP Class {sop_class[:64]}")
+        raise Rejected(f"{who.name} may not store objects {what}", ErrorKind.FORBIDDEN)
 
 
 def describe(path: Path, parsed: ParsedFile, sha: str, size: int, blob: BlobRef, *,

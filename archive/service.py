@@ -93,8 +93,12 @@ class Archive:
         self._reported: set[tuple[str, str]] = set()
         self._parents: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # sop -> (study, series, blob key)
         self._parents_lock = threading.Lock()
+        from .authn import build as build_authenticator
         from .lifecycle import Lifecycle
 
+        # who may do what: tokens live in the index, so every process sees a revocation
+        self.authn = build_authenticator(config, self.index)
+        self.tokens = self.authn.tokens
         self.lifecycle = Lifecycle(self)
         if not readonly:
             self.sweep()
@@ -220,10 +224,13 @@ class Archive:
     # -- ingest --------------------------------------------------------------------------
     def ingest(self, source: Path | BinaryIO | Iterable[bytes], *, take_ownership: bool = False,
                expected_sop_class: str | None = None, expected_study: str | None = None,
-               calling_aet: str = "", origin: str = "import", sha256: str | None = None) -> IngestResult:
-        """Store one instance (see archive.ingest): never raises for bad input."""
+               calling_aet: str = "", origin: str = "import", sha256: str | None = None,
+               who: Principal = SYSTEM) -> IngestResult:
+        """Store one instance (see archive.ingest): never raises for bad input; refused
+        (FORBIDDEN) when `who` may not store it."""
         return ingest(self, source, take_ownership=take_ownership, expected_sop_class=expected_sop_class,
-                      expected_study=expected_study, calling_aet=calling_aet, origin=origin, sha256=sha256)
+                      expected_study=expected_study, calling_aet=calling_aet, origin=origin, sha256=sha256,
+                      who=who)
 
     def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",
                     calling_aet: str = "", expected_sop_class: str | None = None) -> IngestResult:

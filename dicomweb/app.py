@@ -24,6 +24,7 @@ from archive.service import AsyncArchive
 from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
 from . import pages, qido
+from .auth import auth_middleware, principal_of
 from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
                      log_safe, multipart_body)
@@ -35,7 +36,7 @@ log = logging.getLogger("pathpacs.dicomweb")
 SERVER_NAME = "pathpacs"
 
 
-ALLOW_METHODS = "GET, HEAD, POST, OPTIONS"
+ALLOW_METHODS = "GET, HEAD, POST, DELETE, OPTIONS"
 EXPOSE_HEADERS = "Content-Type, Content-Length, Content-Encoding, ETag, Warning, Content-Location, Location"
 DEFAULT_ALLOW_HEADERS = "Accept, Accept-Encoding, Authorization, Content-Type, If-None-Match, Cache-Control"
 
@@ -172,7 +173,8 @@ class Handlers:
         def run() -> tuple[bytes | list[bytes], bool, int | None]:
             docs, more, clamped = qido.search(self.arc.sync, level, params, study=study, series=series,
                                               retrieve_aet=getattr(self.config, "aet", None),
-                                              max_results=getattr(self.config, "max_results", 10000))
+                                              max_results=getattr(self.config, "max_results", 10000),
+                                              who=principal_of(request))
             return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more, clamped
 
         # on the archive's search threads: a slow search delays neither frames nor other clients
@@ -207,8 +209,10 @@ def make_app(archive, config) -> web.Application:
     # its default names Python and aiohttp versions.
     web_response.SERVER_SOFTWARE = SERVER_NAME
     _quiet_client_faults()
-    origins = list(getattr(config, "cors_origins", ["*"]) or [])
-    app = web.Application(middlewares=[cors_middleware(origins), error_middleware],
+    origins = list(getattr(config, "cors_origins", []) or [])
+    authn = archive.authn
+    app = web.Application(middlewares=[cors_middleware(origins), error_middleware,
+                                       auth_middleware(authn, arc.run)],
                           client_max_size=1 << 20)  # request.read() is never used: STOW streams
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(n, strict=False)
                                 for n in getattr(config, "trusted_proxies", []) or []]

@@ -1,13 +1,105 @@
-"""Who is asking: the HTTP side of `archive.access` (credentials -> a Principal per request)."""
+"""Who is asking, and may they: the HTTP side of `archive.access` and `archive.authn`.
+
+One middleware authenticates every request (a cached lookup; a miss that may fetch OIDC keys
+runs on a thread) and checks the right each route needs, from one table: GET/HEAD under
+/dicomweb read, POST stores (per-object rights are checked by STOW), DELETE administers,
+/api/tokens is the security administrator's, /api/audit the auditor's. A study in the path
+outside a scoped principal's studies is 404, as if it did not exist. The pages' shell and
+static files need no credential: they hold no patient data and are where one logs in.
+401 answers carry `WWW-Authenticate: Bearer`; 403 says which right is missing.
+"""
 from __future__ import annotations
 
 from aiohttp import web
 
-from archive.access import ANONYMOUS, Principal
+from archive.access import ANONYMOUS, Forbidden, Principal, Right, Unauthenticated
+
+from .common import error
 
 PRINCIPAL = "pathpacs.principal"  # request key holding the caller's Principal
+PUBLIC_PREFIXES = ("/static/",)
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/login"})
 
 
 def principal_of(request: web.Request) -> Principal:
     """The authenticated caller of this request (set by the auth middleware)."""
     return request.get(PRINCIPAL, ANONYMOUS)
+
+
+def _bearer(request: web.Request) -> str | None:
+    value = request.headers.get("Authorization")
+    if not value:
+        return None
+    scheme, _, cred = value.partition(" ")
+    if scheme.lower() != "bearer" or not cred.strip():
+        return ""  # present but not a bearer credential: invalid, not missing
+    return cred.strip()
+
+
+def _right_for(method: str, path: str) -> tuple[Right, ...] | None:
+    """The rights of which one is needed (None: public)."""
+    if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+        return None
+    if path.startswith("/api/tokens"):
+        return (Right.SECURITY,)
+    if path.startswith("/api/audit"):
+        return (Right.AUDIT,)
+    if path.startswith("/api/"):
+        return (Right.ADMIN,)
+    if method in ("GET", "HEAD"):
+        return (Right.READ,)
+    if method == "POST":
+        return (Right.STORE, Right.STORE_DERIVED)
+    if method == "DELETE":
+        return (Right.ADMIN,)
+    return (Right.READ,)
+
+
+def _unauthorized(reason: str) -> web.Response:
+    resp = error(401, reason)
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="pathpacs", error="invalid_token"' \
+        if "required" not in reason else 'Bearer realm="pathpacs"'
+    return resp
+
+
+def auth_middleware(authn, run_in_thread):
+    """`authn`: archive.authn.Authenticator; `run_in_thread(fn, *args)`: an awaitable runner."""
+    required = authn.required
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if request.method == "OPTIONS":
+            return await handler(request)
+        if not required:
+            principal = ANONYMOUS
+        else:
+            bearer = _bearer(request)
+            principal = authn.cached(bearer) if bearer else None
+            if principal is None:
+                rights = _right_for(request.method, request.path)
+                if rights is None and not bearer:
+                    return await handler(request)
+                try:
+                    if bearer and authn.needs_io(bearer):
+                        principal = await run_in_thread(authn.authenticate, bearer)
+                    else:
+                        principal = authn.authenticate(bearer)
+                except Unauthenticated as exc:
+                    return _unauthorized(exc.reason)
+                except Forbidden as exc:
+                    return error(403, exc.reason)
+        request[PRINCIPAL] = principal
+        rights = _right_for(request.method, request.path)
+        if rights is not None:
+            if not any(r in principal.rights for r in rights):
+                what = {Right.READ: "read images", Right.STORE: "store objects", Right.ADMIN: "administer the archive",
+                        Right.SECURITY: "manage tokens", Right.AUDIT: "read the audit trail"}.get(rights[0], "do this")
+                return error(403, f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) "
+                                  f"may not {what}")
+            if principal.studies is not None:
+                study = request.match_info.get("study")
+                if study is not None and study not in principal.studies:
+                    return error(404, f"study {study} not found")
+        return await handler(request)
+
+    return auth

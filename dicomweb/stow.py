@@ -24,6 +24,7 @@ from archive.status import DimseStatus, ErrorKind, out_of_space
 from storage_tiers import Spool, Spooled
 
 from . import dicomxml
+from .auth import principal_of
 from .common import HttpError, _header_safe, base_url, check_boundary, check_uid, log_safe
 from .media import negotiate_store_response, parse_content_type
 
@@ -174,6 +175,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
     base = base_url(request)
     n_parts = 0
     no_space = too_big = False
+    forbidden = 0  # parts refused because the caller may not store them
 
     def fail(reason: str, status: int) -> None:
         failed.append(_failed(reason, status))
@@ -233,7 +235,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
                 break
             continue
         result = await arc.run(arc.sync.ingest, done.path, take_ownership=True, sha256=done.sha256,
-                               expected_study=study, origin="stow")
+                               expected_study=study, origin="stow", who=principal_of(request))
         if result.ok:
             studies.add(result.study_uid)
             url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/{result.sop_instance_uid}"
@@ -245,6 +247,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
         else:
             fail(result.reason or "rejected", result.dimse_status)
             no_space = no_space or result.kind is ErrorKind.OUT_OF_SPACE
+            forbidden += result.kind is ErrorKind.FORBIDDEN
     if n_parts == 0:
         raise HttpError(400, "the request holds no parts")
     doc: dict = {}
@@ -263,6 +266,8 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
         status = 507
     elif too_big:
         status = 413
+    elif forbidden == len(failed):
+        status = 403
     else:
         status = 409
     log.info("STOW from %s: %d stored, %d failed%s", request.remote, len(referenced), len(failed),

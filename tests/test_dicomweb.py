@@ -82,8 +82,9 @@ def _start(tmp: Path, config_text: str | None = None) -> Server:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory, corpus) -> Server:
-    # The tests reach the server from 127.0.0.1, playing the reverse proxy for X-Forwarded-*.
-    s = _start(tmp_path_factory.mktemp("dwsrv"), '[http]\ntrusted_proxies = ["127.0.0.1"]\n')
+    # The tests reach the server from 127.0.0.1, playing the reverse proxy for X-Forwarded-*;
+    # viewers on other origins (Slim's pattern) are allowed, as a site lists them.
+    s = _start(tmp_path_factory.mktemp("dwsrv"), '[http]\ntrusted_proxies = ["127.0.0.1"]\ncors_origins = ["*"]\n')
     yield s
     s.stop()
 
@@ -564,6 +565,20 @@ def test_cors_preflight_with_authorization(srv, loaded):
     assert r.headers["Access-Control-Allow-Origin"] == "*"
     assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
     assert "GET" in r.headers["Access-Control-Allow-Methods"] and "POST" in r.headers["Access-Control-Allow-Methods"]
+
+
+def test_cors_default_allows_no_foreign_origin(tmp_path, corpus):
+    s = _start(tmp_path)
+    try:
+        u = s.dicomweb_url
+        r = requests.options(f"{u}/studies", headers={"Origin": "https://viewer.example",
+                                                       "Access-Control-Request-Method": "GET"})
+        assert r.status_code == 403 and "Access-Control-Allow-Origin" not in r.headers
+        assert "http.cors_origins" in r.text
+        r = requests.get(f"{u}/studies", headers={"Origin": "https://viewer.example"})
+        assert r.status_code == 200 and "Access-Control-Allow-Origin" not in r.headers
+    finally:
+        s.stop()
 
 
 def test_cors_configured_origins(tmp_path, corpus):

@@ -25,6 +25,8 @@ Databases (keys UTF-8):
   access         study -> ISO time of the last access (written at most once per interval)
   flags          study -> JSON {"pinned", "hold"}
   verified       sop \\0 tier -> ISO time the copy on that tier last re-hashed intact
+  tokens         token id -> JSON API token record (sha256 of the secret, roles, studies, expiry,
+                 revoked): a new table, created empty on open, so no schema change
 Study and series records count their instances per tier ("tiers": {name: n}) for availability.
 Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame; 4 the location
 (tier, key, syntax) moved out of the instance record and the frame table into `loc`; 5 tier counts
@@ -53,7 +55,7 @@ log = logging.getLogger("pathpacs.index")
 DB_NAMES = [
     "inst", "loc", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
     "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
-    "copies", "moves", "access", "flags", "verified",
+    "copies", "moves", "access", "flags", "verified", "tokens",
 ]
 INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
                       "00100010": "PatientName"}
@@ -871,6 +873,22 @@ class LmdbIndex:
         with self.env.begin() as txn:
             raw = txn.get(_k(sop, tier), db=self.db["verified"])
         return None if raw is None else raw.decode()
+
+    # -- API tokens (archive.tokens: records hold a hash of the secret, never the secret) -----
+    def put_token(self, token_id: str, record: dict) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(token_id.encode(), _dumps(record), db=self.db["tokens"])
+
+    def token(self, token_id: str) -> dict | None:
+        if "tokens" not in self.db:  # read-only open of an archive older than tokens
+            return None
+        with self.env.begin() as txn:
+            return self._get_json(txn, "tokens", token_id)
+
+    def tokens(self) -> list[dict]:
+        if "tokens" not in self.db:
+            return []
+        return [json.loads(v) for _k2, v in self._batched("tokens")]
 
     def backup(self, directory: Path) -> Path:
         """A consistent copy of the index while it is in use (LMDB's own copy, compacted)."""
