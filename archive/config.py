@@ -136,6 +136,9 @@ class OidcSection(_Section):
     name_claim: Annotated[str, Field(min_length=1, max_length=256)] = "preferred_username"
     leeway_seconds: Annotated[StrictInt, Field(ge=0, le=300)] = 30
     jwks_refresh_minutes: Annotated[float, BeforeValidator(lambda v: _number(v, "minutes")), Field(gt=0, le=1440)] = 60.0
+    # an unknown key id refetches the JWKS at most this often (a flood of bad tokens cannot
+    # hammer the identity provider); a rotated key is picked up within it
+    jwks_cooldown_seconds: Annotated[float, BeforeValidator(lambda v: _number(v, "seconds")), Field(ge=0, le=3600)] = 30.0
 
 
 class AuthSection(_Section):

@@ -48,12 +48,14 @@ class OidcVerifier:
         self.allow_combined = allow_combined_admin_roles
         self._jwks_url: str | None = settings.get("jwks_url")
         self._lifespan = float(settings.get("jwks_refresh_minutes", 60.0)) * 60
+        self._cooldown = float(settings.get("jwks_cooldown_seconds", 30.0))
         self._client: jwt.PyJWKClient | None = None
 
     def _keys(self) -> jwt.PyJWKClient:
         if self._client is None:
             url = self._jwks_url or self._discover()
-            self._client = jwt.PyJWKClient(url, cache_keys=True, lifespan=self._lifespan, timeout=FETCH_TIMEOUT)
+            self._client = jwt.PyJWKClient(url, cache_keys=True, lifespan=self._lifespan, timeout=FETCH_TIMEOUT,
+                                          cooldown_duration=self._cooldown)
         return self._client
 
     def _discover(self) -> str:

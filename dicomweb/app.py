@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive.service import AsyncArchive
 from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
-from . import pages, qido
+from . import admin, pages, qido
 from .auth import auth_middleware, principal_of
 from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
@@ -252,5 +252,6 @@ def make_app(archive, config) -> web.Application:
     r.add_post("/dicomweb/studies", h.stow)
     r.add_post(S, h.stow)
     pages.add_routes(app, arc)
+    admin.add_routes(app, arc)
     r.add_route("*", "/dicomweb/{tail:.*}", h.not_found)
     return app

@@ -40,6 +40,8 @@ def _right_for(method: str, path: str) -> tuple[Right, ...] | None:
     """The rights of which one is needed (None: public)."""
     if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
         return None
+    if path == "/api/whoami":
+        return ()  # any authenticated caller
     if path.startswith("/api/tokens"):
         return (Right.SECURITY,)
     if path.startswith("/api/audit"):
@@ -55,10 +57,11 @@ def _right_for(method: str, path: str) -> tuple[Right, ...] | None:
     return (Right.READ,)
 
 
-def _unauthorized(reason: str) -> web.Response:
+def _unauthorized(reason: str, invalid: bool) -> web.Response:
+    """401, with the challenge of RFC 6750 (error="invalid_token" when a credential was sent)."""
     resp = error(401, reason)
-    resp.headers["WWW-Authenticate"] = 'Bearer realm="pathpacs", error="invalid_token"' \
-        if "required" not in reason else 'Bearer realm="pathpacs"'
+    resp.headers["WWW-Authenticate"] = 'Bearer realm="pathpacs", error="invalid_token"' if invalid \
+        else 'Bearer realm="pathpacs"'
     return resp
 
 
@@ -79,19 +82,21 @@ def auth_middleware(authn, run_in_thread):
                 rights = _right_for(request.method, request.path)
                 if rights is None and not bearer:
                     return await handler(request)
+                if bearer == "":
+                    return _unauthorized("only Authorization: Bearer <token> credentials are accepted", True)
                 try:
                     if bearer and authn.needs_io(bearer):
                         principal = await run_in_thread(authn.authenticate, bearer)
                     else:
                         principal = authn.authenticate(bearer)
                 except Unauthenticated as exc:
-                    return _unauthorized(exc.reason)
+                    return _unauthorized(exc.reason, bearer is not None)
                 except Forbidden as exc:
                     return error(403, exc.reason)
         request[PRINCIPAL] = principal
         rights = _right_for(request.method, request.path)
         if rights is not None:
-            if not any(r in principal.rights for r in rights):
+            if rights and not any(r in principal.rights for r in rights):
                 what = {Right.READ: "read images", Right.STORE: "store objects", Right.ADMIN: "administer the archive",
                         Right.SECURITY: "manage tokens", Right.AUDIT: "read the audit trail"}.get(rights[0], "do this")
                 return error(403, f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) "

@@ -1,58 +1,117 @@
-"""The built-in pages: a study list with thumbnails at / (answers from the index only)."""
-from __future__ import annotations
+"""The built-in pages: a study list with thumbnails at /, and its login.
 
-import asyncio
-import html
+The page is a static shell: it holds no patient data and needs no credential. Its script
+asks /api/whoami, shows a login form when the archive wants a credential (an API token or an
+OIDC access token, kept in sessionStorage and sent as `Authorization: Bearer`), then lists
+the studies through our own QIDO-RS and loads each thumbnail with the same header. So the
+page sees exactly what the caller's role and scope allow, and nothing else.
+"""
+from __future__ import annotations
 
 from aiohttp import web
 
-from archive.metadata import string_values
-
-
-def _v(doc: dict, tag: str) -> str:
-    return html.escape("\\".join(string_values(doc.get(tag))))
-
-
-def _name(doc: dict) -> str:
-    """A person name as people write it: 'Family, Given Middle' (DICOM stores Family^Given^Middle)."""
-    names = []
-    for raw in string_values(doc.get("00100010")):
-        family, _, rest = raw.partition("^")
-        given = " ".join(p for p in rest.split("^") if p)
-        names.append(f"{family}, {given}" if family and given else family or given)
-    return html.escape("; ".join(names))
+PAGE = """<!doctype html><html lang=en><head><meta charset=utf-8><title>pathpacs</title>
+<meta name=viewport content="width=device-width, initial-scale=1">
+<style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse}
+td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
+img{max-width:96px;max-height:96px}#who{float:right;color:#555}#login textarea{width:36em;height:4em}
+.err{color:#a00}[hidden]{display:none}</style></head><body>
+<div id=who hidden><span id=whoname></span> · <a href=# id=logout>log out</a></div>
+<h1>pathpacs</h1>
+<form id=login hidden><p>This archive needs a credential: paste an API token
+(<code>pathpacs token create --role viewer</code>) or an OIDC access token.</p>
+<textarea id=token name=token autocomplete=off spellcheck=false></textarea><br>
+<button type=submit>Log in</button> <span id=loginerr class=err></span></form>
+<p id=status></p>
+<table id=studies hidden><thead><tr><th></th><th>Patient</th><th>Date</th><th>Accession</th>
+<th>Description</th><th>Modalities</th><th>Series / instances</th></tr></thead><tbody></tbody></table>
+<script>
+"use strict";
+const KEY = "pathpacs.token";
+const $ = (id) => document.getElementById(id);
+const auth = () => { const t = sessionStorage.getItem(KEY); return t ? {Authorization: "Bearer " + t} : {}; };
+const val = (doc, tag) => ((doc[tag] || {}).Value || []);
+const text = (doc, tag) => val(doc, tag).map(String).join("\\\\");
+function person(doc) {
+  return val(doc, "00100010").map(v => {
+    const raw = (v && v.Alphabetic) || "";
+    const [family, ...rest] = raw.split("^");
+    const given = rest.filter(Boolean).join(" ");
+    return family && given ? family + ", " + given : family || given;
+  }).join("; ");
+}
+function cell(row, value) { const td = row.insertCell(); td.textContent = value; return td; }
+async function thumbnail(img, url) {
+  const r = await fetch(url, {headers: {...auth(), Accept: "image/jpeg"}});
+  if (r.ok) img.src = URL.createObjectURL(await r.blob());
+}
+async function list() {
+  const r = await fetch("dicomweb/studies?includefield=00081030&includefield=00201206&limit=500",
+                        {headers: {...auth(), Accept: "application/dicom+json"}});
+  if (r.status === 401) return showLogin("");
+  if (!r.ok) { $("status").textContent = "The archive answered " + r.status + ": " + (await r.text()); return; }
+  const studies = r.status === 204 ? [] : await r.json();
+  studies.sort((a, b) => text(b, "00080020").localeCompare(text(a, "00080020")));
+  $("status").textContent = studies.length + (studies.length === 1 ? " study." : " studies.") +
+    " DICOMweb root: /dicomweb.";
+  const body = $("studies").tBodies[0];
+  body.replaceChildren();
+  for (const s of studies) {
+    const uid = text(s, "0020000D");
+    const row = body.insertRow();
+    const img = document.createElement("img");
+    img.alt = "";
+    row.insertCell().appendChild(img);
+    const who = cell(row, person(s));
+    who.appendChild(document.createElement("br"));
+    const id = document.createElement("small"); id.textContent = text(s, "00100020"); who.appendChild(id);
+    cell(row, text(s, "00080020")); cell(row, text(s, "00080050")); cell(row, text(s, "00081030"));
+    cell(row, val(s, "00080061").join(","));
+    cell(row, text(s, "00201206") + " / " + text(s, "00201208"));
+    thumbnail(img, "dicomweb/studies/" + encodeURIComponent(uid) + "/thumbnail?viewport=96,96");
+  }
+  $("studies").hidden = false;
+}
+function showLogin(message) {
+  $("login").hidden = false; $("studies").hidden = true; $("who").hidden = true;
+  $("loginerr").textContent = message; $("status").textContent = "";
+}
+async function start() {
+  const r = await fetch("api/whoami", {headers: auth()});
+  if (r.status === 401) {
+    const had = sessionStorage.getItem(KEY);
+    sessionStorage.removeItem(KEY);
+    return showLogin(had ? "That credential was not accepted: " + (await r.text()) : "");
+  }
+  if (!r.ok) { $("status").textContent = "The archive answered " + r.status; return; }
+  const me = await r.json();
+  $("login").hidden = true;
+  if (me.via !== "anonymous") {
+    $("whoname").textContent = me.name + " (" + me.roles.join(", ") + ")";
+    $("who").hidden = false;
+  }
+  if (!me.rights.includes("read")) {
+    $("status").textContent = "Your role (" + me.roles.join(", ") + ") may not view images.";
+    return;
+  }
+  await list();
+}
+$("login").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const t = $("token").value.trim();
+  if (t) { sessionStorage.setItem(KEY, t); $("token").value = ""; start(); }
+});
+$("logout").addEventListener("click", (e) => { e.preventDefault(); sessionStorage.removeItem(KEY); showLogin(""); });
+start();
+</script></body></html>
+"""
 
 
 def add_routes(app: web.Application, arc) -> None:
-    def newest_studies() -> list:
-        studies = list(arc.sync.studies())
-        studies.sort(key=lambda s: s.updated, reverse=True)
-        return studies
-
     async def index(request: web.Request) -> web.Response:
-        rows = []
-        # a scan of every study: off the event loop (the study browser issue replaces it with QIDO)
-        studies = await arc.run(newest_studies)
-        for rec in studies[:500]:
-            a = rec.attrs
-            u = html.escape(rec.uid)
-            rows.append(
-                f"<tr><td><a href='dicomweb/studies/{u}/thumbnail?viewport=512,512'>"
-                f"<img loading=lazy src='dicomweb/studies/{u}/thumbnail?viewport=96,96' alt=''></a></td>"
-                f"<td>{_name(a)}<br><small>{_v(a, '00100020')}</small></td>"
-                f"<td>{_v(a, '00080020')}</td><td>{_v(a, '00080050')}</td><td>{_v(a, '00081030')}</td>"
-                f"<td>{html.escape(','.join(rec.modalities))}</td>"
-                f"<td>{rec.n_series} / {rec.n_instances}</td>"
-                f"<td><a href='dicomweb/studies/{u}/series'>series</a> · "
-                f"<a href='dicomweb/studies/{u}/metadata'>metadata</a></td></tr>")
-        body = f"""<!doctype html><html><head><meta charset=utf-8><title>pathpacs</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}}
-img{{max-width:96px;max-height:96px}}</style></head><body>
-<h1>pathpacs</h1><p>{len(studies)} {"study" if len(studies) == 1 else "studies"}. DICOMweb root: <code>/dicomweb</code>.</p>
-<table><tr><th></th><th>Patient</th><th>Date</th><th>Accession</th><th>Description</th>
-<th>Modalities</th><th>Series / instances</th><th></th></tr>
-{''.join(rows)}</table></body></html>"""
-        return web.Response(text=body, content_type="text/html")
+        return web.Response(text=PAGE, content_type="text/html",
+                            headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                                     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+                                                                "script-src 'unsafe-inline'; style-src 'unsafe-inline'"})
 
     app.router.add_get("/", index)

@@ -1,0 +1,71 @@
+"""Administration over HTTP: `/api/tokens` (the `secadmin` role) and `/api/whoami`.
+
+The auth middleware has checked the right before a handler here runs; the handlers only
+call the archive's token store. Secrets are returned once, by the POST that creates them.
+"""
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from archive.tokens import parse_expiry
+
+from .auth import principal_of
+from .common import HttpError
+
+MAX_BODY = 64 << 10
+
+
+def _info(t) -> dict:
+    return {"id": t.id, "name": t.name, "roles": list(t.roles), "studies": list(t.studies) if t.studies else None,
+            "created": t.created, "expires": t.expires, "revoked": t.revoked, "state": t.state,
+            "created_by": t.created_by}
+
+
+def add_routes(app: web.Application, arc) -> None:
+    tokens = arc.sync.tokens
+
+    async def whoami(request: web.Request) -> web.Response:
+        p = principal_of(request)
+        return web.json_response({"id": p.id, "name": p.name, "roles": sorted(p.roles), "via": p.via,
+                                  "studies": sorted(p.studies) if p.studies is not None else None,
+                                  "rights": sorted(r.value for r in p.rights)})
+
+    async def list_tokens(request: web.Request) -> web.Response:
+        return web.json_response([_info(t) for t in await arc.run(tokens.list)])
+
+    async def create_token(request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise HttpError(413, "token request too large")
+        try:
+            body = json.loads(await request.content.read(MAX_BODY))
+            roles = body["roles"]
+            if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+                raise ValueError("roles must be a list of role names")
+            studies = body.get("studies")
+            if studies is not None and (not isinstance(studies, list) or not all(isinstance(s, str) for s in studies)):
+                raise ValueError("studies must be a list of Study Instance UIDs")
+            expires = parse_expiry(body["expires"]) if body.get("expires") else None
+            name = str(body.get("name", ""))[:200]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise HttpError(400, f"bad token request: {exc if isinstance(exc, ValueError) else 'give roles'}")
+        who = principal_of(request)
+        try:
+            secret, info = await arc.run(tokens.create, roles, studies=studies, expires=expires, name=name,
+                                         created_by=who.name)
+        except ValueError as exc:
+            raise HttpError(400, str(exc))
+        return web.json_response({**_info(info), "secret": secret}, status=201)
+
+    async def revoke_token(request: web.Request) -> web.Response:
+        try:
+            info = await arc.run(tokens.revoke, request.match_info["id"])
+        except KeyError:
+            raise HttpError(404, f"no token {request.match_info['id'][:40]}")
+        return web.json_response(_info(info))
+
+    app.router.add_get("/api/whoami", whoami)
+    app.router.add_get("/api/tokens", list_tokens)
+    app.router.add_post("/api/tokens", create_token)
+    app.router.add_delete("/api/tokens/{id}", revoke_token)
