@@ -74,6 +74,7 @@ async function list() {
 }
 function showLogin(message) {
   $("login").hidden = false; $("studies").hidden = true; $("who").hidden = true;
+  $("studies").tBodies[0].replaceChildren();  // nothing of the last user stays in the page
   $("loginerr").textContent = message; $("status").textContent = "";
 }
 async function start() {

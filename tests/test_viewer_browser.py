@@ -145,7 +145,9 @@ _SAMPLE_JS = """() => {
 }"""
 
 
-def test_dicom_microscopy_viewer_displays_slide(server, browser, page_server, tmp_path):
+def test_dicom_microscopy_viewer_displays_slide(make_server, browser, page_server, tmp_path):
+    # the viewer is served from another origin: the archive lists it (no foreign origin by default)
+    server = make_server(config_text=f'[http]\ncors_origins = ["{page_server}"]\n')
     paths = factory.wsi_series(tmp_path / "slide", levels=LEVELS, tile=256)
     complete_wsi(paths)
     run_cli("import", "--quiet", str(tmp_path / "slide"), data=server.data_dir, check=True)
