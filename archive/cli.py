@@ -639,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-port", type=_port)
     p.add_argument("--http-port", type=_port)
     p.add_argument("--aet", type=_checked(check_aet))
-    p.add_argument("--host", type=_checked(check_host), help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--host", type=_checked(check_host), help="address to listen on (default 127.0.0.1; another address needs [auth])")
     p.add_argument("--http-workers", type=_workers, help="HTTP worker processes (default 1 or http.workers)")
     p.set_defaults(func=cmd_serve)
 

@@ -74,6 +74,8 @@ def auth_middleware(authn, run_in_thread):
         if request.method == "OPTIONS":
             return await handler(request)
         if not required:
+            if request.method == "GET" and request.path.startswith("/dicomweb/"):
+                return await handler(request)  # ANONYMOUS reads everything: the frame path stays bare
             principal = ANONYMOUS
         else:
             bearer = _bearer(request)

@@ -243,7 +243,8 @@ def stow_rounds(files: list[Path], work: Path, release: Path, rounds: int = 2) -
     return best
 
 
-async def _load(urls: list[str], clients: int, accept: str | None, time_cap: float | None) -> dict:
+async def _load(urls: list[str], clients: int, accept: str | None, time_cap: float | None,
+                extra: dict | None = None) -> dict:
     import aiohttp
 
     lat: list[float] = []
@@ -251,7 +252,7 @@ async def _load(urls: list[str], clients: int, accept: str | None, time_cap: flo
     nbytes = 0
     q = list(reversed(urls))
     deadline = None if time_cap is None else time.perf_counter() + time_cap
-    headers = {"Accept": accept} if accept else {}
+    headers = {**({"Accept": accept} if accept else {}), **(extra or {})}
     conn = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
         async with s.get(urls[0], headers=headers) as r:  # warm-up
@@ -277,8 +278,8 @@ async def _load(urls: list[str], clients: int, accept: str | None, time_cap: flo
             "p50_ms": round(lat[n // 2] * 1e3, 2), "p99_ms": round(lat[min(n - 1, int(n * 0.99))] * 1e3, 2)}
 
 
-def load(urls, clients, accept=None, time_cap=None) -> dict:
-    return asyncio.run(_load(urls, clients, accept, time_cap))
+def load(urls, clients, accept=None, time_cap=None, headers=None) -> dict:
+    return asyncio.run(_load(urls, clients, accept, time_cap, headers))
 
 
 def _timed_get(url: str, reps: int, headers: dict | None = None) -> dict:
@@ -444,19 +445,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
         shutil.rmtree(old_data, ignore_errors=True)
         old = _pathpacs(old_data, work / "previous.log", release=previous_release(work / "previous-release"))
         old_base = old.dicomweb_url
+        # the same archive served with authentication on (API tokens), beside the first server
+        secret = subprocess.run([sys.executable, "-m", "archive", "token", "create", "--data", str(data),
+                                 "--role", "viewer", "--name", "bench"], capture_output=True, text=True,
+                                cwd=REPO, check=True).stdout.strip()
+        authed = start_pathpacs(data, config_text='[auth]\nmode = "token"\n', quiet=True,
+                                log_path=work / "pathpacs-auth.log")
+        auth_url = f"{authed.dicomweb_url}/studies/{st}/series/{se}/instances/{sop}/frames/"
         try:
             stow(f"{old_base}/studies", files, work)
             old_url = f"{old_base}/studies/{st}/series/{se}/instances/{sop}/frames/"
             best: dict[str, dict] = {}
             for _round in range(2):
-                for name, url in (("now", frame_url), ("old", old_url)):
-                    r = load([url + str(k) for k in picks], args.clients, accept)
+                for name, url, hdrs in (("now", frame_url, None), ("old", old_url, None),
+                                        ("auth", auth_url, {"Authorization": f"Bearer {secret}"})):
+                    r = load([url + str(k) for k in picks], args.clients, accept, headers=hdrs)
                     if name not in best or r["per_s"] > best[name]["per_s"]:
                         best[name] = r
             old_meta = _timed_get(f"{old_base}/studies/{st}/series/{se}/metadata", 50,
                                   {"Accept": "application/dicom+json"})
         finally:
             old.stop(timeout=30)
+            authed.stop(timeout=30)
         row(benchmark=f"STOW-RS of a {slide_mb:.0f} MB WSI series ({len(files)} instances)",
             system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release)", **stows["old"])
         ratio = best["now"]["per_s"] / best["old"]["per_s"]
@@ -464,6 +474,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             system="pathpacs WADO-RS (CRC32C checked)", note=f"{ratio:.1%} of the previous release", **best["now"])
         row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
             system=f"pathpacs {PREVIOUS_RELEASE[:7]} (previous release, no checksums)", **best["old"])
+        row(benchmark=f"random level-0 frames of a {n_frames}-frame slide, {args.clients} clients",
+            system="pathpacs WADO-RS, auth on (API token, cached check)",
+            note=f"{best['auth']['per_s'] / best['now']['per_s']:.1%} of auth off (target >= 90%)", **best["auth"])
         res = best["now"]
 
         # the limit: a bare aiohttp handler, one pread per frame, same blob, same frames
