@@ -134,6 +134,9 @@ class OidcSection(_Section):
     role_claim: Annotated[str, Field(min_length=1, max_length=256)] = "roles"  # dotted path: realm_access.roles
     role_map: dict[Annotated[str, Field(min_length=1, max_length=256)], list[RoleName]] = {}
     name_claim: Annotated[str, Field(min_length=1, max_length=256)] = "preferred_username"
+    # the pages' login (authorization code + PKCE, a public client registered at the issuer)
+    client_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    scope: Annotated[str, Field(min_length=1, max_length=512)] = "openid profile"
     leeway_seconds: Annotated[StrictInt, Field(ge=0, le=300)] = 30
     jwks_refresh_minutes: Annotated[float, BeforeValidator(lambda v: _number(v, "minutes")), Field(gt=0, le=1440)] = 60.0
     # an unknown key id refetches the JWKS at most this often (a flood of bad tokens cannot

@@ -49,7 +49,10 @@ class OidcVerifier:
         self._jwks_url: str | None = settings.get("jwks_url")
         self._lifespan = float(settings.get("jwks_refresh_minutes", 60.0)) * 60
         self._cooldown = float(settings.get("jwks_cooldown_seconds", 30.0))
+        self.client_id: str | None = settings.get("client_id")
+        self.scope: str = settings.get("scope", "openid profile")
         self._client: jwt.PyJWKClient | None = None
+        self._discovery: dict | None = None
 
     def _keys(self) -> jwt.PyJWKClient:
         if self._client is None:
@@ -58,7 +61,10 @@ class OidcVerifier:
                                           cooldown_duration=self._cooldown)
         return self._client
 
-    def _discover(self) -> str:
+    def discovery(self) -> dict:
+        """The issuer's discovery document (fetched once; may block: call it off the loop)."""
+        if self._discovery is not None:
+            return self._discovery
         url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
         try:
             with urllib.request.urlopen(url, timeout=FETCH_TIMEOUT) as resp:
@@ -66,9 +72,24 @@ class OidcVerifier:
         except Exception as exc:
             log.warning("OIDC discovery at %s failed: %s", url, exc)
             raise OidcError("the identity provider cannot be reached") from None
-        if doc.get("issuer") != self.issuer or not isinstance(doc.get("jwks_uri"), str):
+        if not isinstance(doc, dict) or doc.get("issuer") != self.issuer or not isinstance(doc.get("jwks_uri"), str):
             raise OidcError("the identity provider's discovery document does not match auth.oidc.issuer")
-        return doc["jwks_uri"]
+        self._discovery = doc
+        return doc
+
+    def _discover(self) -> str:
+        return self.discovery()["jwks_uri"]
+
+    def login_config(self) -> dict | None:
+        """What the pages need for the authorization code + PKCE login (None: no client_id)."""
+        if not self.client_id:
+            return None
+        doc = self.discovery()
+        auth, token = doc.get("authorization_endpoint"), doc.get("token_endpoint")
+        if not isinstance(auth, str) or not isinstance(token, str):
+            raise OidcError("the identity provider publishes no authorization or token endpoint")
+        return {"authorization_endpoint": auth, "token_endpoint": token, "client_id": self.client_id,
+                "scope": self.scope}
 
     def roles_of(self, claims: dict) -> frozenset[str]:
         raw = _claim(claims, self.role_claim)

@@ -9,6 +9,7 @@ import json
 
 from aiohttp import web
 
+from archive.oidc import OidcError
 from archive.tokens import parse_expiry
 
 from .auth import principal_of
@@ -65,6 +66,19 @@ def add_routes(app: web.Application, arc) -> None:
             raise HttpError(404, f"no token {request.match_info['id'][:40]}")
         return web.json_response(_info(info))
 
+    authn = arc.sync.authn
+
+    async def login_config(request: web.Request) -> web.Response:
+        """Public: how the pages log in (mode; the OIDC endpoints for authorization code + PKCE)."""
+        oidc = None
+        if authn.mode == "oidc" and authn.oidc is not None:
+            try:
+                oidc = await arc.run(authn.oidc.login_config)
+            except OidcError as exc:
+                raise HttpError(503, f"OIDC login unavailable: {exc}")
+        return web.json_response({"mode": authn.mode, "oidc": oidc})
+
+    app.router.add_get("/api/login-config", login_config)
     app.router.add_get("/api/whoami", whoami)
     app.router.add_get("/api/tokens", list_tokens)
     app.router.add_post("/api/tokens", create_token)

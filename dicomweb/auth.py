@@ -18,7 +18,7 @@ from .common import error
 
 PRINCIPAL = "pathpacs.principal"  # request key holding the caller's Principal
 PUBLIC_PREFIXES = ("/static/",)
-PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/login"})
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/api/login-config"})
 
 
 def principal_of(request: web.Request) -> Principal:

@@ -8,10 +8,13 @@ administrator roles do not combine; `none` refuses a non-loopback listener.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.server
 import io
 import json
+import os
 import threading
+import urllib.parse
 import time
 from pathlib import Path
 
@@ -345,26 +348,55 @@ class _Idp:
         idp = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                if self.path == "/.well-known/openid-configuration":
-                    body = {"issuer": idp.issuer, "jwks_uri": idp.issuer + "/jwks"}
-                elif self.path == "/jwks":
-                    idp.jwks_fetches += 1
-                    body = idp.jwks()
-                else:
-                    self.send_error(404)
-                    return
+            def _json(self, body, status=200):
                 data = json.dumps(body).encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                self.send_header("Access-Control-Allow-Origin", "*")
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                path, _, query = self.path.partition("?")
+                if path == "/.well-known/openid-configuration":
+                    self._json({"issuer": idp.issuer, "jwks_uri": idp.issuer + "/jwks",
+                                "authorization_endpoint": idp.issuer + "/authorize",
+                                "token_endpoint": idp.issuer + "/token"})
+                elif path == "/jwks":
+                    idp.jwks_fetches += 1
+                    self._json(idp.jwks())
+                elif path == "/authorize":  # a user already signed in at the hospital: straight back
+                    q = dict(urllib.parse.parse_qsl(query))
+                    code = base64.urlsafe_b64encode(os.urandom(12)).decode()
+                    idp.codes[code] = q
+                    self.send_response(302)
+                    self.send_header("Location", q["redirect_uri"] + "?" + urllib.parse.urlencode(
+                        {"code": code, "state": q["state"]}))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self.send_error(404)
+
+            def do_POST(self):  # noqa: N802
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                asked = idp.codes.pop(form.get("code", ""), None)
+                challenge = base64.urlsafe_b64encode(
+                    hashlib.sha256(form.get("code_verifier", "").encode()).digest()).rstrip(b"=").decode()
+                if (self.path != "/token" or asked is None or asked["code_challenge_method"] != "S256"
+                        or asked["code_challenge"] != challenge or asked["client_id"] != form.get("client_id")
+                        or asked["redirect_uri"] != form.get("redirect_uri")):
+                    self._json({"error": "invalid_grant"}, 400)
+                    return
+                idp.logins.append(asked)
+                self._json({"access_token": idp.token(sub="dr-zhang"), "token_type": "Bearer", "expires_in": 300})
 
             def log_message(self, *a):
                 pass
 
         self.jwks_fetches = 0
+        self.codes: dict[str, dict] = {}
+        self.logins: list[dict] = []
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.issuer = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
@@ -402,6 +434,7 @@ def oidc_srv(tmp_path_factory, corpus, idp):
     cfg = tmp / "config.toml"
     cfg.write_text(f'[auth]\nmode = "oidc"\ncache_seconds = 1\n[auth.oidc]\nissuer = "{idp.issuer}"\n'
                    'audience = "pathpacs"\nrole_claim = "groups"\njwks_cooldown_seconds = 0\n'
+                   'client_id = "pathpacs-pages"\n'
                    'role_map = { pathologists = ["viewer"], lab = ["uploader"], ops = ["sysadmin"], '
                    'audit = ["auditor"] }\n')
     s = Server(tmp / "data", free_port(), free_port(), config=cfg).start()
@@ -455,3 +488,28 @@ def test_oidc_key_rotation_is_picked_up(oidc_srv, idp):
 def test_api_tokens_work_in_oidc_mode(oidc_srv):
     t = token(oidc_srv.data_dir, "--role", "viewer")
     assert requests.get(f"{oidc_srv.dicomweb_url}/studies", headers=bearer(t), timeout=10).status_code == 200
+
+
+def test_pages_log_in_through_the_identity_provider(oidc_srv, idp, browser, corpus):
+    """Authorization code + PKCE from the page: to the issuer and back, the code exchanged for an
+    access token the archive then accepts; the study list follows."""
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(oidc_srv.http_url + "/")
+    page.wait_for_selector("#oidc:not([hidden])", timeout=15000)
+    page.click("#oidc")
+    page.wait_for_selector("#studies tbody tr", timeout=15000)
+    assert "ACC-A" in page.inner_text("#studies")
+    assert "dr-zhang@hospital (viewer)" in page.inner_text("#who")
+    assert page.url == oidc_srv.http_url + "/"  # the code is not left in the address bar
+    asked = idp.logins[-1]
+    assert asked["client_id"] == "pathpacs-pages" and asked["code_challenge_method"] == "S256"
+    assert asked["redirect_uri"] == oidc_srv.http_url + "/" and asked["scope"] == "openid profile"
+    # a forged return (state not issued by this page) is refused
+    page.evaluate("() => sessionStorage.clear()")
+    page.goto(oidc_srv.http_url + "/?code=forged&state=forged")
+    page.wait_for_function("() => document.getElementById('loginerr').textContent.includes('did not match')",
+                           timeout=15000)
+    assert "ACC-A" not in page.content()
+    assert errors == []
