@@ -4,7 +4,8 @@ Random and mutated input to QIDO parameters, Accept headers, frame lists, render
 parameters and STOW bodies. For every case: no 500 (nor any 5xx: the server holds no damaged
 data), no traceback in the answer, the process alive. At the end: RSS under 1 GB, no
 traceback in the server log, nothing left in staging. The server holds one small WSI series
-(two levels) and one SC image. Budget: well under 90 s on 2 cores.
+(two levels) and one SC image, with `auth.mode = "token"` (every request carries a valid token,
+so the auth middleware runs on every fuzzed request). Budget: well under 90 s on 2 cores.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 import factory
-from conftest import Server, free_port
+from conftest import Server, free_port, run_cli
 
 FUZZ = settings(max_examples=300, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -34,7 +35,11 @@ MB = 1 << 20
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory) -> Server:
     root = tmp_path_factory.mktemp("fuzz")
-    s = Server(root / "data", free_port(), free_port()).start()
+    cfg = root / "config.toml"
+    cfg.write_text('[auth]\nmode = "token"\n')  # the auth middleware sees every fuzzed request too
+    s = Server(root / "data", free_port(), free_port(), config=cfg).start()
+    s.token = run_cli("token", "create", "--role", "viewer", "--role", "uploader", "--name", "fuzz",  # type: ignore[attr-defined]
+                      data=s.data_dir, check=True).stdout.strip()
     study, series = generate_uid(), generate_uid()
     levels = factory.wsi_series(root / "wsi", study=study, series=series, levels=((512, 384), (256, 192)),
                                 patient_id="PF1", patient_name="Fuzz^Fiona")
@@ -75,6 +80,8 @@ def request(srv: Server, method: str, path: str, headers: list[tuple[str, str | 
     conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=60)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
+        if getattr(srv, "token", None) and not any(k.lower() == "authorization" for k, _ in headers):
+            conn.putheader("Authorization", f"Bearer {srv.token}")
         for k, v in headers:
             conn.putheader(k, v)
         if body is not None:
