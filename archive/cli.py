@@ -15,6 +15,7 @@ from typing import Iterator
 from converters import commands as convert_cli
 
 from . import config as config_mod
+from . import deletion_cli
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 from .status import ArchiveError
 
@@ -704,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_capacity)
 
     convert_cli.register(sub)  # `convert`: the converters library's own verb
+    deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     _add_watch(sub)
     return parser
 

@@ -8,6 +8,8 @@ from aiohttp import web
 
 from archive.metadata import string_values
 
+from .auth import principal_of
+
 
 def _v(doc: dict, tag: str) -> str:
     return html.escape("\\".join(string_values(doc.get(tag))))
@@ -24,15 +26,15 @@ def _name(doc: dict) -> str:
 
 
 def add_routes(app: web.Application, arc) -> None:
-    def newest_studies() -> list:
-        studies = list(arc.sync.studies())
+    def newest_studies(who) -> list:
+        studies = [s for s in arc.sync.studies() if not arc.sync.study_hidden(s, who)]
         studies.sort(key=lambda s: s.updated, reverse=True)
         return studies
 
     async def index(request: web.Request) -> web.Response:
         rows = []
         # a scan of every study: off the event loop (the study browser issue replaces it with QIDO)
-        studies = await arc.run(newest_studies)
+        studies = await arc.run(newest_studies, principal_of(request))
         for rec in studies[:500]:
             a = rec.attrs
             u = html.escape(rec.uid)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from archive import metadata as md
+from archive.access import ANONYMOUS, Principal
 from archive.query import Key, QueryError, series_doc, study_doc, tag_hex, vr_of
 
 from . import dicomxml
@@ -126,8 +127,8 @@ def _project(doc: dict[str, Any], tags: set[str] | None) -> dict[str, Any]:
 
 
 def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | None = None,
-           series: str | None = None, retrieve_aet: str | None = None, max_results: int = 10000
-           ) -> tuple[list[dict[str, Any]], bool, int | None]:
+           series: str | None = None, retrieve_aet: str | None = None, max_results: int = 10000,
+           who: Principal = ANONYMOUS) -> tuple[list[dict[str, Any]], bool, int | None]:
     """Run one QIDO search; returns (projected documents, more results exist, the limit
     used when the client asked for more than `max_results`, else None). At most
     `max_results` documents (http.max_results) whatever `limit` asks (PS3.18 10.6.3.2: the
@@ -155,7 +156,7 @@ def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | N
     if q.include_all:
         tags = None
     results = arc.search(level, q.keys, study=study, series=series, fuzzy=q.fuzzy,
-                         retrieve_aet=retrieve_aet, full_metadata=full)
+                         retrieve_aet=retrieve_aet, full_metadata=full, who=who)
     stop = None if q.limit is None else q.offset + q.limit
     page = list(itertools.islice(results, q.offset, None if stop is None else stop + 1))
     more = stop is not None and len(page) > q.limit  # type: ignore[operator]
