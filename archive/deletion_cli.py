@@ -14,6 +14,9 @@ from .status import ArchiveError
 def _cli():
     from . import cli  # archive.cli imports this module to register its verbs
 
+    import logging
+
+    logging.getLogger("pathpacs.deletion").setLevel(logging.WARNING)  # the verb prints its own line
     return cli
 
 

@@ -27,7 +27,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
-from .access import ANONYMOUS, SYSTEM, Principal, Right
+from .access import SYSTEM, Principal, Right
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
 from .index import FixityEvent, Index, open_index
@@ -273,9 +273,7 @@ class Archive:
 
     def study_hidden(self, st: StudyRecord, who: Principal) -> bool:
         """Whether every instance of a study is hidden from `who`."""
-        if who.sees_rejected:
-            return False
-        return self.deletion.visibility.current().by_study.get(st.uid, 0) >= st.n_instances > 0
+        return self.deletion.visibility.current().counts(who)[2].get(st.uid, 0) >= st.n_instances > 0
 
     # -- records -------------------------------------------------------------------------
     def instance(self, sop: str) -> InstanceRecord | None:
@@ -347,27 +345,29 @@ class Archive:
         searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
                             full_instance_metadata=full_metadata, availability=self.availability)
         results = searcher.search(level, keys, study=study, series=series)
-        if not who.sees_rejected and self.deletion.visibility.current().sops:
-            results = self._unrejected(results)
+        vis = self.deletion.visibility.current()
+        if vis.purging or (vis.sops and not who.sees_rejected):
+            results = self._unrejected(results, who)
         if who.studies is None:
             return results
         return (r for r in results if who.sees(r.study))
 
-    def _unrejected(self, results: Iterator[SearchResult]) -> Iterator[SearchResult]:
-        """Search results without rejected objects: instances by UID, series and studies when
-        every instance in them is rejected (their counts less the rejected ones otherwise)."""
+    def _unrejected(self, results: Iterator[SearchResult], who: Principal) -> Iterator[SearchResult]:
+        """Search results without what `who` may not see (rejected objects; for administrators,
+        objects a purge has begun on): instances by UID, series and studies when every
+        instance in them is hidden (their counts less the hidden ones otherwise)."""
         from dataclasses import replace
 
         from . import metadata as md
 
-        vis = self.deletion.visibility.current()
+        hidden, by_series, by_study = self.deletion.visibility.current().counts(who)
         for r in results:
             if r.level == "IMAGE":
-                if r.sop in vis.sops:
+                if r.sop in hidden:
                     continue
             elif r.level in ("SERIES", "STUDY"):
-                tag, n_hidden = (("00201209", vis.by_series.get(r.series or "", 0)) if r.level == "SERIES"
-                                 else ("00201208", vis.by_study.get(r.study or "", 0)))
+                tag, n_hidden = (("00201209", by_series.get(r.series or "", 0)) if r.level == "SERIES"
+                                 else ("00201208", by_study.get(r.study or "", 0)))
                 if n_hidden:
                     n = md.int_value(r.doc, tag, 0)
                     if n - n_hidden <= 0:
@@ -375,7 +375,7 @@ class Archive:
                     r = replace(r, doc={**r.doc, tag: {"vr": "IS", "Value": [n - n_hidden]}})
             elif r.level == "PATIENT":
                 studies = self.index.studies_of_patient(r.patient or "")
-                if studies and all(self.study_hidden(st, ANONYMOUS) for st in studies):
+                if studies and all(by_study.get(st.uid, 0) >= st.n_instances for st in studies):
                     continue
             yield r
 

@@ -758,6 +758,7 @@ class LmdbIndex:
                 for m in md.string_values((self._get_json(txn, "series", s) or {"attrs": {}})["attrs"].get("00080060"))
             })
         if strec["n_instances"] <= 0:
+            patient = strec.get("patient", patient)  # the study's patient (an instance may name another)
             txn.delete(study.encode(), db=db["study"])
             txn.delete(_k(patient, study), db=db["patient_study"])
             for tag in INDEXED_STUDY_TAGS:
@@ -1062,6 +1063,10 @@ class LmdbIndex:
                 txn.delete(sop.encode(), db=self.db["rejected"])
                 if rec is not None and txn.get(rec.study.encode(), db=self.db["study"]) is None:
                     txn.delete(rec.study.encode(), db=self.db["access"])
+                if rec is not None:  # an instance whose Patient ID differs from its study's left a record
+                    prec = self._get_json(txn, "patient", rec.patient)
+                    if prec is not None and prec["n_studies"] <= 0 and not self._children(txn, "patient_study", rec.patient):
+                        txn.delete(rec.patient.encode(), db=self.db["patient"])
             else:
                 vraw = txn.get(intent["version"].encode(), db=self.db["versions"])
                 if vraw is not None:
