@@ -190,3 +190,16 @@ def test_cli_errors_are_one_line(tmp_path):
     assert line == "pathpacs: error: series 1.2.3 not found"
     line = one_line(cli(cfg, data, "restore", "--study", "1.2.3", "--replaced"))
     assert line == "pathpacs: error: --replaced restores a replaced version of one --instance"
+
+
+def test_purge_waits_purge_after_days(tmp_path):
+    cfg, data = setup(tmp_path)
+    cfg.write_text(cfg.read_text().replace("purge_after_days = 0", "purge_after_days = 30"))
+    study = store(tmp_path, cfg, data, "wait", study_date="19990101")
+    assert cli(cfg, data, "reject", "--study", study, "--reason", "quality").returncode == 0
+    res = cli(cfg, data, "purge")
+    assert res.returncode == 0 and res.stdout.splitlines() == [
+        "purged 0 instances of 0 studies and 0 replaced versions (0 bytes)"], res.stdout
+    assert blobs(tmp_path) == 2
+    listed = cli(cfg, data, "rejected").stdout.splitlines()
+    assert len(listed) == 2 and all(f"study {study}" in line for line in listed)
