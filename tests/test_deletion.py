@@ -79,6 +79,16 @@ def c_find_studies(srv: Server, study: str) -> list[str]:
     return found
 
 
+def c_get_files(srv: Server, study: str, out: Path) -> list[str]:
+    """SOP Instance UIDs dcmtk's getscu receives for a study-level C-GET."""
+    out.mkdir()
+    res = subprocess.run([need("getscu"), "-aec", srv.aet, "-S", "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1", str(srv.dicom_port)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in out.iterdir())
+
+
 def wait_for(predicate, timeout: float = 5.0) -> bool:
     """Another process's reject reaches a server within its refresh interval (0.25 s)."""
     end = time.monotonic() + timeout
@@ -133,6 +143,7 @@ def test_reject_restore_reject_purge_store_again(stored, tmp_path):
             r = requests.get(url)
             assert r.status_code == 404, (url, r.status_code, r.text)
         assert c_find_studies(srv, study) == []
+        assert c_get_files(srv, study, tmp_path / "get-rejected") == []
         # kept on their tiers, the note beside them (hot)
         assert len(blob_files(warm)) == 2 and len(blob_files(hot)) == 2
 
@@ -161,6 +172,7 @@ def test_reject_restore_reject_purge_store_again(stored, tmp_path):
         assert wait_for(lambda: len(requests.get(f"{base}/studies").json()) == 1)
         assert requests.get(frame_url, headers={"Accept": "image/jpeg"}).content == first_frame
         assert c_find_studies(srv, study) == [study]
+        assert c_get_files(srv, study, tmp_path / "get-restored") == sorted(uids(f)[2] for f in files + [sc])
         # the note stays hidden (it is purged with its reject's time)
         assert note not in requests.get(f"{base}/studies/{study}/instances").text
 
