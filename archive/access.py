@@ -34,6 +34,8 @@ ROLE_RIGHTS: dict[str, frozenset[Right]] = {
 ROLES = tuple(ROLE_RIGHTS)
 ADMIN_ROLES = frozenset({"sysadmin", "secadmin", "auditor"})
 
+KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
+
 # What the `ai` role (Right.STORE_DERIVED) may store: derived objects, never images.
 DERIVED_SOP_CLASSES = frozenset({
     "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
@@ -116,6 +118,8 @@ class Principal:
             return False
         if Right.STORE in self.rights:
             return True
+        if Right.ADMIN in self.rights and sop_class == KOS_SOP_CLASS:
+            return True  # an administrator sends IOCM rejection notes (Key Object Selection)
         return Right.STORE_DERIVED in self.rights and sop_class in DERIVED_SOP_CLASSES
 
     @property

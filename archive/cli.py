@@ -16,6 +16,7 @@ from converters import commands as convert_cli
 
 from . import config as config_mod
 from . import token_commands
+from . import deletion_cli
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 from .status import ArchiveError
 
@@ -714,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     token_commands.register(sub, _common)  # `token create|list|revoke`
     convert_cli.register(sub)  # `convert`: the converters library's own verb
+    deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     _add_watch(sub)
     return parser
 

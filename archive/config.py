@@ -219,6 +219,18 @@ class LifecycleSection(_Section):
     background: StrictBool = True  # rules, replicas and fixity run inside `serve`
 
 
+class DeletionSection(_Section):
+    purge_after_days: Days = 30.0  # a reject becomes purgeable this long after it
+
+
+class RetentionSection(_Section):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    match: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=1024)]] = {}
+    years: Annotated[StrictInt, Field(ge=1, le=200)]
+    from_: Literal["study_date", "last_access", "received"] = Field("study_date", alias="from")
+
+
 class ConfigFile(_Section):
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
@@ -230,6 +242,8 @@ class ConfigFile(_Section):
     replicas: list[ReplicaSection] = []
     fixity: FixitySection = FixitySection()
     lifecycle: LifecycleSection = LifecycleSection()
+    deletion: DeletionSection = DeletionSection()
+    retention: list[RetentionSection] = []
 
 
 # -- the runtime configuration (flat: what the code reads) ----------------------------------
@@ -267,6 +281,20 @@ class Rule:
     after_days_since_access: float | None = None
     after_days_since_received: float | None = None
     match: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """A retention rule: studies matching `match` (C-FIND matching, like lifecycle rules) are
+    kept `years` from their study date, last access or receipt; purge is refused until then."""
+
+    years: int
+    from_: str = "study_date"
+    match: dict[str, str] = field(default_factory=dict)
+
+
+# Hospital rules when none are configured: slides, blocks and positive smears 15 years.
+DEFAULT_RETENTION = (Retention(15, "study_date"),)
 
 
 @dataclass(frozen=True)
@@ -320,6 +348,12 @@ class Config:
     access_interval_minutes: float = 10.0
     rules_every_minutes: float = 60.0
     background: bool = True
+    # [deletion], [[retention]] (empty: DEFAULT_RETENTION)
+    purge_after_days: float = 30.0
+    retention: list[Retention] = field(default_factory=list)
+
+    def retention_rules(self) -> tuple[Retention, ...]:
+        return tuple(self.retention) or DEFAULT_RETENTION
 
     def tier_configs(self) -> dict[str, Tier]:
         """The tiers, with the zero-config default (one filesystem tier "hot" in data_dir)."""
@@ -431,6 +465,18 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         lc = doc.lifecycle
         cfg.ingest_tier, cfg.access_interval_minutes = lc.ingest_tier, lc.access_interval_minutes
         cfg.rules_every_minutes, cfg.background = lc.rules_every_minutes, lc.background
+    if "deletion" in raw:
+        cfg.purge_after_days = doc.deletion.purge_after_days
+    if doc.retention:
+        from .query import QueryError, tag_hex
+
+        for i, r in enumerate(doc.retention):
+            for name in r.match:
+                try:
+                    tag_hex(name)
+                except QueryError as exc:
+                    raise ConfigError(f"retention[{i}].match: {exc}") from None
+        cfg.retention = [Retention(r.years, r.from_, dict(r.match)) for r in doc.retention]
     check_tiers(cfg)
     return validate(cfg)
 

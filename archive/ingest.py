@@ -9,6 +9,15 @@ Order of work (DESIGN.md invariant 1):
      its parents and its frame table.
 Success is returned only after that commit. Every outcome other than "stored" or "replaced"
 removes what it wrote, at once: the staged copy is gone when ingest returns.
+
+Replacement (`on_conflict = "replace"`) never overwrites in place and never deletes: the
+SOP Instance UID names one object, so an index keyed by it holds one current version; the one
+it replaces is moved, record and blobs, to the index's kept versions (rejected, visible to no
+one, restorable by an administrator, removed by `pathpacs purge` after purge_after_days).
+No rejection note is written for it: a KOS names instances by SOP Instance UID, which the new
+version carries too, so a note honoured by another archive would reject the new version.
+Storing again a UID that is rejected (not yet purged) with other bytes is refused: restore it
+or purge it first (the same bytes are a duplicate and stay rejected).
 """
 from __future__ import annotations
 
@@ -267,6 +276,9 @@ def _commit(
             return result, False
         if not replace:
             raise Rejected(f"SOP Instance {sop} is already stored with different content", ErrorKind.CONFLICT)
+        if arc.deletion.is_rejected(sop):
+            raise Rejected(f"SOP Instance {sop} was rejected: restore or purge it before storing it again",
+                           ErrorKind.CONFLICT)
 
     arc.index.add_pending(blob, arc.staging.session)
     try:
@@ -276,7 +288,8 @@ def _commit(
         arc.index.clear_pending(blob)
         raise
     try:
-        added = arc.index.add_instance(new, replace=replace, session=arc.staging.session)
+        added = arc.index.add_instance(new, replace=replace, session=arc.staging.session,
+                                       who=calling_aet or origin)
     except BaseException:
         # The record did not commit: the blob is invisible; remove it now (or the sweep will).
         try:
@@ -293,9 +306,9 @@ def _commit(
         result.outcome = Outcome.DUPLICATE
         return result, True
     if added.previous is not None:
-        old = added.previous.blob
-        arc.tier(old.tier).delete(old.key)
-        arc.index.clear_pending(old)
-        log.info("replaced %s (old sha256 %s)", sop, added.previous.sha256)
+        # Kept, not deleted: the old version stays on its tiers as a rejected version (only
+        # administrators see it: `pathpacs restore --instance UID --replaced` brings it back)
+        # until a purge. audit: the merge adds arc.audit.deleted("replace", ...) here.
+        log.info("replaced %s (old sha256 %s kept as a rejected version)", sop, added.previous.sha256)
         result.outcome = Outcome.REPLACED
     return result, True

@@ -27,14 +27,15 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
-from .access import SYSTEM, Principal
+from .access import SYSTEM, Principal, Right
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
 from .index import FixityEvent, Index, open_index
 from .ingest import IngestResult, ingest
 from .query import Key, QueryError, SearchResult, Searcher
 from .records import BlobRef, Frames, FrameTable, InstanceRecord, PatientRecord, SeriesRecord, Stats, StudyRecord
-from .status import Damaged, ErrorKind, NotFound, Unavailable
+from .rejection_note import KOS_SOP_CLASS
+from .status import ArchiveError, Damaged, ErrorKind, NotFound, Outcome, Unavailable
 
 log = logging.getLogger("pathpacs.archive")
 CHUNK = 1 << 20
@@ -100,6 +101,9 @@ class Archive:
         self.authn = build_authenticator(config, self.index)
         self.tokens = self.authn.tokens
         self.lifecycle = Lifecycle(self)
+        from .deletion import Deletion
+
+        self.deletion = Deletion(self)  # reject / restore / purge, and what is hidden from whom
         if not readonly:
             self.sweep()
             self.lifecycle.recover()
@@ -225,17 +229,57 @@ class Archive:
     def ingest(self, source: Path | BinaryIO | Iterable[bytes], *, take_ownership: bool = False,
                expected_sop_class: str | None = None, expected_study: str | None = None,
                calling_aet: str = "", origin: str = "import", sha256: str | None = None,
-               who: Principal = SYSTEM) -> IngestResult:
+               may_reject: bool = False, who: Principal = SYSTEM) -> IngestResult:
         """Store one instance (see archive.ingest): never raises for bad input; refused
-        (FORBIDDEN) when `who` may not store it."""
-        return ingest(self, source, take_ownership=take_ownership, expected_sop_class=expected_sop_class,
-                      expected_study=expected_study, calling_aet=calling_aet, origin=origin, sha256=sha256,
-                      who=who)
+        (FORBIDDEN) when `who` may not store it.
+        may_reject: the sender may reject (an HTTP principal with Right.ADMIN, a DIMSE node
+        allowed "reject"): a rejection note it sends (a KOS titled with a CID 7011 code) is
+        honoured, the instances it references rejected. Otherwise a note is a plain KOS."""
+        result = ingest(self, source, take_ownership=take_ownership, expected_sop_class=expected_sop_class,
+                        expected_study=expected_study, calling_aet=calling_aet, origin=origin, sha256=sha256,
+                        who=who)
+        if may_reject and result.outcome is Outcome.STORED and result.sop_class_uid == KOS_SOP_CLASS:
+            try:
+                self.deletion.honour_note(result.sop_instance_uid, who)  # type: ignore[arg-type]
+            except ArchiveError as exc:  # stored as a plain KOS; the reject itself was refused
+                log.warning("rejection note %s not honoured: %s", result.sop_instance_uid, exc.reason)
+                result.reason = f"rejection note not honoured: {exc.reason}"
+        return result
 
     def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",
-                    calling_aet: str = "", expected_sop_class: str | None = None) -> IngestResult:
+                    calling_aet: str = "", expected_sop_class: str | None = None,
+                    may_reject: bool = False) -> IngestResult:
         return self.ingest(Path(path), take_ownership=take_ownership, origin=source,
-                           calling_aet=calling_aet, expected_sop_class=expected_sop_class)
+                           calling_aet=calling_aet, expected_sop_class=expected_sop_class,
+                           may_reject=may_reject)
+
+    # -- reject, restore, purge (archive.deletion) ---------------------------------------------
+    def reject(self, level: str, uid: str, reason_code: str, who: Principal = SYSTEM,
+               study: str | None = None) -> tuple[int, str | None]:
+        """IOCM reject of a study, series or instance ("study" | "series" | "instance"):
+        hidden from all but administrators, kept, a rejection note stored. Returns (instances
+        rejected, the note's SOP Instance UID). Forbidden without Right.ADMIN; Retained under
+        legal hold (and for 113039 under retention); NotFound when unknown."""
+        who.require(Right.ADMIN, "reject instances")
+        return self.deletion.reject(level, uid, reason_code, who, study=study)
+
+    def restore(self, level: str, uid: str, who: Principal = SYSTEM, study: str | None = None) -> int:
+        """Undo a reject before purge; returns how many instances are visible again."""
+        who.require(Right.ADMIN, "restore rejected instances")
+        return self.deletion.restore(level, uid, who, study=study)
+
+    def purge(self, *, dry_run: bool = False, who: Principal = SYSTEM):
+        """Remove for good what was rejected longer than purge_after_days ago (every copy on
+        every tier, then the records): a PurgeReport; refused studies are listed in it."""
+        who.require(Right.ADMIN, "purge rejected instances")
+        return self.deletion.purge(dry_run=dry_run, who=who)
+
+    def _hidden(self) -> frozenset[str]:
+        return self.deletion.visibility.current().sops
+
+    def study_hidden(self, st: StudyRecord, who: Principal) -> bool:
+        """Whether every instance of a study is hidden from `who`."""
+        return self.deletion.visibility.current().counts(who)[2].get(st.uid, 0) >= st.n_instances > 0
 
     # -- records -------------------------------------------------------------------------
     def instance(self, sop: str) -> InstanceRecord | None:
@@ -268,24 +312,35 @@ class Archive:
     def stats(self) -> Stats:
         return self.index.stats()
 
-    def instance_in(self, study: str, series: str | None, sop: str) -> InstanceRecord:
-        """The instance `sop`, which must belong to `study` (and `series`): else NotFound."""
+    def instance_in(self, study: str, series: str | None, sop: str, who: Principal = SYSTEM) -> InstanceRecord:
+        """The instance `sop`, which must belong to `study` (and `series`) and be visible to
+        `who`: else NotFound."""
         rec = self.index.instance(sop)
-        if rec is None or rec.study != study or (series is not None and rec.series != series):
+        if rec is None or rec.study != study or (series is not None and rec.series != series) \
+                or self.deletion.visibility.hidden(sop, who):
             where = f"series {series} of study {study}" if series else f"study {study}"
             raise NotFound(f"instance {sop} not found in {where}")
         return rec
 
-    def instances_under(self, study: str, series: str | None = None) -> list[InstanceRecord]:
-        """Every instance of a study (or of one series of it); NotFound when there is none."""
+    def instances_under(self, study: str, series: str | None = None, who: Principal = SYSTEM) -> list[InstanceRecord]:
+        """Every instance of a study (or of one series of it) that `who` may see; NotFound
+        when there is none."""
         if series is not None:
             se = self.index.series(series)
             if se is None or se.study != study:
                 raise NotFound(f"series {series} of study {study} not found")
-            return self.index.instances_of_series(series)
-        if self.index.study(study) is None:
-            raise NotFound(f"study {study} not found")
-        return [i for se in self.index.series_of_study(study) for i in self.index.instances_of_series(se.uid)]
+            recs = self.index.instances_of_series(series)
+        else:
+            if self.index.study(study) is None:
+                raise NotFound(f"study {study} not found")
+            recs = [i for se in self.index.series_of_study(study) for i in self.index.instances_of_series(se.uid)]
+        vis = self.deletion.visibility.current()
+        if vis.sops:
+            hidden = vis.purging if who.sees_rejected else vis.sops
+            recs = [r for r in recs if r.sop not in hidden]
+            if not recs:
+                raise NotFound(f"series {series} of study {study} not found" if series else f"study {study} not found")
+        return recs
 
     # -- query -----------------------------------------------------------------------------
     def search(self, level: str, keys: list[Key], *, study: str | None = None, series: str | None = None,
@@ -296,9 +351,39 @@ class Archive:
         searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
                             full_instance_metadata=full_metadata, availability=self.availability)
         results = searcher.search(level, keys, study=study, series=series)
+        vis = self.deletion.visibility.current()
+        if vis.purging or (vis.sops and not who.sees_rejected):
+            results = self._unrejected(results, who)
         if who.studies is None:
             return results
         return (r for r in results if who.sees(r.study))
+
+    def _unrejected(self, results: Iterator[SearchResult], who: Principal) -> Iterator[SearchResult]:
+        """Search results without what `who` may not see (rejected objects; for administrators,
+        objects a purge has begun on): instances by UID, series and studies when every
+        instance in them is hidden (their counts less the hidden ones otherwise)."""
+        from dataclasses import replace
+
+        from . import metadata as md
+
+        hidden, by_series, by_study = self.deletion.visibility.current().counts(who)
+        for r in results:
+            if r.level == "IMAGE":
+                if r.sop in hidden:
+                    continue
+            elif r.level in ("SERIES", "STUDY"):
+                tag, n_hidden = (("00201209", by_series.get(r.series or "", 0)) if r.level == "SERIES"
+                                 else ("00201208", by_study.get(r.study or "", 0)))
+                if n_hidden:
+                    n = md.int_value(r.doc, tag, 0)
+                    if n - n_hidden <= 0:
+                        continue
+                    r = replace(r, doc={**r.doc, tag: {"vr": "IS", "Value": [n - n_hidden]}})
+            elif r.level == "PATIENT":
+                studies = self.index.studies_of_patient(r.patient or "")
+                if studies and all(by_study.get(st.uid, 0) >= st.n_instances for st in studies):
+                    continue
+            yield r
 
     def check_visible(self, who: Principal, study: str) -> None:
         """NotFound (never Forbidden: existence is not disclosed) when `study` is outside the
@@ -306,13 +391,15 @@ class Archive:
         if not who.sees(study):
             raise NotFound(f"study {study} not found")
 
-    def retrieve_set(self, level: str, keys: list[Key]) -> list[InstanceRecord]:
-        """The instances a C-GET/C-MOVE identifier covers (unique keys at `level` and above)."""
+    def retrieve_set(self, level: str, keys: list[Key], who: Principal = SYSTEM) -> list[InstanceRecord]:
+        """The instances a C-GET/C-MOVE identifier covers (unique keys at `level` and above)
+        that `who` may see."""
         keys = [k for k in keys if not k.universal]
         if not keys:
             raise QueryError("a retrieve needs at least one unique key")
         out: dict[str, InstanceRecord] = {}
-        for r in self.search(level, keys):
+        hidden = self.deletion.visibility.current().purging if who.sees_rejected else self._hidden()
+        for r in self.search(level, keys, who=who):
             if r.level == "IMAGE":
                 rec = self.index.instance(r.sop)  # type: ignore[arg-type]
                 recs = [rec] if rec else []
@@ -324,15 +411,21 @@ class Archive:
                 recs = [i for st in self.index.studies_of_patient(r.patient)  # type: ignore[arg-type]
                         for se in self.index.series_of_study(st.uid) for i in self.index.instances_of_series(se.uid)]
             for rec in recs:
-                out.setdefault(rec.sop, rec)
+                if rec.sop not in hidden:
+                    out.setdefault(rec.sop, rec)
         return list(out.values())
 
     # -- metadata and bulk data -----------------------------------------------------------------
-    def metadata(self, study: str, series: str | None = None, sop: str | None = None) -> list[bytes]:
-        """Stored DICOM JSON of an instance, a series or a study (NotFound when unknown)."""
+    def metadata(self, study: str, series: str | None = None, sop: str | None = None,
+                 who: Principal = SYSTEM) -> list[bytes]:
+        """Stored DICOM JSON of an instance, a series or a study (NotFound when unknown or
+        hidden from `who`)."""
         if sop is not None:
-            self.instance_in(study, series, sop)
+            self.instance_in(study, series, sop, who)
             return self.index.metadata([sop])
+        vis = self.deletion.visibility.current()
+        if vis.sops and vis.by_study.get(study):  # some of this study is hidden: by UID
+            return self.index.metadata([r.sop for r in self.instances_under(study, series, who)])
         metas = self.index.metadata_under(study, series)
         if metas is None:
             raise NotFound(f"series {series} of study {study} not found" if series else f"study {study} not found")
@@ -342,8 +435,8 @@ class Archive:
         got = self.index.metadata([rec.sop])
         return got[0] if got else None
 
-    def bulk(self, study: str, series: str, sop: str, path: str) -> bytes:
-        self.instance_in(study, series, sop)
+    def bulk(self, study: str, series: str, sop: str, path: str, who: Principal = SYSTEM) -> bytes:
+        self.instance_in(study, series, sop, who)
         value = self.index.bulk(sop, path)
         if value is None:
             raise NotFound(f"no bulk data {path[:100]!r} in instance {sop}")
@@ -371,10 +464,13 @@ class Archive:
                 self._parents.popitem(last=False)
 
     def locate_frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
-                      series: str | None = None) -> Frames:
+                      series: str | None = None, who: Principal = SYSTEM) -> Frames:
         """Where the requested frames (1-based) lie: one index read, no blob I/O. NotFound for
-        an unknown instance (or one outside study/series) or a frame out of range."""
+        an unknown instance (or one outside study/series, or hidden from `who`) or a frame
+        out of range."""
         located = self.index.frames(sop, numbers)
+        if self.deletion.visibility.hidden(sop, who):  # rejected: a generation read, a set lookup
+            raise NotFound(f"instance {sop} not found")
         if located is None:
             if self.index.instance(sop) is None:
                 raise NotFound(f"instance {sop} not found")
@@ -398,9 +494,9 @@ class Archive:
             return again.table, self._read_frames(sop, again, retry=False)
 
     def frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
-               series: str | None = None) -> tuple[FrameTable, list[bytes]]:
+               series: str | None = None, who: Principal = SYSTEM) -> tuple[FrameTable, list[bytes]]:
         """Locate and read frames (see locate_frames and read_located)."""
-        return self.read_located(sop, self.locate_frames(sop, numbers, study=study, series=series))
+        return self.read_located(sop, self.locate_frames(sop, numbers, study=study, series=series, who=who))
 
     def _read_frames(self, sop: str, located: Frames, retry: bool = True) -> list[bytes]:
         table = located.table
@@ -695,8 +791,8 @@ class AsyncArchive:
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, partial(fn, *args, **kwargs))
 
     async def frames(self, sop: str, numbers: Sequence[int], *, study: str | None = None,
-                     series: str | None = None) -> tuple[FrameTable, list[bytes]]:
-        located = self.sync.locate_frames(sop, numbers, study=study, series=series)  # mmap lookup
+                     series: str | None = None, who: Principal = SYSTEM) -> tuple[FrameTable, list[bytes]]:
+        located = self.sync.locate_frames(sop, numbers, study=study, series=series, who=who)  # mmap lookup
         if study:
             self.sync.touch(study)
         store = self.sync.tiers.get(located.table.blob.tier)

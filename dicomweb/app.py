@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive.service import AsyncArchive
 from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
-from . import admin, pages, qido
+from . import admin, deletion as deletion_routes, pages, qido
 from .auth import auth_middleware, principal_of
 from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
@@ -169,12 +169,12 @@ class Handlers:
         xml = negotiate_search(request.headers.get("Accept"))
         base = base_url(request)
         params = list(request.query.items())
+        who = principal_of(request)
 
         def run() -> tuple[bytes | list[bytes], bool, int | None]:
             docs, more, clamped = qido.search(self.arc.sync, level, params, study=study, series=series,
                                               retrieve_aet=getattr(self.config, "aet", None),
-                                              max_results=getattr(self.config, "max_results", 10000),
-                                              who=principal_of(request))
+                                              max_results=getattr(self.config, "max_results", 10000), who=who)
             return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more, clamped
 
         # on the archive's search threads: a slow search delays neither frames nor other clients
@@ -251,6 +251,7 @@ def make_app(archive, config) -> web.Application:
     r.add_get(S + R + "/instances", partial(h.qido, level="IMAGE"))
     r.add_post("/dicomweb/studies", h.stow)
     r.add_post(S, h.stow)
+    deletion_routes.add_routes(app, arc)  # DELETE study/series/instance: reject, administrators only
     pages.add_routes(app, arc)
     admin.add_routes(app, arc)
     r.add_route("*", "/dicomweb/{tail:.*}", h.not_found)

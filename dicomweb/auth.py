@@ -51,7 +51,7 @@ def _right_for(method: str, path: str) -> tuple[Right, ...] | None:
     if method in ("GET", "HEAD"):
         return (Right.READ,)
     if method == "POST":
-        return (Right.STORE, Right.STORE_DERIVED)
+        return (Right.STORE, Right.STORE_DERIVED, Right.ADMIN)  # ADMIN: rejection notes only
     if method == "DELETE":
         return (Right.ADMIN,)
     return (Right.READ,)

@@ -20,6 +20,7 @@ import logging
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import LineTooLong
 
+from archive.access import Right
 from archive.status import DimseStatus, ErrorKind, out_of_space
 from storage_tiers import Spool, Spooled
 
@@ -145,6 +146,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
     study = request.match_info.get("study")
     if study is not None:
         check_uid(study, "Study Instance UID")
+    who = principal_of(request)  # an administrator's rejection notes are honoured
     max_bytes = getattr(config, "max_stow_mb", 16384) << 20
     max_parts = getattr(config, "max_stow_parts", 10000)
     timeout = float(getattr(config, "read_timeout", 60.0))
@@ -235,7 +237,7 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
                 break
             continue
         result = await arc.run(arc.sync.ingest, done.path, take_ownership=True, sha256=done.sha256,
-                               expected_study=study, origin="stow", who=principal_of(request))
+                               expected_study=study, origin="stow", may_reject=who.can(Right.ADMIN), who=who)
         if result.ok:
             studies.add(result.study_uid)
             url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/{result.sop_instance_uid}"

@@ -23,11 +23,13 @@ from collections import OrderedDict
 
 from aiohttp import web
 
+from archive.access import ANONYMOUS
 from archive.metadata import BASE_TOKEN
 from archive.records import WSI_SOP_CLASS, InstanceRecord
 from archive.status import ArchiveError
 
 from . import dicomxml
+from .auth import principal_of
 from .common import BASE_TOKEN_B, HttpError, base_url, boundary, check_uid, multipart_body
 from .media import (EXPLICIT_LE, JPEG_BASELINE, NotAcceptable, negotiate_bulk, negotiate_frames,
                     negotiate_instances, negotiate_metadata, negotiate_rendered)
@@ -115,7 +117,8 @@ class Wado:
         mi = request.match_info
         sop = mi["instance"]
         nums = parse_frame_list(mi["frames"])
-        table, datas = await self.arc.frames(sop, nums, study=mi["study"], series=mi["series"])
+        table, datas = await self.arc.frames(sop, nums, study=mi["study"], series=mi["series"],
+                                             who=principal_of(request))
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, len(nums))
         if mode != "stored":
             datas = await self._decode(self._transcode, sop, mode, datas)
@@ -133,7 +136,7 @@ class Wado:
         mi = request.match_info
         sop = mi["instance"]
         arc = self.arc.sync
-        await self.arc.run(arc.instance_in, mi["study"], mi["series"], sop)
+        await self.arc.run(arc.instance_in, mi["study"], mi["series"], sop, principal_of(request))
         table = await self.arc.run(arc.frame_table, sop)
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, table.n)
         if not multipart:
@@ -186,20 +189,21 @@ class Wado:
         base = base_url(request).encode()
         gzip_ok = "gzip" in request.headers.get("Accept-Encoding", "")
         inm = request.headers.get("If-None-Match")
+        who = principal_of(request)
         if not xml and await self.arc.small(study, series, sop):
             # a few instances (an instance, a WSI series): memory-mapped reads and a few KB of
             # hashing, cheaper than a thread hop; anything bigger (a study, XML) goes to a thread
-            status, body, headers = self._metadata_answer(study, series, sop, base, xml, gzip_ok, inm)
+            status, body, headers = self._metadata_answer(study, series, sop, base, xml, gzip_ok, inm, who)
         else:
             status, body, headers = await self.arc.run(self._metadata_answer, study, series, sop, base, xml,
-                                                       gzip_ok, inm)
+                                                       gzip_ok, inm, who)
         return web.Response(status=status, body=body, headers=headers)
 
     def _metadata_answer(self, study, series, sop, base: bytes, xml: bool, gzip_ok: bool,
-                         inm: str | None) -> tuple[int, bytes | None, dict]:
+                         inm: str | None, who=ANONYMOUS) -> tuple[int, bytes | None, dict]:
         """The whole answer, built off the event loop: reading, hashing, XML and gzip all
         grow with the study."""
-        metas = self.arc.sync.metadata(study, series, sop)
+        metas = self.arc.sync.metadata(study, series, sop, who)
         if xml:
             bnd = boundary()
             body = multipart_body(bnd, [("application/dicom+xml",
@@ -233,7 +237,8 @@ class Wado:
         mi = request.match_info
         path = mi["path"].strip("/")
         multipart = negotiate_bulk(request.headers.get("Accept"))
-        value = await self.arc.run(self.arc.sync.bulk, mi["study"], mi["series"], mi["instance"], path)
+        value = await self.arc.run(self.arc.sync.bulk, mi["study"], mi["series"], mi["instance"], path,
+                                   principal_of(request))
         if not multipart:
             return web.Response(body=value, headers={"Content-Type": "application/octet-stream"})
         bnd = boundary()
@@ -248,10 +253,11 @@ class Wado:
         sop = mi.get("instance")
         want_ts = negotiate_instances(request.headers.get("Accept"))
         arc = self.arc.sync
+        who = principal_of(request)
         if sop is not None:
-            recs = [await self.arc.run(arc.instance_in, study, series, sop)]
+            recs = [await self.arc.run(arc.instance_in, study, series, sop, who)]
         else:
-            recs = await self.arc.run(arc.instances_under, study, series)
+            recs = await self.arc.run(arc.instances_under, study, series, who)
         if not recs:
             raise HttpError(404, "no instances")
         plan: list[tuple[InstanceRecord, str | None]] = []
@@ -349,7 +355,7 @@ class Wado:
         frames = parse_frame_list(mi["frames"]) if "frames" in mi else None
         if frames is not None and len(frames) != 1:
             raise HttpError(400, "rendered frames: ask for one frame at a time")
-        await self.arc.run(self.arc.sync.instance_in, mi["study"], mi["series"], sop)
+        await self.arc.run(self.arc.sync.instance_in, mi["study"], mi["series"], sop, principal_of(request))
         body = await self._decode(self._render_instance, sop, frames[0] if frames else None, params)
         return web.Response(body=body, headers={"Content-Type": params.media})
 
@@ -388,10 +394,11 @@ class Wado:
         media = negotiate_rendered(request.headers.get("Accept"))
         params = parse_render_params(request.query, media)
         arc = self.arc.sync
+        who = principal_of(request)
         if sop is not None:
-            rec = await self.arc.run(arc.instance_in, study, series, sop)
+            rec = await self.arc.run(arc.instance_in, study, series, sop, who)
         else:
-            rec = pick_thumbnail_instance(await self.arc.run(arc.instances_under, study, series))
+            rec = pick_thumbnail_instance(await self.arc.run(arc.instances_under, study, series, who))
             if rec is None:
                 raise HttpError(404, "no image to make a thumbnail from")
         key = (rec.sop, rec.blob.key, params.media, params.quality, params.viewport, params.icc)

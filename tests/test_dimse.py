@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -429,7 +430,14 @@ def test_replace_policy(make_server, tmp_path):
     assert _send_raw(srv, pb, WSI, "1.2.840.10008.1.2.4.50") == 0x0000
     assert stats(srv)["instances"] == 1
     blobs = [p for p in (srv.data_dir / "hot" / "blobs").rglob("*") if p.is_file()]
-    assert len(blobs) == 1 and pydicom.dcmread(blobs[0]).PixelData == b.PixelData
+    # the replaced version is kept (rejected, until a purge: tests/test_deletion.py), not overwritten
+    assert len(blobs) == 2 and {pydicom.dcmread(p).PixelData for p in blobs} == {a.PixelData, b.PixelData}
+    from pydicom.encaps import generate_frames
+
+    r = requests.get(f"{srv.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}/frames/1",
+                     headers={"Accept": "image/jpeg"})
+    first = [next(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames))) for ds in (a, b)]
+    assert first[0] != first[1] and r.status_code == 200 and r.content == first[1]  # the new version is served
 
 
 def test_disk_full_is_out_of_resources(make_server, tmp_path):

@@ -97,10 +97,34 @@ def test_duplicate_conflict_and_replace(index):
     assert done.outcome is Outcome.REPLACED and done.previous.blob.key == "blob-1.3.4"
     assert index.instance("1.3.4").blob.key == "newblob"
     assert index.study("1.2.1").n_instances == 1 and index.study("1.2.1").bytes == 300
-    # the old blob is pending (the caller deletes it; a crash leaves it to the sweep)
-    assert (BlobRef("hot", "blob-1.3.4"), "s1") in index.pending()
-    assert not index.blob_referenced(BlobRef("hot", "blob-1.3.4"))
+    # the old version is kept, blob and all, as a rejected version (never pending: no sweep deletes it)
+    assert index.pending() == []
+    assert index.blob_referenced(BlobRef("hot", "blob-1.3.4"))
     assert index.blob_referenced(BlobRef("hot", "newblob"))
+    (kept,) = index.versions("1.3.4")
+    assert kept["record"].blob == BlobRef("hot", "blob-1.3.4") and kept["record"].sha256 == "a" * 64
+    assert index.drop_version(kept["key"]) and index.versions() == []
+    assert not index.blob_referenced(BlobRef("hot", "blob-1.3.4"))
+
+
+def test_reject_marks_and_purge_intents(index):
+    index.add_instance(new("1.3.9"), replace=False)
+    gen = index.rejection_generation()
+    mark = {"study": "1.2.1", "series": "1.2.1.1", "code": "113001", "time": "2026-01-01T00:00:00+00:00",
+            "who": "t", "note": ""}
+    assert index.reject({"1.3.9": mark, "1.9.9": mark}) == 1  # an unknown instance is not marked
+    assert index.reject({"1.3.9": {**mark, "code": "113037"}}) == 0  # the first mark stands
+    g2, marks, purging = index.rejections()
+    assert g2 > gen and marks == {"1.3.9": mark} and purging == set()
+    assert index.unreject(["1.3.9"]) == 1 and index.rejections()[1] == {}
+    index.reject({"1.3.9": mark})
+    blobs = [["hot", "blob-1.3.9"]]
+    index.begin_purge({"1.3.9": {"kind": "instance", "sop": "1.3.9", "study": "1.2.1", "blobs": blobs}})
+    assert index.rejections()[2] == {"1.3.9"}
+    assert index.unreject(["1.3.9"]) == 0  # a purge under way is finished, never undone
+    assert index.finish_purge("1.3.9") and not index.finish_purge("1.3.9")
+    assert index.instance("1.3.9") is None and index.study("1.2.1") is None and index.purges() == {}
+    assert index.rejections()[1:] == ({}, set())
 
 
 def test_pending_marks(index):

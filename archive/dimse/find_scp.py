@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
+from archive.access import ANONYMOUS
 from archive.query import QueryError
 from archive.status import DimseStatus, ErrorKind
 
@@ -36,7 +37,7 @@ def handle_find(event, arc: "Archive") -> Iterator:
         identifier = event.identifier
         level = query_level(identifier, FIND_MODELS[str(event.context.abstract_syntax)])
         keys = keys_from_identifier(identifier)
-        results = arc.search(level, keys, retrieve_aet=arc.config.aet)
+        results = arc.search(level, keys, retrieve_aet=arc.config.aet, who=ANONYMOUS)  # node principals: after merge
         first = next(results, None)
     except QueryError as exc:
         log.warning("C-FIND refused: %s", exc)

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
+from archive.access import ANONYMOUS
 from archive.query import QueryError
 from archive.records import InstanceRecord
 from archive.status import ArchiveError, DimseStatus
@@ -32,7 +33,8 @@ log = logging.getLogger("pathpacs.dimse.retrieve")
 
 
 def matching_instances(arc: "Archive", identifier, model_root: str) -> list[InstanceRecord]:
-    return arc.retrieve_set(query_level(identifier, model_root), keys_from_identifier(identifier))
+    who = ANONYMOUS  # the calling node's principal once nodes have them (the AE allow-list branch)
+    return arc.retrieve_set(query_level(identifier, model_root), keys_from_identifier(identifier), who=who)
 
 
 UNCOMPRESSED = {str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)}

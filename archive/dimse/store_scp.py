@@ -37,5 +37,6 @@ def handle_store(event, arc: "Archive") -> int:
     result = arc.ingest(
         Path(event.dataset_path), take_ownership=True, sha256=state.sha256,
         origin="c-store", calling_aet=calling, expected_sop_class=context_class,
+        may_reject=False,  # after merge: the calling node's `allow` holds "reject"
     )
     return result.dimse_status

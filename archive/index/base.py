@@ -36,8 +36,9 @@ class NewInstance:
 @dataclass(frozen=True)
 class AddResult:
     """What `add_instance` did: STORED, DUPLICATE (same sha256: nothing written), REPLACED
-    (`previous` was removed; its blob is the caller's to delete) or REJECTED (same UID, other
-    bytes, and replace was not allowed: nothing written)."""
+    (`previous` is no longer the instance: it is kept, blob and copies, as a rejected version
+    (`versions`) until a purge) or REJECTED (same UID, other bytes, and replace was not
+    allowed: nothing written)."""
 
     outcome: Outcome
     previous: InstanceRecord | None = None
@@ -140,6 +141,29 @@ class Index(Protocol):
     def tokens(self) -> list[dict]: ...
     def backup(self, directory: "Path") -> "Path":
         """A consistent copy of the index while it is in use."""
+
+    # -- rejection (IOCM) and purge: archive.deletion ------------------------------------------
+    def reject(self, marks: Mapping[str, Mapping[str, Any]]) -> int:
+        """Mark instances rejected (sop -> {"study", "series", "code", "time", "who", "note"}),
+        in one transaction; an instance already rejected keeps its first mark. Returns how many
+        were marked."""
+    def unreject(self, sops: Sequence[str]) -> int:
+        """Remove rejection marks (restore), except of instances a purge has begun on."""
+    def rejection_generation(self) -> int:
+        """A counter every change of the marks or purge intents moves (cheap: one key)."""
+    def rejections(self) -> tuple[int, dict[str, dict], set[str]]:
+        """(generation, every mark by sop, the sops a purge has begun on), read together."""
+    def versions(self, sop: str | None = None) -> list[dict]:
+        """Versions kept by a replace: {"key", "record": InstanceRecord, "copies": [BlobRef],
+        "time" (when replaced), "who"}."""
+    def drop_version(self, key: str) -> bool: ...
+    def begin_purge(self, intents: Mapping[str, Mapping[str, Any]]) -> None:
+        """Record purge intents (key -> {"kind": "instance"|"version", "sop", "version"?,
+        "blobs": [[tier, key], ...]}) before any copy is deleted."""
+    def purges(self) -> dict[str, dict]: ...
+    def finish_purge(self, key: str) -> bool:
+        """Remove the records of a purged instance or version and its intent, in one
+        transaction (parents updated, or removed when empty)."""
 
     # -- fixity and migrations -----------------------------------------------------------
     def checksum_todo(self, limit: int) -> list[str]: ...

@@ -27,19 +27,31 @@ Databases (keys UTF-8):
   verified       sop \\0 tier -> ISO time the copy on that tier last re-hashed intact
   tokens         token id -> JSON API token record (sha256 of the secret, roles, studies, expiry,
                  revoked): a new table, created empty on open, so no schema change
+  rejected       sop -> JSON rejection mark {"study", "series", "code", "time", "who", "note"}
+                 (IOCM reject: hidden from all but administrators until restored or purged;
+                 "note" is the SOP Instance UID of the rejection note, or "self" for a note)
+  versions       sop \\0 time \\0 id -> JSON {"record", "copies", "time", "who"}: a version replaced
+                 by on_conflict = "replace", kept (rejected) on its tiers until purged
+  purges         key -> JSON purge intent {"kind": "instance"|"version", "sop", "blobs"}: written
+                 before any copy is deleted, removed with the records (a rerun finishes it)
+  state "rejected_gen": a counter bumped by every change of `rejected`/`purges` (processes
+                 refresh their in-memory set of hidden UIDs when it moves)
 Study and series records count their instances per tier ("tiers": {name: n}) for availability.
 Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame; 4 the location
 (tier, key, syntax) moved out of the instance record and the frame table into `loc`; 5 tier counts
-in study and series records, copies, moves, access, flags, verified.
+in study and series records, copies, moves, access, flags, verified. (`rejected`, `versions` and
+`purges` came without a schema step: they are new, empty tables created on open; no record of an
+older archive changes.)
 """
 from __future__ import annotations
 
 import json
 import logging
 import re
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import lmdb
 
@@ -55,7 +67,7 @@ log = logging.getLogger("pathpacs.index")
 DB_NAMES = [
     "inst", "loc", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
     "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
-    "copies", "moves", "access", "flags", "verified", "tokens",
+    "copies", "moves", "access", "flags", "verified", "tokens", "rejected", "versions", "purges",
 ]
 INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
                       "00100010": "PatientName"}
@@ -621,7 +633,7 @@ class LmdbIndex:
         with self.env.begin() as txn:
             return txn.get(blob.key.encode(), db=self.db["blob"]) is not None
 
-    def add_instance(self, new: NewInstance, *, replace: bool, session: str = "") -> AddResult:
+    def add_instance(self, new: NewInstance, *, replace: bool, session: str = "", who: str = "") -> AddResult:
         rec = new.record
         with self.env.begin(write=True) as txn:
             current = self._inst(txn, rec.sop)
@@ -630,10 +642,7 @@ class LmdbIndex:
                     return AddResult(Outcome.DUPLICATE, current)
                 if not replace:
                     return AddResult(Outcome.REJECTED, current)
-                self._remove(txn, rec.sop)
-                # the old blob: removed by the caller after this commit, by the sweep after a crash
-                txn.put(current.blob.key.encode(), _dumps({"session": session, "tier": current.blob.tier}),
-                        db=self.db["pending"])
+                self._keep_version(txn, current, who)
             self._put(txn, new)
             txn.delete(rec.blob.key.encode(), db=self.db["pending"])
         return AddResult(Outcome.REPLACED if current is not None else Outcome.STORED, current)
@@ -751,6 +760,7 @@ class LmdbIndex:
                 for m in md.string_values((self._get_json(txn, "series", s) or {"attrs": {}})["attrs"].get("00080060"))
             })
         if strec["n_instances"] <= 0:
+            patient = strec.get("patient", patient)  # the study's patient (an instance may name another)
             txn.delete(study.encode(), db=db["study"])
             txn.delete(_k(patient, study), db=db["patient_study"])
             for tag in INDEXED_STUDY_TAGS:
@@ -947,6 +957,146 @@ class LmdbIndex:
                 d = json.loads(v)
                 out.append(FixityEvent(d["time"], d["sop"], BlobRef(d["tier"], d["blob"]), d["what"], d["source"]))
             return out
+
+    # -- rejection (IOCM), replaced versions, purge intents ---------------------------------
+    def _bump(self, txn) -> None:
+        raw = txn.get(b"rejected_gen", db=self.db["state"])
+        txn.put(b"rejected_gen", str(int(raw or 0) + 1).encode(), db=self.db["state"])
+
+    def _keep_version(self, txn, current: InstanceRecord, who: str) -> None:
+        """The replaced instance, kept whole (record, location, copies) as a rejected version;
+        its frame table, metadata and bulk values go with the record (restore re-reads the blob)."""
+        copies = []
+        cur = txn.cursor(db=self.db["copies"])
+        prefix = current.sop.encode() + SEP
+        if cur.set_range(prefix):
+            for k, v in cur.iternext():
+                if not k.startswith(prefix):
+                    break
+                copies.append([k[len(prefix):].decode(), json.loads(v)["key"]])
+        now = _now()
+        entry = {"record": current.to_json(), "copies": copies, "time": now, "who": who}
+        self._remove(txn, current.sop)
+        key = _k(current.sop, now, uuid.uuid4().hex[:8])
+        txn.put(key, _dumps(entry), db=self.db["versions"])
+        for blob_key in [current.blob.key] + [c[1] for c in copies]:  # still referenced: never swept
+            txn.put(blob_key.encode(), current.sop.encode(), db=self.db["blob"])
+        self._bump(txn)
+
+    def reject(self, marks: Mapping[str, Mapping[str, Any]]) -> int:
+        if not marks:
+            return 0
+        n = 0
+        with self.env.begin(write=True) as txn:
+            for sop, mark in marks.items():
+                if txn.get(sop.encode(), db=self.db["inst"]) is None:
+                    continue
+                if txn.get(sop.encode(), db=self.db["rejected"]) is not None:
+                    continue  # the first reject stands (its time counts for purge)
+                txn.put(sop.encode(), _dumps(dict(mark)), db=self.db["rejected"])
+                n += 1
+            self._bump(txn)
+        return n
+
+    def unreject(self, sops: Sequence[str]) -> int:
+        n = 0
+        with self.env.begin(write=True) as txn:
+            for sop in sops:
+                if txn.get(sop.encode(), db=self.db["purges"]) is not None:
+                    continue  # a purge under way is finished, never undone half-way
+                n += bool(txn.delete(sop.encode(), db=self.db["rejected"]))
+            self._bump(txn)
+        return n
+
+    def rejection_generation(self) -> int:
+        if "rejected" not in self.db:
+            return 0
+        with self.env.begin() as txn:
+            raw = txn.get(b"rejected_gen", db=self.db["state"])
+        return int(raw or 0)
+
+    def rejections(self) -> tuple[int, dict[str, dict], set[str]]:
+        if "rejected" not in self.db:
+            return 0, {}, set()
+        with self.env.begin() as txn:
+            gen = int(txn.get(b"rejected_gen", db=self.db["state"]) or 0)
+            marks = {k.decode(): json.loads(v) for k, v in txn.cursor(db=self.db["rejected"]).iternext()}
+            purging = {json.loads(v)["sop"] for _k2, v in txn.cursor(db=self.db["purges"]).iternext()
+                       if json.loads(v)["kind"] == "instance"}
+        return gen, marks, purging
+
+    def versions(self, sop: str | None = None) -> list[dict]:
+        if "versions" not in self.db:
+            return []
+        out = []
+        prefix = b"" if sop is None else sop.encode() + SEP
+        for k, v in self._batched("versions", prefix):
+            d = json.loads(v)
+            d["key"] = k.decode()
+            d["record"] = InstanceRecord.from_json(d["record"])
+            d["copies"] = [BlobRef(*c) for c in d["copies"]]
+            out.append(d)
+        return out
+
+    def drop_version(self, key: str) -> bool:
+        """Forget a kept version (restored as the current one, or purged); its blob keys too."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key.encode(), db=self.db["versions"])
+            if raw is None:
+                return False
+            d = json.loads(raw)
+            for blob_key in [d["record"]["blob"]] + [c[1] for c in d["copies"]]:
+                cur = self._inst(txn, d["record"]["sop"])
+                if cur is None or cur.blob.key != blob_key:
+                    txn.delete(blob_key.encode(), db=self.db["blob"])
+            txn.delete(key.encode(), db=self.db["versions"])
+            self._bump(txn)
+            return True
+
+    def begin_purge(self, intents: Mapping[str, Mapping[str, Any]]) -> None:
+        with self.env.begin(write=True) as txn:
+            for key, intent in intents.items():
+                txn.put(key.encode(), _dumps(dict(intent)), db=self.db["purges"])
+            self._bump(txn)
+
+    def purges(self) -> dict[str, dict]:
+        if "purges" not in self.db:
+            return {}
+        with self.env.begin() as txn:
+            return {k.decode(): json.loads(v) for k, v in txn.cursor(db=self.db["purges"]).iternext()}
+
+    def finish_purge(self, key: str) -> bool:
+        """In one transaction: the records of a purged instance (parents updated or removed
+        when empty, its rejection mark, copies, access time and flags of a study left empty) or
+        of a purged version, and the purge intent."""
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key.encode(), db=self.db["purges"])
+            if raw is None:
+                return False
+            intent = json.loads(raw)
+            sop = intent["sop"]
+            if intent["kind"] == "instance":
+                rec = self._inst(txn, sop)
+                self._remove(txn, sop)
+                txn.delete(sop.encode(), db=self.db["rejected"])
+                if rec is not None and txn.get(rec.study.encode(), db=self.db["study"]) is None:
+                    txn.delete(rec.study.encode(), db=self.db["access"])
+                if rec is not None:  # an instance whose Patient ID differs from its study's left a record
+                    prec = self._get_json(txn, "patient", rec.patient)
+                    if prec is not None and prec["n_studies"] <= 0 and not self._children(txn, "patient_study", rec.patient):
+                        txn.delete(rec.patient.encode(), db=self.db["patient"])
+            else:
+                vraw = txn.get(intent["version"].encode(), db=self.db["versions"])
+                if vraw is not None:
+                    d = json.loads(vraw)
+                    cur = self._inst(txn, sop)
+                    for blob_key in [d["record"]["blob"]] + [c[1] for c in d["copies"]]:
+                        if cur is None or cur.blob.key != blob_key:
+                            txn.delete(blob_key.encode(), db=self.db["blob"])
+                    txn.delete(intent["version"].encode(), db=self.db["versions"])
+            txn.delete(key.encode(), db=self.db["purges"])
+            self._bump(txn)
+            return True
 
 
 def _now() -> str:
