@@ -96,6 +96,10 @@ class Archive:
         from .lifecycle import Lifecycle
 
         self.lifecycle = Lifecycle(self)
+        from .audit import build_audit
+
+        # who did what (archive.audit): stores, queries, reads, moves, deletions, logins
+        self.audit = build_audit(config, self._audit_patient, self._audit_classes)
         if not readonly:
             self.sweep()
             self.lifecycle.recover()
@@ -113,6 +117,28 @@ class Archive:
         cfg = config or Config()
         cfg.data_dir = Path(data_dir)
         return cls(cfg, readonly=readonly)
+
+    def _audit_patient(self, study: str) -> tuple[str, str] | None:
+        """(Patient ID, name) of a study, for audit records (on the audit writer's thread)."""
+        from .metadata import first_value
+
+        st = self.index.study(study)
+        pat = self.index.patient(st.patient) if st is not None else None
+        if pat is None:
+            return None
+        name = first_value(pat.attrs, "00100010")
+        if isinstance(name, dict):
+            name = name.get("Alphabetic", "")
+        return str(first_value(pat.attrs, "00100020") or ""), str(name or "")
+
+    def _audit_classes(self, sops) -> dict[str, str]:
+        """SOP Class UIDs of instances, for aggregated audit records."""
+        out = {}
+        for sop in sops:
+            rec = self.index.instance(sop)
+            if rec is not None:
+                out[sop] = rec.sop_class
+        return out
 
     # -- tiers: availability and access ---------------------------------------------------------
     def availability(self, counts: "Mapping[str, int] | str") -> str:
@@ -183,6 +209,7 @@ class Archive:
         return self.staging.spool(suffix)
 
     def close(self) -> None:
+        self.audit.close()  # aggregated reads and queued records reach the trail first
         for tier in self.tiers.values():
             tier.close()
         if self.staging is not None:
