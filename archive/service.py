@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -254,8 +255,14 @@ class Archive:
 
     def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",
                     calling_aet: str = "", expected_sop_class: str | None = None) -> IngestResult:
-        return self.ingest(Path(path), take_ownership=take_ownership, origin=source,
-                           calling_aet=calling_aet, expected_sop_class=expected_sop_class)
+        result = self.ingest(Path(path), take_ownership=take_ownership, origin=source,
+                             calling_aet=calling_aet, expected_sop_class=expected_sop_class)
+        from .audit import local_principal
+
+        self.audit.stored(local_principal(), result.study_uid, None, result.sop_class_uid or "",
+                          result.sop_instance_uid or "", "", calling_aet, "success" if result.ok else "minor failure",
+                          session=f"{source} pid {os.getpid()}", reason=result.reason or "")
+        return result
 
     # -- records -------------------------------------------------------------------------
     def instance(self, sop: str) -> InstanceRecord | None:

@@ -43,3 +43,30 @@ def start_forwarding(audit: Audit, cfg) -> None:
                           s.retry_max_seconds, s.connect_timeout)
     audit.forwarder = Forwarder(audit.trail, target)
     audit.forwarder.start()
+
+
+def local_principal():
+    """The person at the console of a CLI verb (import, watch, tier move): the OS login."""
+    from ..access import Principal
+    from .recorder import _os_user
+
+    user = _os_user()
+    return Principal(f"os:{user}", user, frozenset(), "cli")
+
+
+def configuration_detail(cfg) -> dict:
+    """What the start record says about the configuration (never secrets)."""
+    tiers = {name: ("s3 " + str((t.s3 or {}).get("endpoint", "")) + "/" + str((t.s3 or {}).get("bucket", ""))
+                    if t.s3 else str(t.path)) for name, t in cfg.tier_configs().items()}
+    out = {"aet": cfg.aet, "host": cfg.host, "dicom_port": cfg.dicom_port, "http_port": cfg.http_port,
+           "http_workers": cfg.http_workers, "data_dir": str(cfg.data_dir), "on_conflict": cfg.on_conflict,
+           "require_called_aet": cfg.require_called_aet, "cors_origins": list(cfg.cors_origins),
+           "nodes": sorted(n.aet for n in cfg.nodes.values()), "tiers": tiers,
+           "audit_path": str(cfg.audit_dir()), "pid": __import__("os").getpid()}
+    s = cfg.audit.syslog
+    if s is not None:
+        out["audit_syslog"] = f"{s.host}:{s.port}{' tls' if s.tls else ''}"
+    for name in ("auth_mode", "allow_unauthenticated", "tls_port", "accept_unknown_ae"):
+        if hasattr(cfg, name):  # keys of the other parts of issue 10, when present
+            out[name] = getattr(cfg, name)
+    return out

@@ -264,13 +264,16 @@ class Audit:
 
     def audit_log_used(self, what: str, who: Principal | str | None = None) -> None:
         """The trail itself was read (pathpacs audit, audit verify): recorded like any access."""
+        self.record(self.audit_log_event(what, who))
+
+    def audit_log_event(self, what: str, who: Principal | str | None = None) -> AuditEvent:
         user = who if who is not None else _os_user()
-        self.record(self._event("audit log used", ev.AUDIT_LOG_USED, "R",
-                                participants=[_principal_participant(user, "", "", [])],
-                                objects=[ParticipantObject(str(self.trail.dir), ev.SYSTEM_OBJECT,
-                                                           ev.ROLE_SECURITY_RESOURCE, ev.ID_URI,
-                                                           name="audit trail", query=what)],
-                                detail={"what": what}))
+        return self._event("audit log used", ev.AUDIT_LOG_USED, "R",
+                           participants=[_principal_participant(user, "", "", [])],
+                           objects=[ParticipantObject(str(self.trail.dir), ev.SYSTEM_OBJECT,
+                                                      ev.ROLE_SECURITY_RESOURCE, ev.ID_URI,
+                                                      name="audit trail", query=what)],
+                           detail={"what": what})
 
     # -- queue, writer, flusher ------------------------------------------------------------------
     def record(self, event: AuditEvent) -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from archive.status import DimseStatus
 
 from . import compat
+from .caller import caller
 from .receive import SpoolFile
 
 if TYPE_CHECKING:
@@ -38,4 +39,8 @@ def handle_store(event, arc: "Archive") -> int:
         Path(event.dataset_path), take_ownership=True, sha256=state.sha256,
         origin="c-store", calling_aet=calling, expected_sop_class=context_class,
     )
+    who, address, aet, session = caller(event)
+    arc.audit.stored(who, result.study_uid, None, result.sop_class_uid or context_class,
+                     result.sop_instance_uid or str(event.request.AffectedSOPInstanceUID or ""), address, aet,
+                     "success" if result.ok else "minor failure", session=session, reason=result.reason or "")
     return result.dimse_status
