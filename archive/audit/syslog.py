@@ -157,7 +157,7 @@ class Forwarder:
                     self._sock = self._connect()
                 except (OSError, ssl.SSLError) as exc:
                     self._problem(f"cannot reach {t.host}:{t.port}: {exc}")
-                    self._status(force=True)
+                    self._status(force=True, sent=self.confirmed)
                     if self._stop.wait(backoff):
                         return
                     backoff = min(t.retry_max_seconds, backoff * 2)
@@ -180,8 +180,8 @@ class Forwarder:
                 _write_json(self.trail.dir / "forward.cursor",
                             {"seq": self.confirmed, "hash": self.confirmed_hash, "target": f"{t.host}:{t.port}"},
                             sync=False)
-            self._status()
-            recs = tailer.read(200) if not self._stop.is_set() else []
+            self._status(sent=pending[-1][0] if pending else self.confirmed)
+            recs = tailer.read(200)  # when stopping too: what was written before the stop goes out
             if not recs:
                 if self._stop.is_set() and not pending:
                     return
@@ -228,7 +228,9 @@ class Forwarder:
             log.warning("audit forwarding: %s (records stay in the trail and are sent later)", text)
         self.last_error = text
 
-    def _status(self, force: bool = False) -> None:
+    def _status(self, force: bool = False, sent: int = 0) -> None:
+        """Write forward.status (at most once a second); raise or clear the backlog alarm.
+        The backlog is what is not sent yet (records in flight on a live connection are not)."""
         now = time.monotonic()
         if not force and now - self._status_at < 1.0:
             return
@@ -236,7 +238,7 @@ class Forwarder:
         if now - self._head_at >= 1.0:
             self._head = self.trail.head()[0]
             self._head_at = now
-        backlog = max(0, self._head - self.confirmed)
+        backlog = max(0, self._head - max(sent, self.confirmed))
         t = self.target
         if backlog > t.max_backlog and not self.alarm:
             self.alarm = True
