@@ -79,3 +79,8 @@ def keys_text(keys) -> str:
     """The matching keys of a query as text (audit ParticipantObjectQuery): TAG=VALUE ..."""
     sep = "\\"
     return " ".join(k.tag + "=" + sep.join(str(v) for v in k.values) for k in keys if k.values)[:4096]
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
