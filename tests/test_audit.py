@@ -561,3 +561,44 @@ def test_collector_down_spools_then_delivers_everything_in_order(tmp_path, caplo
         assert len([r for r in caplog.records if r.levelno == logging.ERROR and "max_backlog" in r.getMessage()]) == 1
     finally:
         rx2.stop()
+
+
+def test_every_event_kind_has_its_atna_codes(tmp_path):
+    cfg = _cfg(tmp_path)
+    audit = build_audit(cfg)
+    admin = Principal("admin-1", "Li Admin", frozenset({"sysadmin"}), "token")
+    audit.moved("1.2.3", ["1.2.3.4"], "hot", "cold")
+    audit.deleted("rejected", admin, "1.2.3", "P1", ["1.2.3.4"], "113039^DCM^Data Retention Policy Expired")
+    audit.deleted("restored", admin, "1.2.3", "P1", ["1.2.3.4"])
+    audit.deleted("purged", admin, "1.2.3", "P1", ["1.2.3.4"])
+    audit.exported(admin, "1.2.3", "P1", ["1.2.3.4"], "PARTNER")
+    audit.association_rejected("STRANGER", "192.0.2.7", "unknown calling AE title")
+    audit.login("mallory", "192.0.2.8", success=False, method="token", reason="invalid token")
+    audit.login(READER, "10.0.0.2", success=True, method="oidc")
+    audit.security("token created", Principal("sec-1", "Sun Sec", frozenset({"secadmin"}), "token"),
+                   {"role": "viewer", "expires": "7d"}, subject="token 42")
+    audit.security("token revoked", "sec-1", {}, subject="token 42")
+    audit.application("start", {"aet": "PATHPACS"})
+    with pytest.raises(ValueError):
+        audit.deleted("shredded", admin, "1.2.3", None, [])
+    audit.close()
+    want = [("moved", "110103", "U", 0, None), ("rejected", "110103", "D", 0, None),
+            ("restored", "110103", "U", 0, None), ("purged", "110105", "D", 0, None),
+            ("exported", "110106", "R", 0, None), ("association rejected", "110113", "E", 4, "110126"),
+            ("login", "110114", "E", 4, "110122"), ("login", "110114", "E", 0, "110122"),
+            ("token created", "110113", "E", 0, "110137"), ("token revoked", "110113", "E", 0, "110137"),
+            ("application start", "110100", "E", 0, "110120")]
+    got = []
+    for rec in _records(cfg.data_dir):
+        e = AuditEvent.from_dict(rec.event)
+        root = ET.fromstring(e.to_xml())
+        ident = root.find("EventIdentification")
+        t = ident.find("EventTypeCode")
+        got.append((e.kind, ident.find("EventID").get("csd-code"), ident.get("EventActionCode"),
+                    int(ident.get("EventOutcomeIndicator")), t.get("csd-code") if t is not None else None))
+        assert root.find("AuditSourceIdentification").get("AuditSourceID") == "PATHPACS"
+        assert root.findall("ActiveParticipant")
+    assert got == want
+    rows = [AuditEvent.from_dict(r.event) for r in _records(cfg.data_dir)]
+    assert rows[6].requestor.user_id == "mallory" and rows[6].outcome_text == "invalid token"
+    assert rows[3].objects[0].lifecycle == "14"  # purged: ParticipantObjectDataLifeCycle "permanent erasure"
