@@ -176,16 +176,19 @@ class Handlers:
             encoded = qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)
             return encoded, more, clamped, len(docs)
 
-        # on the archive's search threads: a slow search delays neither frames nor other clients
         who, address, _ = auditing.caller(request)
         audit = self.arc.sync.audit
-        try:
+        named = [v for k, v in params if k in ("StudyInstanceUID", "0020000D")]
+        about = study
+        if about is None and len(named) == 1 and "," not in named[0] and "\\" not in named[0]:
+            about = named[0][:64]  # the query names one study: its record is found by --study
+        try:  # on the archive's search threads: a slow search delays neither frames nor other clients
             encoded, more, clamped, n = await self.arc.search_run(run)
         except Exception as exc:
-            audit.queried(who, level, request.query_string, address, "", 0, study=study, via="QIDO-RS",
+            audit.queried(who, level, request.query_string, address, "", 0, study=about, via="QIDO-RS",
                           outcome="minor failure", reason=str(exc)[:200])
             raise
-        audit.queried(who, level, request.query_string, address, "", n, study=study, via="QIDO-RS")
+        audit.queried(who, level, request.query_string, address, "", n, study=about, via="QIDO-RS")
         warnings = []
         if clamped is not None:
             warnings.append(f'299 pathpacs "limit reduced to http.max_results ({clamped})"')

@@ -8,6 +8,8 @@ from aiohttp import web
 
 from archive.metadata import string_values
 
+from . import auditing
+
 
 def _v(doc: dict, tag: str) -> str:
     return html.escape("\\".join(string_values(doc.get(tag))))
@@ -33,6 +35,8 @@ def add_routes(app: web.Application, arc) -> None:
         rows = []
         # a scan of every study: off the event loop (the study browser issue replaces it with QIDO)
         studies = await arc.run(newest_studies)
+        who, address, _ = auditing.caller(request)  # the list shows patient names and IDs: audited
+        arc.sync.audit.queried(who, "STUDY", "study list page", address, "", min(len(studies), 500), via="pages")
         for rec in studies[:500]:
             a = rec.attrs
             u = html.escape(rec.uid)

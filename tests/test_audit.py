@@ -251,6 +251,10 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     base = srv.dicomweb_url
     r = requests.get(f"{base}/studies/{study}/series", timeout=10)
     assert r.status_code == 200 and len(r.json()) == 1
+    r = requests.get(f"{base}/studies", params={"StudyInstanceUID": study, "includefield": "PatientName"}, timeout=10)
+    assert r.status_code == 200 and len(r.json()) == 1
+    assert requests.get(f"{base}/studies?PatientID=P&fuzzymatching=maybe", timeout=10).status_code == 400
+    assert requests.get(srv.http_url + "/", timeout=10).status_code == 200  # the study list page
     n_frames = ds.NumberOfFrames
     with requests.Session() as s:
         for i in range(60):
@@ -279,7 +283,10 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     assert any(o["role"] == 1 and o["id"] == "PAT-42" for o in stored["objects"])  # the patient, resolved
 
     queries = [r for r in rows if r["kind"] == "queried"]
-    assert sorted(q["detail"]["via"] for q in queries) == ["C-FIND", "QIDO-RS"]
+    assert sorted(q["detail"]["via"] for q in queries) == ["C-FIND", "QIDO-RS", "QIDO-RS"]
+    qido = [q for q in queries if q["detail"]["via"] == "QIDO-RS"]
+    assert [q["detail"]["results"] for q in qido] == [1, 1]
+    assert qido[1]["objects"][0]["query"] == f"StudyInstanceUID={study}&includefield=PatientName"
     cfind = next(q for q in queries if q["detail"]["via"] == "C-FIND")
     assert cfind["detail"]["results"] == 1 and cfind["participants"][0]["aet"] == "FINDER"
     assert f"0020000D={study}" in cfind["objects"][0]["query"]
@@ -293,6 +300,10 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     assert read["action"] == "R" and any(o["id"] == "PAT-42" for o in read["objects"])
 
     every = _json_rows(run_cli("audit", "--format", "json", data=data))
+    refused = [r for r in every if r["kind"] == "queried" and r["outcome"] == 4]
+    assert len(refused) == 1 and "fuzzymatching" in refused[0]["outcome_text"]
+    page = [r for r in every if r["kind"] == "queried" and r["detail"]["via"] == "pages"]
+    assert len(page) == 1 and page[0]["detail"]["results"] == 1
     rejected = [r for r in every if r["kind"] == "association rejected"]
     assert len(rejected) == 1 and rejected[0]["participants"][0]["aet"] == "INTRUDER"
     assert "NOTUS" in rejected[0]["outcome_text"] and rejected[0]["outcome"] == 4

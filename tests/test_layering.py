@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import ROOT, run_cli
 
 PRODUCT = ("archive", "dicomweb", "storage_tiers", "converters")
-VERBS = ("serve", "import", "ls", "stats", "verify", "migrate", "convert", "watch")
+VERBS = ("serve", "import", "ls", "stats", "verify", "migrate", "convert", "watch", "audit")
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:

@@ -135,6 +135,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not cfg.audit.enabled and args.action != "verify":
         raise _fail("the audit trail is disabled ([audit] enabled = false)")
     trail = trail_of(cfg)
+    if not trail.dir.is_dir():
+        raise _fail(f"no audit trail in {trail.dir}")
     if args.limit is not None and args.limit < 1:
         raise _fail("--limit must be at least 1")
     if args.action == "verify":
