@@ -245,6 +245,12 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
                           "-k", f"StudyInstanceUID={study}", "-k", "PatientID", "127.0.0.1", str(srv.dicom_port)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+    out = tmp_path / "got"
+    out.mkdir()
+    res = subprocess.run([need("getscu"), "-aet", "GETTER", "-aec", "PATHPACS", "+xy", "-S", "-k",
+                          "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "-od", str(out), "127.0.0.1",
+                          str(srv.dicom_port)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and len(list(out.iterdir())) == 2, res.stderr
     res = subprocess.run([need("echoscu"), "-aet", "INTRUDER", "-aec", "NOTUS", "127.0.0.1", str(srv.dicom_port)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0  # refused: called AE title
@@ -292,8 +298,12 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     assert f"0020000D={study}" in cfind["objects"][0]["query"]
 
     reads = [r for r in rows if r["kind"] == "retrieved"]
-    assert len(reads) == 1, reads  # 60 frame requests, an instance and the metadata: one record
-    read = reads[0]
+    assert len(reads) == 2, reads  # C-GET, then 60 frame requests + an instance + the metadata: one record each
+    cget = reads[0]
+    getter = next(p for p in cget["participants"] if p.get("requestor"))
+    assert (getter["aet"], getter["address"]) == ("GETTER", "127.0.0.1") and cget["detail"]["instances"] == 2
+    assert cget["detail"]["session"].startswith("dimse GETTER@127.0.0.1:")
+    read = reads[1]
     reader = next(p for p in read["participants"] if p.get("requestor"))
     assert (reader["user_id"], reader["address"]) == ("anonymous", "127.0.0.1")
     assert read["detail"]["frames"] == 60 and read["detail"]["instances"] == 1
@@ -316,8 +326,9 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].split()[:4] == ["#", "time", "(UTC)", "event"]
-    assert len(lines) == 2 and "retrieved" in lines[1] and "anonymous (uploader,viewer)" in lines[1]
-    assert "127.0.0.1" in lines[1] and "PAT-42" in lines[1] and "1 instances, 60 frames" in lines[1]
+    assert len(lines) == 3 and "GETTER" in lines[1] and "2 instances" in lines[1]
+    assert "retrieved" in lines[2] and "anonymous (uploader,viewer)" in lines[2]
+    assert "127.0.0.1" in lines[2] and "PAT-42" in lines[2] and "1 instances, 60 frames" in lines[2]
     assert _json_rows(run_cli("audit", "--patient", "PAT-42", "--user", "SCANNER1", "--format", "json",
                               data=data))[0]["kind"] == "stored"
     res = run_cli("audit", "--study", study, "--format", "xml", data=data)
