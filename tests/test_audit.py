@@ -336,6 +336,22 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     assert root.tag == "AuditMessages" and len(root) == len(rows)
     assert {m.find("EventIdentification/EventID").get("csd-code") for m in root} == {"110104", "110112"}
     assert run_cli("audit", "verify", "-q", data=data).returncode == 0
+    res = run_cli("stats", data=data)
+    assert res.returncode == 0 and re.search(r"^audit +\d+ records \(\d+ bytes\)", res.stdout, re.M), res.stdout
+
+
+def test_http_workers_append_to_one_chain(make_server):
+    srv = make_server(config_text="[http]\nworkers = 3\n[audit]\nflush_seconds = 600\n")
+    for i in range(45):  # a new connection each: the kernel spreads them over the workers
+        r = requests.get(f"{srv.dicomweb_url}/studies", params={"PatientID": f"W{i}"}, timeout=10,
+                         headers={"Connection": "close"})
+        assert r.status_code == 200
+    assert srv.stop() == 0
+    trail = Trail(srv.data_dir / "audit")
+    assert trail.verify().broken is None
+    recs = list(trail.records())
+    texts = sorted(r.event["objects"][0].get("query", "") for r in recs if r.event["kind"] == "queried")
+    assert texts == sorted(f"PatientID=W{i}" for i in range(45))
 
 
 def test_audit_cli_refuses_bad_input_in_one_line(tmp_path):
