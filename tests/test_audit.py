@@ -65,7 +65,9 @@ def test_verify_names_the_first_modified_record(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "5 records, chain intact"
     # the verify was itself recorded (Audit Log Used), and the chain still holds
-    assert [r.event["kind"] for r in _records(data)][-1] == "audit log used"
+    last = _records(data)[-1].event
+    assert last["kind"] == "audit log used" and last["objects"][0]["query"] == "audit verify"
+    assert last["event_id"] == ["110101", "DCM", "Audit Log Used"]
     res = run_cli("audit", "verify", "--quiet", data=data)
     assert res.stdout.strip() == "6 records, chain intact"
 

@@ -146,13 +146,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         code = _list(trail, args)
     if cfg.audit.enabled:
-        what = "audit " + " ".join(a for a in sys.argv[2:] if a not in ("--quiet", "-q"))[:500]
-        event = build_audit(cfg).audit_log_event(what.strip())
+        event = build_audit(cfg).audit_log_event(_command_text(args))
         try:
             trail.append([(event.time, event.to_dict())])
         except OSError as exc:
             print(f"pathpacs: warning: cannot record this use of the audit trail: {exc.strerror}", file=sys.stderr)
     return code
+
+
+def _command_text(args: argparse.Namespace) -> str:
+    """What was asked of the trail, as a command line (the Audit Log Used record's query)."""
+    words = ["audit", args.action]
+    for name in ("patient", "study", "user", "event", "since", "until", "format", "limit"):
+        value = getattr(args, name, None)
+        if value is not None and not (name == "format" and value == "table"):
+            words += [f"--{name}", str(value)]
+    return " ".join(words)[:1000]
 
 
 def _list(trail: Trail, args: argparse.Namespace) -> int:
