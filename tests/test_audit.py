@@ -243,6 +243,8 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     res = subprocess.run([need("storescu"), "-R", "-xy", "-aet", "SCANNER1", "-aec", "PATHPACS", "127.0.0.1",
                           str(srv.dicom_port), *map(str, files)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
+    # written when the association is released, not at the end of the 600 s window
+    _wait(lambda: any(r.event["kind"] == "stored" for r in _records(srv.data_dir)), timeout=10)
     res = subprocess.run([need("findscu"), "-S", "-aet", "FINDER", "-aec", "PATHPACS", "-k", "QueryRetrieveLevel=STUDY",
                           "-k", f"StudyInstanceUID={study}", "-k", "PatientID", "127.0.0.1", str(srv.dicom_port)],
                          capture_output=True, text=True, timeout=60)
