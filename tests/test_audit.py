@@ -644,3 +644,27 @@ def test_every_event_kind_has_its_atna_codes(tmp_path):
     rows = [AuditEvent.from_dict(r.event) for r in _records(cfg.data_dir)]
     assert rows[6].requestor.user_id == "mallory" and rows[6].outcome_text == "invalid token"
     assert rows[3].objects[0].lifecycle == "14"  # purged: ParticipantObjectDataLifeCycle "permanent erasure"
+
+
+def test_import_and_tier_moves_are_recorded(tmp_path):
+    files = factory.wsi_series(tmp_path / "in", levels=((512, 512), (256, 256)), patient_id="PAT-T")
+    import getpass
+
+    import pydicom
+
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    cfg = tmp_path / "tiers.toml"
+    cfg.write_text(f'[tiers.hot]\npath = "{tmp_path}/hot"\n[tiers.warm]\npath = "{tmp_path}/warm"\n')
+    data = tmp_path / "data"
+    assert run_cli("import", "--quiet", str(tmp_path / "in"), "--config", str(cfg), data=data).returncode == 0
+    res = run_cli("tier", "move", "--study", study, "--to", "warm", "--quiet", "--config", str(cfg), data=data)
+    assert res.returncode == 0, res.stderr
+    rows = _json_rows(run_cli("audit", "--study", study, "--format", "json", "--config", str(cfg), data=data))
+    assert [r["kind"] for r in rows] == ["stored", "moved"]
+    stored, moved = rows
+    importer = next(p for p in stored["participants"] if p.get("requestor"))
+    assert importer["user_id"] == f"os:{getpass.getuser()}" and stored["detail"]["instances"] == 2
+    assert stored["detail"]["session"].startswith("import pid ")
+    assert (moved["event_id"][0], moved["action"]) == ("110103", "U")
+    assert moved["detail"] == {"instances": 2, "from_tier": "hot", "to_tier": "warm"}
+    assert any(o["id"] == "PAT-T" and o["role"] == 1 for o in moved["objects"])

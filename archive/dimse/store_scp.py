@@ -29,6 +29,10 @@ def handle_store(event, arc: "Archive") -> int:
     command_class = str(event.request.AffectedSOPClassUID or "")
     if state.error is not None or command_class != context_class:
         Path(event.dataset_path).unlink(missing_ok=True)
+        who, address, aet, session = caller(event)
+        arc.audit.stored(who, None, None, context_class, str(event.request.AffectedSOPInstanceUID or ""), address,
+                         aet, "minor failure", session=session,
+                         reason="cannot write received data" if state.error is not None else "SOP class mismatch")
         if state.error is not None:
             log.warning("C-STORE from %s refused: cannot write received data: %s", calling, state.error)
             return DimseStatus.OUT_OF_RESOURCES
