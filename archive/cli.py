@@ -17,6 +17,7 @@ from converters import commands as convert_cli
 from . import config as config_mod
 from . import token_commands
 from . import deletion_cli
+from .audit import commands as audit_cli
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 from .status import ArchiveError
 
@@ -173,6 +174,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         proc = ctx.Process(target=_http_worker, args=(cfg, args.quiet), daemon=True)
         proc.start()
         workers.append(proc)
+    from .audit import configuration_detail, start_forwarding
+
+    start_forwarding(arc.audit, cfg)  # [audit.syslog]: this process forwards the trail
+    arc.audit.application("start", configuration_detail(cfg))
     print(f"pathpacs: AE {cfg.aet} on DICOM port {cfg.dicom_port}, HTTP on port {cfg.http_port}"
           f" (DICOMweb at /dicomweb, {max(1, cfg.http_workers)} worker(s)), data in {cfg.data_dir}",
           file=sys.stderr, flush=True)
@@ -190,6 +195,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if migration is not None:
             migration[1].set()
             migration[0].join(30)
+        arc.audit.application("stop", {"pid": os.getpid()})
         arc.close()
     return 0
 
@@ -401,6 +407,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     print(f"bytes      {s.bytes} ({_human(s.bytes)})")
     for tier, n in sorted(s.by_tier.items()):
         print(f"tier {tier:<5} {n} ({_human(n)})")
+    for line in audit_cli.stats_lines(load_config(args)):
+        print(line)
     return 0
 
 
@@ -716,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_commands.register(sub, _common)  # `token create|list|revoke`
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
+    audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)
     _add_watch(sub)
     return parser
 

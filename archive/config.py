@@ -229,6 +229,28 @@ class RetentionSection(_Section):
     match: dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[str, Field(max_length=1024)]] = {}
     years: Annotated[StrictInt, Field(ge=1, le=200)]
     from_: Literal["study_date", "last_access", "received"] = Field("study_date", alias="from")
+class AuditSyslogSection(_Section):
+    host: Host
+    port: Port = 6514
+    tls: StrictBool = False
+    ca: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    cert: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    key: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    server_name: Host | None = None
+    app_name: Annotated[str, Field(pattern=r"^[!-~]{1,48}$")] = "pathpacs"
+    max_backlog: Annotated[StrictInt, Field(ge=1, le=100_000_000)] = 100_000
+    retry_max_seconds: Seconds = 60.0
+    connect_timeout: Seconds = 10.0
+
+
+class AuditSection(_Section):
+    enabled: StrictBool = True
+    path: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    source_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    site_id: Annotated[str, Field(max_length=128)] = ""
+    flush_seconds: Annotated[float, BeforeValidator(_seconds), Field(ge=0.1, le=3600)] = 60.0
+    segment_mb: Annotated[StrictInt, Field(ge=1, le=1 << 16)] = 64
+    syslog: AuditSyslogSection | None = None
 
 
 class ConfigFile(_Section):
@@ -244,6 +266,7 @@ class ConfigFile(_Section):
     lifecycle: LifecycleSection = LifecycleSection()
     deletion: DeletionSection = DeletionSection()
     retention: list[RetentionSection] = []
+    audit: AuditSection = AuditSection()
 
 
 # -- the runtime configuration (flat: what the code reads) ----------------------------------
@@ -304,6 +327,36 @@ class Replica:
     within_minutes: float = 60.0
 
 
+@dataclass(frozen=True)
+class AuditSyslog:
+    """Where the audit trail is forwarded (archive.audit.syslog)."""
+
+    host: str
+    port: int = 6514
+    tls: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+    app_name: str = "pathpacs"
+    max_backlog: int = 100_000
+    retry_max_seconds: float = 60.0
+    connect_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """[audit]: the trail (archive.audit)."""
+
+    enabled: bool = True
+    path: Path | None = None  # default DATA/audit
+    source_id: str | None = None  # AuditSourceID; default the AE title
+    site_id: str = ""
+    flush_seconds: float = 60.0
+    segment_mb: int = 64
+    syslog: AuditSyslog | None = None
+
+
 @dataclass
 class Config:
     data_dir: Path = Path("./data")
@@ -354,6 +407,12 @@ class Config:
 
     def retention_rules(self) -> tuple[Retention, ...]:
         return tuple(self.retention) or DEFAULT_RETENTION
+    # [audit]
+    audit: AuditConfig = field(default_factory=AuditConfig)
+
+    def audit_dir(self) -> Path:
+        """Where the audit trail lives: audit.path, else DATA/audit."""
+        return self.audit.path if self.audit.path is not None else Path(self.data_dir) / "audit"
 
     def tier_configs(self) -> dict[str, Tier]:
         """The tiers, with the zero-config default (one filesystem tier "hot" in data_dir)."""
@@ -477,8 +536,29 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
                 except QueryError as exc:
                     raise ConfigError(f"retention[{i}].match: {exc}") from None
         cfg.retention = [Retention(r.years, r.from_, dict(r.match)) for r in doc.retention]
+    if "audit" in raw:
+        cfg.audit = _audit(doc.audit, base_dir)
     check_tiers(cfg)
     return validate(cfg)
+
+
+def _audit(a: AuditSection, base_dir: Path) -> AuditConfig:
+    def path(text: str | None) -> Path | None:
+        if text is None:
+            return None
+        p = Path(text)
+        return p if p.is_absolute() else base_dir / p
+
+    syslog = None
+    if a.syslog is not None:
+        s = a.syslog
+        if (s.cert is None) != (s.key is None):
+            raise ConfigError("audit.syslog: give both cert and key (mutual TLS) or neither")
+        if not s.tls and (s.ca or s.cert or s.server_name):
+            raise ConfigError("audit.syslog: ca, cert, key and server_name need tls = true")
+        syslog = AuditSyslog(s.host, s.port, s.tls, path(s.ca), path(s.cert), path(s.key), s.server_name,
+                             s.app_name, s.max_backlog, s.retry_max_seconds, s.connect_timeout)
+    return AuditConfig(a.enabled, path(a.path), a.source_id, a.site_id, a.flush_seconds, a.segment_mb, syslog)
 
 
 def check_tiers(cfg: Config) -> None:

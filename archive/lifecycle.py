@@ -189,6 +189,16 @@ class Lifecycle:
                  progress: Callable[[int], None] | None = None, dry_run: bool = False,
                  hook: Callable[[str], None] | None = None) -> Report:
         report = Report()
+        moved: dict[tuple[str, str], list[str]] = {}  # (study, from tier) -> SOPs: one audit record each
+        try:
+            self._move_all(recs, to_tier, report, moved, progress, dry_run, hook)
+        finally:
+            for (study, from_tier), sops in moved.items():
+                self.arc.audit.moved(study, sops, from_tier, to_tier)
+        return report
+
+    def _move_all(self, recs, to_tier: str, report: Report, moved: dict[tuple[str, str], list[str]],
+                  progress, dry_run: bool, hook) -> None:
         for rec in recs:
             if rec.blob.tier == to_tier:
                 report.skipped += 1
@@ -204,11 +214,11 @@ class Lifecycle:
                 if self.move(rec, to_tier, hook=hook):
                     report.done += 1
                     report.bytes += rec.size
+                    moved.setdefault((rec.study, rec.blob.tier), []).append(rec.sop)
             except ArchiveError as exc:
                 report.add_problem(f"{rec.sop}: {exc.reason}")
             if progress:
                 progress(rec.size)
-        return report
 
     # -- rules --------------------------------------------------------------------------------
     def _rule_keys(self, match: dict[str, str]) -> list[Key]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -104,6 +105,11 @@ class Archive:
         from .deletion import Deletion
 
         self.deletion = Deletion(self)  # reject / restore / purge, and what is hidden from whom
+
+        from .audit import build_audit
+
+        # who did what (archive.audit): stores, queries, reads, moves, deletions, logins
+        self.audit = build_audit(config, self._audit_patient, self._audit_classes)
         if not readonly:
             self.sweep()
             self.lifecycle.recover()
@@ -121,6 +127,28 @@ class Archive:
         cfg = config or Config()
         cfg.data_dir = Path(data_dir)
         return cls(cfg, readonly=readonly)
+
+    def _audit_patient(self, study: str) -> tuple[str, str] | None:
+        """(Patient ID, name) of a study, for audit records (on the audit writer's thread)."""
+        from .metadata import first_value
+
+        st = self.index.study(study)
+        pat = self.index.patient(st.patient) if st is not None else None
+        if pat is None:
+            return None
+        name = first_value(pat.attrs, "00100010")
+        if isinstance(name, dict):
+            name = name.get("Alphabetic", "")
+        return str(first_value(pat.attrs, "00100020") or ""), str(name or "")
+
+    def _audit_classes(self, sops) -> dict[str, str]:
+        """SOP Class UIDs of instances, for aggregated audit records."""
+        out = {}
+        for sop in sops:
+            rec = self.index.instance(sop)
+            if rec is not None:
+                out[sop] = rec.sop_class
+        return out
 
     # -- tiers: availability and access ---------------------------------------------------------
     def availability(self, counts: "Mapping[str, int] | str") -> str:
@@ -191,6 +219,7 @@ class Archive:
         return self.staging.spool(suffix)
 
     def close(self) -> None:
+        self.audit.close()  # aggregated reads and queued records reach the trail first
         for tier in self.tiers.values():
             tier.close()
         if self.staging is not None:
@@ -249,9 +278,15 @@ class Archive:
     def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",
                     calling_aet: str = "", expected_sop_class: str | None = None,
                     may_reject: bool = False) -> IngestResult:
-        return self.ingest(Path(path), take_ownership=take_ownership, origin=source,
-                           calling_aet=calling_aet, expected_sop_class=expected_sop_class,
-                           may_reject=may_reject)
+        result = self.ingest(Path(path), take_ownership=take_ownership, origin=source,
+                             calling_aet=calling_aet, expected_sop_class=expected_sop_class,
+                             may_reject=may_reject)
+        from .audit import local_principal
+
+        self.audit.stored(local_principal(), result.study_uid, None, result.sop_class_uid or "",
+                          result.sop_instance_uid or "", "", calling_aet, "success" if result.ok else "minor failure",
+                          session=f"{source} pid {os.getpid()}", reason=result.reason or "")
+        return result
 
     # -- reject, restore, purge (archive.deletion) ---------------------------------------------
     def reject(self, level: str, uid: str, reason_code: str, who: Principal = SYSTEM,

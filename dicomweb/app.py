@@ -23,7 +23,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from archive.service import AsyncArchive
 from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
-from . import admin, deletion as deletion_routes, pages, qido
+from . import admin, auditing, deletion as deletion_routes, pages, qido
 from .auth import auth_middleware, principal_of
 from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
 from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
@@ -171,14 +171,26 @@ class Handlers:
         params = list(request.query.items())
         who = principal_of(request)
 
-        def run() -> tuple[bytes | list[bytes], bool, int | None]:
+        def run() -> tuple[bytes | list[bytes], bool, int | None, int]:
             docs, more, clamped = qido.search(self.arc.sync, level, params, study=study, series=series,
                                               retrieve_aet=getattr(self.config, "aet", None),
                                               max_results=getattr(self.config, "max_results", 10000), who=who)
-            return (qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)), more, clamped
+            encoded = qido.encode_xml_parts(docs, base) if xml else qido.encode_json(docs, base)
+            return encoded, more, clamped, len(docs)
 
-        # on the archive's search threads: a slow search delays neither frames nor other clients
-        encoded, more, clamped = await self.arc.search_run(run)
+        who, address, _ = auditing.caller(request)
+        audit = self.arc.sync.audit
+        named = [v for k, v in params if k in ("StudyInstanceUID", "0020000D")]
+        about = study
+        if about is None and len(named) == 1 and "," not in named[0] and "\\" not in named[0]:
+            about = named[0][:64]  # the query names one study: its record is found by --study
+        try:  # on the archive's search threads: a slow search delays neither frames nor other clients
+            encoded, more, clamped, n = await self.arc.search_run(run)
+        except Exception as exc:
+            audit.queried(who, level, request.query_string, address, "", 0, study=about, via="QIDO-RS",
+                          outcome="minor failure", reason=str(exc)[:200])
+            raise
+        audit.queried(who, level, request.query_string, address, "", n, study=about, via="QIDO-RS")
         warnings = []
         if clamped is not None:
             warnings.append(f'299 pathpacs "limit reduced to http.max_results ({clamped})"')

@@ -24,7 +24,7 @@ from archive.access import Right
 from archive.status import DimseStatus, ErrorKind, out_of_space
 from storage_tiers import Spool, Spooled
 
-from . import dicomxml
+from . import auditing, dicomxml
 from .auth import principal_of
 from .common import HttpError, _header_safe, base_url, check_boundary, check_uid, log_safe
 from .media import negotiate_store_response, parse_content_type
@@ -238,6 +238,10 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
             continue
         result = await arc.run(arc.sync.ingest, done.path, take_ownership=True, sha256=done.sha256,
                                expected_study=study, origin="stow", may_reject=who.can(Right.ADMIN), who=who)
+        who, address, session = auditing.caller(request)
+        arc.sync.audit.stored(who, result.study_uid, None, result.sop_class_uid or "", result.sop_instance_uid or "",
+                              address, "", "success" if result.ok else "minor failure", session=session,
+                              reason=result.reason or "")
         if result.ok:
             studies.add(result.study_uid)
             url = f"{base}/studies/{result.study_uid}/series/{result.series_uid}/instances/{result.sop_instance_uid}"

@@ -28,7 +28,7 @@ from archive.metadata import BASE_TOKEN
 from archive.records import WSI_SOP_CLASS, InstanceRecord
 from archive.status import ArchiveError
 
-from . import dicomxml
+from . import auditing, dicomxml
 from .auth import principal_of
 from .common import BASE_TOKEN_B, HttpError, base_url, boundary, check_uid, multipart_body
 from .media import (EXPLICIT_LE, JPEG_BASELINE, NotAcceptable, negotiate_bulk, negotiate_frames,
@@ -119,6 +119,7 @@ class Wado:
         nums = parse_frame_list(mi["frames"])
         table, datas = await self.arc.frames(sop, nums, study=mi["study"], series=mi["series"],
                                              who=principal_of(request))
+        auditing.retrieved(request, self.arc.sync.audit, mi["study"], n_frames=len(nums), sop=sop)
         mode, media, ts, multipart = negotiate_frames(request.headers.get("Accept"), table.ts, len(nums))
         if mode != "stored":
             datas = await self._decode(self._transcode, sop, mode, datas)
@@ -150,6 +151,7 @@ class Wado:
             return self._transcode(sop, mode, datas)
 
         first = await self.arc.run(next_batch)  # damage found here is a clean 500
+        auditing.retrieved(request, arc.audit, mi["study"], n_frames=table.n, sop=sop)
         bnd = boundary()
         resp = web.StreamResponse(headers={"Content-Type": f'multipart/related; type="{media}"; boundary={bnd}'})
         await resp.prepare(request)
@@ -197,6 +199,7 @@ class Wado:
         else:
             status, body, headers = await self.arc.run(self._metadata_answer, study, series, sop, base, xml,
                                                        gzip_ok, inm, who)
+        auditing.retrieved(request, self.arc.sync.audit, study, sop=sop)
         return web.Response(status=status, body=body, headers=headers)
 
     def _metadata_answer(self, study, series, sop, base: bytes, xml: bool, gzip_ok: bool,
@@ -239,6 +242,7 @@ class Wado:
         multipart = negotiate_bulk(request.headers.get("Accept"))
         value = await self.arc.run(self.arc.sync.bulk, mi["study"], mi["series"], mi["instance"], path,
                                    principal_of(request))
+        auditing.retrieved(request, self.arc.sync.audit, mi["study"], sop=mi["instance"])
         if not multipart:
             return web.Response(body=value, headers={"Content-Type": "application/octet-stream"})
         bnd = boundary()
@@ -282,6 +286,8 @@ class Wado:
         for rec, ts in plan:
             if ts is not None:
                 transcoded[rec.sop] = await self._decode(self._transcode_instance, rec, ts)
+        for rec, _ts in plan:
+            auditing.retrieved(request, arc.audit, rec.study, n_instances=1, sop=rec.sop, sop_class=rec.sop_class)
         bnd = boundary()
         resp = web.StreamResponse(headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={bnd}'})
@@ -357,6 +363,8 @@ class Wado:
             raise HttpError(400, "rendered frames: ask for one frame at a time")
         await self.arc.run(self.arc.sync.instance_in, mi["study"], mi["series"], sop, principal_of(request))
         body = await self._decode(self._render_instance, sop, frames[0] if frames else None, params)
+        auditing.retrieved(request, self.arc.sync.audit, mi["study"], n_frames=1 if frames else 0,
+                           n_instances=0 if frames else 1, sop=sop)
         return web.Response(body=body, headers={"Content-Type": params.media})
 
     def _instance_image(self, sop: str, frame: int | None):
@@ -413,6 +421,7 @@ class Wado:
                 while len(self._thumbs) > 256 or self._thumb_bytes > THUMB_CACHE_BYTES:
                     _, old = self._thumbs.popitem(last=False)
                     self._thumb_bytes -= len(old)
+        auditing.retrieved(request, arc.audit, study, sop=rec.sop, sop_class=rec.sop_class)
         return web.Response(body=body, headers={"Content-Type": params.media,
                                                 "Cache-Control": "max-age=300"})
 

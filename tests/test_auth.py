@@ -141,7 +141,7 @@ def test_every_route_refuses_without_or_with_a_bad_credential(srv, corpus):
 
 def test_every_route_refuses_a_wrong_role_with_403(srv, corpus, tokens):
     for method, path in routes(corpus["a"]):
-        wrong = ("uploader", "auditor", "secadmin") if method == "GET" else ("viewer", "auditor", "sysadmin")
+        wrong = ("uploader", "auditor", "secadmin") if method == "GET" else ("viewer", "auditor", "secadmin")
         for role in wrong:
             r = _call(srv, method, path, bearer(tokens[role]))
             assert r.status_code == 403, (method, path, role, r.status_code, r.text)

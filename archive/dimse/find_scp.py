@@ -8,6 +8,7 @@ from archive.access import ANONYMOUS
 from archive.query import QueryError
 from archive.status import DimseStatus, ErrorKind
 
+from .caller import caller
 from .contexts import FIND_MODELS
 from .identifiers import keys_from_identifier, response_dataset
 
@@ -33,18 +34,36 @@ def refusal_status(exc: QueryError) -> DimseStatus:
 
 
 def handle_find(event, arc: "Archive") -> Iterator:
+    """The C-FIND answers, audited once the search ends (or fails, or is cancelled)."""
+    state = {"n": 0, "level": "", "keys": "", "outcome": "success", "reason": "", "study": None}
+    try:
+        yield from _find(event, arc, state)
+    finally:
+        who, address, aet, _ = caller(event)
+        arc.audit.queried(who, state["level"], state["keys"], address, aet, state["n"], study=state["study"],
+                          model=str(event.context.abstract_syntax), outcome=state["outcome"],
+                          reason=state["reason"], via="C-FIND")
+
+
+def _find(event, arc: "Archive", state: dict) -> Iterator:
     try:
         identifier = event.identifier
         level = query_level(identifier, FIND_MODELS[str(event.context.abstract_syntax)])
+        state["level"] = level
         keys = keys_from_identifier(identifier)
+        state["keys"] = keys_text(keys)
+        state["study"] = next((k.values[0] for k in keys if k.tag == "0020000D" and k.values
+                               and len(k.values) == 1), None)
         results = arc.search(level, keys, retrieve_aet=arc.config.aet, who=ANONYMOUS)  # node principals: after merge
         first = next(results, None)
     except QueryError as exc:
         log.warning("C-FIND refused: %s", exc)
+        state["outcome"], state["reason"] = "minor failure", str(exc)
         yield refusal_status(exc), None
         return
     except Exception as exc:
         log.warning("C-FIND failed: %s", exc)
+        state["outcome"], state["reason"] = "serious failure", str(exc)[:200]
         yield DimseStatus.CANNOT_UNDERSTAND, None
         return
     if first is None:
@@ -53,7 +72,14 @@ def handle_find(event, arc: "Archive") -> Iterator:
         if event.is_cancelled:
             yield DimseStatus.CANCEL, None
             return
+        state["n"] += 1
         yield DimseStatus.PENDING, response_dataset(result.doc, identifier, level, arc.config.aet)
+
+
+def keys_text(keys) -> str:
+    """The matching keys of a query as text (audit ParticipantObjectQuery): TAG=VALUE ..."""
+    sep = "\\"
+    return " ".join(k.tag + "=" + sep.join(str(v) for v in k.values) for k in keys if k.values)[:4096]
 
 
 def _chain(first, rest):

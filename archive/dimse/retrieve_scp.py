@@ -21,6 +21,7 @@ from archive.records import InstanceRecord
 from archive.status import ArchiveError, DimseStatus
 
 from . import compat
+from .caller import caller
 from .connections import OUTGOING_PDU_FLOOR, cap_peer_pdu
 from .contexts import GET_MODELS, MOVE_MODELS
 from .find_scp import query_level
@@ -118,7 +119,7 @@ class UnsendableInstance(Dataset):
 
 
 def _datasets(event, arc: "Archive", recs: list[InstanceRecord], assoc=None,
-              sub_association: bool = False) -> Iterator:
+              sub_association: bool = False, sent: list | None = None) -> Iterator:
     """Yield instances to send: the stored file, streamed, whenever the peer accepted its
     syntax; decoded to explicit VR little endian (in memory) only when the peer accepted an
     uncompressed syntax but not the stored one; converted between uncompressed syntaxes by
@@ -141,6 +142,8 @@ def _datasets(event, arc: "Archive", recs: list[InstanceRecord], assoc=None,
                     compat.expect_file(path, rec.sha256, rec.size,
                                        lambda what, r=rec: arc.damage(r.sop, r.blob, what, "C-GET/C-MOVE"))
                     try:
+                        if sent is not None:
+                            sent.append(rec)
                         yield DimseStatus.PENDING, StoredInstance(header, path)
                     finally:
                         compat.forget_file(path)
@@ -156,7 +159,17 @@ def _datasets(event, arc: "Archive", recs: list[InstanceRecord], assoc=None,
                 ds.decompress(generate_instance_uid=False)  # lossless decode keeps the UID
             except Exception as exc:
                 log.warning("cannot decode %s for a peer without %s: %s", rec.sop, rec.ts, exc)
+        if sent is not None:
+            sent.append(rec)
         yield DimseStatus.PENDING, ds
+
+
+def _audit_sent(event, arc: "Archive", sent: list[InstanceRecord], destination: str = "") -> None:
+    """One aggregated retrieve record per study of what a C-GET/C-MOVE sent."""
+    who, address, aet, session = caller(event)
+    for rec in sent:
+        arc.audit.retrieved(who, rec.study, None, 1, 0, address, aet, session, sop=rec.sop,
+                            sop_class=rec.sop_class, destination=destination)
 
 
 def handle_get(event, arc: "Archive") -> Iterator:
@@ -168,7 +181,11 @@ def handle_get(event, arc: "Archive") -> Iterator:
         yield DimseStatus.DATASET_MISMATCH, None
         return
     yield len(recs)
-    yield from _datasets(event, arc, recs, event.assoc)
+    sent: list[InstanceRecord] = []
+    try:
+        yield from _datasets(event, arc, recs, event.assoc, sent=sent)
+    finally:
+        _audit_sent(event, arc, sent)
 
 
 def move_contexts(recs: list[InstanceRecord]) -> list:
@@ -206,4 +223,8 @@ def handle_move(event, arc: "Archive") -> Iterator:
     yield node.host, node.port, {"contexts": move_contexts(recs) or None}
     move_association.current = None
     yield len(recs)
-    yield from _datasets(event, arc, recs, sub_association=True)
+    sent: list[InstanceRecord] = []
+    try:
+        yield from _datasets(event, arc, recs, sub_association=True, sent=sent)
+    finally:
+        _audit_sent(event, arc, sent, destination=node.aet)

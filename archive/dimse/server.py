@@ -9,6 +9,7 @@ from pynetdicom import AE, evt
 
 from . import compat, receive
 from .commitment import handle_n_action
+from .caller import session_of
 from .connections import Connections
 from .contexts import (
     FIND_MODELS, GET_MODELS, MOVE_MODELS, STORAGE_COMMITMENT, STORAGE_SOP_CLASSES,
@@ -42,6 +43,24 @@ class ArchiveAE(AE):
     @maximum_associations.setter
     def maximum_associations(self, value: int) -> None:
         AE.maximum_associations.fset(self, value)
+
+
+def _end_session(event, arc: "Archive") -> None:
+    arc.audit.end_session(session_of(event))
+
+
+def _rejected(event, arc: "Archive") -> None:
+    """An association we refused (called AE title, limits): a Security Alert."""
+    req = event.assoc.requestor
+    primitive = getattr(req, "primitive", None)
+    called = str(getattr(primitive, "called_ae_title", "") or "").strip()
+    cfg = arc.config
+    if cfg.require_called_aet and called and called != cfg.aet:
+        reason = f"called AE title {called!r} is not {cfg.aet!r} (dimse.require_called_aet)"
+    else:
+        reason = "refused by the archive (association limit, or not allowed)"
+    arc.audit.association_rejected(str(req.ae_title or "").strip(), str(req.address or ""), reason,
+                                   called_aet=called)
 
 
 class DimseServer:
@@ -84,6 +103,10 @@ class DimseServer:
             (evt.EVT_C_MOVE, partial(handle_move, arc=arc)),
             (evt.EVT_N_ACTION, partial(handle_n_action, arc=arc)),
             *self.connections.handlers,
+            # audit: an association's aggregated records are written when it ends; refusals
+            (evt.EVT_RELEASED, partial(_end_session, arc=arc)),
+            (evt.EVT_ABORTED, partial(_end_session, arc=arc)),
+            (evt.EVT_REJECTED, partial(_rejected, arc=arc)),
         ]
 
     def start(self) -> None:

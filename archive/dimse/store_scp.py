@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from archive.status import DimseStatus
 
 from . import compat
+from .caller import caller
 from .receive import SpoolFile
 
 if TYPE_CHECKING:
@@ -28,6 +29,10 @@ def handle_store(event, arc: "Archive") -> int:
     command_class = str(event.request.AffectedSOPClassUID or "")
     if state.error is not None or command_class != context_class:
         Path(event.dataset_path).unlink(missing_ok=True)
+        who, address, aet, session = caller(event)
+        arc.audit.stored(who, None, None, context_class, str(event.request.AffectedSOPInstanceUID or ""), address,
+                         aet, "minor failure", session=session,
+                         reason="cannot write received data" if state.error is not None else "SOP class mismatch")
         if state.error is not None:
             log.warning("C-STORE from %s refused: cannot write received data: %s", calling, state.error)
             return DimseStatus.OUT_OF_RESOURCES
@@ -39,4 +44,8 @@ def handle_store(event, arc: "Archive") -> int:
         origin="c-store", calling_aet=calling, expected_sop_class=context_class,
         may_reject=False,  # after merge: the calling node's `allow` holds "reject"
     )
+    who, address, aet, session = caller(event)
+    arc.audit.stored(who, result.study_uid, None, result.sop_class_uid or context_class,
+                     result.sop_instance_uid or str(event.request.AffectedSOPInstanceUID or ""), address, aet,
+                     "success" if result.ok else "minor failure", session=session, reason=result.reason or "")
     return result.dimse_status
