@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterator
 from archive.query import QueryError
 from archive.status import DimseStatus, ErrorKind
 
+from .admission import principal_of_association
 from .contexts import FIND_MODELS
 from .identifiers import keys_from_identifier, response_dataset
 
@@ -36,7 +37,7 @@ def handle_find(event, arc: "Archive") -> Iterator:
         identifier = event.identifier
         level = query_level(identifier, FIND_MODELS[str(event.context.abstract_syntax)])
         keys = keys_from_identifier(identifier)
-        results = arc.search(level, keys, retrieve_aet=arc.config.aet)
+        results = arc.search(level, keys, retrieve_aet=arc.config.aet, who=principal_of_association(event.assoc))
         first = next(results, None)
     except QueryError as exc:
         log.warning("C-FIND refused: %s", exc)

@@ -80,7 +80,7 @@ class DimseServer:
         ae.associate = remember_association(ae.associate, cfg)  # see retrieve_scp.move_association
         self.ae = ae
         self._server = None
-        self._servers: list = []
+        self._listening: list = []
         # Every refusal goes to the audit trail when the archive has one (issue 10).
         audit = getattr(getattr(arc, "audit", None), "association_rejected", None)
         self.admission = Admission(cfg, audit)
@@ -102,7 +102,7 @@ class DimseServer:
             (cfg.host, port), block=False, evt_handlers=self.handlers,
             contexts=compat.cheap_copy_contexts(self.ae.supported_contexts), ssl_context=ssl_context,
         )
-        self._servers.append(server)
+        self._listening.append(server)
         if ssl_context is not None:
             tls.deferred_handshake(server, ssl_context)
         # socketserver's hook, called for each accepted socket before its thread starts.
@@ -138,9 +138,9 @@ class DimseServer:
                  f"calling AEs: {len(cfg.nodes)} configured node(s) only")
 
     def stop(self) -> None:
-        for server in self._servers:
+        for server in self._listening:
             server.shutdown()  # no new connections
-        self._servers.clear()
+        self._listening.clear()
         self._server = None
         self.connections.stop()
         self.connections.close_all()
