@@ -12,7 +12,7 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .config import ConfigError
 
@@ -97,15 +97,33 @@ def node_of_certificate(cfg: "Config", peercert: dict[str, Any] | None) -> "Node
     return None
 
 
-def deferred_handshake(server, ctx: ssl.SSLContext) -> None:
-    """Make a pynetdicom AssociationServer wrap accepted sockets without doing the TLS handshake
-    in its accept loop (pynetdicom's `get_request` does, with no timeout: one silent client would
-    stop every other from connecting). The handshake then happens on the association's first
-    read, in its own thread, under the socket timeout `acse_timeout` and the connection deadline
-    (archive.dimse.connections); a failed one closes that connection only."""
+def deferred_handshake(server, ctx: ssl.SSLContext, on_failure: Callable[[str, str], None]) -> None:
+    """Make a pynetdicom AssociationServer do the TLS handshake in each connection's own thread
+    instead of its accept loop (pynetdicom's `get_request` handshakes there, with no timeout:
+    one silent client would stop every other from connecting). The handshake runs under the
+    socket timeout the connection guard set (`acse_timeout`, archive.dimse.connections); when it
+    fails (no or an untrusted client certificate, a plaintext peer, a timeout) `on_failure(address,
+    reason)` is told and the connection is shut, then handed on as usual so the guard logs its end."""
 
     def get_request() -> tuple[socket.socket, Any]:
         raw, address = server.socket.accept()
         return ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False), address
 
+    original = server.finish_request
+
+    def finish_request(request, client_address) -> None:
+        try:
+            request.do_handshake()
+        except ssl.SSLEOFError:  # closed before a word (a port probe): the guard logs it, no refusal
+            pass
+        except (OSError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (str(exc) or type(exc).__name__)
+            on_failure(str(client_address[0]), f"TLS handshake failed: {reason}"[:200])
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        original(request, client_address)
+
     server.get_request = get_request
+    server.finish_request = finish_request

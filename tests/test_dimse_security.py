@@ -3,6 +3,7 @@ dcmtk (echoscu, findscu, storescu, getscu, movescu) and pynetdicom as SCU."""
 from __future__ import annotations
 
 import subprocess
+import tomllib
 
 import pydicom
 import pytest
@@ -222,3 +223,42 @@ def test_allow_list_config_is_validated(tmp_path):
     res = run_cli("ls", "--config", str(cfg), data=tmp_path / "data")
     assert res.returncode == 2
     assert res.stderr.strip() == "pathpacs: config error: nodes.x.check_host: Input should be a valid boolean (got 'yes')"
+
+
+def test_admission_decisions_principals_and_the_audit_hook():
+    """The one decision module, on a configuration: nodes, unknown AEs, check_host (IPv4-mapped
+    IPv6 too), a certificate binding the AE, the principal's roles, and every refusal reaching
+    the audit callable once."""
+    from archive import config as config_mod
+    from archive.access import Right
+    from archive.dimse.admission import Admission, Refused, node_allows, principal_for
+
+    cfg = config_mod.apply(config_mod.Config(), tomllib.loads(NODES + (
+        '[nodes.scanner2]\naet = "SCAN2"\nhost = "127.0.0.1"\nport = 11994\nallow = ["store", "reject"]\n'
+        'cert_cn = "scanner-2"\n')))
+    audited: list[tuple[str, str, str]] = []
+    adm = Admission(cfg, lambda *args: audited.append(args))
+    assert adm.admit("READER", "10.1.2.3").name == "reader"
+    assert adm.admit("PACS", "::ffff:127.0.0.1").name == "pacs"
+    with pytest.raises(Refused, match="not a configured node"):
+        adm.admit("NOBODY", "127.0.0.1")
+    with pytest.raises(Refused, match="called from 127.0.0.2, not from its host 127.0.0.1"):
+        adm.admit("PACS", "127.0.0.2")
+    cert = {"subject": ((("commonName", "scanner-2"),),)}
+    assert adm.admit("SCAN2", "127.0.0.1", cert).name == "scanner2"
+    with pytest.raises(Refused, match="is not 'SCAN2', the AE of node 'scanner2'"):
+        adm.admit("READER", "127.0.0.1", cert)
+    assert not node_allows(cfg.nodes["reader"], "store") and node_allows(cfg.nodes["reader"], "find")
+    assert node_allows(None, "store") and not node_allows(None, "reject")
+    p = principal_for(cfg.nodes["scanner2"], "SCAN2", "127.0.0.1")
+    assert (p.id, p.via, p.roles, p.address) == ("scanner2", "node", frozenset({"uploader", "sysadmin"}), "127.0.0.1")
+    assert p.can(Right.STORE) and p.can(Right.ADMIN)
+    assert principal_for(cfg.nodes["reader"], "READER", "h").roles == frozenset({"viewer"})
+    assert principal_for(None, "ANY", "h").roles == frozenset({"viewer", "uploader"})
+    adm.refuse("NOBODY", "127.0.0.1", "calling AE 'NOBODY' is not a configured node")
+    assert audited == [("NOBODY", "127.0.0.1", "calling AE 'NOBODY' is not a configured node")]
+    # without nodes every AE is admitted (as no node); accept_unknown_ae = false refuses them
+    assert Admission(config_mod.Config()).admit("ANY", "127.0.0.1") is None
+    strict = config_mod.apply(config_mod.Config(), {"dimse": {"accept_unknown_ae": False}})
+    with pytest.raises(Refused):
+        Admission(strict).admit("ANY", "127.0.0.1")

@@ -123,14 +123,16 @@ def test_plaintext_echoscu_to_the_tls_port_fails(tls_server, pki):
     res = subprocess.run([need("echoscu"), "-to", "5", "-aet", "SCANNER", "-aec", tls_server.aet,
                           "127.0.0.1", str(tls_server.tls_port)], capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
-    assert "Association Request Failed" in res.stdout + res.stderr or "Peer aborted" in res.stdout + res.stderr \
-        or "connection" in (res.stdout + res.stderr).lower()
+    assert "Association Request Failed: 0006:0317 Peer aborted Association (or never connected)" in res.stderr
     assert echoscu_tls(tls_server, pki).returncode == 0  # the listener still serves
+    assert "refused - from 127.0.0.1: TLS handshake failed: WRONG_VERSION_NUMBER" in tls_server.log()
 
 
 def test_client_certificate_of_another_ca_is_refused(tls_server, pki):
     res = echoscu_tls(tls_server, pki, client="stranger")
     assert res.returncode != 0
+    assert "Association Request Failed: 0006:0317 Peer aborted Association (or never connected)" in res.stderr
+    assert "refused - from 127.0.0.1: TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in tls_server.log()
     assert echoscu_tls(tls_server, pki).returncode == 0
 
 
@@ -141,6 +143,7 @@ def test_client_without_certificate_is_refused_when_required(tls_server, pki):
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", tls_server.tls_port, ae_title=tls_server.aet, tls_args=(ctx, None))
     assert not assoc.is_established
+    assert "refused - from 127.0.0.1: TLS handshake failed: PEER_DID_NOT_RETURN_A_CERTIFICATE" in tls_server.log()
     # the same client with its certificate is admitted
     ctx.load_cert_chain(str(pki["scanner"].cert), str(pki["scanner"].key))
     assoc = ae.associate("127.0.0.1", tls_server.tls_port, ae_title=tls_server.aet, tls_args=(ctx, None))

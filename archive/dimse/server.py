@@ -104,7 +104,8 @@ class DimseServer:
         )
         self._listening.append(server)
         if ssl_context is not None:
-            tls.deferred_handshake(server, ssl_context)
+            tls.deferred_handshake(server, ssl_context,
+                                   lambda address, reason: self.admission.refuse("", address, reason))
         # socketserver's hook, called for each accepted socket before its thread starts.
         server.verify_request = self.connections.verify_request
         # socketserver listens with a backlog of 5: a burst of connections (or a few idle
