@@ -98,6 +98,8 @@ def open_archive(args: argparse.Namespace, readonly: bool = False):
 def _run_http(arc, cfg: Config, reuse_port: bool) -> None:
     from aiohttp import web
 
+    from . import tls
+
     from dicomweb.app import make_app
 
     from dicomweb.accesslog import AccessLogger, flush_all
@@ -107,7 +109,7 @@ def _run_http(arc, cfg: Config, reuse_port: bool) -> None:
         web.run_app(make_app(arc, cfg), host=cfg.host, port=cfg.http_port, print=None,
                     handle_signals=True, access_log=access, access_log_class=AccessLogger,
                     keepalive_timeout=cfg.keepalive_timeout, reuse_address=True,
-                    reuse_port=reuse_port or None)
+                    reuse_port=reuse_port or None, ssl_context=tls.http_context(cfg))
     finally:
         flush_all()
 
@@ -139,9 +141,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .service import Archive
 
     cfg = load_config(args)
+    from . import tls
     from .authn import check_exposure
     from .dimse.compat import UnsupportedPynetdicom
 
+    tls.check(cfg)  # certificate, key and CA files: one line before anything starts
     try:
         warning = check_exposure(cfg)
     except ValueError as exc:
@@ -167,7 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dimse.start()
     except OSError as exc:
         arc.close()
-        raise CliError(f"cannot listen for DICOM on port {cfg.dicom_port}: {exc.strerror}")
+        ports = " or ".join(str(p) for p, on in ((cfg.dicom_port, cfg.dimse_plain), (cfg.tls_port, cfg.tls_port)) if on)
+        raise CliError(f"cannot listen for DICOM on port {ports}: {exc.strerror}")
     workers = []
     ctx = multiprocessing.get_context("spawn")
     for _ in range(max(0, cfg.http_workers - 1)):
@@ -178,7 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     start_forwarding(arc.audit, cfg)  # [audit.syslog]: this process forwards the trail
     arc.audit.application("start", configuration_detail(cfg))
-    print(f"pathpacs: AE {cfg.aet} on DICOM port {cfg.dicom_port}, HTTP on port {cfg.http_port}"
+    print(f"pathpacs: AE {cfg.aet} on DICOM port {' and '.join(dimse.listeners)}, "
+          f"{'HTTPS' if cfg.http_tls else 'HTTP'} on port {cfg.http_port}"
           f" (DICOMweb at /dicomweb, {max(1, cfg.http_workers)} worker(s)), data in {cfg.data_dir}",
           file=sys.stderr, flush=True)
     try:

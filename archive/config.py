@@ -108,6 +108,10 @@ class DimseSection(_Section):
     dimse_timeout: Seconds = 120.0
     network_timeout: Seconds = 120.0
     require_called_aet: StrictBool = False
+    # Calling AEs that are no [nodes.*]: accepted when None and no node is declared.
+    accept_unknown_ae: StrictBool | None = None
+    tls_port: Annotated[StrictInt, Field(ge=0, le=MAX_PORT)] = 0  # 0: no TLS listener
+    plain: StrictBool = True  # the plaintext listener on dicom_port
 
 
 class HttpSection(_Section):
@@ -120,6 +124,12 @@ class HttpSection(_Section):
     read_timeout: Seconds = 60.0
     keepalive_timeout: Seconds = 75.0
     access_log: StrictBool = True
+    tls: StrictBool = False  # HTTPS from [tls] cert and key
+
+
+# What a calling node may do over DIMSE (archive.dimse.admission).
+DimseService = Literal["store", "find", "get", "move", "commit", "reject"]
+DIMSE_SERVICES: tuple[str, ...] = ("store", "find", "get", "move", "commit", "reject")
 
 
 RoleName = Literal["viewer", "uploader", "ai", "sysadmin", "secadmin", "auditor"]
@@ -156,6 +166,16 @@ class NodeSection(_Section):
     aet: AeTitle
     host: Host
     port: Port
+    allow: list[DimseService] = list(DIMSE_SERVICES)
+    check_host: StrictBool = False  # the calling peer's address must be `host` (resolved)
+    cert_cn: Annotated[str, Field(min_length=1, max_length=256)] | None = None  # mutual TLS: client cert CN
+
+
+class TlsSection(_Section):
+    cert: Annotated[str, Field(min_length=1, max_length=4096)] | None = None  # PEM, relative to the config file
+    key: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    ca: Annotated[str, Field(min_length=1, max_length=4096)] | None = None  # CA of client certificates
+    require_client_cert: StrictBool = False
 
 
 TierName = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")]  # pydantic-core regex: no \Z
@@ -259,6 +279,7 @@ class ConfigFile(_Section):
     http: HttpSection = HttpSection()
     auth: AuthSection = AuthSection()
     nodes: dict[Annotated[str, Field(min_length=1, max_length=64)], NodeSection] = {}
+    tls: TlsSection = TlsSection()
     tiers: dict[TierName, TierSection] = {}
     rules: list[RuleSection] = []
     replicas: list[ReplicaSection] = []
@@ -279,6 +300,9 @@ class Node:
     aet: str
     host: str
     port: int
+    allow: frozenset[str] = frozenset(DIMSE_SERVICES)  # DIMSE services it may ask for
+    check_host: bool = False
+    cert_cn: str | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +398,9 @@ class Config:
     dimse_timeout: float = 120.0
     network_timeout: float = 120.0
     require_called_aet: bool = False
+    accept_unknown_ae: bool | None = None  # None: true while no node is declared (accepts_unknown_ae)
+    tls_port: int = 0
+    dimse_plain: bool = True
     # [http]
     http_workers: int = 1
     cors_origins: list[str] = field(default_factory=list)  # no foreign origin unless listed
@@ -390,7 +417,13 @@ class Config:
     allow_combined_admin_roles: bool = False
     auth_cache_seconds: float = 5.0
     oidc: dict[str, Any] | None = None
+    http_tls: bool = False
     nodes: dict[str, Node] = field(default_factory=dict)
+    # [tls]
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_require_client_cert: bool = False
     # [tiers.*], [[rules]], [[replicas]], [fixity], [lifecycle]
     tiers: dict[str, Tier] = field(default_factory=dict)  # empty: one "hot" tier under data_dir
     rules: list[Rule] = field(default_factory=list)
@@ -420,6 +453,12 @@ class Config:
             return self.tiers
         return {"hot": Tier("hot", path=Path(self.data_dir) / "hot")}
 
+    @property
+    def accepts_unknown_ae(self) -> bool:
+        """Whether a calling AE that is no [nodes.*] is accepted: as configured, else only
+        while no node is declared (an archive with no nodes keeps working for everyone)."""
+        return self.accept_unknown_ae if self.accept_unknown_ae is not None else not self.nodes
+
     def node_by_aet(self, aet: str) -> Node | None:
         for node in self.nodes.values():
             if node.aet == aet:
@@ -428,7 +467,8 @@ class Config:
 
 
 _FLAT_NAMES = {f.name for f in fields(Config)}
-_HTTP_RENAMES = {"workers": "http_workers"}
+_HTTP_RENAMES = {"workers": "http_workers", "tls": "http_tls"}
+_DIMSE_RENAMES = {"plain": "dimse_plain"}
 
 
 def _one_line(exc: ValidationError) -> str:
@@ -483,7 +523,7 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         if value is not None and key in given:
             setattr(cfg, key, value)
     for key in doc.dimse.model_fields_set:
-        setattr(cfg, key, getattr(doc.dimse, key))
+        setattr(cfg, _DIMSE_RENAMES.get(key, key), getattr(doc.dimse, key))
     for key in doc.http.model_fields_set:
         setattr(cfg, _HTTP_RENAMES.get(key, key), getattr(doc.http, key))
     if "auth" in raw:
@@ -500,7 +540,15 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
                 except ValueError as exc:
                     raise ConfigError(f"auth.oidc.role_map.{claim}: {exc}")
     for name, node in doc.nodes.items():
-        cfg.nodes[name] = Node(name, node.aet, node.host, node.port)
+        cfg.nodes[name] = Node(name, node.aet, node.host, node.port, frozenset(node.allow), node.check_host,
+                               node.cert_cn)
+    for key in ("cert", "key", "ca"):
+        value = getattr(doc.tls, key)
+        if value is not None:
+            p = Path(value)
+            setattr(cfg, f"tls_{key}", p if p.is_absolute() else base_dir / p)
+    if "require_client_cert" in doc.tls.model_fields_set:
+        cfg.tls_require_client_cert = doc.tls.require_client_cert
     for name, t in doc.tiers.items():
         if (t.path is None) == (t.s3 is None):
             raise ConfigError(f"tiers.{name}: give exactly one of path or s3")
@@ -612,9 +660,25 @@ def validate(cfg: Config) -> Config:
         "archive": {"data_dir": str(cfg.data_dir), "aet": cfg.aet, "host": cfg.host,
                     "dicom_port": cfg.dicom_port, "http_port": cfg.http_port,
                     "on_conflict": cfg.on_conflict, "lmdb_map_size_gb": cfg.lmdb_map_size_gb},
-        "dimse": {k: getattr(cfg, k) for k in DimseSection.model_fields},
+        "dimse": {k: getattr(cfg, _DIMSE_RENAMES.get(k, k)) for k in DimseSection.model_fields},
         "http": {**{k: getattr(cfg, _HTTP_RENAMES.get(k, k)) for k in HttpSection.model_fields}},
     }
     doc = parse(flat)
     cfg.aet = doc.archive.aet
+    check_listeners(cfg)
     return cfg
+
+
+def check_listeners(cfg: Config) -> None:
+    """The DIMSE and HTTP listeners and the TLS keys they need go together (the files
+    themselves are read at start: archive.tls.check)."""
+    if cfg.tls_port and cfg.tls_port in (cfg.dicom_port, cfg.http_port):
+        raise ConfigError(f"dimse.tls_port: {cfg.tls_port} is already the "
+                          f"{'DICOM' if cfg.tls_port == cfg.dicom_port else 'HTTP'} port")
+    if not cfg.dimse_plain and not cfg.tls_port:
+        raise ConfigError("dimse.plain = false needs dimse.tls_port: no DICOM listener would run")
+    needs = [k for k, on in (("dimse.tls_port", bool(cfg.tls_port)), ("http.tls", cfg.http_tls)) if on]
+    if needs and (cfg.tls_cert is None or cfg.tls_key is None):
+        raise ConfigError(f"{needs[0]} needs tls.cert and tls.key")
+    if cfg.tls_require_client_cert and cfg.tls_ca is None:
+        raise ConfigError("tls.require_client_cert = true needs tls.ca (the CA of client certificates)")

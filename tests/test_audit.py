@@ -285,7 +285,7 @@ def test_dimse_and_dicomweb_calls_are_recorded(make_server, tmp_path):
     stored = next(r for r in rows if r["kind"] == "stored")
     assert stored["event_id"] == ["110104", "DCM", "DICOM Instances Transferred"] and stored["action"] == "C"
     sender = next(p for p in stored["participants"] if p.get("requestor"))
-    assert (sender["user_id"], sender["address"], sender["aet"]) == ("aet:SCANNER1", "127.0.0.1", "SCANNER1")
+    assert (sender["user_id"], sender["address"], sender["aet"]) == ("ae:SCANNER1", "127.0.0.1", "SCANNER1")
     assert stored["detail"]["instances"] == 2
     study_obj = next(o for o in stored["objects"] if o["id_type"][0] == "110180")
     assert study_obj["sop_classes"] == {WSI_CLASS: 2} and sorted(study_obj["instances"]) == sorted(

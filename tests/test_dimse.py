@@ -183,7 +183,7 @@ def test_cfind_bad_level_and_bad_date_fail(populated):
 
 def test_movescu_to_configured_node(make_server, wsi_files, tmp_path):
     move_port = free_port()
-    srv = make_server(config_text=f'[nodes.viewer]\naet = "MOVESCU"\nhost = "127.0.0.1"\nport = {move_port}\n')
+    srv = make_server(config_text=f'[dimse]\naccept_unknown_ae = true\n[nodes.viewer]\naet = "MOVESCU"\nhost = "127.0.0.1"\nport = {move_port}\n')
     assert dcmsend(srv, *wsi_files).returncode == 0
     study = str(pydicom.dcmread(wsi_files[0], stop_before_pixels=True).StudyInstanceUID)
     out = tmp_path / "moved"
@@ -293,7 +293,7 @@ def test_storage_commitment_same_association(server, wsi_files):
 
 def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_files):
     scp_port = free_port()
-    srv = make_server(config_text=f'[nodes.scanner]\naet = "SCANNER"\nhost = "127.0.0.1"\nport = {scp_port}\n')
+    srv = make_server(config_text=f'[dimse]\naccept_unknown_ae = true\n[nodes.scanner]\naet = "SCANNER"\nhost = "127.0.0.1"\nport = {scp_port}\n')
     assert dcmsend(srv, *wsi_files).returncode == 0
     sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in wsi_files]
     # Rot one blob on disk: it must not be reported as committed.

@@ -18,7 +18,7 @@ def caller(event) -> tuple[Principal, str, str, str]:
     address = str(req.address or "")
     who = getattr(assoc, PRINCIPAL_ATTR, None)
     if who is None:
-        who = Principal(f"aet:{aet}", aet or "-", frozenset(), "node", address=address)
+        who = Principal(f"ae:{aet}", aet or "-", frozenset(), "node", address=address)
     return who, address, aet, session_of(event)
 
 

@@ -81,6 +81,7 @@ PRIVATE_NAMES = [
     ("DIMSEMessage", "data_set"),
     ("AssociationSocket", "socket"),
     ("AssociationSocket", "close"),
+    ("Association", "_serve_request"),
 ]
 
 
@@ -485,3 +486,50 @@ def verify_sent_files() -> None:
     """Make pynetdicom's file sends (C-STORE sub-operations of C-GET/C-MOVE) go through
     `_open`: files registered with expect_file are hashed while read."""
     dimse_messages.open = _open  # type: ignore[attr-defined]
+
+
+# -- refusing requests -----------------------------------------------------------------------
+
+def peer_certificate(assoc: "Association") -> dict | None:
+    """The verified client certificate of a TLS association (`SSLSocket.getpeercert()`), else None."""
+    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+    getpeercert = getattr(raw, "getpeercert", None)
+    if getpeercert is None:
+        return None
+    try:
+        return getpeercert() or None
+    except (ValueError, OSError):  # no handshake yet, closed
+        return None
+
+
+def gate_requests(assoc: "Association", check: Callable[[object], int | None]) -> None:
+    """Before pynetdicom hands a DIMSE request to its service class (and so to our handler),
+    ask `check(request)`: a status means "refused", answered here with that status and no
+    handler runs. pynetdicom has no public hook for this, and a C-MOVE handler cannot answer a
+    failure without first opening the sub-association to the destination."""
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE, N_ACTION
+
+    original = assoc._serve_request
+
+    def serve_request(msg, context_id: int) -> None:
+        status = check(msg) if getattr(msg, "is_valid_request", False) else None
+        if status is None:
+            return original(msg, context_id)
+        rsp = type(msg)()
+        rsp.MessageIDBeingRespondedTo = msg.MessageID
+        if isinstance(msg, N_ACTION):
+            rsp.AffectedSOPClassUID = msg.RequestedSOPClassUID
+            rsp.AffectedSOPInstanceUID = msg.RequestedSOPInstanceUID
+        else:
+            rsp.AffectedSOPClassUID = msg.AffectedSOPClassUID
+        if isinstance(msg, C_STORE):
+            rsp.AffectedSOPInstanceUID = msg.AffectedSOPInstanceUID
+        if isinstance(msg, (C_GET, C_MOVE)):
+            rsp.NumberOfCompletedSuboperations = 0
+            rsp.NumberOfFailedSuboperations = 0
+            rsp.NumberOfWarningSuboperations = 0
+            rsp.NumberOfRemainingSuboperations = 0
+        rsp.Status = int(status)
+        assoc.dimse.send_msg(rsp, context_id)
+
+    assoc._serve_request = serve_request  # type: ignore[method-assign]

@@ -4,11 +4,11 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Iterator
 
-from archive.access import ANONYMOUS
 from archive.query import QueryError
 from archive.status import DimseStatus, ErrorKind
 
 from .caller import caller
+from .admission import principal_of_association
 from .contexts import FIND_MODELS
 from .identifiers import keys_from_identifier, response_dataset
 
@@ -54,7 +54,7 @@ def _find(event, arc: "Archive", state: dict) -> Iterator:
         state["keys"] = keys_text(keys)
         state["study"] = next((k.values[0] for k in keys if k.tag == "0020000D" and k.values
                                and len(k.values) == 1), None)
-        results = arc.search(level, keys, retrieve_aet=arc.config.aet, who=ANONYMOUS)  # node principals: after merge
+        results = arc.search(level, keys, retrieve_aet=arc.config.aet, who=principal_of_association(event.assoc))
         first = next(results, None)
     except QueryError as exc:
         log.warning("C-FIND refused: %s", exc)

@@ -15,12 +15,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context
 
-from archive.access import ANONYMOUS
+from archive.access import Principal
 from archive.query import QueryError
 from archive.records import InstanceRecord
 from archive.status import ArchiveError, DimseStatus
 
 from . import compat
+from .admission import principal_of_association
 from .caller import caller
 from .connections import OUTGOING_PDU_FLOOR, cap_peer_pdu
 from .contexts import GET_MODELS, MOVE_MODELS
@@ -33,8 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pathpacs.dimse.retrieve")
 
 
-def matching_instances(arc: "Archive", identifier, model_root: str) -> list[InstanceRecord]:
-    who = ANONYMOUS  # the calling node's principal once nodes have them (the AE allow-list branch)
+def matching_instances(arc: "Archive", identifier, model_root: str, who: Principal) -> list[InstanceRecord]:
     return arc.retrieve_set(query_level(identifier, model_root), keys_from_identifier(identifier), who=who)
 
 
@@ -174,7 +174,8 @@ def _audit_sent(event, arc: "Archive", sent: list[InstanceRecord], destination: 
 
 def handle_get(event, arc: "Archive") -> Iterator:
     try:
-        recs = matching_instances(arc, event.identifier, GET_MODELS[str(event.context.abstract_syntax)])
+        recs = matching_instances(arc, event.identifier, GET_MODELS[str(event.context.abstract_syntax)],
+                                  principal_of_association(event.assoc))
     except QueryError as exc:
         log.warning("C-GET refused: %s", exc)
         yield 1
@@ -213,7 +214,8 @@ def handle_move(event, arc: "Archive") -> Iterator:
         yield None, None
         return
     try:
-        recs = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.context.abstract_syntax)])
+        recs = matching_instances(arc, event.identifier, MOVE_MODELS[str(event.context.abstract_syntax)],
+                                  principal_of_association(event.assoc))
     except QueryError as exc:
         log.warning("C-MOVE refused: %s", exc)
         yield node.host, node.port

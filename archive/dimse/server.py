@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 
 from pynetdicom import AE, evt
 
+from archive import tls
+
 from . import compat, receive
+from .admission import Admission
 from .commitment import handle_n_action
 from .caller import session_of
 from .connections import Connections
@@ -50,7 +53,10 @@ def _end_session(event, arc: "Archive") -> None:
 
 
 def _rejected(event, arc: "Archive") -> None:
-    """An association we refused (called AE title, limits): a Security Alert."""
+    """An association pynetdicom refused (called AE title, limits): a Security Alert. The
+    admission's own refusals are audited where they are decided (`Admission.refuse`)."""
+    if getattr(event.assoc, "pathpacs_refused", False):
+        return
     req = event.assoc.requestor
     primitive = getattr(req, "primitive", None)
     called = str(getattr(primitive, "called_ae_title", "") or "").strip()
@@ -64,7 +70,8 @@ def _rejected(event, arc: "Archive") -> None:
 
 
 class DimseServer:
-    """C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE and Storage Commitment on one port."""
+    """C-ECHO, C-STORE, C-FIND, C-GET, C-MOVE and Storage Commitment on the plain port and/or
+    the TLS port (`tls_port`), both through the same admission (calling-AE allow-list)."""
 
     def __init__(self, arc: "Archive") -> None:
         compat.check_version()
@@ -95,6 +102,11 @@ class DimseServer:
         ae.associate = remember_association(ae.associate, cfg)  # see retrieve_scp.move_association
         self.ae = ae
         self._server = None
+        self._listening: list = []
+        # Every refusal goes to the audit trail when the archive has one (issue 10).
+        audit = getattr(getattr(arc, "audit", None), "association_rejected", None)
+        self.admission = Admission(cfg, audit)
+        self.ssl_context = tls.server_context(cfg) if cfg.tls_port else None
         self.handlers = [
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, partial(handle_store, arc=arc)),
@@ -103,32 +115,60 @@ class DimseServer:
             (evt.EVT_C_MOVE, partial(handle_move, arc=arc)),
             (evt.EVT_N_ACTION, partial(handle_n_action, arc=arc)),
             *self.connections.handlers,
+            *self.admission.handlers,  # after the connection registry has seen the A-ASSOCIATE-RQ
             # audit: an association's aggregated records are written when it ends; refusals
             (evt.EVT_RELEASED, partial(_end_session, arc=arc)),
             (evt.EVT_ABORTED, partial(_end_session, arc=arc)),
             (evt.EVT_REJECTED, partial(_rejected, arc=arc)),
         ]
 
-    def start(self) -> None:
+    def _listen(self, port: int, ssl_context=None):
         cfg = self.arc.config
-        self._server = self.ae.start_server(
-            (cfg.host, cfg.dicom_port), block=False, evt_handlers=self.handlers,
-            contexts=compat.cheap_copy_contexts(self.ae.supported_contexts),
+        server = self.ae.start_server(
+            (cfg.host, port), block=False, evt_handlers=self.handlers,
+            contexts=compat.cheap_copy_contexts(self.ae.supported_contexts), ssl_context=ssl_context,
         )
+        self._listening.append(server)
+        if ssl_context is not None:
+            tls.deferred_handshake(server, ssl_context,
+                                   lambda address, reason: self.admission.refuse("", address, reason))
         # socketserver's hook, called for each accepted socket before its thread starts.
-        self._server.verify_request = self.connections.verify_request
+        server.verify_request = self.connections.verify_request
         # socketserver listens with a backlog of 5: a burst of connections (or a few idle
         # ones while the accept loop is busy) would have the rest wait for SYN retransmits.
-        self._server.socket.listen(max(128, min(cfg.max_pending, 4096)))
+        server.socket.listen(max(128, min(cfg.max_pending, 4096)))
+        return server
+
+    @property
+    def listeners(self) -> list[str]:
+        """What `serve` says it runs: "11112 (plain)", "2762 (TLS)"."""
+        cfg = self.arc.config
+        return ([f"{cfg.dicom_port} (plain)"] if cfg.dimse_plain else []) + \
+               ([f"{cfg.tls_port} (TLS{', client certificate required' if cfg.tls_require_client_cert else ''})"]
+                if cfg.tls_port else [])
+
+    def start(self) -> None:
+        cfg = self.arc.config
+        if cfg.dimse_plain:
+            self._server = self._listen(cfg.dicom_port)
+        if cfg.tls_port:
+            try:
+                self._listen(cfg.tls_port, self.ssl_context)
+            except OSError:
+                self.stop()
+                raise
         self.connections.start()
-        log.info("DIMSE listening on %s:%d as %s (max %d associations, %d negotiating; max PDU %d; "
-                 "acse_timeout %g s, network_timeout %g s)", cfg.host, cfg.dicom_port, cfg.aet,
-                 cfg.max_associations, cfg.max_pending, cfg.max_pdu, cfg.acse_timeout, cfg.network_timeout)
+        log.info("DIMSE listening on %s port %s as %s (max %d associations, %d negotiating; max PDU %d; "
+                 "acse_timeout %g s, network_timeout %g s; %s)", cfg.host, " and ".join(self.listeners), cfg.aet,
+                 cfg.max_associations, cfg.max_pending, cfg.max_pdu, cfg.acse_timeout, cfg.network_timeout,
+                 "unknown calling AEs accepted" if cfg.accepts_unknown_ae else
+                 f"calling AEs: {len(cfg.nodes)} configured node(s) only")
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()  # no new connections
-            self._server = None
+        for server in self._listening:
+            server.shutdown()  # no new connections
+        self._listening.clear()
+        self._server = None
         self.connections.stop()
         self.connections.close_all()
         compat.restore()

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from archive.status import DimseStatus
 
 from . import compat
+from .admission import node_allows, principal_of_association
 from .caller import caller
 from .receive import SpoolFile
 
@@ -42,7 +43,10 @@ def handle_store(event, arc: "Archive") -> int:
     result = arc.ingest(
         Path(event.dataset_path), take_ownership=True, sha256=state.sha256,
         origin="c-store", calling_aet=calling, expected_sop_class=context_class,
-        may_reject=False,  # after merge: the calling node's `allow` holds "reject"
+        # the node's principal (its `allow` decides what it may store); a node allowed
+        # "reject" has the rejection notes it sends honoured (IHE IOCM)
+        who=principal_of_association(event.assoc),
+        may_reject=node_allows(getattr(event.assoc, "pathpacs_node", None), "reject"),
     )
     who, address, aet, session = caller(event)
     arc.audit.stored(who, result.study_uid, None, result.sop_class_uid or context_class,

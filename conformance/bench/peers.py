@@ -127,6 +127,7 @@ class Pathpacs:
     program: list[str] | None = None  # default: this interpreter, `-m archive`
     cwd: Path | None = None          # default: `release`, else the repository
     env: dict[str, str | None] | None = None  # changes to the environment (None: unset)
+    wait_ports: tuple[int, ...] | None = None  # ports start() waits for (default: DICOM and HTTP)
 
     @property
     def http_url(self) -> str:
@@ -165,8 +166,8 @@ class Pathpacs:
                                          cwd=self.cwd or self.release or ROOT, env=env,
                                          preexec_fn=self.preexec_fn)
         try:
-            wait_port(self.dicom_port, self.proc, timeout)
-            wait_port(self.http_port, self.proc, timeout)
+            for port in self.wait_ports or (self.dicom_port, self.http_port):
+                wait_port(port, self.proc, timeout)
         except BaseException:
             self.stop()
             raise
