@@ -14,7 +14,6 @@ import threading
 import time
 from collections import OrderedDict
 from datetime import datetime
-from typing import Callable
 
 from .access import ANONYMOUS, Principal, Unauthenticated
 from .oidc import OidcError, OidcVerifier
@@ -22,19 +21,13 @@ from .tokens import TokenStore, looks_like_token
 
 CACHE_ENTRIES = 10000
 
-# on_login(principal or None, method, success, reason): first use of a credential in a cache
-# window, and every failure (the audit trail records them).
-LoginHook = Callable[["Principal | None", str, bool, str], None]
-
-
 class Authenticator:
     def __init__(self, mode: str, tokens: TokenStore | None = None, oidc: OidcVerifier | None = None,
-                 cache_seconds: float = 5.0, on_login: LoginHook | None = None) -> None:
+                 cache_seconds: float = 5.0) -> None:
         self.mode = mode
         self.tokens = tokens
         self.oidc = oidc
         self.cache_seconds = min(float(cache_seconds), 10.0)
-        self.on_login = on_login
         self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -68,22 +61,18 @@ class Authenticator:
         hit = self.cached(bearer)
         if hit is not None:
             return hit
-        method = "token" if looks_like_token(bearer) else "oidc"
         expires: datetime | None
         if looks_like_token(bearer) and self.tokens is not None:
             got = self.tokens.check(bearer)
             if got is None:
-                self._login(None, method, False, "invalid, expired or revoked token")
                 raise Unauthenticated("invalid, expired or revoked token")
             principal, expires = got
         elif self.mode == "oidc" and self.oidc is not None:
             try:
                 principal, expires = self.oidc.verify(bearer)
             except OidcError as exc:
-                self._login(None, method, False, str(exc))
                 raise Unauthenticated(str(exc)) from None
         else:
-            self._login(None, method, False, "not a pathpacs token")
             raise Unauthenticated("invalid token")
         until = time.monotonic() + self.cache_seconds
         if expires is not None:
@@ -92,15 +81,7 @@ class Authenticator:
             self._cache[bearer] = (principal, until)
             while len(self._cache) > CACHE_ENTRIES:
                 self._cache.popitem(last=False)
-        self._login(principal, method, True, "")
         return principal
-
-    def _login(self, principal: Principal | None, method: str, ok: bool, reason: str) -> None:
-        if self.on_login is not None:
-            try:
-                self.on_login(principal, method, ok, reason)
-            except Exception:  # the audit hook must never turn a login into a 500
-                pass
 
 
 def build(cfg, index) -> Authenticator:

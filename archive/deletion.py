@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from storage_tiers import BlobError, StoreUnavailable
 
+from . import metadata as md
 from .access import SYSTEM, Principal
 from .records import BlobRef, InstanceRecord
 from .rejection_note import RETENTION_EXPIRED, REASONS, build, read
@@ -187,7 +188,7 @@ class Deletion:
         if not result.ok:
             raise ArchiveError(f"cannot store the rejection note: {result.reason}")
         n = self._mark(recs, reason_code, who, note)
-        # audit: arc.audit.deleted("reject", who, st_uid, recs[0].patient, [r.sop for r in recs], reason_code)
+        self.arc.audit.deleted("rejected", who, st_uid, self._patient_id(st_uid), [r.sop for r in recs], reason_code)
         log.info("%s rejected %d instances of study %s (%s), note %s", who.name, n, st_uid, reason_code, note)
         return n, note
 
@@ -221,9 +222,15 @@ class Deletion:
         if note.code == RETENTION_EXPIRED:
             self.retention.check(note.study, "reject (data retention policy expired)")
         n = self._mark(recs, note.code, who, sop)
-        # audit: arc.audit.deleted("reject", who, note.study, recs[0].patient, [r.sop for r in recs], note.code)
+        self.arc.audit.deleted("rejected", who, note.study, self._patient_id(note.study), [r.sop for r in recs],
+                               f"{note.code} (rejection note {sop})")
         log.info("%s rejected %d instances of study %s by a received note %s", who.name, n, note.study, sop)
         return n
+
+    def _patient_id(self, study: str) -> str | None:
+        """The Patient ID of a study, for its audit record (read before a purge removes it)."""
+        rec = self.index.study(study)
+        return md.first_value(rec.attrs, "00100020") if rec is not None else None
 
     def restore(self, level: str, uid: str, who: Principal = SYSTEM, study: str | None = None) -> int:
         """Undo a reject before purge; returns how many instances are visible again."""
@@ -242,7 +249,9 @@ class Deletion:
         if study is not None and any(marks[s]["study"] != study for s in sops):
             raise NotFound(f"{level} {uid} not found in study {study}")
         n = self._changed(self.index.unreject(sops))
-        # audit: arc.audit.deleted("restore", who, study, patient, sops, "")
+        for st_uid in sorted({marks[s]["study"] for s in sops}):
+            self.arc.audit.deleted("restored", who, st_uid, self._patient_id(st_uid),
+                                   [s for s in sops if marks[s]["study"] == st_uid])
         log.info("%s restored %d instances (%s %s)", who.name, n, level, uid)
         return n
 
@@ -264,7 +273,7 @@ class Deletion:
         for c in v["copies"]:
             self.index.add_copy(sop, c)
         self._changed(self.index.drop_version(v["key"]))
-        # audit: arc.audit.deleted("restore", who, old.study, old.patient, [sop], "replaced version")
+        self.arc.audit.deleted("restored", who, old.study, self._patient_id(old.study), [sop], "replaced version")
         return old.sha256
 
     # -- purge -----------------------------------------------------------------------------
@@ -300,7 +309,8 @@ class Deletion:
                 report.purged += [(study, s) for s in intents]
                 continue
             self._changed(self.index.begin_purge(intents))
-            # audit: arc.audit.deleted("purge", who, study, patient, list(intents), "purge_after_days")
+            self.arc.audit.deleted("purged", who, study, self._patient_id(study), list(intents),
+                                   f"rejected more than {self.arc.config.purge_after_days:g} days ago")
             self._finish(intents, report)
         for v in self.index.versions():
             if _parse(v["time"]) > cutoff:

@@ -308,7 +308,10 @@ def _commit(
     if added.previous is not None:
         # Kept, not deleted: the old version stays on its tiers as a rejected version (only
         # administrators see it: `pathpacs restore --instance UID --replaced` brings it back)
-        # until a purge. audit: the merge adds arc.audit.deleted("replace", ...) here.
+        # until a purge; audited as a reject of the old version.
+        prev = added.previous
+        arc.audit.deleted("rejected", SYSTEM, prev.study, None, [sop],
+                          f"replaced by new content (on_conflict = replace; old sha256 {prev.sha256})")
         log.info("replaced %s (old sha256 %s kept as a rejected version)", sop, added.previous.sha256)
         result.outcome = Outcome.REPLACED
     return result, True

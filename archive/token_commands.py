@@ -55,6 +55,9 @@ def cmd_token(args: argparse.Namespace) -> int:
                                                  name=args.name, created_by="cli")
             except ValueError as exc:
                 raise CliError(str(exc))
+            from .audit import local_principal
+
+            arc.audit.security("token created", local_principal(), info.detail(), subject=info.id)
             print(f"token {info.id} created for {', '.join(info.roles)}"
                   + (f", studies {', '.join(info.studies)}" if info.studies else "")
                   + (f", expires {info.expires}" if info.expires else ", no expiry")
@@ -66,6 +69,9 @@ def cmd_token(args: argparse.Namespace) -> int:
                 info = arc.tokens.revoke(args.id)
             except KeyError:
                 raise CliError(f"no token {args.id} (see pathpacs token list)")
+            from .audit import local_principal
+
+            arc.audit.security("token revoked", local_principal(), info.detail(), subject=info.id)
             print(f"token {info.id} revoked at {info.revoked}", file=sys.stderr)
             return 0
         tokens = arc.tokens.list()

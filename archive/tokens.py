@@ -69,6 +69,11 @@ class TokenInfo:
     revoked: str | None
     created_by: str
 
+    def detail(self) -> dict[str, str]:
+        """What the audit trail records about the token (never the secret or its hash)."""
+        return {"token": self.id, "name": self.name, "roles": ",".join(self.roles),
+                "studies": ",".join(self.studies) if self.studies else "all", "expires": self.expires or "never"}
+
     @property
     def state(self) -> str:
         if self.revoked:

@@ -224,7 +224,7 @@ def make_app(archive, config) -> web.Application:
     origins = list(getattr(config, "cors_origins", []) or [])
     authn = archive.authn
     app = web.Application(middlewares=[cors_middleware(origins), error_middleware,
-                                       auth_middleware(authn, arc.run)],
+                                       auth_middleware(authn, arc.run, archive.audit)],
                           client_max_size=1 << 20)  # request.read() is never used: STOW streams
     app[TRUSTED_PROXIES_KEY] = [ipaddress.ip_network(n, strict=False)
                                 for n in getattr(config, "trusted_proxies", []) or []]

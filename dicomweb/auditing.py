@@ -7,16 +7,7 @@ from aiohttp import web
 from archive.access import Principal
 
 from .auth import principal_of
-from .common import from_trusted_proxy
-
-
-def client_address(request: web.Request) -> str:
-    """The client's address: the first X-Forwarded-For hop when a trusted proxy sent it."""
-    if from_trusted_proxy(request):
-        fwd = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
-        if fwd and len(fwd) <= 64 and all(c.isalnum() or c in ".:[]" for c in fwd):
-            return fwd
-    return request.remote or ""
+from .common import client_address  # noqa: F401  (re-exported)
 
 
 def caller(request: web.Request) -> tuple[Principal, str, str]:

@@ -10,11 +10,13 @@ static files need no credential: they hold no patient data and are where one log
 """
 from __future__ import annotations
 
+import time
+
 from aiohttp import web
 
 from archive.access import ANONYMOUS, Forbidden, Principal, Right, Unauthenticated
 
-from .common import error
+from .common import client_address, error
 
 PRINCIPAL = "pathpacs.principal"  # request key holding the caller's Principal
 PUBLIC_PREFIXES = ("/static/",)
@@ -65,9 +67,41 @@ def _unauthorized(reason: str, invalid: bool) -> web.Response:
     return resp
 
 
-def auth_middleware(authn, run_in_thread):
-    """`authn`: archive.authn.Authenticator; `run_in_thread(fn, *args)`: an awaitable runner."""
+class _Throttle:
+    """At most one audit record per key (client address) and kind every `seconds`: a flood of
+    bad credentials is recorded, but cannot make the audit trail the bottleneck."""
+
+    def __init__(self, seconds: float = 10.0, size: int = 4096) -> None:
+        self.seconds, self.size = seconds, size
+        self._last: dict[tuple[str, str], float] = {}
+
+    def allow(self, key: tuple[str, str]) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.seconds:
+            return False
+        if len(self._last) >= self.size:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+def auth_middleware(authn, run_in_thread, audit):
+    """`authn`: archive.authn.Authenticator; `run_in_thread(fn, *args)`: an awaitable runner;
+    `audit`: the archive's audit recorder (logins on first use of a credential in a cache
+    window, failures and refusals throttled per client address)."""
     required = authn.required
+    throttle = _Throttle()
+    sessions = _Throttle(seconds=3600.0, size=65536)  # one login record per user and address an hour
+
+    def refused(request: web.Request, who, kind: str, reason: str) -> None:
+        address = client_address(request)
+        if throttle.allow((address, kind)):
+            if kind == "login":
+                audit.login(who or "unknown", address, False, "bearer", reason)
+            else:
+                audit.security("forbidden", who, {"request": f"{request.method} {request.path[:200]}",
+                                                  "reason": reason}, address=address, outcome="minor failure")
 
     @web.middleware
     async def auth(request: web.Request, handler):
@@ -85,6 +119,7 @@ def auth_middleware(authn, run_in_thread):
                 if rights is None and not bearer:
                     return await handler(request)
                 if bearer == "":
+                    refused(request, None, "login", "not a Bearer credential")
                     return _unauthorized("only Authorization: Bearer <token> credentials are accepted", True)
                 try:
                     if bearer and authn.needs_io(bearer):
@@ -92,15 +127,22 @@ def auth_middleware(authn, run_in_thread):
                     else:
                         principal = authn.authenticate(bearer)
                 except Unauthenticated as exc:
+                    if bearer:
+                        refused(request, None, "login", exc.reason)
                     return _unauthorized(exc.reason, bearer is not None)
                 except Forbidden as exc:
+                    refused(request, None, "login", exc.reason)
                     return error(403, exc.reason)
+                address = client_address(request)
+                if sessions.allow((address, principal.id)):
+                    audit.login(principal, address, True, principal.via)
         request[PRINCIPAL] = principal
         rights = _right_for(request.method, request.path)
         if rights is not None:
             if rights and not any(r in principal.rights for r in rights):
                 what = {Right.READ: "read images", Right.STORE: "store objects", Right.ADMIN: "administer the archive",
                         Right.SECURITY: "manage tokens", Right.AUDIT: "read the audit trail"}.get(rights[0], "do this")
+                refused(request, principal, "forbidden", f"may not {what}")
                 return error(403, f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) "
                                   f"may not {what}")
             if principal.studies is not None:

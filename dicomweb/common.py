@@ -134,3 +134,12 @@ def multipart_body(bnd: str, parts: list[tuple[str, bytes]]) -> bytes:
         chunks.append(b"\r\n")
     chunks.append(f"--{bnd}--\r\n".encode())
     return b"".join(chunks)
+
+
+def client_address(request: web.Request) -> str:
+    """The client's address: the first X-Forwarded-For hop when a trusted proxy sent it."""
+    if from_trusted_proxy(request):
+        fwd = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+        if fwd and len(fwd) <= 64 and all(c.isalnum() or c in ".:[]" for c in fwd):
+            return fwd
+    return request.remote or ""
