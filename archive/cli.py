@@ -147,11 +147,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     tls.check(cfg)  # certificate, key and CA files: one line before anything starts
     try:
-        warning = check_exposure(cfg)
+        exposure = check_exposure(cfg)  # logged once the checks below pass: a refusal stays one line
     except ValueError as exc:
         raise CliError(str(exc))
-    if warning:
-        log.warning("%s", warning)
 
     from storage_tiers import BlobError
 
@@ -173,6 +171,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         arc.close()
         ports = " or ".join(str(p) for p, on in ((cfg.dicom_port, cfg.dimse_plain), (cfg.tls_port, cfg.tls_port)) if on)
         raise CliError(f"cannot listen for DICOM on port {ports}: {exc.strerror}")
+    if exposure:
+        log.warning("%s", exposure)
     workers = []
     ctx = multiprocessing.get_context("spawn")
     for _ in range(max(0, cfg.http_workers - 1)):

@@ -18,7 +18,7 @@ import json
 import logging
 
 from aiohttp import BodyPartReader, MultipartReader, web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from archive.access import Right
 from archive.status import DimseStatus, ErrorKind, out_of_space
@@ -47,9 +47,11 @@ def _failed(reason: str, status: int, sop: str | None = None, sop_class: str | N
 class PartProblem(Exception):
     """This part could not be received; `status` is its FailureReason, `fatal` ends the request."""
 
-    def __init__(self, reason: str, status: int = DimseStatus.CANNOT_UNDERSTAND, fatal: bool = True) -> None:
+    def __init__(self, reason: str, status: int = DimseStatus.CANNOT_UNDERSTAND, fatal: bool = True,
+                 resync: bool = False) -> None:
         super().__init__(reason)
         self.reason, self.status, self.fatal = reason, status, fatal
+        self.resync = resync  # the part's headers were bad but the framing holds: skip to the next boundary
 
 
 class Budget:
@@ -126,6 +128,9 @@ async def _next_part(reader: MultipartReader, timeout: float):
         raise PartProblem(f"upload stalled: nothing received for {timeout:g} s")
     except LineTooLong:
         raise PartProblem("malformed multipart body: a part header line is too long")
+    except BadHttpMessage as exc:  # bad part headers (duplicate Content-Type, bad characters)
+        log.info("STOW part headers refused: %s", " ".join(str(exc).split())[:200])
+        raise PartProblem("malformed part headers (duplicate or invalid header)", resync=True)
     except Exception as exc:  # bad part headers (Content-Length: -5), bad boundary, dropped connection
         log.info("STOW multipart parse failed: %s: %s", type(exc).__name__, exc)
         raise PartProblem("malformed multipart body: invalid part headers or boundary line")
@@ -189,6 +194,11 @@ async def stow(arc, request: web.Request, config=None) -> web.Response:
         except PartProblem as exc:
             n_parts += 1
             fail(exc.reason, exc.status)
+            if exc.resync:
+                # the body of the refused part is now a preamble to a fresh reader, which skips
+                # it up to the next boundary line: the later parts get their own answers
+                reader = MultipartReader(request.headers, request.content)
+                continue
             break
         if part is None:
             break

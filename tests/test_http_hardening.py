@@ -492,6 +492,22 @@ def test_stow_stalled_upload_is_answered_and_leaves_nothing(proxied, tmp_path):
 
 # -- 5. a part that cannot be read is answered, not dropped ---------------------------------
 
+@pytest.mark.parametrize("bad_header", [b"Content-Type: application/dicom\r\n", b"Content-Length: 3\r\nContent-Length: 4\r\n"],
+                         ids=["duplicate-content-type", "duplicate-content-length"])
+def test_stow_part_with_bad_headers_does_not_cost_the_later_parts(srv, tmp_path, bad_header):
+    """A part whose headers HTTP forbids (a duplicated singleton) fails alone: the framing still
+    holds, so the parts before and after it are stored (found by the STOW fuzz)."""
+    first, bad, last = (new_sc(tmp_path, patient_id=p) for p in ("PDUP1", "PDUP2", "PDUP3"))
+    r = stow(srv, [first, bad, last], part_headers=[b"", bad_header, b""])
+    assert r.status_code == 202, (r.status_code, r.text)
+    assert len(referenced(r)) == 2 and len(failed(r)) == 1
+    assert "malformed part headers" in failed(r)[0]["00000902"]["Value"][0]
+    wait_staging_idle(srv)
+    pids = {d["00100020"]["Value"][0] for d in requests.get(f"{srv.dicomweb_url}/studies", timeout=10).json()}
+    assert {"PDUP1", "PDUP3"} <= pids and "PDUP2" not in pids
+    alive(srv)
+
+
 @pytest.mark.parametrize("bad_header", [b"Content-Length: -5\r\n", b"X-Pad: " + b"a" * 20000 + b"\r\n"],
                          ids=["negative-content-length", "20KB-header-line"])
 def test_stow_malformed_part_is_a_failure_not_dropped(srv, tmp_path, bad_header):
