@@ -262,3 +262,52 @@ def test_admission_decisions_principals_and_the_audit_hook():
     strict = config_mod.apply(config_mod.Config(), {"dimse": {"accept_unknown_ae": False}})
     with pytest.raises(Refused):
         Admission(strict).admit("ANY", "127.0.0.1")
+
+
+def test_rejection_notes_by_c_store_are_honoured_only_from_nodes_allowed_to_reject(tmp_path):
+    """IHE IOCM over DIMSE: a node whose `allow` holds "reject" has the rejection notes it sends
+    honoured (the instances hidden); the same note from a store-only node is kept as a plain KOS."""
+    import time
+
+    import requests
+
+    from archive import config as config_mod
+    from archive.rejection_note import build
+    from archive.service import Archive
+    from conftest import Server
+
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[nodes.scanner]\naet = "SCANNER"\nhost = "127.0.0.1"\nport = 11991\nallow = ["store"]\n'
+                   '[nodes.ris]\naet = "RIS"\nhost = "127.0.0.1"\nport = 11994\nallow = ["store", "reject"]\n')
+    srv = Server(tmp_path / "data", free_port(), free_port(), config=cfg).start()
+    try:
+        sc = factory.secondary_capture(tmp_path / "sc.dcm", patient_id="IOCM1")
+        assert storescu(srv, "SCANNER", sc).returncode == 0
+        sop = str(pydicom.dcmread(sc).SOPInstanceUID)
+        look = config_mod.load(cfg)
+        look.data_dir = srv.data_dir
+        arc = Archive(look, readonly=True)
+        try:
+            rec = arc.instance(sop)
+            attrs = arc.study(rec.study).attrs
+        finally:
+            arc.close()
+        url = f"{srv.dicomweb_url}/instances?SOPInstanceUID={sop}"
+        note = tmp_path / "note.dcm"
+        build("113001", [rec], attrs, {}, note)
+        res = storescu(srv, "SCANNER", note)
+        assert res.returncode == 0, res.stdout + res.stderr
+        time.sleep(0.5)
+        assert len(requests.get(url, timeout=10).json()) == 1  # not honoured: SCANNER may not reject
+        note2 = tmp_path / "note2.dcm"
+        build("113001", [rec], attrs, {}, note2)
+        res = storescu(srv, "RIS", note2)
+        assert res.returncode == 0, res.stdout + res.stderr
+        deadline = time.monotonic() + 5
+        while requests.get(url, timeout=10).json():
+            assert time.monotonic() < deadline, "the note from RIS was not honoured"
+            time.sleep(0.1)
+        marks = run_cli("rejected", "--config", str(cfg), data=srv.data_dir, check=True).stdout
+        assert sop in marks and "113001" in marks
+    finally:
+        srv.stop()
