@@ -26,8 +26,8 @@ from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 from . import admin, auditing, deletion as deletion_routes, pages, qido
 from .auth import auth_middleware, principal_of
 from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
-from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, check_uid, error,
-                     log_safe, multipart_body)
+from .common import (TRUSTED_PROXIES_KEY, HttpError, base_url, boundary, check_headers, error,
+                     log_safe, multipart_body, path_uids)
 from .media import NotAcceptable, negotiate_search
 from .stow import stow
 from .wado import StreamAborted, Wado
@@ -159,13 +159,7 @@ class Handlers:
         self.wado = Wado(arc)
 
     async def qido(self, request: web.Request, level: str) -> web.Response:
-        mi = request.match_info
-        study = mi.get("study")
-        series = mi.get("series")
-        if study is not None:
-            check_uid(study, "Study Instance UID")
-        if series is not None:
-            check_uid(series, "Series Instance UID")
+        study, series, _ = path_uids(request)
         xml = negotiate_search(request.headers.get("Accept"))
         base = base_url(request)
         params = list(request.query.items())

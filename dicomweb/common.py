@@ -143,3 +143,17 @@ def client_address(request: web.Request) -> str:
         if fwd and len(fwd) <= 64 and all(c.isalnum() or c in ".:[]" for c in fwd):
             return fwd
     return request.remote or ""
+
+
+def path_uids(request) -> tuple[str | None, str | None, str | None]:
+    """The study, series and instance UIDs of a resource path, each checked (400 when one is
+    not a UID), None where the path has none."""
+    mi = request.match_info
+    out = []
+    for key, name in (("study", "Study Instance UID"), ("series", "Series Instance UID"),
+                      ("instance", "SOP Instance UID")):
+        value = mi.get(key)
+        if value is not None:
+            check_uid(value, name)
+        out.append(value)
+    return out[0], out[1], out[2]

@@ -12,7 +12,7 @@ from archive.access import Right
 from archive.rejection_note import reason_code
 
 from .auth import principal_of
-from .common import HttpError, check_uid
+from .common import HttpError, path_uids
 
 
 def add_routes(app: web.Application, arc) -> None:
@@ -21,14 +21,7 @@ def add_routes(app: web.Application, arc) -> None:
     async def delete(request: web.Request) -> web.Response:
         who = principal_of(request)
         who.require(Right.ADMIN, "reject instances")
-        mi = request.match_info
-        study = check_uid(mi["study"], "Study Instance UID")
-        series = mi.get("series")
-        sop = mi.get("instance")
-        if series is not None:
-            check_uid(series, "Series Instance UID")
-        if sop is not None:
-            check_uid(sop, "SOP Instance UID")
+        study, series, sop = path_uids(request)
         try:
             code = reason_code(request.query.get("reason", "113001"))
         except ValueError as exc:
