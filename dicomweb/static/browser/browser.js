@@ -76,7 +76,9 @@ async function list() {
   state.last = {studies, more};
   render(studies, more);
   if (studies.length) await summaries(studies);
+  document.body.dataset.answers = String(++answers);  // a page complete: tests wait for this
 }
+let answers = 0;
 function render(studies, more) {
   const first = state.offset + 1, n = studies.length;
   $("status").textContent = n === 0 ? (state.offset ? "" : t("none")) :
