@@ -53,6 +53,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
         uids = "&".join("study=" + s["0020000D"]["Value"][0] for s in first)
         cases = [
             ("the page (/)", f"{base}/"),
+            ("its script (static/browser/browser.js)", f"{base}/static/browser/browser.js"),
             ("first page: QIDO studies limit=25", f"{dw}/studies?{INCLUDE}&limit=25&offset=0"),
             ("summaries of those 25 studies (browser/studies)", f"{base}/browser/studies?{uids}"),
             ("next page: offset=25", f"{dw}/studies?{INCLUDE}&limit=25&offset=25"),
