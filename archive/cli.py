@@ -166,7 +166,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if getattr(args, "demo", False):
         from . import demo
 
-        demo.seed(arc)  # only into an archive without a study (archive/demo.py)
+        try:
+            demo.seed(arc)  # only into an archive without a study (archive/demo.py)
+        except Exception as exc:
+            arc.close()
+            raise CliError(f"cannot import the demo slide: {exc}")
     migration = _start_checksum_migration(arc)
     arc.lifecycle.start()  # rules, replicas, fixity and recalls, in the background
     try:

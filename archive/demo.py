@@ -88,7 +88,9 @@ def seed(arc) -> int:
         out = Path(tmp) / "dicom"
         result = convert(src, out, ConvertOptions(metadata=meta, uid_seed="pathpacs-demo", workers=2))
         for inst in result.instances:
-            arc.ingest_file(inst.path, source="demo")
+            res = arc.ingest_file(inst.path, source="demo")
+            if not res.ok:  # a full disk, say: serve says so in one line and does not start
+                raise RuntimeError(f"the demo slide was not stored: {res.reason}")
             added += 1
     log.info("demo: imported the demo slide (%d instances)", added)
     return added

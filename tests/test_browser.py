@@ -273,3 +273,27 @@ def test_serve_demo_imports_a_slide_into_an_empty_archive_only(make_server, tmp_
     run_cli("import", "--quiet", str(tmp_path / "m"), data=mine, check=True)
     own = make_server(data_dir=mine, extra=["--demo"])
     assert _accessions(own) == ["MINE"]
+
+
+def test_a_schema_5_index_finds_ideographic_names_after_its_migration(make_server, tmp_path):
+    """Schema 5 indexed a name's Alphabetic group only. An index written today, taken back to that
+    state (its ideographic keys removed, schema 5 recorded), gains every group on open (schema 6)
+    and `王*` finds the study again."""
+    import lmdb
+
+    slide(tmp_path / "in", "Wang^Xiaodong=王^小东", "OLD-WANG", "20240315", levels=((256, 256),))
+    data = tmp_path / "data"
+    run_cli("import", "--quiet", str(tmp_path / "in"), data=data, check=True)
+    env = lmdb.open(str(data / "index"), max_dbs=32)
+    with env.begin(write=True) as txn:
+        idx = env.open_db(b"study_idx", txn=txn, create=False)
+        state = env.open_db(b"state", txn=txn, create=False)
+        assert txn.get(b"schema", db=state) == b"6"
+        keys = [bytes(k) for k, _ in txn.cursor(db=idx) if bytes(k).startswith("00100010=".encode())]
+        assert sorted(k.split(b"\0")[0].decode() for k in keys) == ["00100010=wang^xiaodong", "00100010=王^小东"]
+        assert txn.delete([k for k in keys if "王".encode() in k][0], db=idx)
+        txn.put(b"schema", b"5", db=state)
+    env.close()
+    server = make_server(data_dir=data)
+    assert _accessions(server, PatientName="王*") == ["OLD-WANG"]
+    assert _accessions(server, PatientName="wang*") == ["OLD-WANG"]
