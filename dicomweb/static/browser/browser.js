@@ -109,7 +109,7 @@ function render(studies, more) {
   $("pager").hidden = n === 0 && state.offset === 0;
   $("prev").disabled = state.offset === 0;
   $("next").disabled = !more;
-  $("pageno").textContent = t("page") + " " + (Math.floor(state.offset / state.size) + 1);
+  $("pageno").textContent = t("page", {n: Math.floor(state.offset / state.size) + 1});
 }
 async function summaries(studies) {
   const p = new URLSearchParams();
