@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/pathpacs serve --data ./data --dicom-port 11112 --aet PATHPACS --http-port 8080
+	$(VENV)/bin/pathpacs serve --demo --data ./data --dicom-port 11112 --aet PATHPACS --http-port 8080
 
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \

@@ -163,6 +163,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BlobError as exc:
         arc.close()
         raise CliError(f"tier check failed: {exc}")
+    if getattr(args, "demo", False):
+        from . import demo
+
+        try:
+            demo.seed(arc)  # only into an archive without a study (archive/demo.py)
+        except Exception as exc:
+            arc.close()
+            raise CliError(f"cannot import the demo slide: {exc}")
     migration = _start_checksum_migration(arc)
     arc.lifecycle.start()  # rules, replicas, fixity and recalls, in the background
     try:
@@ -656,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aet", type=_checked(check_aet))
     p.add_argument("--host", type=_checked(check_host), help="address to listen on (default 127.0.0.1; another address needs [auth])")
     p.add_argument("--http-workers", type=_workers, help="HTTP worker processes (default 1 or http.workers)")
+    p.add_argument("--demo", action="store_true",
+                   help="when the archive holds no study, import a generated demo slide first (make run)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="store DICOM files/folders (and slides) through the ingest path")

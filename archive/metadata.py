@@ -125,6 +125,20 @@ def string_values(el: dict[str, Any] | None) -> list[str]:
     return out
 
 
+def name_groups(el: dict[str, Any] | None) -> list[str]:
+    """Every component group of a person name (Alphabetic, Ideographic, Phonetic): a name
+    written "Wang^Xiaodong=王^小东" is found by either spelling (PS3.5 6.2.1)."""
+    if not el:
+        return []
+    out = []
+    for v in el.get("Value", []) or []:
+        if isinstance(v, dict):
+            out.extend(str(v[g]) for g in ("Alphabetic", "Ideographic", "Phonetic") if v.get(g))
+        elif v:
+            out.append(str(v))
+    return out
+
+
 def int_value(doc: dict[str, Any], tag: str, default: int = 0) -> int:
     """The first value of a JSON element as an int (IS, US, UL...), `default` if none or not a number."""
     v = first_value(doc, tag)

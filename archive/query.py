@@ -270,7 +270,7 @@ def match_doc(doc: dict[str, Any], keys: list[Key], fuzzy: bool = False) -> bool
             qkeys = key.items[0] if key.items else []
             if not any(match_doc(item, qkeys, fuzzy) for item in items):
                 return False
-        elif not match_value(md.string_values(el), key, fuzzy):
+        elif not match_value(md.name_groups(el) if key.vr == "PN" else md.string_values(el), key, fuzzy):
             return False
     return True
 

@@ -1,155 +1,74 @@
-"""The built-in pages: a study list with thumbnails at /, and its login.
+"""The built-in pages: the study browser at /, and its login.
 
-The page is a static shell: it holds no patient data and needs no credential. Its script
-asks /api/whoami, shows a login form when the archive wants a credential (an API token pasted,
-or with `auth.oidc.client_id` the identity provider's login: authorization code + PKCE, the
-page a public client), keeps it in sessionStorage, sends it as `Authorization: Bearer`, then lists
-the studies through our own QIDO-RS and loads each thumbnail with the same header. So the
-page sees exactly what the caller's role and scope allow, and nothing else.
+The page is a shell: it holds no patient data and needs no credential. Its script
+(static/browser/browser.js) asks /api/whoami, shows a login form when the archive wants a
+credential (an API token pasted, or with `auth.oidc.client_id` the identity provider's login:
+authorization code + PKCE, the page a public client), keeps it in sessionStorage, sends it as
+`Authorization: Bearer`, then searches the studies through our own QIDO-RS (limit/offset
+paging) and asks `browser/studies` for what QIDO does not return (each slide's stain, bytes,
+tier: `archive.browse`). Thumbnails load with the same header. So the page sees exactly what
+the caller's role and scope allow, and nothing else. Its words are English or Simplified
+Chinese from Accept-Language (`browser_text`), with a switch remembered in localStorage.
 """
 from __future__ import annotations
 
+import html
+import json
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-PAGE = """<!doctype html><html lang=en><head><meta charset=utf-8><title>pathpacs</title>
+from archive import browse
+
+from . import browser_text
+from .auth import principal_of
+from .common import HttpError
+
+STATIC = Path(__file__).resolve().parent / "static" / "browser"
+
+PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8><title>{t[title]}</title>
 <meta name=viewport content="width=device-width, initial-scale=1">
-<style>body{font:14px system-ui,sans-serif;margin:2em}table{border-collapse:collapse}
-td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-align:middle}
-img{max-width:96px;max-height:96px}#who{float:right;color:#555}#login textarea{width:36em;height:4em}
-.err{color:#a00}[hidden]{display:none}</style></head><body>
-<div id=who hidden><span id=whoname></span> · <a href=# id=logout>log out</a></div>
+<link rel=stylesheet href="static/browser/browser.css"></head><body>
+<div id=who hidden><span id=whoname></span> · <a href=# id=logout data-t=logout>{t[logout]}</a></div>
+<div id=langbox><label><span data-t=language>{t[language]}</span>
+<select id=lang><option value=en>English</option><option value=zh-CN>简体中文</option></select></label></div>
 <h1>pathpacs</h1>
-<form id=login hidden><p>This archive needs a credential: paste an API token
-(<code>pathpacs token create --role viewer</code>) or an OIDC access token.</p>
+<form id=login hidden><p data-t=login_intro>{t[login_intro]}</p>
 <textarea id=token name=token autocomplete=off spellcheck=false></textarea><br>
-<button type=submit>Log in</button> <button type=button id=oidc hidden>Log in with the hospital account</button>
+<button type=submit data-t=login>{t[login]}</button> <button type=button id=oidc hidden data-t=login_oidc>{t[login_oidc]}</button>
 <span id=loginerr class=err></span></form>
+<form id=search hidden>
+<label><span data-t=name>{t[name]}</span> <input id=q-name name=name data-ph=name_hint placeholder="{t[name_hint]}"></label>
+<label><span data-t=pid>{t[pid]}</span> <input id=q-pid name=pid size=12></label>
+<label><span data-t=accession>{t[accession]}</span> <input id=q-acc name=accession size=12></label>
+<label><span data-t=date_from>{t[date_from]}</span> <input id=q-from name=from type=date></label>
+<label><span data-t=date_to>{t[date_to]}</span> <input id=q-to name=to type=date></label>
+<label><span data-t=modality>{t[modality]}</span> <select id=q-mod name=modality>
+<option value="" data-t=any>{t[any]}</option><option>SM</option><option>ANN</option><option>SR</option>
+<option>OT</option><option>XC</option><option>GM</option></select></label>
+<label><span data-t=page_size>{t[page_size]}</span> <select id=q-size name=size>
+<option>10</option><option selected>25</option><option>50</option><option>100</option></select></label>
+<label><span data-t=sort>{t[sort]}</span> <select id=q-sort name=sort>
+<option value=desc data-t=newest>{t[newest]}</option><option value=asc data-t=oldest>{t[oldest]}</option></select></label>
+<button type=submit id=go data-t=search>{t[search]}</button> <button type=reset id=clear data-t=clear>{t[clear]}</button>
+</form>
 <p id=status></p>
-<table id=studies hidden><thead><tr><th></th><th>Patient</th><th>Date</th><th>Accession</th>
-<th>Description</th><th>Modalities</th><th>Series / instances</th></tr></thead><tbody></tbody></table>
-<script>
-"use strict";
-const KEY = "pathpacs.token";
-const $ = (id) => document.getElementById(id);
-const auth = () => { const t = sessionStorage.getItem(KEY); return t ? {Authorization: "Bearer " + t} : {}; };
-const val = (doc, tag) => ((doc[tag] || {}).Value || []);
-const text = (doc, tag) => val(doc, tag).map(String).join("\\\\");
-function person(doc) {
-  return val(doc, "00100010").map(v => {
-    const raw = (v && v.Alphabetic) || "";
-    const [family, ...rest] = raw.split("^");
-    const given = rest.filter(Boolean).join(" ");
-    return family && given ? family + ", " + given : family || given;
-  }).join("; ");
-}
-function cell(row, value) { const td = row.insertCell(); td.textContent = value; return td; }
-async function thumbnail(img, url) {
-  const r = await fetch(url, {headers: {...auth(), Accept: "image/jpeg"}});
-  if (r.ok) img.src = URL.createObjectURL(await r.blob());
-}
-async function list() {
-  const r = await fetch("dicomweb/studies?includefield=00081030&includefield=00201206&limit=500",
-                        {headers: {...auth(), Accept: "application/dicom+json"}});
-  if (r.status === 401) return showLogin("");
-  if (!r.ok) { $("status").textContent = "The archive answered " + r.status + ": " + (await r.text()); return; }
-  const studies = r.status === 204 ? [] : await r.json();
-  studies.sort((a, b) => text(b, "00080020").localeCompare(text(a, "00080020")));
-  $("status").textContent = studies.length + (studies.length === 1 ? " study." : " studies.") +
-    " DICOMweb root: /dicomweb.";
-  const body = $("studies").tBodies[0];
-  body.replaceChildren();
-  for (const s of studies) {
-    const uid = text(s, "0020000D");
-    const row = body.insertRow();
-    const img = document.createElement("img");
-    img.alt = "";
-    row.insertCell().appendChild(img);
-    const who = cell(row, person(s));
-    who.appendChild(document.createElement("br"));
-    const id = document.createElement("small"); id.textContent = text(s, "00100020"); who.appendChild(id);
-    cell(row, text(s, "00080020")); cell(row, text(s, "00080050")); cell(row, text(s, "00081030"));
-    cell(row, val(s, "00080061").join(","));
-    cell(row, text(s, "00201206") + " / " + text(s, "00201208"));
-    thumbnail(img, "dicomweb/studies/" + encodeURIComponent(uid) + "/thumbnail?viewport=96,96");
-  }
-  $("studies").hidden = false;
-}
-function showLogin(message) {
-  $("login").hidden = false; $("studies").hidden = true; $("who").hidden = true;
-  $("studies").tBodies[0].replaceChildren();  // nothing of the last user stays in the page
-  $("loginerr").textContent = message; $("status").textContent = "";
-}
-const b64url = (bytes) => btoa(String.fromCharCode(...bytes)).replace(/\\+/g, "-").replace(/\\//g, "_").replace(/=+$/, "");
-const here = () => location.origin + location.pathname;
-let loginConfig = null;
-async function oidcLogin() {
-  const cfg = loginConfig.oidc;
-  const verifier = b64url(crypto.getRandomValues(new Uint8Array(32)));
-  const state = b64url(crypto.getRandomValues(new Uint8Array(16)));
-  sessionStorage.setItem("pathpacs.pkce", JSON.stringify({verifier, state}));
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(verifier));
-  const u = new URL(cfg.authorization_endpoint);
-  u.search = new URLSearchParams({response_type: "code", client_id: cfg.client_id, redirect_uri: here(),
-    scope: cfg.scope, state, code_challenge: b64url(new Uint8Array(digest)), code_challenge_method: "S256"});
-  location.assign(u.toString());
-}
-async function oidcReturn() {  // back from the identity provider with ?code=...&state=...
-  const p = new URLSearchParams(location.search);
-  if (!p.has("code") && !p.has("error")) return null;
-  history.replaceState(null, "", location.pathname);
-  const saved = JSON.parse(sessionStorage.getItem("pathpacs.pkce") || "null");
-  sessionStorage.removeItem("pathpacs.pkce");
-  if (p.has("error")) return "The identity provider refused the login: " + p.get("error");
-  if (!saved || saved.state !== p.get("state")) return "The login answer did not match this page; try again.";
-  const cfg = loginConfig.oidc;
-  const r = await fetch(cfg.token_endpoint, {method: "POST",
-    headers: {"Content-Type": "application/x-www-form-urlencoded"},
-    body: new URLSearchParams({grant_type: "authorization_code", code: p.get("code"), redirect_uri: here(),
-                               client_id: cfg.client_id, code_verifier: saved.verifier})});
-  if (!r.ok) return "The identity provider refused the login (" + r.status + ").";
-  const tok = await r.json();
-  sessionStorage.setItem(KEY, tok.access_token);
-  return "";
-}
-async function start() {
-  if (loginConfig === null) {
-    const c = await fetch("api/login-config");
-    loginConfig = c.ok ? await c.json() : {mode: "token", oidc: null};
-    $("oidc").hidden = !loginConfig.oidc;
-    const failed = loginConfig.oidc ? await oidcReturn() : null;
-    if (failed) return showLogin(failed);
-  }
-  const r = await fetch("api/whoami", {headers: auth()});
-  if (r.status === 401) {
-    const had = sessionStorage.getItem(KEY);
-    sessionStorage.removeItem(KEY);
-    return showLogin(had ? "That credential was not accepted: " + (await r.text()) : "");
-  }
-  if (!r.ok) { $("status").textContent = "The archive answered " + r.status; return; }
-  const me = await r.json();
-  $("login").hidden = true;
-  if (me.via !== "anonymous") {
-    $("whoname").textContent = me.name + " (" + me.roles.join(", ") + ")";
-    $("who").hidden = false;
-  }
-  if (!me.rights.includes("read")) {
-    $("status").textContent = "Your role (" + me.roles.join(", ") + ") may not view images.";
-    return;
-  }
-  await list();
-}
-$("login").addEventListener("submit", (e) => {
-  e.preventDefault();
-  const t = $("token").value.trim();
-  if (t) { sessionStorage.setItem(KEY, t); $("token").value = ""; start(); }
-});
-$("oidc").addEventListener("click", () => oidcLogin());
-$("logout").addEventListener("click", (e) => { e.preventDefault(); sessionStorage.removeItem(KEY); showLogin(""); });
-start();
-</script></body></html>
+<table id=studies hidden><thead><tr><th data-t=slides>{t[slides]}</th><th data-t=patient>{t[patient]}</th>
+<th data-t=date>{t[date]}</th><th data-t=accession>{t[accession]}</th><th data-t=description>{t[description]}</th>
+<th data-t=modalities>{t[modalities]}</th><th data-t=count>{t[count]}</th><th data-t=stain>{t[stain]}</th>
+<th data-t=size>{t[size]}</th><th data-t=storage>{t[storage]}</th><th></th></tr></thead><tbody></tbody></table>
+<nav id=pager hidden><button type=button id=prev data-t=prev>{t[prev]}</button>
+<span id=pageno></span> <button type=button id=next data-t=next>{t[next]}</button>
+<small id=ordernote data-t=order_note>{t[order_note]}</small></nav>
+<script type=application/json id=text>{text}</script>
+<script src="static/browser/browser.js"></script></body></html>
 """
+
+_TEXT_JSON = html.escape(json.dumps(browser_text.TEXT, ensure_ascii=False), quote=False)
+_PAGES = {lang: PAGE.format(lang=lang, t={k: html.escape(v) for k, v in browser_text.TEXT[lang].items()},
+                            text=_TEXT_JSON)
+          for lang in browser_text.LANGUAGES}
 
 
 def add_routes(app: web.Application, arc) -> None:
@@ -165,9 +84,25 @@ def add_routes(app: web.Application, arc) -> None:
             except Exception:  # the page still offers token login; /api/login-config says why
                 pass
         csp = (f"default-src 'self'; connect-src 'self' {' '.join(connect)}".rstrip() +
-               "; img-src 'self' blob:; script-src 'unsafe-inline'; style-src 'unsafe-inline'")
-        return web.Response(text=PAGE, content_type="text/html",
+               "; img-src 'self' blob:; script-src 'self'; style-src 'self'")
+        lang = browser_text.choose(request.headers.get("Accept-Language"))
+        return web.Response(text=_PAGES[lang], content_type="text/html",
                             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
-                                     "Content-Security-Policy": csp})
+                                     "Content-Security-Policy": csp, "Content-Language": lang,
+                                     "Vary": "Accept-Language"})
+
+    async def summaries(request: web.Request) -> web.Response:
+        """GET browser/studies?study=UID&study=UID...: what the browser shows of each study
+        beyond QIDO (archive.browse); studies `who` may not see are left out."""
+        uids = [u for v in request.query.getall("study", []) for u in v.split(",") if u.strip()]
+        if not uids:
+            raise HttpError(400, "name at least one study: browser/studies?study=UID")
+        if len(uids) > browse.MAX_STUDIES:
+            raise HttpError(400, f"at most {browse.MAX_STUDIES} studies per request, not {len(uids)}")
+        who = principal_of(request)
+        found = await arc.run(lambda: browse.as_json(browse.study_summaries(arc.sync, [u.strip() for u in uids], who)))
+        return web.json_response(found, headers={"Cache-Control": "no-store"})
 
     app.router.add_get("/", index)
+    app.router.add_get("/browser/studies", summaries)
+    app.router.add_static("/static/browser/", STATIC, append_version=False)

@@ -618,8 +618,11 @@ def test_wsidicom_region_over_web_equals_local(loaded, srv):
 def test_index_page_and_unknown_routes(srv, loaded):
     r = requests.get(srv.http_url + "/")
     # a static shell (the study list comes from QIDO in the browser): no patient data in it
-    assert r.status_code == 200 and "api/whoami" in r.text and loaded["study"] not in r.text
+    assert r.status_code == 200 and 'src="static/browser/browser.js"' in r.text and loaded["study"] not in r.text
     assert r.headers["Cache-Control"] == "no-store" and "default-src 'self'" in r.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"] and "unsafe-inline" not in r.headers["Content-Security-Policy"]
+    js = requests.get(srv.http_url + "/static/browser/browser.js")  # public: it holds no data
+    assert js.status_code == 200 and "api/whoami" in js.text and "javascript" in js.headers["Content-Type"]
     assert requests.get(srv.dicomweb_url + "/nothing/here").status_code == 404
 
 

@@ -39,7 +39,8 @@ Databases (keys UTF-8):
 Study and series records count their instances per tier ("tiers": {name: n}) for availability.
 Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame; 4 the location
 (tier, key, syntax) moved out of the instance record and the frame table into `loc`; 5 tier counts
-in study and series records, copies, moves, access, flags, verified. (`rejected`, `versions` and
+in study and series records, copies, moves, access, flags, verified; 6 every component group of
+PatientName (Alphabetic, Ideographic, Phonetic) in study_idx. (`rejected`, `versions` and
 `purges` came without a schema step: they are new, empty tables created on open; no record of an
 older archive changes.)
 """
@@ -73,7 +74,7 @@ INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "0
                       "00100010": "PatientName"}
 CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexed lower-cased
 SEP = b"\x00"
-SCHEMA = 5
+SCHEMA = 6
 BATCH = 512  # records per read transaction when iterating
 FIRST_BATCH = 16
 
@@ -82,8 +83,9 @@ T_PATIENT_ID, T_ACCESSION, T_STUDY_DATE, T_PATIENT_NAME = "00100020", "00080050"
 
 
 def index_values(tag: str, attrs: dict) -> list[str]:
-    values = md.string_values(attrs.get(tag)) or [""]
-    return [v.lower() for v in values] if tag in CASE_FOLDED_TAGS else values
+    if tag in CASE_FOLDED_TAGS:  # person names: every component group, lower-cased (schema 6)
+        return [v.lower() for v in md.name_groups(attrs.get(tag))] or [""]
+    return md.string_values(attrs.get(tag)) or [""]
 
 
 def _k(*parts: str) -> bytes:
@@ -224,6 +226,12 @@ class LmdbIndex:
             self._count_tiers()
             with self.env.begin(write=True) as txn:
                 self._set_schema(txn, 5)
+        if version < 6:  # 6: every component group of PatientName in study_idx (ideographic names)
+            with self.env.begin(write=True) as txn:
+                for study, d in self._iter_json(txn, "study"):
+                    for v in index_values(T_PATIENT_NAME, d["attrs"]):
+                        txn.put(_k(f"{T_PATIENT_NAME}={v}", study), b"", db=self.db["study_idx"])
+                self._set_schema(txn, 6)
 
     def _count_tiers(self) -> None:
         """Recompute every study's and series' instance count per tier from `loc`."""

@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "convert": ("conformance.bench.convert", "run"),
     "tiers": ("conformance.bench.tiers", "run"),
     "s3 client": ("conformance.bench.s3", "run"),
+    "study browser": ("conformance.bench.browser", "run"),
 }
 
 
