@@ -1,0 +1,207 @@
+"""The built-in whole-slide viewer at /viewer (dicomweb/viewer.py, viewer/viewer.js).
+
+Real Debian chromium (playwright) against `pathpacs serve` with generated slides: the page is
+served by pathpacs itself (same origin, relative URLs), dicom-microscopy-viewer (installed by
+`npm ci --prefix viewer`, make run/test) asks our DICOMweb for the frames and draws them. The
+screen is compared with the slide's own pixels (the pattern of tests/test_viewer_browser.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+import factory
+from conftest import run_cli
+from dicomweb.viewer_text import choose_language
+from test_viewer_browser import _SAMPLE_JS, _decoded_levels, complete_wsi
+
+ROOT = Path(__file__).resolve().parent.parent
+LEVELS = ((2048, 1536), (1024, 768), (512, 384))
+OTHER_LEVELS = ((1024, 768), (512, 384))  # the second slide of the study: two levels
+BASE_UM = 0.25  # complete_wsi: 0.00025 mm per base pixel
+FRAME_RE = re.compile(r"/instances/([0-9.]+)/frames/([0-9,]+)$")
+
+if not (ROOT / "viewer" / "node_modules" / "dicom-microscopy-viewer" / "dist").is_dir():
+    pytest.fail("viewer/node_modules is missing: run `npm ci --prefix viewer` (make test does)",
+                pytrace=False)
+
+
+def _single(outdir: Path, study: str, series: str, kind: str, width: int, height: int, seed: int) -> Path:
+    ds = factory.wsi_instance(study, series, width, height, 256, image_type=kind, seed=seed, instance_number=9)
+    path = outdir / f"{kind.lower()}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture
+def slides(tmp_path):
+    """One study, two slides: A (3 levels, a label and an overview), B (2 levels)."""
+    a = factory.wsi_series(tmp_path / "a", levels=LEVELS, tile=256, series_number=1)
+    ds = pydicom.dcmread(a[0], stop_before_pixels=True)
+    study = ds.StudyInstanceUID
+    extra = [_single(tmp_path / "a", study, ds.SeriesInstanceUID, "LABEL", 256, 256, 7),
+             _single(tmp_path / "a", study, ds.SeriesInstanceUID, "OVERVIEW", 512, 256, 8)]
+    b = factory.wsi_series(tmp_path / "b", levels=OTHER_LEVELS, tile=256, study=study, series_number=2)
+    complete_wsi(a + extra + b)
+    return {"study": study, "a": a, "b": b, "extra": extra, "series_a": ds.SeriesInstanceUID,
+            "series_b": pydicom.dcmread(b[0], stop_before_pixels=True).SeriesInstanceUID}
+
+
+def _serve(make_server, tmp_path, slides, config_text=None):
+    server = make_server(config_text=config_text)
+    for folder in ("a", "b"):
+        run_cli("import", "--quiet", str(tmp_path / folder), data=server.data_dir, check=True)
+    return server
+
+
+class Page:
+    """A chromium page on /viewer, with what it asked of pathpacs."""
+
+    def __init__(self, browser, server, tmp_path, *, headers=None, token=None, base=None, width=1100):
+        self.context = browser.new_context(viewport={"width": width, "height": 700}, extra_http_headers=headers or {})
+        if token:  # what the login page at / leaves behind
+            self.context.add_init_script(f"sessionStorage.setItem('pathpacs.token', {token!r})")
+        self.page = self.context.new_page()
+        self.base = base or server.http_url
+        self.tmp = tmp_path
+        self.frames: list[tuple[str, list[int], dict]] = []  # (sop, numbers, request headers)
+        self.answers: list[str] = []
+        self.errors: list[str] = []
+        self.console: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        self.page.on("response", self._response)
+
+    def _response(self, resp):
+        if not resp.url.startswith(self.base):
+            return
+        self.answers.append(f"{resp.status} {resp.url[len(self.base):]}")
+        m = FRAME_RE.search(resp.url.split("?")[0])
+        if m and resp.status == 200:
+            self.frames.append((m.group(1), [int(n) for n in m.group(2).split(",")], resp.request.headers))
+
+    def open(self, query: str):
+        resp = self.page.goto(f"{self.base}/viewer?{query}")
+        assert resp is not None
+        return resp
+
+    def state(self):
+        return self.page.evaluate("() => window.ppViewer")
+
+    def debug(self) -> str:
+        return (f"state={self.state()}\nerrors={self.errors}\nconsole={self.console[-20:]}\n"
+                f"answers={self.answers[-30:]}")
+
+    def wait_rendered(self):
+        self.page.wait_for_function("() => window.ppViewer && window.ppViewer.status !== 'loading'", timeout=30000)
+        assert self.state()["status"] == "rendered", self.debug()
+        self.settle()
+
+    def settle(self):
+        """Every requested frame answered and drawn: an OpenLayers rendercomplete after the last."""
+        self.page.wait_for_timeout(300)
+        self.page.wait_for_function(
+            "() => { const s = window.ppViewer; return s.framesEnded === s.framesStarted"
+            " && s.renderCompleteAt > s.lastFrameAt && performance.now() - s.renderCompleteAt > 150; }",
+            timeout=60000)
+
+    def shot(self, name: str) -> np.ndarray:
+        path = self.tmp / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+    def clean(self):
+        assert self.errors == [], self.debug()
+        assert not [a for a in self.answers if not a.startswith(("200", "204", "304"))], self.debug()
+        assert not [m for m in self.console if m.startswith("error")], self.debug()
+
+
+def level_scores(img: np.ndarray, samples, levels: dict[int, np.ndarray]) -> dict[int, tuple[int, int]]:
+    """For each level: of the sampled screen points inside the slide (away from the factory's
+    8x8 block edges), how many show that level's pixel at the slide coordinate the map puts there."""
+    base_width = LEVELS[0][0]
+    scores = {}
+    for width, level in levels.items():
+        scale = width / base_width
+        hits = total = 0
+        block = 256 // 8
+        for sx, sy, ox, oy in samples:
+            col, row = ox * scale, (-1 - oy) * scale
+            if not (0 <= col < level.shape[1] and 0 <= row < level.shape[0]):
+                continue
+            if not (6 <= col % block <= block - 6 and 6 <= row % block <= block - 6):
+                continue
+            total += 1
+            hits += int(np.abs(img[int(sy), int(sx)] - level[int(row), int(col)].astype(np.int16)).max() <= 24)
+        scores[width] = (hits, total)
+    return scores
+
+
+def assert_shows(p: Page, name: str, levels: dict[int, np.ndarray], width: int) -> None:
+    img = p.shot(name)
+    samples = p.page.evaluate(_SAMPLE_JS)
+    scores = level_scores(img, samples, levels)
+    (p.tmp / f"{name}.scores.txt").write_text(str(scores))
+    hits, total = scores[width]
+    assert total > 500 and hits / total > 0.95, f"{name}: screen is not level {width}: {scores}\n{p.debug()}"
+    assert all(h / max(t, 1) < 0.2 for w, (h, t) in scores.items() if w != width), scores
+
+
+def widths_of(paths) -> dict[str, int]:
+    out = {}
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        out[ds.SOPInstanceUID] = ds.TotalPixelMatrixColumns
+    return out
+
+
+def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    # 500 px of slide in the window: the whole slide fits at 4.1 base px per screen px (~10x)
+    p = Page(browser, server, tmp_path, headers={"Accept-Language": "en-GB,en;q=0.8"}, width=760)
+    resp = p.open(f"study={slides['study']}&series={slides['series_a']}")
+    assert resp.status == 200 and resp.headers["content-language"] == "en"
+    p.wait_rendered()
+    st = p.state()
+    assert st["levels"] == 3 and st["baseSpacingUm"] == pytest.approx(BASE_UM), p.debug()
+    assert st["labelShown"] and st["overviewShown"], p.debug()
+    widths = widths_of(slides["a"])
+    assert p.frames and all(sop in widths for sop, _, _ in p.frames), p.debug()
+    # the ICC profile of each level is fetched as bulk data (colour management in the library)
+    assert len([a for a in p.answers if a.startswith("200") and "/bulkdata/" in a]) >= 3, p.answers
+    levels = _decoded_levels(slides["a"])
+
+    first_view = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")
+    assert first_view > 4  # the whole slide
+    for mag, width in ((20, 1024), (40, 2048), (10, 512)):
+        p.frames.clear()
+        p.page.click(f"[data-mag='{mag}']")
+        p.settle()
+        res = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")
+        assert res == pytest.approx(10 / mag / BASE_UM), mag
+        if mag != 10:  # 10x: the level of the first (whole-slide) view, its tiles already here
+            assert p.frames and {widths[s] for s, _, _ in p.frames} == {width}, (mag, p.frames)
+        assert_shows(p, f"zoom{mag}", levels, width)
+    # below 10x this small slide fits the window: 5x stops at the whole slide, not beyond
+    p.page.click("[data-mag='5']")
+    res = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")
+    assert res == pytest.approx(first_view, rel=0.05) and res < 10 / 5 / BASE_UM
+
+    meta = dict(zip(p.page.locator("#meta dt").all_inner_texts(), p.page.locator("#meta dd").all_inner_texts()))
+    assert meta["Patient"] == "Doe, Jane" and meta["Patient ID"] == "P1" and meta["Accession"] == "ACC1"
+    assert meta["Pixel spacing"] == "0.250 × 0.250 µm" and meta["Size"] == "2048 × 1536 px"
+    assert meta["Levels"] == "3" and meta["Scanner"] == "pathpacs-tests"
+    # OpenLayers' scale line (the library names its classes "" and "-inner")
+    scale = p.page.evaluate("() => (document.querySelector('#viewport .-inner') || {}).textContent")
+    assert re.fullmatch(r"\d+ (μm|mm)", scale or ""), scale
+    assert p.page.inner_text("#ruler") == "Ruler"
+    p.clean()
