@@ -205,3 +205,71 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
     assert re.fullmatch(r"\d+ (μm|mm)", scale or ""), scale
     assert p.page.inner_text("#ruler") == "Ruler"
     p.clean()
+
+
+def _viewport_box(p: Page) -> dict:
+    return p.page.locator("#viewport").bounding_box()
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.abs(a - b).max(axis=2) <= 24).mean())
+
+
+def test_rotation_ruler_and_area(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    p = Page(browser, server, tmp_path)
+    p.open(f"study={slides['study']}&series={slides['series_a']}")
+    p.wait_rendered()
+    p.page.click("[data-mag='40']")
+    p.settle()
+    box = _viewport_box(p)
+    w, h = int(box["width"]), int(box["height"])
+    side = min(w, h) - 120
+    x0, y0 = (w - side) // 2, (h - side) // 2
+
+    def crop(name):
+        path = tmp_path / f"{name}.png"
+        p.page.locator("#viewport").screenshot(path=str(path))
+        img = np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+        return img[y0:y0 + side, x0:x0 + side]
+
+    before = crop("rot0")
+    p.page.click("#rotr")
+    p.settle()
+    after = crop("rot90")
+    assert p.state()["rotation"] == 90 and p.page.inner_text("#angle") == "90°"
+    # a quarter turn clockwise about the centre of the view (np.rot90 with k=-1 is clockwise)
+    clockwise, counter = _agreement(after, np.rot90(before, k=-1)), _agreement(after, np.rot90(before, k=1))
+    assert clockwise > 0.9 and counter < 0.3 and _agreement(after, before) < 0.3, (clockwise, counter)
+    assert_shows(p, "rot90-level", _decoded_levels(slides["a"]), 2048)
+    p.page.keyboard.press("]")  # keys: ] turns 15° more
+    assert p.page.inner_text("#angle") == "105°"
+    p.page.keyboard.press("[")
+    assert p.page.inner_text("#angle") == "90°"
+
+    # The ruler across 400 screen pixels at 40x (one base pixel each, 0.25 µm): 100 µm, rotated
+    # or not. Then a right triangle of 400 x 300 screen pixels: 100 µm x 75 µm / 2 = 3750 µm².
+    cx, cy = box["x"] + w / 2, box["y"] + h / 2
+    p.page.click("#ruler")
+    assert "active" in p.page.get_attribute("#ruler", "class")
+    for x in (cx - 200, cx + 200):
+        p.page.mouse.click(x, cy)
+        p.page.wait_for_timeout(400)
+    p.page.wait_for_function("() => window.ppViewer.measurements.length === 1")
+    m = p.state()["measurements"][0]
+    assert m["kind"] == "length" and m["um"] == pytest.approx(100.0, abs=0.3), m
+    assert p.page.locator("#measurements li").all_inner_texts() == ["Length: 100.0 µm"]
+    p.page.click("#area")
+    for x, y in ((cx - 200, cy - 150), (cx + 200, cy - 150), (cx - 200, cy + 150), (cx - 200, cy - 150)):
+        p.page.mouse.click(x, y)
+        p.page.wait_for_timeout(400)
+    p.page.wait_for_function("() => window.ppViewer.measurements.length === 2")
+    m = p.state()["measurements"][1]
+    assert m["kind"] == "area" and m["um2"] == pytest.approx(3750.0, rel=0.01), m
+    assert p.page.locator("#measurements li").all_inner_texts()[1] == f"Area: {m['um2']:.1f} µm²"
+    p.page.keyboard.press("Escape")
+    assert "active" not in (p.page.get_attribute("#area", "class") or "")
+    p.page.click("#clear")
+    assert p.page.locator("#measurements li").count() == 0
+    assert p.page.evaluate("() => window.viewer.getAllROIs().length") == 0
+    p.clean()
