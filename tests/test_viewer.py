@@ -50,7 +50,13 @@ def slides(tmp_path):
     study = ds.StudyInstanceUID
     extra = [_single(tmp_path / "a", study, ds.SeriesInstanceUID, "LABEL", 256, 256, 7),
              _single(tmp_path / "a", study, ds.SeriesInstanceUID, "OVERVIEW", 512, 256, 8)]
-    b = factory.wsi_series(tmp_path / "b", levels=OTHER_LEVELS, tile=256, study=study, series_number=2)
+    b, series_b, frame_ref = [], pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    (tmp_path / "b").mkdir()
+    for i, (w, h) in enumerate(OTHER_LEVELS):  # seeds of its own: no tile of B is a tile of A
+        level = factory.wsi_instance(study, series_b, w, h, 256, seed=10 + i, frame_of_reference=frame_ref,
+                                     instance_number=i + 1, series_number=2)
+        b.append(tmp_path / "b" / f"{i}.dcm")
+        level.save_as(b[-1], enforce_file_format=True)
     complete_wsi(a + extra + b)
     return {"study": study, "a": a, "b": b, "extra": extra, "series_a": ds.SeriesInstanceUID,
             "series_b": pydicom.dcmread(b[0], stop_before_pixels=True).SeriesInstanceUID}
@@ -128,7 +134,7 @@ class Page:
 def level_scores(img: np.ndarray, samples, levels: dict[int, np.ndarray]) -> dict[int, tuple[int, int]]:
     """For each level: of the sampled screen points inside the slide (away from the factory's
     8x8 block edges), how many show that level's pixel at the slide coordinate the map puts there."""
-    base_width = LEVELS[0][0]
+    base_width = max(levels)
     scores = {}
     for width, level in levels.items():
         scale = width / base_width
@@ -146,11 +152,14 @@ def level_scores(img: np.ndarray, samples, levels: dict[int, np.ndarray]) -> dic
     return scores
 
 
-def assert_shows(p: Page, name: str, levels: dict[int, np.ndarray], width: int) -> None:
+def assert_shows(p: Page, name: str, levels: dict[int, np.ndarray], width: int | None = None) -> None:
+    """The screen shows level `width` (None: whichever level the view chose) of these levels."""
     img = p.shot(name)
     samples = p.page.evaluate(_SAMPLE_JS)
     scores = level_scores(img, samples, levels)
     (p.tmp / f"{name}.scores.txt").write_text(str(scores))
+    if width is None:
+        width = max(scores, key=lambda w: scores[w][0] / max(scores[w][1], 1))
     hits, total = scores[width]
     assert total > 500 and hits / total > 0.95, f"{name}: screen is not level {width}: {scores}\n{p.debug()}"
     assert all(h / max(t, 1) < 0.2 for w, (h, t) in scores.items() if w != width), scores
@@ -273,3 +282,116 @@ def test_rotation_ruler_and_area(make_server, browser, slides, tmp_path):
     assert p.page.locator("#measurements li").count() == 0
     assert p.page.evaluate("() => window.viewer.getAllROIs().length") == 0
     p.clean()
+
+
+def test_switcher_changes_slide_and_default_series(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    p = Page(browser, server, tmp_path)
+    p.open(f"study={slides['study']}")  # no series: the study's first VOLUME series (number 1)
+    p.wait_rendered()
+    st = p.state()
+    assert st["series"] == slides["series_a"] and st["levels"] == 3, p.debug()
+    assert st["seriesList"] == [slides["series_a"], slides["series_b"]]
+    assert p.page.locator("#series option").count() == 2
+    p.frames.clear()
+    p.page.select_option("#series", slides["series_b"])
+    p.page.wait_for_function(f"() => window.ppViewer.series === {slides['series_b']!r}"
+                             " && window.ppViewer.status === 'rendered'")
+    p.settle()
+    st = p.state()
+    assert st["levels"] == 2 and not st["labelShown"] and not st["overviewShown"], p.debug()
+    widths_b = widths_of(slides["b"])
+    assert p.frames and all(sop in widths_b for sop, _, _ in p.frames), p.frames
+    assert f"series={slides['series_b']}" in p.page.url  # a reload or a shared link shows B
+    assert p.page.inner_text("#meta dd[data-key='Levels']") == "2"
+    assert_shows(p, "slide-b", _decoded_levels(slides["b"]))  # B's own pixels: no tile of A is in B
+    p.clean()
+
+
+def test_chinese_ui_from_accept_language_and_switch(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    p = Page(browser, server, tmp_path, headers={"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.8"})
+    resp = p.open(f"study={slides['study']}&series={slides['series_a']}")
+    assert resp.headers["content-language"] == "zh-CN"
+    p.wait_rendered()
+    assert p.page.get_attribute("html", "lang") == "zh-CN"
+    assert p.page.inner_text("#ruler") == "标尺" and p.page.inner_text("#status") == "就绪"
+    assert p.page.locator("#meta dt").all_inner_texts()[0] == "患者"
+    p.page.screenshot(path=str(tmp_path / "zh-CN.png"))
+    p.page.click("a[hreflang=en]")  # the switch: the same slide, in English
+    p.wait_rendered()
+    assert p.page.get_attribute("html", "lang") == "en" and p.page.inner_text("#ruler") == "Ruler"
+    assert p.state()["series"] == slides["series_a"]
+    p.clean()
+
+
+def test_choose_language():
+    assert choose_language(None, "") == "en"
+    assert choose_language(None, "zh-CN,zh;q=0.9") == "zh-CN"
+    assert choose_language(None, "zh") == "zh-CN"
+    assert choose_language(None, "zh-TW,en;q=0.5") == "en"  # Traditional: not our Simplified text
+    assert choose_language(None, "en;q=0.4, zh-CN;q=0.8") == "zh-CN"
+    assert choose_language(None, "fr-FR,de") == "en"
+    assert choose_language("en", "zh-CN") == "en" and choose_language("xx", "zh-CN") == "zh-CN"
+
+
+def test_token_mode_uses_the_login_pages_token(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides, config_text='[auth]\nmode = "token"\n')
+    secret = run_cli("token", "create", "--role", "viewer", data=server.data_dir, check=True).stdout.strip()
+    query = f"study={slides['study']}&series={slides['series_a']}"
+    # no token: the page loads (a static shell), the archive refuses, the page says to log in
+    anon = Page(browser, server, tmp_path)
+    assert anon.open(query).status == 200
+    anon.page.wait_for_function("() => window.ppViewer.status === 'error'", timeout=30000)
+    assert anon.page.inner_text("#status") == "Log in on the study list first."
+    assert anon.frames == [] and any(a.startswith("401") for a in anon.answers), anon.answers
+    p = Page(browser, server, tmp_path, token=secret)
+    p.open(query)
+    p.wait_rendered()
+    assert p.frames and all(h.get("authorization") == f"Bearer {secret}" for _, _, h in p.frames)
+    assert_shows(p, "token", _decoded_levels(slides["a"]))
+    p.clean()
+
+
+def _get(url: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_static_files_and_their_types(server):
+    base = server.http_url + "/static/viewer"
+    status, headers, body = _get(base + "/dmv/dynamic-import/libjpegturbowasm_decode.wasm")
+    assert status == 200 and headers["Content-Type"] == "application/wasm" and body[:4] == b"\0asm"
+    wasm = ROOT / "viewer/node_modules/dicom-microscopy-viewer/dist/dynamic-import/libjpegturbowasm_decode.wasm"
+    assert body == wasm.read_bytes()
+    status, headers, body = _get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js")
+    assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    status, headers, _ = _get(base + "/app/viewer.css")
+    assert status == 200 and headers["Content-Type"].startswith("text/css")
+    for bad in ("/app/package.json", "/dmv/../../dicomweb-client/package.json", "/dmv/%2e%2e/%2e%2e/package.json",
+                "/nope/x.js", "/dmv/dynamic-import/missing.js"):
+        status, _, body = _get(base + bad)
+        assert status == 404, (bad, status, body)
+    status, headers, body = _get(server.http_url + "/viewer")
+    assert status == 200 and "script-src 'self' 'wasm-unsafe-eval'" in headers["Content-Security-Policy"]
+
+
+def test_viewer_answers_503_when_packages_are_missing(tmp_path):
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+    from dicomweb import viewer
+
+    (tmp_path / "viewer.js").write_text("// ours, but no node_modules beside it")
+
+    async def run():
+        app = web.Application()
+        viewer.add_routes(app, root=tmp_path)
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            r = await client.get("/viewer?study=1.2.3")
+            assert r.status == 503 and (await r.text()).strip() == viewer.MISSING
+            r = await client.get("/static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js")
+            assert r.status == 503
+    asyncio.run(run())

@@ -169,6 +169,7 @@ function clearViewers() {
   sideViewers = []
   for (const id of ['viewport', 'label', 'overview']) $(id).replaceChildren()
   state.measurements = []
+  state.labelShown = state.overviewShown = false
   $('measurements').replaceChildren()
   setTool(null)
 }
