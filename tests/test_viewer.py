@@ -114,11 +114,16 @@ class Page:
 
     def settle(self):
         """Every requested frame answered and drawn: an OpenLayers rendercomplete after the last."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
         self.page.wait_for_timeout(300)
-        self.page.wait_for_function(
-            "() => { const s = window.ppViewer; return s.framesEnded === s.framesStarted"
-            " && s.renderCompleteAt > s.lastFrameAt && performance.now() - s.renderCompleteAt > 150; }",
-            timeout=60000)
+        try:
+            self.page.wait_for_function(
+                "() => { const s = window.ppViewer; return s.framesEnded === s.framesStarted"
+                " && s.renderCompleteAt > s.lastFrameAt && performance.now() - s.renderCompleteAt > 150; }",
+                timeout=60000)
+        except PlaywrightTimeout:
+            raise AssertionError(f"the view was not drawn in 60 s\n{self.debug()}") from None
 
     def shot(self, name: str) -> np.ndarray:
         path = self.tmp / f"{name}.png"
@@ -395,3 +400,73 @@ def test_viewer_answers_503_when_packages_are_missing(tmp_path):
             r = await client.get("/static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js")
             assert r.status == 503
     asyncio.run(run())
+
+
+class PrefixProxy:
+    """A reverse proxy (aiohttp, on its own thread and loop) that puts pathpacs under /pfx/ on
+    another port. It sends no X-Forwarded-* headers, so the BulkDataURIs of the metadata name
+    pathpacs' own address: the page must still reach everything through the proxy."""
+
+    HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}  # bodies pass as sent
+
+    def __init__(self, upstream: str):
+        from aiohttp import ClientSession, web
+
+        self.upstream = upstream
+        self.seen: list[str] = []
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        async def forward(request: web.Request) -> web.Response:
+            self.seen.append(request.path_qs)
+            headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
+            async with self.session.request(request.method, f"{self.upstream}/{request.match_info['tail']}",
+                                            params=request.query, headers=headers, data=await request.read(),
+                                            allow_redirects=False) as r:
+                body = await r.read()
+                out = {k: v for k, v in r.headers.items() if k.lower() not in self.HOP}
+                return web.Response(status=r.status, body=body, headers=out)
+
+        async def start():
+            self.session = ClientSession(auto_decompress=False)
+            app = web.Application(client_max_size=1 << 26)
+            app.router.add_route("*", "/pfx/{tail:.*}", forward)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, "127.0.0.1", 0)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]
+            ready.set()
+
+        self.thread = threading.Thread(target=lambda: (self.loop.run_until_complete(start()), self.loop.run_forever()),
+                                       daemon=True)
+        self.thread.start()
+        assert ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}/pfx"
+
+    def close(self):
+        async def stop():
+            await self.session.close()
+            await self.runner.cleanup()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def test_viewer_behind_a_path_prefix(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    proxy = PrefixProxy(server.http_url)
+    try:
+        p = Page(browser, server, tmp_path, base=proxy.url)
+        direct: list[str] = []
+        p.page.on("request", lambda r: direct.append(r.url) if r.url.startswith(server.http_url) else None)
+        assert p.open(f"study={slides['study']}&series={slides['series_a']}").status == 200
+        p.wait_rendered()
+        assert direct == [], direct  # nothing bypasses the proxy, the ICC bulk data included
+        assert p.frames and any("/pfx/dicomweb/" in s and "/bulkdata/" in s for s in proxy.seen), proxy.seen
+        assert any(s.startswith("/pfx/static/viewer/dmv/dynamic-import/") for s in proxy.seen)
+        assert_shows(p, "prefix", _decoded_levels(slides["a"]))
+        assert p.page.get_attribute("#home", "href") == "./"
+        p.clean()
+    finally:
+        proxy.close()
