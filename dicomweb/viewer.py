@@ -53,6 +53,8 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <header id=bar>
  <a href="./" id=home>{home}</a>
  <label>{t_slide} <select id=series></select></label>
+ <span class=group><label>{t_compare} <select id=compare><option value="">{none}</option></select></label>
+  <button id=link class=active title="{link_help}" hidden>{link}</button></span>
  <span class=group id=zooms>{zoom_buttons}</span>
  <span class=group><button id=rotl title="{rotate_left} ([)">&#8634;</button><button id=rotr title="{rotate_right} (])">&#8635;</button>
   <span id=angle>0&deg;</span></span>
@@ -60,7 +62,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
   <button id=clear>{clear}</button></span>
  <span id=langs>{lang_links}</span>
 </header>
-<main><div id=viewport tabindex=0 aria-label="{slide}"></div>
+<main><div id=viewport tabindex=0 aria-label="{slide}"></div><div id=viewport2 hidden></div>
 <aside id=side><h2>{t_label}</h2><div id=label class=thumb></div>
 <h2>{t_overview}</h2><div id=overview class=thumb></div>
 <h2>{t_metadata}</h2><dl id=meta></dl>
@@ -102,7 +104,8 @@ def add_routes(app: web.Application, root: Path = VIEWER_DIR) -> None:
         if not installed:
             return error(503, MISSING)
         lang = choose_language(request.query.get("lang"), request.headers.get("Accept-Language", ""))
-        query = {k: v for k, v in request.query.items() if k in ("study", "series") and v.replace(".", "").isdigit()}
+        query = {k: v for k, v in request.query.items()
+                 if k in ("study", "series", "compare") and v.replace(".", "").isdigit()}
         return web.Response(text=render_page(lang, query), content_type="text/html",
                             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                      "Content-Security-Policy": CSP, "Content-Language": lang,

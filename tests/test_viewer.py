@@ -119,8 +119,10 @@ class Page:
         self.page.wait_for_timeout(300)
         try:
             self.page.wait_for_function(
+                # the last frame's "ended" event may come just after the rendercomplete it was in
                 "() => { const s = window.ppViewer; return s.framesEnded === s.framesStarted"
-                " && s.renderCompleteAt > s.lastFrameAt && performance.now() - s.renderCompleteAt > 150; }",
+                " && s.renderCompleteAt > s.lastFrameStartAt"
+                " && performance.now() - Math.max(s.renderCompleteAt, s.lastFrameAt) > 250; }",
                 timeout=60000)
         except PlaywrightTimeout:
             raise AssertionError(f"the view was not drawn in 60 s\n{self.debug()}") from None
@@ -470,3 +472,47 @@ def test_viewer_behind_a_path_prefix(make_server, browser, slides, tmp_path):
         p.clean()
     finally:
         proxy.close()
+
+
+def test_side_by_side_views_move_together(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    p = Page(browser, server, tmp_path, width=1300)
+    p.open(f"study={slides['study']}&series={slides['series_a']}&compare={slides['series_b']}")
+    p.wait_rendered()
+    p.page.wait_for_function("() => window.ppViewer.compareStatus === 'rendered'")
+    p.page.click("[data-mag='40']")
+    p.settle()
+    views = """() => [window.viewer, window.viewer2].map(v => { const w = v.getMap().getView();
+        return [w.getCenter()[0], w.getCenter()[1], w.getResolution(), w.getRotation()]; })"""
+    (x1, y1, r1, rot1), (x2, y2, r2, rot2) = p.page.evaluate(views)
+    # B's base pixels are 0.5 µm, A's 0.25 µm: the same place and magnification in µm
+    assert r1 == pytest.approx(1.0) and r2 == pytest.approx(0.5)
+    assert (x2 * 0.5, y2 * 0.5) == (pytest.approx(x1 * 0.25, abs=0.5), pytest.approx(y1 * 0.25, abs=0.5))  # OL: whole pixels
+    p.page.click("#rotr")
+    p.page.focus("#viewport")
+    p.page.keyboard.press("ArrowRight")
+    p.page.keyboard.press("ArrowDown")
+    p.settle()
+    (x1, y1, r1, rot1b), (x2, y2, r2, rot2b) = p.page.evaluate(views)
+    assert rot2b - rot2 == pytest.approx(rot1b - rot1) == pytest.approx(np.pi / 2)
+    assert (x2 * 0.5, y2 * 0.5) == (pytest.approx(x1 * 0.25, abs=0.5), pytest.approx(y1 * 0.25, abs=0.5))  # OL: whole pixels
+    assert_shows(p, "side-a", _decoded_levels(slides["a"]), 2048)
+    img = p.shot("side-b")
+    samples = p.page.evaluate(_SAMPLE_JS.replace("window.viewer.", "window.viewer2."))
+    scores = level_scores(img, samples, _decoded_levels(slides["b"]))
+    hits, total = scores[1024]  # 0.5 base pixels of B per screen pixel: its base level
+    assert total > 500 and hits / total > 0.95, scores
+    # unlinked, B stays; linked again, it keeps the offset it was given
+    p.page.click("#link")
+    p.page.keyboard.press("ArrowLeft")
+    (x1u, y1u, *_), (x2u, y2u, *_) = p.page.evaluate(views)
+    assert (x2u, y2u) == (pytest.approx(x2), pytest.approx(y2)) and np.hypot(x1u - x1, y1u - y1) > 50  # rotated: left is along y
+    p.page.click("#link")
+    offset = p.state()["offsetUm"]
+    assert np.hypot(*offset) > 10, offset  # 100 screen px at 40x: 25 µm
+    p.page.focus("#viewport")
+    p.page.keyboard.press("ArrowUp")
+    (x1, y1, *_), (x2, y2, *_) = p.page.evaluate(views)
+    assert (x2 * 0.5 - x1 * 0.25, y2 * 0.5 - y1 * 0.25) == (pytest.approx(offset[0], abs=0.5), pytest.approx(offset[1], abs=0.5))
+    assert f"compare={slides['series_b']}" in p.page.url
+    p.clean()

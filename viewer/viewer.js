@@ -14,13 +14,16 @@ const MAGS = [1, 5, 10, 20, 40] // objective powers; 40x is taken as 0.25 µm pe
 
 const state = (window.ppViewer = {
   status: 'loading', error: null, series: null, seriesList: [], levels: 0, baseSpacingUm: null,
-  framesStarted: 0, framesEnded: 0, framesLoaded: 0, frameErrors: 0, lastFrameAt: 0,
+  framesStarted: 0, framesEnded: 0, framesLoaded: 0, frameErrors: 0, lastFrameAt: 0, lastFrameStartAt: 0,
   renderCompleteAt: 0, errors: [], measurements: [], labelShown: false, overviewShown: false,
 })
 
 window.addEventListener('error', (e) => state.errors.push(String(e.message)))
 window.addEventListener('unhandledrejection', (e) => state.errors.push(String(e.reason && (e.reason.stack || e.reason))))
-document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => { state.framesStarted += 1 })
+document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => {
+  state.framesStarted += 1
+  state.lastFrameStartAt = performance.now()
+})
 document.addEventListener('dicommicroscopyviewer_frame_loading_ended', (e) => {
   state.framesEnded += 1
   state.lastFrameAt = performance.now()
@@ -164,6 +167,7 @@ function fillSwitcher(list, current) {
 }
 
 function clearViewers() {
+  closeCompare()
   if (viewer) { viewer.cleanup(); viewer = null }
   for (const v of sideViewers) v.cleanup && v.cleanup()
   sideViewers = []
@@ -172,6 +176,18 @@ function clearViewers() {
   state.labelShown = state.overviewShown = false
   $('measurements').replaceChildren()
   setTool(null)
+}
+
+async function volumesOf(seriesUID) {
+  const md = await seriesMetadata(seriesUID)
+  const images = md.map((m) => new dmv.metadata.VLWholeSlideMicroscopyImage({ metadata: m }))
+  const volumes = images.filter((im) => VOLUME_FLAVORS.includes(im.ImageType[2]))
+  if (!volumes.length) throw new Error(T.no_series)
+  volumes.sort((a, b) => b.TotalPixelMatrixColumns - a.TotalPixelMatrixColumns)
+  const docs = md.filter((m) => VOLUME_FLAVORS.includes(flavor(m)))
+    .sort((a, b) => Number(first(b, '00480006')) - Number(first(a, '00480006')))
+  const spacing = pixelSpacingMm(docs[0])
+  return { md, images, volumes, docs, spacingUm: spacing ? spacing[1] * 1000 : 1 }
 }
 
 async function loadSeries(seriesUID) {
@@ -186,6 +202,7 @@ async function loadSeries(seriesUID) {
   const volumeDocs = md.filter((m) => VOLUME_FLAVORS.includes(flavor(m)))
     .sort((a, b) => Number(first(b, '00480006')) - Number(first(a, '00480006')))
   state.series = seriesUID
+  params.set('series', seriesUID)
   state.levels = volumes.length
   const spacing = pixelSpacingMm(volumeDocs[0])
   state.baseSpacingUm = spacing ? spacing[1] * 1000 : null
@@ -195,6 +212,8 @@ async function loadSeries(seriesUID) {
   const map = viewer.getMap()
   map.on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
   state.initialRotation = map.getView().getRotation()
+  primary = { spacingUm: state.baseSpacingUm || 1, rotation0: state.initialRotation }
+  watch(viewer, 1)
   map.getView().on('change:rotation', showAngle)
   showAngle()
   showMetadata(volumeDocs[0], volumeDocs)
@@ -212,10 +231,113 @@ async function loadSeries(seriesUID) {
       state.errors.push(`${kind}: ${err.message || err}`)
     }
   }
-  history.replaceState(null, '', `viewer?${new URLSearchParams({ ...Object.fromEntries(params), series: seriesUID })}`)
+  fillCompare(seriesUID)
+  updateUrl()
   $('viewport').focus()
   state.status = 'rendered'
   status(T.ready)
+}
+
+// --- side by side: a second slide whose view follows the first (and the first it) --------------
+// Linked in physical units (µm, through each slide's pixel spacing), rotation relative to each
+// slide's own orientation, with the offset the two had when they were last linked.
+let viewer2 = null
+let primary = null // {spacingUm, rotation0} of the main slide
+let second = null
+const link = { on: true, dx: 0, dy: 0, rot: 0 }
+let syncing = false
+
+function updateUrl() {
+  history.replaceState(null, '', `viewer?${params}`)
+}
+
+function fillCompare(current) {
+  const sel = $('compare')
+  for (const opt of [...sel.options].slice(1)) opt.remove()
+  for (const opt of $('series').options) {
+    if (opt.value === current) continue
+    const o = document.createElement('option')
+    o.value = opt.value; o.textContent = opt.textContent
+    sel.append(o)
+  }
+  sel.value = ''
+}
+
+function closeCompare() {
+  if (viewer2) { viewer2.cleanup(); viewer2 = null }
+  window.viewer2 = null
+  second = null
+  state.compare = null
+  $('viewport2').replaceChildren()
+  $('viewport2').hidden = true
+  $('link').hidden = true
+  if (viewer) viewer.resize()
+}
+
+function physical(v, info) {
+  const c = v.getMap().getView().getCenter()
+  return [c[0] * info.spacingUm, c[1] * info.spacingUm]
+}
+
+function follow(srcViewer, src, dstViewer, dst, sign) {
+  const sv = srcViewer.getMap().getView(), dv = dstViewer.getMap().getView()
+  const [x, y] = physical(srcViewer, src)
+  dv.setRotation(sv.getRotation() - src.rotation0 + dst.rotation0 + sign * link.rot)
+  dv.setResolution(sv.getResolution() * src.spacingUm / dst.spacingUm)
+  dv.setCenter([(x + sign * link.dx) / dst.spacingUm, (y + sign * link.dy) / dst.spacingUm])
+}
+
+function linkViews(from) {
+  if (!link.on || syncing || !viewer || !viewer2) return
+  syncing = true
+  try {
+    if (from === 1) follow(viewer, primary, viewer2, second, 1)
+    else follow(viewer2, second, viewer, primary, -1)
+  } finally { syncing = false }
+}
+
+function setLinked(on) {
+  link.on = on
+  if (on && viewer && viewer2) { // keep the offset the slides have now
+    const [x1, y1] = physical(viewer, primary), [x2, y2] = physical(viewer2, second)
+    link.dx = x2 - x1; link.dy = y2 - y1
+    link.rot = (viewer2.getMap().getView().getRotation() - second.rotation0) -
+      (viewer.getMap().getView().getRotation() - primary.rotation0)
+  }
+  state.linked = on
+  state.offsetUm = [link.dx, link.dy]
+  $('link').classList.toggle('active', on)
+}
+
+function watch(v, which) {
+  const view = v.getMap().getView()
+  for (const ev of ['change:center', 'change:resolution', 'change:rotation']) view.on(ev, () => linkViews(which))
+}
+
+async function loadCompare(seriesUID) {
+  closeCompare()
+  params.delete('compare')
+  if (seriesUID) {
+    state.compareStatus = 'loading'
+    const { volumes, spacingUm } = await volumesOf(seriesUID)
+    $('viewport2').hidden = false
+    viewer.resize()
+    viewer2 = new dmv.viewer.VolumeImageViewer({ client, metadata: volumes, controls: [] })
+    viewer2.render({ container: $('viewport2') })
+    window.viewer2 = viewer2
+    second = { spacingUm, rotation0: viewer2.getMap().getView().getRotation() }
+    viewer2.getMap().on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
+    watch(viewer2, 2)
+    link.dx = link.dy = link.rot = 0
+    setLinked(true)
+    linkViews(1)
+    $('link').hidden = false
+    $('compare').value = seriesUID
+    params.set('compare', seriesUID)
+    state.compare = seriesUID
+    state.compareStatus = 'rendered'
+  }
+  updateUrl()
 }
 
 // --- navigation -------------------------------------------------------------------------------
@@ -307,6 +429,8 @@ $('clear').addEventListener('click', () => {
   $('measurements').replaceChildren()
 })
 $('series').addEventListener('change', (e) => loadSeries(e.target.value).catch(fail))
+$('compare').addEventListener('change', (e) => loadCompare(e.target.value).catch(fail))
+$('link').addEventListener('click', () => setLinked(!link.on))
 
 document.addEventListener('keydown', (e) => {
   if (!viewer || e.target.tagName === 'SELECT' || e.target.tagName === 'INPUT' || e.ctrlKey || e.metaKey || e.altKey) return
@@ -342,6 +466,8 @@ async function main() {
   if (!list.some((s) => s.uid === chosen)) list.push({ uid: chosen, number: 0, description: '' })
   fillSwitcher(list, chosen)
   await loadSeries(chosen)
+  const compare = params.get('compare')
+  if (compare && compare !== chosen && list.some((s) => s.uid === compare)) await loadCompare(compare)
 }
 
 main().catch(fail)
