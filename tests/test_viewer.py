@@ -18,6 +18,8 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 import factory
 from conftest import run_cli
@@ -42,6 +44,41 @@ def _single(outdir: Path, study: str, series: str, kind: str, width: int, height
     return path
 
 
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def describe_specimen(path: Path) -> None:
+    """What a scanner writes about the slide: an H&E specimen (PS3.3 C.8.12.2.1, the staining
+    step's "Using substance" items, TID 8004), the scanner model and the objective."""
+    ds = pydicom.dcmread(path)
+    steps = []
+    for code in (_code("12710003", "SCT", "hematoxylin stain"), _code("36879007", "SCT", "water soluble eosin stain")):
+        item = Dataset()
+        item.ValueType = "CODE"
+        item.ConceptNameCodeSequence = Sequence([_code("424361007", "SCT", "Using substance")])
+        item.ConceptCodeSequence = Sequence([code])
+        steps.append(item)
+    method = Dataset()
+    method.ValueType = "CODE"
+    method.ConceptNameCodeSequence = Sequence([_code("111701", "DCM", "Processing type")])
+    method.ConceptCodeSequence = Sequence([_code("127790008", "SCT", "Staining")])
+    prep = Dataset()
+    prep.SpecimenPreparationStepContentItemSequence = Sequence([method] + steps)
+    spec = Dataset()
+    spec.SpecimenIdentifier = "S26-0042 A1"
+    spec.SpecimenUID = pydicom.uid.generate_uid()
+    spec.SpecimenShortDescription = "Gastric biopsy"
+    spec.SpecimenPreparationSequence = Sequence([prep])
+    ds.SpecimenDescriptionSequence = Sequence([spec])
+    ds.ManufacturerModelName = "Model 7"
+    ds.OpticalPathSequence[0].ObjectiveLensPower = 20
+    ds.OpticalPathSequence[0].ObjectiveLensNumericalAperture = 0.75
+    ds.save_as(path, enforce_file_format=True)
+
+
 @pytest.fixture
 def slides(tmp_path):
     """One study, two slides: A (3 levels, a label and an overview), B (2 levels)."""
@@ -58,6 +95,8 @@ def slides(tmp_path):
         b.append(tmp_path / "b" / f"{i}.dcm")
         level.save_as(b[-1], enforce_file_format=True)
     complete_wsi(a + extra + b)
+    for path in a:
+        describe_specimen(path)
     return {"study": study, "a": a, "b": b, "extra": extra, "series_a": ds.SeriesInstanceUID,
             "series_b": pydicom.dcmread(b[0], stop_before_pixels=True).SeriesInstanceUID}
 
@@ -215,7 +254,9 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
     meta = dict(zip(p.page.locator("#meta dt").all_inner_texts(), p.page.locator("#meta dd").all_inner_texts()))
     assert meta["Patient"] == "Doe, Jane" and meta["Patient ID"] == "P1" and meta["Accession"] == "ACC1"
     assert meta["Pixel spacing"] == "0.250 × 0.250 µm" and meta["Size"] == "2048 × 1536 px"
-    assert meta["Levels"] == "3" and meta["Scanner"] == "pathpacs-tests"
+    assert meta["Levels"] == "3" and meta["Scanner"] == "pathpacs-tests Model 7"
+    assert meta["Specimen"] == "S26-0042 A1 — Gastric biopsy" and meta["Objective"] == "20x NA 0.75"
+    assert meta["Stain"] == "hematoxylin stain, water soluble eosin stain"
     # OpenLayers' scale line (the library names its classes "" and "-inner")
     scale = p.page.evaluate("() => (document.querySelector('#viewport .-inner') || {}).textContent")
     assert re.fullmatch(r"\d+ (μm|mm)", scale or ""), scale

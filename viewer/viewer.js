@@ -194,18 +194,11 @@ async function loadSeries(seriesUID) {
   state.status = 'loading'
   status(T.loading)
   clearViewers()
-  const md = await seriesMetadata(seriesUID)
-  const images = md.map((m) => new dmv.metadata.VLWholeSlideMicroscopyImage({ metadata: m }))
-  const volumes = images.filter((im) => VOLUME_FLAVORS.includes(im.ImageType[2]))
-  if (!volumes.length) throw new Error(T.no_series)
-  volumes.sort((a, b) => b.TotalPixelMatrixColumns - a.TotalPixelMatrixColumns)
-  const volumeDocs = md.filter((m) => VOLUME_FLAVORS.includes(flavor(m)))
-    .sort((a, b) => Number(first(b, '00480006')) - Number(first(a, '00480006')))
+  const { images, volumes, docs: volumeDocs, spacingUm } = await volumesOf(seriesUID)
   state.series = seriesUID
   params.set('series', seriesUID)
   state.levels = volumes.length
-  const spacing = pixelSpacingMm(volumeDocs[0])
-  state.baseSpacingUm = spacing ? spacing[1] * 1000 : null
+  state.baseSpacingUm = pixelSpacingMm(volumeDocs[0]) ? spacingUm : null
   viewer = new dmv.viewer.VolumeImageViewer({ client, metadata: volumes, controls: [] })
   viewer.render({ container: $('viewport') })
   window.viewer = viewer
