@@ -520,7 +520,9 @@ def test_side_by_side_views_move_together(make_server, browser, slides, tmp_path
     p = Page(browser, server, tmp_path, width=1300)
     p.open(f"study={slides['study']}&series={slides['series_a']}&compare={slides['series_b']}")
     p.wait_rendered()
-    p.page.wait_for_function("() => window.ppViewer.compareStatus === 'rendered'")
+    p.page.wait_for_function("() => ['rendered', 'error'].includes(window.ppViewer.compareStatus)"
+                             " || window.ppViewer.status === 'error'", timeout=30000)
+    assert p.state()["compareStatus"] == "rendered", p.debug()
     p.page.click("[data-mag='40']")
     p.settle()
     views = """() => [window.viewer, window.viewer2].map(v => { const w = v.getMap().getView();

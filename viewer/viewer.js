@@ -261,6 +261,7 @@ function closeCompare() {
   window.viewer2 = null
   second = null
   state.compare = null
+  params.delete('compare')
   $('viewport2').replaceChildren()
   $('viewport2').hidden = true
   $('link').hidden = true
@@ -309,7 +310,6 @@ function watch(v, which) {
 
 async function loadCompare(seriesUID) {
   closeCompare()
-  params.delete('compare')
   if (seriesUID) {
     state.compareStatus = 'loading'
     const { volumes, spacingUm } = await volumesOf(seriesUID)
@@ -458,8 +458,8 @@ async function main() {
   if (!chosen) { state.status = 'error'; state.error = 'no series'; status(T.no_series, true); return }
   if (!list.some((s) => s.uid === chosen)) list.push({ uid: chosen, number: 0, description: '' })
   fillSwitcher(list, chosen)
+  const compare = params.get('compare') // read first: loading a slide closes the one beside it
   await loadSeries(chosen)
-  const compare = params.get('compare')
   if (compare && compare !== chosen && list.some((s) => s.uid === compare)) await loadCompare(compare)
 }
 
