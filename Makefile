@@ -7,8 +7,10 @@ SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDic
 APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium
 
 BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
+VIEWER_STAMP := viewer/node_modules/.package-lock.json
+NPM_CI := npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
-.PHONY: run test bench setup system-tools clean
+.PHONY: run test bench setup system-tools clean npm
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) $(VIEWER_STAMP)
 	$(VENV)/bin/pathpacs serve --demo --data ./data --dicom-port 11112 --aet PATHPACS --http-port 8080
 
 system-tools:
@@ -31,13 +33,21 @@ system-tools:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
 
-# dicom-microscopy-viewer (Slim's library) for the browser test, pinned by the lockfile.
-$(BROWSER_STAMP): tests/browser/package-lock.json
+# Node and npm from Debian when missing (for the two npm ci below).
+npm:
 	@command -v npm >/dev/null 2>&1 || { SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nodejs npm >/dev/null; }
-	npm ci --prefix tests/browser --ignore-scripts --no-audit --no-fund --loglevel=error
 
-test: $(STAMP) system-tools $(BROWSER_STAMP)
+# dicom-microscopy-viewer (Slim's library) for the browser test, pinned by the lockfile.
+$(BROWSER_STAMP): tests/browser/package-lock.json | npm
+	$(NPM_CI) --prefix tests/browser
+
+# The viewer at /viewer: dicom-microscopy-viewer and dicomweb-client, pinned by viewer/package-lock.json,
+# served from viewer/node_modules by dicomweb/viewer.py (no CDN, no network at run time).
+$(VIEWER_STAMP): viewer/package-lock.json | npm
+	$(NPM_CI) --prefix viewer
+
+test: $(STAMP) system-tools $(BROWSER_STAMP) $(VIEWER_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider tests; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$code
 
@@ -45,4 +55,4 @@ bench: $(STAMP) system-tools
 	$(PY) -m conformance.bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info tests/browser/node_modules
+	rm -rf $(VENV) build *.egg-info tests/browser/node_modules viewer/node_modules

@@ -20,7 +20,7 @@ from .common import client_address, error
 
 PRINCIPAL = "pathpacs.principal"  # request key holding the caller's Principal
 PUBLIC_PREFIXES = ("/static/",)
-PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/api/login-config"})
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/api/login-config", "/viewer"})  # /viewer: a static shell too
 
 
 def principal_of(request: web.Request) -> Principal:

@@ -1,0 +1,132 @@
+"""The whole-slide viewer at /viewer?study=UID[&series=UID], and its static files.
+
+Like the study list at /, the page is a static shell that holds no patient data and needs no
+credential: its script (viewer/viewer.js) reads the bearer token the login page at / keeps in
+sessionStorage and talks standard DICOMweb to our own /dicomweb by relative URLs (so a path
+prefix in front of us works) through dicomweb-client; dicom-microscopy-viewer (Slim's engine)
+draws the pyramid, the label and the overview. Both are npm packages pinned by
+viewer/package-lock.json and installed by `make run` / `make test` (`npm ci --prefix viewer`);
+this module serves their built files, our own JS/CSS, and answers 503 with the reason when the
+packages are not installed. The page's language (English or Simplified Chinese) is chosen here
+from `?lang=` or Accept-Language, so the HTML arrives in it.
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from aiohttp import web
+
+from .common import error
+from .viewer_text import LANGUAGES, TEXT, choose_language
+
+# The repository checkout's viewer/ folder (package.json, our JS/CSS, node_modules once installed).
+VIEWER_DIR = Path(__file__).resolve().parent.parent / "viewer"
+# URL prefix under /static/viewer/ -> folder below VIEWER_DIR: only these are served.
+MOUNTS = {
+    "app": "",  # our own viewer.js, viewer.css, boot.js
+    "dmv": "node_modules/dicom-microscopy-viewer/dist",  # bundle, worker, WebAssembly codecs
+    "dwc": "node_modules/dicomweb-client/build",
+}
+REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js",
+            "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
+            "node_modules/dicomweb-client/build/dicomweb-client.js")
+OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js"})
+MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
+        ".map": "application/json", ".txt": "text/plain"}
+MISSING = "the viewer's JavaScript packages are not installed: run make run / npm ci --prefix viewer"
+# dicom-microscopy-viewer compiles WebAssembly codecs and runs a worker; nothing else is loaded
+# from anywhere but here, and tiles arrive as blobs decoded in the page.
+CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
+       "img-src 'self' blob: data:; style-src 'self' 'unsafe-inline'; connect-src 'self'; "
+       "frame-ancestors 'none'")
+
+PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
+<title>{title}</title><meta name=viewport content="width=device-width, initial-scale=1">
+<link rel=icon href="data:,"><link rel=stylesheet href="static/viewer/app/viewer.css">
+<script type="application/json" id="pp-text">{text_json}</script>
+<script src="static/viewer/app/boot.js"></script>
+<script src="static/viewer/dwc/dicomweb-client.js"></script>
+<script src="static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js"></script>
+</head><body>
+<header id=bar>
+ <a href="./" id=home>{home}</a>
+ <label>{t_slide} <select id=series></select></label>
+ <span class=group><label>{t_compare} <select id=compare><option value="">{none}</option></select></label>
+  <button id=link class=active title="{link_help}" hidden>{link}</button></span>
+ <span class=group id=zooms>{zoom_buttons}</span>
+ <span class=group><button id=rotl title="{rotate_left} ([)">&#8634;</button><button id=rotr title="{rotate_right} (])">&#8635;</button>
+  <span id=angle>0&deg;</span></span>
+ <span class=group><button id=ruler data-tool=line>{ruler}</button><button id=area data-tool=polygon>{area}</button>
+  <button id=clear>{clear}</button></span>
+ <span id=langs>{lang_links}</span>
+</header>
+<main><div id=viewport tabindex=0 aria-label="{slide}"></div><div id=viewport2 hidden></div>
+<aside id=side><h2>{t_label}</h2><div id=label class=thumb></div>
+<h2>{t_overview}</h2><div id=overview class=thumb></div>
+<h2>{t_metadata}</h2><dl id=meta></dl>
+<h2>{t_measurements}</h2><ol id=measurements></ol>
+<p id=help>{help}</p></aside></main>
+<p id=status role=status>{loading}</p>
+<script src="static/viewer/app/viewer.js"></script>
+</body></html>
+"""
+
+
+def packages_installed(root: Path = VIEWER_DIR) -> bool:
+    return all((root / rel).is_file() for rel in REQUIRED)
+
+
+def render_page(lang: str, query: dict[str, str]) -> str:
+    t = TEXT[lang]
+    esc = html.escape
+    zooms = "".join(f'<button data-mag="{m}" title="{esc(t["zoom_to"])} {m}x">{m}x</button>'
+                    for m in (1, 5, 10, 20, 40))
+    links = []
+    for code, name in LANGUAGES.items():
+        q = "&".join(f"{k}={v}" for k, v in {**query, "lang": code}.items())
+        cls = ' class=current aria-current="true"' if code == lang else ""
+        links.append(f'<a href="viewer?{esc(q)}" hreflang="{code}"{cls}>{esc(name)}</a>')
+    fields = {k: esc(v) for k, v in t.items()}
+    # </script> cannot occur in the JSON: "<" is escaped
+    text_json = json.dumps(t, ensure_ascii=False).replace("<", "\\u003c")
+    return PAGE.format(lang=lang, text_json=text_json, zoom_buttons=zooms, lang_links=" ".join(links),
+                       **fields)
+
+
+def add_routes(app: web.Application, root: Path = VIEWER_DIR) -> None:
+    """/viewer (the page) and /static/viewer/{mount}/{path} (its files). Both are public, as
+    the page at / is: every request for patient data goes through /dicomweb and its auth."""
+    installed = packages_installed(root)  # found at start; `npm ci` later needs a restart
+
+    async def page(request: web.Request) -> web.Response:
+        if not installed:
+            return error(503, MISSING)
+        lang = choose_language(request.query.get("lang"), request.headers.get("Accept-Language", ""))
+        query = {k: v for k, v in request.query.items()
+                 if k in ("study", "series", "compare") and v.replace(".", "").isdigit()}
+        return web.Response(text=render_page(lang, query), content_type="text/html",
+                            headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
+                                     "Content-Security-Policy": CSP, "Content-Language": lang,
+                                     "Vary": "Accept-Language"})
+
+    async def static(request: web.Request) -> web.StreamResponse:
+        mount, rel = request.match_info["mount"], request.match_info["path"]
+        if mount not in MOUNTS:
+            return error(404, f"no viewer file at {request.path}")
+        if mount == "app" and rel not in OWN_FILES:
+            return error(404, f"no viewer file at {request.path}")
+        if not installed and mount != "app":
+            return error(503, MISSING)
+        base = (root / MOUNTS[mount]).resolve()
+        path = (base / rel).resolve()
+        if not path.is_relative_to(base) or not path.is_file() or path.suffix not in MIME:
+            return error(404, f"no viewer file at {request.path}")
+        # our own files change with the checkout; the packages' only with the lockfile
+        cache = "no-cache" if mount == "app" else "public, max-age=86400"
+        return web.FileResponse(path, headers={"Content-Type": MIME[path.suffix], "Cache-Control": cache,
+                                               "X-Content-Type-Options": "nosniff"})
+
+    app.router.add_get("/viewer", page)
+    app.router.add_get("/static/viewer/{mount}/{path:.+}", static)

@@ -1,0 +1,74 @@
+"""The viewer's UI text, English and Simplified Chinese, and the choice between them.
+
+One table per language, the same keys: the page HTML is written in the chosen language and
+the table rides along as JSON for the script's own messages (dicomweb/viewer.py).
+"""
+from __future__ import annotations
+
+LANGUAGES = {"en": "English", "zh-CN": "简体中文"}
+
+TEXT: dict[str, dict[str, str]] = {
+    "en": {
+        "title": "pathpacs viewer", "home": "Studies", "t_slide": "Slide", "slide": "slide",
+        "zoom_to": "Zoom to", "rotate_left": "Rotate left", "rotate_right": "Rotate right",
+        "ruler": "Ruler", "area": "Area", "clear": "Clear", "t_label": "Label", "t_overview": "Overview",
+        "t_metadata": "Slide information", "t_measurements": "Measurements",
+        "help": "Keys: arrows pan, + and − zoom, 1–5 presets 1x–40x, [ and ] rotate, R ruler, A area, Esc stop drawing.",
+        "loading": "Loading…", "ready": "Ready", "no_study": "No study given: open a study from the study list.",
+        "no_series": "This study has no whole-slide image series.", "login": "Log in on the study list first.",
+        "failed": "The archive answered", "none": "none",
+        "patient": "Patient", "patient_id": "Patient ID", "accession": "Accession", "specimen": "Specimen",
+        "stain": "Stain", "scanner": "Scanner", "objective": "Objective", "spacing": "Pixel spacing",
+        "size": "Size", "levels": "Levels", "length": "Length", "area_m": "Area",
+        "t_compare": "Beside", "link": "Linked",
+        "link_help": "Pan, zoom and rotation move both slides; unlink, align, link again to keep an offset",
+        "draw_line": "Click two points to measure a length.",
+        "draw_polygon": "Click the corners, double-click the last one to measure an area.",
+    },
+    "zh-CN": {
+        "title": "pathpacs 阅片", "home": "检查列表", "t_slide": "切片", "slide": "切片",
+        "zoom_to": "缩放到", "rotate_left": "向左旋转", "rotate_right": "向右旋转",
+        "ruler": "标尺", "area": "面积", "clear": "清除", "t_label": "标签", "t_overview": "概览",
+        "t_metadata": "切片信息", "t_measurements": "测量",
+        "help": "按键：方向键平移，+ 和 − 缩放，1–5 为 1x–40x，[ 和 ] 旋转，R 标尺，A 面积，Esc 停止绘制。",
+        "loading": "正在加载…", "ready": "就绪", "no_study": "未指定检查：请从检查列表打开。",
+        "no_series": "该检查没有全切片图像序列。", "login": "请先在检查列表页登录。",
+        "failed": "归档服务器返回", "none": "无",
+        "patient": "患者", "patient_id": "患者 ID", "accession": "检查号", "specimen": "标本",
+        "stain": "染色", "scanner": "扫描仪", "objective": "物镜", "spacing": "像素间距",
+        "size": "尺寸", "levels": "层级", "length": "长度", "area_m": "面积",
+        "t_compare": "并排", "link": "联动",
+        "link_help": "平移、缩放和旋转同时作用于两张切片；取消联动、对齐后再联动可保留偏移",
+        "draw_line": "点击两点测量长度。",
+        "draw_polygon": "依次点击各顶点，双击最后一点测量面积。",
+    },
+}
+
+
+def choose_language(explicit: str | None, accept_language: str) -> str:
+    """`?lang=` when it names a language we have, else the best Accept-Language match
+    (q-values honoured; any zh except zh-TW/zh-HK/zh-Hant reads Simplified), else English."""
+    if explicit in TEXT:
+        return explicit
+    best, best_q = "en", 0.0
+    for i, part in enumerate(accept_language.split(",")[:20]):
+        tag, _, params = part.strip().partition(";")
+        tag = tag.strip().lower()
+        q = 1.0
+        for p in params.split(";"):
+            k, _, v = p.strip().partition("=")
+            if k == "q":
+                try:
+                    q = float(v)
+                except ValueError:
+                    q = 0.0
+        q -= i * 1e-6  # earlier wins a tie
+        if tag == "en" or tag.startswith("en-"):
+            lang = "en"
+        elif tag == "zh" or (tag.startswith("zh-") and not tag.startswith(("zh-tw", "zh-hk", "zh-mo", "zh-hant"))):
+            lang = "zh-CN"
+        else:
+            continue
+        if q > best_q:
+            best, best_q = lang, q
+    return best
