@@ -194,7 +194,7 @@ def test_dicom_microscopy_viewer_displays_slide(make_server, browser, page_serve
     # libjpeg-turbo in its worker) and draws them (WebGL).
     # Done: every requested frame answered, then an OpenLayers rendercomplete (nothing loading).
     page.wait_for_function("() => { const s = window.viewerTest; return s.framesLoaded >= 4"
-                           " && s.framesEnded === s.framesStarted && s.renderCompleteAt > s.lastFrameAt; }",
+                           " && s.framesEnded === s.framesStarted && s.renderCompleteAt > s.lastStartAt; }",
                            timeout=60000)
     shot = tmp_path / "viewer.png"
     page.screenshot(path=str(shot))

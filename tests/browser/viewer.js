@@ -5,7 +5,7 @@
 const state = (window.viewerTest = {
   status: 'loading', error: null, levels: 0, framesLoaded: 0,
   framesStarted: 0, framesEnded: 0, frameErrors: 0,
-  errors: [], decoded: {}, lastFrameAt: 0, renderCompleteAt: 0,
+  errors: [], decoded: {}, lastFrameAt: 0, lastStartAt: 0, renderCompleteAt: 0,
 })
 
 function fail(err) {
@@ -15,7 +15,10 @@ function fail(err) {
 
 window.addEventListener('error', (e) => state.errors.push(String(e.message)))
 window.addEventListener('unhandledrejection', (e) => state.errors.push(String(e.reason && (e.reason.stack || e.reason))))
-document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => { state.framesStarted += 1 })
+document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => {
+  state.framesStarted += 1
+  state.lastStartAt = performance.now()
+})
 document.addEventListener('dicommicroscopyviewer_frame_loading_ended', (e) => {
   state.framesEnded += 1
   state.lastFrameAt = performance.now()
