@@ -210,6 +210,9 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     exe = shutil.which("chromium")
     if exe is None:
         return [{"benchmark": "viewer", "system": "-", "value": "SKIPPED", "note": "Debian chromium not installed"}]
+    if not (REPO / "viewer" / "node_modules" / "dicom-microscopy-viewer" / "dist").is_dir():
+        return [{"benchmark": "viewer", "system": "-", "value": "FAILED",
+                 "note": "viewer/node_modules is missing: npm ci --prefix viewer (make bench does)"}]
     files = slide(REPO / "bench-work" / "viewer" / "slide")
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
     steps = 8 if quick else 24
