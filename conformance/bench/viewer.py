@@ -17,6 +17,8 @@ What is measured, in the page's own clock (performance.now(), 0 = navigation sta
   tiles are drawn (OpenLayers may show a lower level there meanwhile), so that time is an upper
   bound of how long any tile was blank in the step: "longest blank" is its maximum.
 - tiles per second: level-0 frames decoded during the pan / the sum of the steps' times.
+- the frames' HTTP exchanges (Resource Timing, request to last byte) beside these: how much of
+  each time is the server's; and how many frame requests asked for several frames (dmv: none).
 Targets (issue 11): first tiles < 1 s, full viewport < 2 s, no blank tile > 200 ms panning (hot).
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "-
 
 # Installed before the page's scripts: the first decoded frame, and two animation frames later.
 _INIT_JS = """
+performance.setResourceTimingBufferSize(100000);
 window.ppBench = {firstStartAt: 0, firstFrameAt: 0, firstDrawnAt: 0, domAt: 0};
 document.addEventListener('DOMContentLoaded', () => { window.ppBench.domAt = performance.now(); });
 document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => {
@@ -55,6 +58,12 @@ document.addEventListener('dicommicroscopyviewer_frame_loading_ended', (e) => {
   requestAnimationFrame(() => requestAnimationFrame(() => { window.ppBench.firstDrawnAt = performance.now(); }));
 });
 """
+
+# The frames' HTTP exchanges (Resource Timing: request sent to last byte), ms, since `since`.
+_FRAME_HTTP_JS = """(since) => performance.getEntriesByType('resource')
+  .filter((e) => e.name.includes('/frames/') && e.startTime >= since)
+  .sort((a, b) => a.startTime - b.startTime)
+  .map((e) => [e.startTime, e.responseEnd - e.startTime, e.name.split('/frames/')[1]])"""
 
 # Resolves when the view is fully drawn: every frame ended, a rendercomplete after `since`,
 # then 250 ms of quiet. Returns the later of the last rendercomplete and the last frame's end
@@ -158,22 +167,28 @@ def _session(browser, url: str, steps: int) -> dict:
             raise RuntimeError(f"viewer did not render: {st}")
         full = page.evaluate(_SETTLED_JS, 0)
         bench = page.evaluate("() => window.ppBench")
+        http = page.evaluate(_FRAME_HTTP_JS, 0)
         opened = {"first_ms": bench["firstDrawnAt"], "first_frame_ms": bench["firstFrameAt"], "full_ms": full,
                   "first_start_ms": bench["firstStartAt"], "dom_ms": bench["domAt"],
+                  "first_http_ms": http[0][1] if http else float("nan"),
                   "frames": page.evaluate("() => window.ppViewer.framesLoaded")}
         # level 0 at 1:1, at the left of the slide's middle row; then pan right
         y = -HEIGHT / 2
         x = VIEWPORT["width"]
-        page.evaluate(f"() => window.viewer.getMap().getView().setResolution(1)")
+        page.evaluate("() => window.viewer.getMap().getView().setResolution(1)")
         zoom = page.evaluate(_STEP_JS, [x, y])
         per_step = []
+        pan_from = page.evaluate("() => performance.now()")
         for _ in range(steps):
             x += VIEWPORT["width"] / 2
             per_step.append(page.evaluate(_STEP_JS, [x, y]))
         pan_s = sum(s["ms"] for s in per_step) / 1000  # without the 250 ms of quiet after each step
         if errors or page.evaluate("() => window.ppViewer.frameErrors"):
             raise RuntimeError(f"page errors: {errors} frame errors: {page.evaluate('() => window.ppViewer.frameErrors')}")
-        return {**opened, "zoom": zoom, "steps": per_step, "pan_s": pan_s}
+        pan_http = page.evaluate(_FRAME_HTTP_JS, pan_from)
+        multi = sum(1 for _, _, n in http + pan_http if "," in n)
+        return {**opened, "zoom": zoom, "steps": per_step, "pan_s": pan_s,
+                "pan_http": sorted(ms for _, ms, _ in pan_http), "multi": multi}
     finally:
         ctx.close()
 
@@ -187,7 +202,8 @@ def _rows(tier: str, visit: int, r: dict) -> list[dict]:
     return [
         {"benchmark": "viewer: open /viewer to first tile drawn", "system": who, "value": f"{r['first_ms']:.0f} ms",
          "note": f"page parsed at {r['dom_ms']:.0f} ms, first frame asked at {r['first_start_ms']:.0f} ms, "
-         f"decoded at {r['first_frame_ms']:.0f} ms; target < 1000 ms: {met(r['first_ms'] < 1000)}"},
+         f"its HTTP answer took {r['first_http_ms']:.0f} ms, decoded at {r['first_frame_ms']:.0f} ms; "
+         f"target < 1000 ms: {met(r['first_ms'] < 1000)}"},
         {"benchmark": "viewer: open /viewer to full viewport (rendercomplete)", "system": who,
          "value": f"{r['full_ms']:.0f} ms",
          "note": f"{r['frames']} frames decoded; target < 2000 ms: {met(r['full_ms'] < 2000)}"},
@@ -195,7 +211,9 @@ def _rows(tier: str, visit: int, r: dict) -> list[dict]:
          "note": f"{r['zoom']['frames']} frames"},
         {"benchmark": f"viewer: pan level 0, {len(ms)} steps of half a {VIEWPORT['width']}x{VIEWPORT['height']} viewport",
          "system": who, "value": f"{statistics.median(ms):.0f} ms p50 per step",
-         "note": f"max {ms[-1]:.0f} ms; {frames / r['pan_s']:.0f} tiles/s ({frames} frames in {r['pan_s']:.1f} s)"},
+         "note": f"max {ms[-1]:.0f} ms; {frames / r['pan_s']:.0f} tiles/s ({frames} frames in {r['pan_s']:.1f} s); "
+                 f"frame HTTP answers p50 {statistics.median(r['pan_http']):.0f} ms, max {r['pan_http'][-1]:.0f} ms; "
+                 f"{len(r['pan_http'])} frame requests, {r['multi']} of them for several frames"},
         {"benchmark": "viewer: pan level 0, longest blank tile (upper bound: step start to its rendercomplete)",
          "system": who, "value": f"{ms[-1]:.0f} ms",
          "note": ("target < 200 ms: " + met(ms[-1] < 200)) if hot else "no target on cold"},
