@@ -51,7 +51,7 @@ test: $(STAMP) system-tools $(BROWSER_STAMP) $(VIEWER_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider tests; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$code
 
-bench: $(STAMP) system-tools
+bench: $(STAMP) system-tools $(VIEWER_STAMP)
 	$(PY) -m conformance.bench
 
 clean:

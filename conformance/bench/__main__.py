@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tiers": ("conformance.bench.tiers", "run"),
     "s3 client": ("conformance.bench.s3", "run"),
     "study browser": ("conformance.bench.browser", "run"),
+    "viewer": ("conformance.bench.viewer", "run"),
 }
 
 

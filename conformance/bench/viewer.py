@@ -1,0 +1,273 @@
+"""Whole-slide viewer benchmark: headless Debian chromium (playwright) on /viewer against a real
+`pathpacs serve`, the slide on the hot tier and then on the cold tier (S3 on SeaweedFS).
+
+The slide: 20,480 x 15,360 px, 256 px JPEG tiles (the bench tile pool of frames.py, 4,800
+level-0 frames, levels 20480, 5120, 1280), with what the viewer reads that frames.py's header
+lacks (illumination codes, orientation, origin, an sRGB ICC profile, 0.25 um pixels).
+
+What is measured, in the page's own clock (performance.now(), 0 = navigation start):
+- first tile: the first frame answered and decoded (dmv's frame_loading_ended with pixels)
+  plus two animation frames (OpenLayers draws on the next one);
+- full viewport: once every requested frame has ended and nothing happened for 250 ms, the
+  later of the last OpenLayers `rendercomplete` and the last frame's end (as the settle() of
+  tests/test_viewer.py: dmv's last "ended" event can follow the rendercomplete that drew it);
+- the pan: at level 0 (1 screen px = 1 slide px), N steps of half the map's width to the right, each
+  a setCenter and a wait for the viewport to be fully drawn again; per step the time from the
+  setCenter to that rendercomplete. The strip a step uncovers has no level-0 pixels until its
+  tiles are drawn (OpenLayers may show a lower level there meanwhile), so that time is an upper
+  bound of how long any tile was blank in the step: "longest blank" is its maximum.
+- tiles per second: level-0 frames decoded during the pan / the sum of the steps' times.
+- the frames' HTTP exchanges (Resource Timing, request to last byte) beside these: how much of
+  each time is the server's; and how many frame requests asked for several frames (dmv: none).
+Targets (issue 11): first tiles < 1 s, full viewport < 2 s, no blank tile > 200 ms panning (hot).
+"""
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from conformance.bench.frames import make_slide  # noqa: E402
+from conformance.bench.peers import start_pathpacs, start_seaweedfs  # noqa: E402
+
+WIDTH, HEIGHT = 20480, 15360
+SPACING_MM = 0.00025
+VIEWPORT = {"width": 1280, "height": 800}
+BUCKET = "viewer-bench"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run"]  # as tests/conftest.py
+
+# Installed before the page's scripts: the first decoded frame, and two animation frames later.
+_INIT_JS = """
+performance.setResourceTimingBufferSize(100000);
+window.ppBench = {firstStartAt: 0, firstFrameAt: 0, firstDrawnAt: 0, domAt: 0};
+document.addEventListener('DOMContentLoaded', () => { window.ppBench.domAt = performance.now(); });
+document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => {
+  if (!window.ppBench.firstStartAt) window.ppBench.firstStartAt = performance.now();
+});
+document.addEventListener('dicommicroscopyviewer_frame_loading_ended', (e) => {
+  if (window.ppBench.firstFrameAt || !(e.detail && e.detail.payload && e.detail.payload.pixelArray)) return;
+  window.ppBench.firstFrameAt = performance.now();
+  requestAnimationFrame(() => requestAnimationFrame(() => { window.ppBench.firstDrawnAt = performance.now(); }));
+});
+"""
+
+# The frames' HTTP exchanges (Resource Timing: request sent to last byte), ms, since `since`.
+_FRAME_HTTP_JS = """(since) => performance.getEntriesByType('resource')
+  .filter((e) => e.name.includes('/frames/') && e.startTime >= since)
+  .sort((a, b) => a.startTime - b.startTime)
+  .map((e) => [e.startTime, e.responseEnd - e.startTime, e.name.split('/frames/')[1]])"""
+
+# Resolves when the view is fully drawn: every frame ended, a rendercomplete after `since`,
+# then 250 ms of quiet. Returns the later of the last rendercomplete and the last frame's end
+# (dmv's last "ended" event may come just after the rendercomplete that drew it, and then no
+# other rendercomplete follows).
+_SETTLED_JS = """(since) => new Promise((resolve, reject) => {
+  const t0 = performance.now();
+  const tick = () => {
+    const s = window.ppViewer;
+    const now = performance.now();
+    const done = Math.max(s.renderCompleteAt, s.lastFrameAt);
+    if (s.framesEnded === s.framesStarted && s.renderCompleteAt > since && now - done > 250) {
+      resolve(done); return;
+    }
+    if (now - t0 > 60000) { reject(new Error('not drawn in 60 s: ' + JSON.stringify(s))); return; }
+    requestAnimationFrame(tick);
+  };
+  tick();
+})"""
+
+_STEP_JS = """async ([x, y, resolution]) => {
+  const view = window.viewer.getMap().getView();
+  const before = window.ppViewer.framesLoaded;
+  const t0 = performance.now();
+  if (resolution) view.setResolution(resolution);
+  view.setCenter([x, y]);
+  const done = await (%s)(t0);
+  return {ms: done - t0, frames: window.ppViewer.framesLoaded - before};
+}""" % _SETTLED_JS
+
+
+def _complete(files: list[Path]) -> None:
+    """Add what the viewer reads and frames.py's header lacks (as tests/test_viewer_browser.py's
+    complete_wsi does), and 0.25 um base pixels; pixel data are kept as they are."""
+    import pydicom
+    from PIL import ImageCms
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    def code(value: str, scheme: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        return item
+
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    for path in files:
+        ds = pydicom.dcmread(path)
+        spacing = SPACING_MM * WIDTH / ds.TotalPixelMatrixColumns
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = WIDTH * SPACING_MM, HEIGHT * SPACING_MM
+        ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [spacing, spacing]
+        ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+        origin = Dataset()
+        origin.XOffsetInSlideCoordinateSystem = 20.0
+        origin.YOffsetInSlideCoordinateSystem = 40.0
+        ds.TotalPixelMatrixOriginSequence = Sequence([origin])
+        op = ds.OpticalPathSequence[0]
+        op.IlluminationTypeCodeSequence = Sequence([code("111744", "DCM", "Brightfield illumination")])
+        op.IlluminationColorCodeSequence = Sequence([code("414298005", "SCT", "Full Spectrum")])
+        op.ICCProfile = icc
+        ds.save_as(path, enforce_file_format=True)
+
+
+def slide(outdir: Path) -> list[Path]:
+    """The bench slide (kept between runs: the marker says it is complete)."""
+    marker = outdir / "viewer-complete"
+    files = make_slide(outdir, WIDTH, HEIGHT)
+    if not marker.exists():
+        _complete(files)
+        marker.write_text("ok")
+    return files
+
+
+def _config(work: Path, weed) -> str:
+    k = weed.store_kwargs()
+    return f"""
+[tiers.hot]
+path = "{work}/hot"
+[tiers.cold]
+s3 = {{ endpoint = "{k['endpoint']}", bucket = "{BUCKET}", region = "{k['region']}", access_key = "{k['access_key']}", secret_key = "{k['secret_key']}" }}
+[lifecycle]
+background = false
+"""
+
+
+def _cli(cfg: Path, data: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "archive", *args, "--quiet", "--config", str(cfg), "--data", str(data)],
+                   check=True, cwd=REPO, capture_output=True)
+
+
+def session(browser, url: str, steps: int, height: int = HEIGHT) -> dict:
+    """One visit in a fresh context (empty browser cache): open, wait, zoom to level 0 at the
+    left of the slide's middle row (`height`: its level-0 rows), pan `steps` half viewports right.
+    Times in ms of the page's clock; tests/test_viewer_bench.py checks them on a small slide."""
+    ctx = browser.new_context(viewport=VIEWPORT)
+    ctx.add_init_script(_INIT_JS)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(url)
+        page.wait_for_function("() => window.ppViewer && window.ppViewer.status !== 'loading'", timeout=60000)
+        st = page.evaluate("() => window.ppViewer")
+        if st["status"] != "rendered":
+            raise RuntimeError(f"viewer did not render: {st}")
+        full = page.evaluate(_SETTLED_JS, 0)
+        bench = page.evaluate("() => window.ppBench")
+        http = page.evaluate(_FRAME_HTTP_JS, 0)
+        opened = {"first_ms": bench["firstDrawnAt"], "first_frame_ms": bench["firstFrameAt"], "full_ms": full,
+                  "first_start_ms": bench["firstStartAt"], "dom_ms": bench["domAt"],
+                  "first_http_ms": http[0][1] if http else float("nan"),
+                  "frames": page.evaluate("() => window.ppViewer.framesLoaded")}
+        # level 0 at 1:1, at the left of the slide's middle row; then pan right
+        size = page.evaluate("() => window.viewer.getMap().getSize()")  # the map, without the panels
+        y = -height / 2
+        x = size[0]
+        zoom = page.evaluate(_STEP_JS, [x, y, 1])
+        per_step = []
+        pan_from = page.evaluate("() => performance.now()")
+        for _ in range(steps):
+            x += size[0] / 2
+            per_step.append(page.evaluate(_STEP_JS, [x, y, 0]))
+        pan_s = sum(s["ms"] for s in per_step) / 1000  # without the 250 ms of quiet after each step
+        if errors or page.evaluate("() => window.ppViewer.frameErrors"):
+            raise RuntimeError(f"page errors: {errors} frame errors: {page.evaluate('() => window.ppViewer.frameErrors')}")
+        pan_http = page.evaluate(_FRAME_HTTP_JS, pan_from)
+        multi = sum(1 for _, _, n in http + pan_http if "," in n)
+        return {**opened, "map_size": size, "zoom": zoom, "steps": per_step, "pan_s": pan_s,
+                "pan_http": sorted(ms for _, ms, _ in pan_http), "multi": multi}
+    finally:
+        ctx.close()
+
+
+def _rows(tier: str, visit: int, r: dict) -> list[dict]:
+    ms = sorted(s["ms"] for s in r["steps"])
+    frames = sum(s["frames"] for s in r["steps"])
+    hot = tier == "hot"
+    who = f"pathpacs {tier} tier, visit {visit}"
+    met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
+    return [
+        {"benchmark": "viewer: open /viewer to first tile drawn", "system": who, "value": f"{r['first_ms']:.0f} ms",
+         "note": f"page parsed at {r['dom_ms']:.0f} ms, first frame asked at {r['first_start_ms']:.0f} ms, "
+         f"its HTTP answer took {r['first_http_ms']:.0f} ms, decoded at {r['first_frame_ms']:.0f} ms; "
+         f"target < 1000 ms: {met(r['first_ms'] < 1000)}"},
+        {"benchmark": "viewer: open /viewer to full viewport (rendercomplete)", "system": who,
+         "value": f"{r['full_ms']:.0f} ms",
+         "note": f"{r['frames']} frames decoded; target < 2000 ms: {met(r['full_ms'] < 2000)}"},
+        {"benchmark": "viewer: zoom to level 0 (1:1), fully drawn", "system": who, "value": f"{r['zoom']['ms']:.0f} ms",
+         "note": f"{r['zoom']['frames']} frames"},
+        {"benchmark": f"viewer: pan level 0, {len(ms)} steps of half the {r['map_size'][0]}x{r['map_size'][1]} px map",
+         "system": who, "value": f"{statistics.median(ms):.0f} ms p50 per step",
+         "note": f"max {ms[-1]:.0f} ms; {frames / r['pan_s']:.0f} tiles/s ({frames} frames in {r['pan_s']:.1f} s); "
+                 f"frame HTTP answers p50 {statistics.median(r['pan_http']):.0f} ms, max {r['pan_http'][-1]:.0f} ms; "
+                 f"{len(r['pan_http'])} frame requests, {r['multi']} of them for several frames"},
+        {"benchmark": "viewer: pan level 0, longest blank tile (upper bound: step start to its rendercomplete)",
+         "system": who, "value": f"{ms[-1]:.0f} ms",
+         "note": ("target < 200 ms: " + met(ms[-1] < 200)) if hot else "no target on cold"},
+    ]
+
+
+def run(workdir: Path, quick: bool = False) -> list[dict]:
+    from playwright.sync_api import sync_playwright
+
+    import pydicom
+
+    exe = shutil.which("chromium")
+    if exe is None:
+        return [{"benchmark": "viewer", "system": "-", "value": "SKIPPED", "note": "Debian chromium not installed"}]
+    if not (REPO / "viewer" / "node_modules" / "dicom-microscopy-viewer" / "dist").is_dir():
+        return [{"benchmark": "viewer", "system": "-", "value": "FAILED",
+                 "note": "viewer/node_modules is missing: npm ci --prefix viewer (make bench does)"}]
+    files = slide(REPO / "bench-work" / "viewer" / "slide")
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    steps = 8 if quick else 24
+    run_dir = REPO / "bench-work" / "viewer" / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    rows: list[dict] = []
+    weed = start_seaweedfs(run_dir / "weed")
+    try:
+        weed.create_bucket(BUCKET)
+        cfg = run_dir / "data.toml"  # start_pathpacs writes the same text there
+        cfg.write_text(_config(run_dir, weed))
+        data = run_dir / "data"
+        _cli(cfg, data, "import", *map(str, files))
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+            try:
+                for tier in ("hot", "cold"):
+                    if tier == "cold":
+                        _cli(cfg, data, "tier", "move", "--study", ds.StudyInstanceUID, "--to", "cold")
+                    srv = start_pathpacs(data, config_text=cfg.read_text(), quiet=True)
+                    try:
+                        url = f"{srv.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
+                        for visit in (1, 2):
+                            rows += _rows(tier, visit, session(browser, url, steps))
+                    finally:
+                        srv.stop(timeout=30)
+            finally:
+                browser.close()
+    finally:
+        weed.kill()
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run(Path("/tmp"), quick="--quick" in sys.argv):
+        print(r)

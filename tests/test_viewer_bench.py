@@ -1,0 +1,42 @@
+"""The viewer benchmark's measurements (conformance/bench/viewer.py) on a small slide: what it
+reports is in order and consistent with what the page asked of pathpacs, and the library asks
+one frame per WADO-RS request (the BENCHMARKS.md finding; this fails if a dmv update changes it)."""
+from __future__ import annotations
+
+import pydicom
+
+import factory
+from conftest import run_cli
+from conformance.bench import viewer as bench
+from test_viewer_browser import complete_wsi
+
+LEVELS = ((2048, 1536), (1024, 768), (512, 384))
+
+
+def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser, tmp_path):
+    paths = factory.wsi_series(tmp_path / "slide", levels=LEVELS, tile=256)
+    complete_wsi(paths)
+    server = make_server()
+    run_cli("import", "--quiet", str(tmp_path / "slide"), data=server.data_dir, check=True)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    url = f"{server.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
+
+    r = bench.session(browser, url, steps=1, height=LEVELS[0][1])
+
+    # the order of events on the page's clock
+    assert 0 < r["dom_ms"] < r["first_start_ms"] < r["first_frame_ms"] < r["first_ms"] <= r["full_ms"], r
+    assert 0 < r["first_http_ms"] < r["first_frame_ms"] - r["first_start_ms"] + 1, r
+    assert r["frames"] > 0
+    # level 0 at 1:1, the map's left edge at the slide's: the tiles in view, then those the step
+    # of half the map's width uncovers (the slide ends at 2048 px: 8 x 6 tiles of 256)
+    w, h = r["map_size"]
+    cols = lambda x0, x1: set(range(max(0, x0 // 256), min(8, -(-x1 // 256))))  # noqa: E731
+    rows = len(range(max(0, (768 - h // 2) // 256), min(6, -(-(768 + h // 2) // 256))))
+    assert r["zoom"]["frames"] == len(cols(w // 2, w + w // 2)) * rows, (r["zoom"], w, h)
+    uncovered = cols(w, 2 * w) - cols(w // 2, w + w // 2)
+    assert [s["frames"] for s in r["steps"]] == [len(uncovered) * rows], (r["steps"], w, h)
+    assert len(r["pan_http"]) == len(uncovered) * rows > 0 and all(ms > 0 for ms in r["pan_http"]), r
+    assert r["multi"] == 0
+    rows = bench._rows("hot", 1, r)
+    assert [row["system"] for row in rows] == ["pathpacs hot tier, visit 1"] * 5
+    assert rows[4]["value"] == f"{r['steps'][0]['ms']:.0f} ms"
