@@ -32,7 +32,7 @@ MOUNTS = {
 REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js",
             "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
             "node_modules/dicomweb-client/build/dicomweb-client.js")
-OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js"})
+OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
 MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
         ".map": "application/json", ".txt": "text/plain"}
 MISSING = "the viewer's JavaScript packages are not installed: run make run / npm ci --prefix viewer"
@@ -67,8 +67,10 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <h2>{t_overview}</h2><div id=overview class=thumb></div>
 <h2>{t_metadata}</h2><dl id=meta></dl>
 <h2>{t_measurements}</h2><ol id=measurements></ol>
+<h2>{t_annotations}</h2><ul id=annotation-groups></ul>
 <p id=help>{help}</p></aside></main>
 <p id=status role=status>{loading}</p>
+<script src="static/viewer/app/annotations.js"></script>
 <script src="static/viewer/app/viewer.js"></script>
 </body></html>
 """

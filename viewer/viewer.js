@@ -227,6 +227,12 @@ async function loadSeries(seriesUID) {
   fillCompare(seriesUID)
   updateUrl()
   $('viewport').focus()
+  try { // stored annotations (viewer/annotations.js): a failure there leaves the slide shown
+    await window.ppAnnotations.attach({ viewer, client, studyUID, images: volumes, state, rebase: rebaseBulkData })
+  } catch (err) {
+    state.annotationStatus = 'error'
+    state.errors.push(`annotations: ${err.message || err}`)
+  }
   state.status = 'rendered'
   status(T.ready)
 }
