@@ -7,6 +7,9 @@ after toggling a group.
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -14,6 +17,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom.sr.codedict import codes
 
 from test_viewer import Page, _serve, slides  # noqa: F401  (slides: the fixture)
+
+DCIODVFY = shutil.which("dciodvfy")
 
 # a rectangle outline in base-level pixels (column, row) of slide A (2048 x 1536)
 POLYGON = np.array([[300.0, 250.0], [1500.0, 250.0], [1500.0, 1100.0], [300.0, 1100.0]])
@@ -95,3 +100,96 @@ def test_stored_annotation_group_is_drawn_and_toggled(make_server, browser, slid
     again = p.shot("ann-on-again")
     assert (np.abs(again - shown).max(axis=2) > 40)[view].sum() < 50
     p.clean()
+
+
+def _image_pixels(p: Page, screen) -> np.ndarray:
+    """The base-level pixel (column, row) the viewer shows at these viewport pixels: map x is the
+    column, map y is -1 - row (how level_scores in test_viewer.py reads the screen)."""
+    xy = np.array(p.page.evaluate("(pts) => pts.map((pt) => window.viewer.getMap().getCoordinateFromPixel(pt))",
+                                  [list(s) for s in screen]))
+    return np.column_stack([xy[:, 0], -1 - xy[:, 1]])
+
+
+def dciodvfy_report(path) -> list[str]:
+    assert DCIODVFY, "dciodvfy (Debian dicom3tools) is required for these tests"
+    p = subprocess.run([DCIODVFY, "-new", str(path)], capture_output=True, text=True)
+    out = (p.stdout + p.stderr).splitlines()
+    # the validator must have recognised the IOD, or an empty report would prove nothing
+    assert any("MicroscopyBulkSimpleAnnotations" in line for line in out), out[:5]
+    return out
+
+
+def test_marks_are_saved_as_ann_and_come_back(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    query = f"study={slides['study']}&series={slides['series_a']}"
+    p = Page(browser, server, tmp_path)
+    p.open(query)
+    p.wait_rendered()
+    p.page.click("[data-mag='40']")  # one base pixel per screen pixel
+    p.settle()
+    box = p.page.locator("#viewport").bounding_box()
+    cx, cy = round(box["x"] + box["width"] / 2), round(box["y"] + box["height"] / 2)
+    corners = [(cx - 150, cy - 100), (cx + 170, cy - 90), (cx + 40, cy + 120)]
+    p.page.fill("#mark-label", "gland")
+    p.page.click("[data-mark=polygon]")
+    assert "active" in p.page.get_attribute("[data-mark=polygon]", "class")
+    for x, y in corners + corners[:1]:  # clicking the first corner again closes the polygon
+        p.page.mouse.click(x, y)
+        p.page.wait_for_timeout(300)
+    p.page.wait_for_function("() => window.ppViewer.marks.length === 1")
+    drawn = _image_pixels(p, [(x - box["x"], y - box["y"]) for x, y in corners])
+    p.page.fill("#mark-label", "nucleus")
+    p.page.click("[data-mark=point]")
+    p.page.mouse.click(cx + 200, cy + 150)
+    p.page.wait_for_function("() => window.ppViewer.marks.length === 2")
+    [point] = _image_pixels(p, [(cx + 200 - box["x"], cy + 150 - box["y"])])
+    assert p.page.locator("#mark-list li").all_inner_texts() == ["gland — Polygon", "nucleus — Point"]
+    assert p.state()["measurements"] == []  # marks are not measurements
+    p.page.click("#save-marks")
+    p.page.wait_for_function("() => ['saved', 'error'].includes(window.ppViewer.saveStatus)", timeout=30000)
+    st = p.state()
+    assert st["saveStatus"] == "saved", p.debug()
+    assert sorted(g["label"] for g in st["annotationGroups"]) == ["gland", "nucleus"], p.debug()
+    assert any(a.startswith("200 /dicomweb/studies") and "/series" not in a.split("?")[0][-60:]
+               for a in p.answers), p.answers
+    p.clean()
+
+    # a fresh page finds the saved instance by QIDO and draws it
+    q = Page(browser, server, tmp_path)
+    q.open(query)
+    q.wait_rendered()
+    q.page.wait_for_function("() => window.ppViewer.annotationStatus === 'shown'")
+    groups = q.state()["annotationGroups"]
+    assert sorted((g["label"], g["count"]) for g in groups) == [("gland", 1), ("nucleus", 1)], q.debug()
+    assert {g["sop"] for g in groups} == set(st["saved"])
+    q.clean()
+
+    # the stored object, read back over DICOMweb and by highdicom
+    client = DICOMwebClient(server.dicomweb_url)
+    found = client.search_for_series(slides["study"], search_filters={"Modality": "ANN"})
+    assert len(found) == 1
+    series = found[0]["0020000E"]["Value"][0]
+    ds = client.retrieve_instance(slides["study"], series, st["saved"][0])
+    path = tmp_path / "saved-ann.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(path))
+    assert ann.Modality == "ANN" and ann.AnnotationCoordinateType == "3D"
+    assert ann.FrameOfReferenceUID == pydicom.dcmread(slides["a"][0], stop_before_pixels=True).FrameOfReferenceUID
+    base = pydicom.dcmread(slides["a"][0], stop_before_pixels=True)
+    assert ann.ReferencedImageSequence[0].ReferencedSOPInstanceUID == base.SOPInstanceUID
+    to_pixels = hd.spatial.ReferenceToPixelTransformer(
+        image_position=[float(v) for v in (base.TotalPixelMatrixOriginSequence[0].XOffsetInSlideCoordinateSystem,
+                                           base.TotalPixelMatrixOriginSequence[0].YOffsetInSlideCoordinateSystem, 0.0)],
+        image_orientation=[float(v) for v in base.ImageOrientationSlide],
+        pixel_spacing=[float(v) for v in base.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing],
+        round_output=False)
+    by_label = {g.label: g for g in ann.get_annotation_groups()}
+    gland, nucleus = by_label["gland"], by_label["nucleus"]
+    assert gland.graphic_type == hd.ann.GraphicTypeValues.POLYGON and nucleus.graphic_type == hd.ann.GraphicTypeValues.POINT
+    [polygon] = gland.get_graphic_data(coordinate_type="3D")
+    assert polygon.shape == (3, 3)
+    assert np.abs(to_pixels(polygon)[:, :2] - drawn).max() <= 1.0, (to_pixels(polygon), drawn)
+    [dot] = nucleus.get_graphic_data(coordinate_type="3D")
+    assert np.abs(to_pixels(np.atleast_2d(dot))[0, :2] - point).max() <= 1.0, (dot, point)
+    report = dciodvfy_report(path)
+    assert [line for line in report if line.startswith("Error")] == [], report
