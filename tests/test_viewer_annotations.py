@@ -16,6 +16,7 @@ import pydicom
 from dicomweb_client.api import DICOMwebClient
 from pydicom.sr.codedict import codes
 
+from conftest import run_cli
 from test_viewer import Page, _serve, slides  # noqa: F401  (slides: the fixture)
 
 DCIODVFY = shutil.which("dciodvfy")
@@ -193,3 +194,33 @@ def test_marks_are_saved_as_ann_and_come_back(make_server, browser, slides, tmp_
     assert np.abs(to_pixels(np.atleast_2d(dot))[0, :2] - point).max() <= 1.0, (dot, point)
     report = dciodvfy_report(path)
     assert [line for line in report if line.startswith("Error")] == [], report
+
+
+def test_saving_needs_a_right_to_store(make_server, browser, slides, tmp_path):
+    """Token mode: the viewer role may read but not store (403 shown, the marks kept); the ai role
+    (store derived: annotations, never images) saves with the login page's token."""
+    server = _serve(make_server, tmp_path, slides, config_text='[auth]\nmode = "token"\n')
+    query = f"study={slides['study']}&series={slides['series_a']}"
+    for role, expected in (("viewer", "error"), ("ai", "saved")):
+        secret = run_cli("token", "create", "--role", role, data=server.data_dir, check=True).stdout.strip()
+        p = Page(browser, server, tmp_path, token=secret)
+        p.open(query)
+        p.wait_rendered()
+        box = p.page.locator("#viewport").bounding_box()
+        p.page.click("[data-mark=point]")
+        p.page.mouse.click(round(box["x"] + box["width"] / 2), round(box["y"] + box["height"] / 2))
+        p.page.wait_for_function("() => window.ppViewer.marks.length === 1")
+        with p.page.expect_request(lambda r: r.method == "POST") as posted:
+            p.page.click("#save-marks")
+        assert posted.value.headers.get("authorization") == f"Bearer {secret}"
+        p.page.wait_for_function("() => ['saved', 'error'].includes(window.ppViewer.saveStatus)", timeout=30000)
+        st = p.state()
+        assert st["saveStatus"] == expected, (role, p.debug())
+        if role == "viewer":
+            assert [a for a in p.answers if not a.startswith("200")] == [f"403 /dicomweb/studies/{slides['study']}"]
+            assert p.page.inner_text("#status") == "Saving failed: the archive answered 403"
+            assert len(st["marks"]) == 1 and st["saved"] == []
+        else:
+            assert st["marks"] == [] and len(st["saved"]) == 1
+            assert [g["label"] for g in st["annotationGroups"]] == ["mark"]
+            p.clean()
