@@ -111,6 +111,17 @@ def _image_pixels(p: Page, screen) -> np.ndarray:
     return np.column_stack([xy[:, 0], -1 - xy[:, 1]])
 
 
+def _to_pixels(base_path):
+    """Slide coordinates (mm) -> the base image's (column, row), unrounded: highdicom's transformer."""
+    base = pydicom.dcmread(base_path, stop_before_pixels=True)
+    origin = base.TotalPixelMatrixOriginSequence[0]
+    return hd.spatial.ReferenceToPixelTransformer(
+        image_position=[float(origin.XOffsetInSlideCoordinateSystem), float(origin.YOffsetInSlideCoordinateSystem), 0.0],
+        image_orientation=[float(v) for v in base.ImageOrientationSlide],
+        pixel_spacing=[float(v) for v in base.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing],
+        round_output=False)
+
+
 def dciodvfy_report(path) -> list[str]:
     assert DCIODVFY, "dciodvfy (Debian dicom3tools) is required for these tests"
     p = subprocess.run([DCIODVFY, "-new", str(path)], capture_output=True, text=True)
@@ -178,12 +189,7 @@ def test_marks_are_saved_as_ann_and_come_back(make_server, browser, slides, tmp_
     assert ann.FrameOfReferenceUID == pydicom.dcmread(slides["a"][0], stop_before_pixels=True).FrameOfReferenceUID
     base = pydicom.dcmread(slides["a"][0], stop_before_pixels=True)
     assert ann.ReferencedImageSequence[0].ReferencedSOPInstanceUID == base.SOPInstanceUID
-    to_pixels = hd.spatial.ReferenceToPixelTransformer(
-        image_position=[float(v) for v in (base.TotalPixelMatrixOriginSequence[0].XOffsetInSlideCoordinateSystem,
-                                           base.TotalPixelMatrixOriginSequence[0].YOffsetInSlideCoordinateSystem, 0.0)],
-        image_orientation=[float(v) for v in base.ImageOrientationSlide],
-        pixel_spacing=[float(v) for v in base.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing],
-        round_output=False)
+    to_pixels = _to_pixels(slides["a"][0])
     by_label = {g.label: g for g in ann.get_annotation_groups()}
     gland, nucleus = by_label["gland"], by_label["nucleus"]
     assert gland.graphic_type == hd.ann.GraphicTypeValues.POLYGON and nucleus.graphic_type == hd.ann.GraphicTypeValues.POINT
@@ -224,3 +230,62 @@ def test_saving_needs_a_right_to_store(make_server, browser, slides, tmp_path):
             assert st["marks"] == [] and len(st["saved"]) == 1
             assert [g["label"] for g in st["annotationGroups"]] == ["mark"]
             p.clean()
+
+
+def test_rectangle_and_free_hand_marks(make_server, browser, slides, tmp_path):
+    """A rectangle (two clicks: opposite corners) is stored as RECTANGLE, four corners; a free-hand
+    outline (drag) as a POLYGON through the dragged path."""
+    server = _serve(make_server, tmp_path, slides)
+    p = Page(browser, server, tmp_path)
+    p.open(f"study={slides['study']}&series={slides['series_a']}")
+    p.wait_rendered()
+    p.page.click("[data-mag='40']")
+    p.settle()
+    box = p.page.locator("#viewport").bounding_box()
+    cx, cy = round(box["x"] + box["width"] / 2), round(box["y"] + box["height"] / 2)
+    p.page.fill("#mark-label", "region")
+    p.page.click("[data-mark=box]")
+    for x, y in ((cx - 100, cy - 80), (cx + 60, cy + 40)):
+        p.page.mouse.click(x, y)
+        p.page.wait_for_timeout(300)
+    p.page.wait_for_function("() => window.ppViewer.marks.length === 1")
+    p.page.fill("#mark-label", "outline")
+    p.page.click("[data-mark=freehandpolygon]")
+    path = [(cx + 100 + 60 * np.cos(a), cy + 60 * np.sin(a)) for a in np.linspace(0, 2 * np.pi, 40)]
+    p.page.mouse.move(*path[0])
+    p.page.mouse.down()
+    for x, y in path[1:]:
+        p.page.mouse.move(x, y)
+    p.page.mouse.up()
+    p.page.wait_for_function("() => window.ppViewer.marks.length === 2")
+    assert p.page.locator("#mark-list li").all_inner_texts() == ["region — Rectangle", "outline — Free hand"]
+    p.page.click("#save-marks")
+    p.page.wait_for_function("() => ['saved', 'error'].includes(window.ppViewer.saveStatus)", timeout=30000)
+    st = p.state()
+    assert st["saveStatus"] == "saved", p.debug()
+    client = DICOMwebClient(server.dicomweb_url)
+    [series] = client.search_for_series(slides["study"], search_filters={"Modality": "ANN"})
+    ds = client.retrieve_instance(slides["study"], series["0020000E"]["Value"][0], st["saved"][0])
+    out = tmp_path / "saved.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations.from_dataset(pydicom.dcmread(out))
+    groups = {g.label: g for g in ann.get_annotation_groups()}
+    assert groups["region"].graphic_type == hd.ann.GraphicTypeValues.RECTANGLE
+    [rect] = groups["region"].get_graphic_data(coordinate_type="3D")
+    corners = _image_pixels(p, [(x - box["x"], y - box["y"]) for x, y in
+                                ((cx - 100, cy - 80), (cx + 60, cy - 80), (cx + 60, cy + 40), (cx - 100, cy + 40))])
+    pixels = _to_pixels(slides["a"][0])(rect)[:, :2]
+    assert rect.shape == (4, 3)
+    # the same four corners, in the library's order around the outline
+    assert np.abs(np.sort(pixels, axis=0) - np.sort(corners, axis=0)).max() <= 1.0, (pixels, corners)
+    assert all(np.abs(pixels - c).max(axis=1).min() <= 1.0 for c in corners), (pixels, corners)
+    assert groups["outline"].graphic_type == hd.ann.GraphicTypeValues.POLYGON
+    [free] = groups["outline"].get_graphic_data(coordinate_type="3D")
+    drawn = _image_pixels(p, [(x - box["x"], y - box["y"]) for x, y in path])
+    got = _to_pixels(slides["a"][0])(free)[:, :2]
+    assert len(got) >= 10
+    # every stored vertex lies on the dragged circle (radius 60 screen = 60 base pixels at 40x)
+    centre = drawn.mean(axis=0)
+    assert np.abs(np.hypot(*(got - centre).T) - 60).max() <= 2.0, got
+    assert [line for line in dciodvfy_report(out) if line.startswith("Error")] == []
+    p.clean()
