@@ -289,3 +289,25 @@ def test_rectangle_and_free_hand_marks(make_server, browser, slides, tmp_path):
     assert np.abs(np.hypot(*(got - centre).T) - 60).max() <= 2.0, got
     assert [line for line in dciodvfy_report(out) if line.startswith("Error")] == []
     p.clean()
+
+
+def test_escape_stops_marking(make_server, browser, slides, tmp_path):
+    server = _serve(make_server, tmp_path, slides)
+    p = Page(browser, server, tmp_path)
+    p.open(f"study={slides['study']}&series={slides['series_a']}")
+    p.wait_rendered()
+    p.page.click("[data-mark=polygon]")
+    assert p.page.evaluate("() => window.ppAnnotations.marking()") == "polygon"
+    p.page.click("#ruler")  # the ruler takes the draw interaction over
+    assert p.page.evaluate("() => window.ppAnnotations.marking()") is None
+    assert "active" not in (p.page.get_attribute("[data-mark=polygon]", "class") or "")
+    p.page.click("[data-mark=point]")
+    p.page.locator("#viewport").focus()
+    p.page.keyboard.press("Escape")
+    assert p.page.evaluate("() => window.ppAnnotations.marking()") is None
+    box = p.page.locator("#viewport").bounding_box()
+    p.page.mouse.click(box["x"] + 200, box["y"] + 200)
+    p.page.wait_for_timeout(500)
+    assert p.state()["marks"] == [] and p.page.evaluate("() => window.viewer.getAllROIs().length") == 0
+    assert p.page.is_disabled("#save-marks")
+    p.clean()

@@ -446,7 +446,7 @@ document.addEventListener('keydown', (e) => {
     '[': () => rotateBy(e.shiftKey ? -90 : -15), ']': () => rotateBy(e.shiftKey ? 90 : 15),
     '{': () => rotateBy(-90), '}': () => rotateBy(90),
     r: () => setTool(tool === 'line' ? null : 'line'), a: () => setTool(tool === 'polygon' ? null : 'polygon'),
-    Escape: () => setTool(null),
+    Escape: () => { setTool(null); window.ppAnnotations.stopMarking() },
   }
   MAGS.forEach((m, i) => { keys[String(i + 1)] = () => zoomToMagnification(m) })
   const act = keys[e.key] || keys[e.key.toLowerCase()]
