@@ -28,7 +28,7 @@ MOUNTS = {
     "app": "",  # our own viewer.js, viewer.css, boot.js
     "dmv": "node_modules/dicom-microscopy-viewer/dist",  # bundle, worker, WebAssembly codecs
     "dwc": "node_modules/dicomweb-client/build",
-    "dcmjs": "node_modules/dcmjs/build",  # writes the annotation objects the viewer saves
+    "dcmjs": "node_modules/dcmjs/build",  # writes the annotation objects the viewer saves (a direct dependency in package.json)
 }
 REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js",
             "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
