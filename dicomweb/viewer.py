@@ -28,11 +28,13 @@ MOUNTS = {
     "app": "",  # our own viewer.js, viewer.css, boot.js
     "dmv": "node_modules/dicom-microscopy-viewer/dist",  # bundle, worker, WebAssembly codecs
     "dwc": "node_modules/dicomweb-client/build",
+    "dcmjs": "node_modules/dcmjs/build",  # writes the annotation objects the viewer saves (a direct dependency in package.json)
 }
 REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js",
             "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
-            "node_modules/dicomweb-client/build/dicomweb-client.js")
-OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js"})
+            "node_modules/dicomweb-client/build/dicomweb-client.js",
+            "node_modules/dcmjs/build/dcmjs.js")
+OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
 MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
         ".map": "application/json", ".txt": "text/plain"}
 MISSING = "the viewer's JavaScript packages are not installed: run make run / npm ci --prefix viewer"
@@ -48,6 +50,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <script type="application/json" id="pp-text">{text_json}</script>
 <script src="static/viewer/app/boot.js"></script>
 <script src="static/viewer/dwc/dicomweb-client.js"></script>
+<script src="static/viewer/dcmjs/dcmjs.js"></script>
 <script src="static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js"></script>
 </head><body>
 <header id=bar>
@@ -67,8 +70,14 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <h2>{t_overview}</h2><div id=overview class=thumb></div>
 <h2>{t_metadata}</h2><dl id=meta></dl>
 <h2>{t_measurements}</h2><ol id=measurements></ol>
+<h2>{t_annotations}</h2><ul id=annotation-groups></ul>
+<div id=marks><input id=mark-label maxlength=64 placeholder="{mark_label}" aria-label="{mark_label}">
+ <span class=group><button data-mark=point>{mark_point}</button><button data-mark=box>{mark_box}</button>
+ <button data-mark=polygon>{mark_polygon}</button><button data-mark=freehandpolygon>{mark_freehandpolygon}</button></span>
+ <ol id=mark-list></ol><button id=save-marks disabled>{save}</button></div>
 <p id=help>{help}</p></aside></main>
 <p id=status role=status>{loading}</p>
+<script src="static/viewer/app/annotations.js"></script>
 <script src="static/viewer/app/viewer.js"></script>
 </body></html>
 """

@@ -173,6 +173,7 @@ function clearViewers() {
   sideViewers = []
   for (const id of ['viewport', 'label', 'overview']) $(id).replaceChildren()
   state.measurements = []
+  window.ppAnnotations.stopMarking()
   state.labelShown = state.overviewShown = false
   $('measurements').replaceChildren()
   setTool(null)
@@ -227,6 +228,13 @@ async function loadSeries(seriesUID) {
   fillCompare(seriesUID)
   updateUrl()
   $('viewport').focus()
+  try { // stored annotations (viewer/annotations.js): a failure there leaves the slide shown
+    await window.ppAnnotations.attach({ viewer, client, studyUID, images: volumes, docs: volumeDocs, state, T,
+      rebase: rebaseBulkData, stopTool: () => setTool(null), status, fail })
+  } catch (err) {
+    state.annotationStatus = 'error'
+    state.errors.push(`annotations: ${err.message || err}`)
+  }
   state.status = 'rendered'
   status(T.ready)
 }
@@ -365,6 +373,7 @@ function panBy(dx, dy) {
 let tool = null
 
 function setTool(name) {
+  if (name) window.ppAnnotations.stopMarking() // marks (annotations.js) share the draw interaction
   if (viewer) viewer.deactivateDrawInteraction()
   tool = viewer ? name : null
   for (const b of document.querySelectorAll('[data-tool]')) b.classList.toggle('active', b.dataset.tool === tool)
@@ -402,6 +411,7 @@ function measure(roi) {
 
 document.addEventListener('dicommicroscopyviewer_roi_drawn', (e) => {
   const roi = e.detail && e.detail.payload
+  if (window.ppAnnotations.marking()) return // a mark to save (annotations.js), not a measurement
   const m = roi && measure(roi)
   if (!m) return
   m.uid = roi.uid
@@ -436,7 +446,7 @@ document.addEventListener('keydown', (e) => {
     '[': () => rotateBy(e.shiftKey ? -90 : -15), ']': () => rotateBy(e.shiftKey ? 90 : 15),
     '{': () => rotateBy(-90), '}': () => rotateBy(90),
     r: () => setTool(tool === 'line' ? null : 'line'), a: () => setTool(tool === 'polygon' ? null : 'polygon'),
-    Escape: () => setTool(null),
+    Escape: () => { setTool(null); window.ppAnnotations.stopMarking() },
   }
   MAGS.forEach((m, i) => { keys[String(i + 1)] = () => zoomToMagnification(m) })
   const act = keys[e.key] || keys[e.key.toLowerCase()]
