@@ -186,7 +186,12 @@ rules_every_minutes = 0.02
                               capture_output=True, timeout=60).returncode == 0
         st, se, sop = uids(files[0])
         deadline = time.monotonic() + 60
-        while not (blob_files(tmp_path / "tiers" / "warm") and blob_files(tmp_path / "tiers" / "offsite")):
+
+        def placed() -> bool:  # the move switched to warm and the replica is recorded, not just written
+            rows = {ln.split()[0]: ln.split() for ln in cli(cfg, data, "tier", "status").stdout.splitlines()[1:]}
+            return rows["warm"][3] == "1" and rows["hot"][3] == "0" and rows["offsite"][4] == "1"
+
+        while not placed():
             assert time.monotonic() < deadline, srv.log()
             time.sleep(0.3)
         r = requests.get(f"{srv.dicomweb_url}/studies", params={"StudyInstanceUID": st}, timeout=30)
