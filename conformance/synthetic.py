@@ -185,3 +185,24 @@ def wsi_header(study: str, series: str, width: int, height: int, tile: int, **kw
     ds.TotalPixelMatrixColumns = width
     ds.TotalPixelMatrixRows = height
     return ds
+
+
+def viewer_attributes(ds: Dataset, icc: bytes) -> None:
+    """What a WSI viewer reads and the generated headers leave out, set as a scanner writes it:
+    the slide orientation and origin (C.8.12.4), the optical path's illumination codes
+    (C.8.12.5) and a real ICC profile (the generated one is zero bytes). Tests and the viewer
+    bench share it."""
+    def code(value: str, scheme: str, meaning: str) -> Dataset:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+        return item
+
+    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
+    origin = Dataset()
+    origin.XOffsetInSlideCoordinateSystem = 20.0
+    origin.YOffsetInSlideCoordinateSystem = 40.0
+    ds.TotalPixelMatrixOriginSequence = Sequence([origin])
+    op = ds.OpticalPathSequence[0]
+    op.IlluminationTypeCodeSequence = Sequence([code("111744", "DCM", "Brightfield illumination")])
+    op.IlluminationColorCodeSequence = Sequence([code("414298005", "SCT", "Full Spectrum")])
+    op.ICCProfile = icc

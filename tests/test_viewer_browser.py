@@ -35,12 +35,6 @@ LEVELS = ((2048, 1536), (1024, 768), (512, 384))
 BASE_SPACING_MM = 0.00025  # factory's ImagedVolumeWidth is width * 0.00025 mm
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
 def srgb_profile(size: int = 8192) -> bytes:
     """A valid sRGB ICC profile (LittleCMS's, via Pillow) grown to `size` bytes by a private
     tag, so that it is above pathpacs' inline limit (archive.metadata.BULK_THRESHOLD) and the
@@ -78,15 +72,7 @@ def complete_wsi(paths: list[Path]) -> None:
         shared = Dataset()
         shared.PixelMeasuresSequence = Sequence([measures])
         ds.SharedFunctionalGroupsSequence = Sequence([shared])
-        ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
-        origin = Dataset()
-        origin.XOffsetInSlideCoordinateSystem = 20.0
-        origin.YOffsetInSlideCoordinateSystem = 40.0
-        ds.TotalPixelMatrixOriginSequence = Sequence([origin])
-        op = ds.OpticalPathSequence[0]
-        op.IlluminationTypeCodeSequence = Sequence([_code("111744", "DCM", "Brightfield illumination")])
-        op.IlluminationColorCodeSequence = Sequence([_code("414298005", "SCT", "Full Spectrum")])
-        op.ICCProfile = icc
+        factory.viewer_attributes(ds, icc)
         ds.save_as(path, enforce_file_format=True)
 
 

@@ -100,13 +100,8 @@ def _complete(files: list[Path]) -> None:
     complete_wsi does), and 0.25 um base pixels; pixel data are kept as they are."""
     import pydicom
     from PIL import ImageCms
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence
 
-    def code(value: str, scheme: str, meaning: str) -> Dataset:
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-        return item
+    from conformance.synthetic import viewer_attributes
 
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     for path in files:
@@ -114,15 +109,7 @@ def _complete(files: list[Path]) -> None:
         spacing = SPACING_MM * WIDTH / ds.TotalPixelMatrixColumns
         ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = WIDTH * SPACING_MM, HEIGHT * SPACING_MM
         ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing = [spacing, spacing]
-        ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
-        origin = Dataset()
-        origin.XOffsetInSlideCoordinateSystem = 20.0
-        origin.YOffsetInSlideCoordinateSystem = 40.0
-        ds.TotalPixelMatrixOriginSequence = Sequence([origin])
-        op = ds.OpticalPathSequence[0]
-        op.IlluminationTypeCodeSequence = Sequence([code("111744", "DCM", "Brightfield illumination")])
-        op.IlluminationColorCodeSequence = Sequence([code("414298005", "SCT", "Full Spectrum")])
-        op.ICCProfile = icc
+        viewer_attributes(ds, icc)
         ds.save_as(path, enforce_file_format=True)
 
 
