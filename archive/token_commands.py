@@ -76,7 +76,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             return 0
         tokens = arc.tokens.list()
         if args.json:
-            print(json.dumps([{**t.__dict__, "state": t.state} for t in tokens], indent=1))
+            print(json.dumps([t.as_dict() for t in tokens], indent=1))
             return 0
         print(f"{'ID':<16}  {'STATE':<7}  {'ROLES':<18}  {'SCOPE':<10}  {'EXPIRES':<20}  NAME")
         for t in tokens:

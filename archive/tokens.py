@@ -69,6 +69,13 @@ class TokenInfo:
     revoked: str | None
     created_by: str
 
+    def as_dict(self) -> dict:
+        """The record as JSON shows it (token list --json, /api/tokens): never the secret or its hash."""
+        return {"id": self.id, "name": self.name, "roles": list(self.roles),
+                "studies": list(self.studies) if self.studies else None, "created": self.created,
+                "expires": self.expires, "revoked": self.revoked, "state": self.state,
+                "created_by": self.created_by}
+
     def detail(self) -> dict[str, str]:
         """What the audit trail records about the token (never the secret or its hash)."""
         return {"token": self.id, "name": self.name, "roles": ",".join(self.roles),

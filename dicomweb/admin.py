@@ -22,12 +22,6 @@ from .common import HttpError, client_address
 MAX_BODY = 64 << 10
 
 
-def _info(t) -> dict:
-    return {"id": t.id, "name": t.name, "roles": list(t.roles), "studies": list(t.studies) if t.studies else None,
-            "created": t.created, "expires": t.expires, "revoked": t.revoked, "state": t.state,
-            "created_by": t.created_by}
-
-
 def add_routes(app: web.Application, arc) -> None:
     tokens = arc.sync.tokens
     audit = arc.sync.audit
@@ -39,7 +33,7 @@ def add_routes(app: web.Application, arc) -> None:
                                   "rights": sorted(r.value for r in p.rights)})
 
     async def list_tokens(request: web.Request) -> web.Response:
-        return web.json_response([_info(t) for t in await arc.run(tokens.list)])
+        return web.json_response([t.as_dict() for t in await arc.run(tokens.list)])
 
     async def create_token(request: web.Request) -> web.Response:
         if request.content_length is not None and request.content_length > MAX_BODY:
@@ -63,7 +57,7 @@ def add_routes(app: web.Application, arc) -> None:
         except ValueError as exc:
             raise HttpError(400, str(exc))
         audit.security("token created", who, info.detail(), address=client_address(request), subject=info.id)
-        return web.json_response({**_info(info), "secret": secret}, status=201)
+        return web.json_response({**info.as_dict(), "secret": secret}, status=201)
 
     async def revoke_token(request: web.Request) -> web.Response:
         try:
@@ -72,7 +66,7 @@ def add_routes(app: web.Application, arc) -> None:
             raise HttpError(404, f"no token {request.match_info['id'][:40]}")
         audit.security("token revoked", principal_of(request), info.detail(), address=client_address(request),
                        subject=info.id)
-        return web.json_response(_info(info))
+        return web.json_response(info.as_dict())
 
     authn = arc.sync.authn
 

@@ -111,11 +111,11 @@ def auth_middleware(authn, run_in_thread, audit):
             if request.method == "GET" and request.path.startswith("/dicomweb/"):
                 return await handler(request)  # ANONYMOUS reads everything: the frame path stays bare
             principal = ANONYMOUS
-        else:
+        rights = _right_for(request.method, request.path)
+        if required:
             bearer = _bearer(request)
             principal = authn.cached(bearer) if bearer else None
             if principal is None:
-                rights = _right_for(request.method, request.path)
                 if rights is None and not bearer:
                     return await handler(request)
                 if bearer == "":
@@ -137,7 +137,6 @@ def auth_middleware(authn, run_in_thread, audit):
                 if sessions.allow((address, principal.id)):
                     audit.login(principal, address, True, principal.via)
         request[PRINCIPAL] = principal
-        rights = _right_for(request.method, request.path)
         if rights is not None:
             if rights and not any(r in principal.rights for r in rights):
                 what = {Right.READ: "read images", Right.STORE: "store objects", Right.ADMIN: "administer the archive",

@@ -460,13 +460,8 @@ class S3Store:
         try:
             data = obstore.get_range(self._store, self._path(key), start=offset, length=length)
         except (ObstoreError, OSError) as exc:
-            err = self._error(exc, "read", key)
-            if "416" in str(exc) and not isinstance(err, StoreUnavailable):
-                raise self._short(key, offset, length, 0) from None
-            raise err from None
-        if len(data) != length:
-            raise self._short(key, offset, length, len(data))
-        return bytes(data)
+            raise self._range_error(exc, key, offset, length) from None
+        return self._range_data(data, key, offset, length)
 
     async def read_range_async(self, key: str, offset: int, length: int) -> bytes:
         """`read_range` awaited on the caller's event loop (no thread)."""
@@ -477,10 +472,17 @@ class S3Store:
         try:
             data = await obstore.get_range_async(self._store, self._path(key), start=offset, length=length)
         except (ObstoreError, OSError) as exc:
-            err = self._error(exc, "read", key)
-            if "416" in str(exc) and not isinstance(err, StoreUnavailable):
-                raise self._short(key, offset, length, 0) from None
-            raise err from None
+            raise self._range_error(exc, key, offset, length) from None
+        return self._range_data(data, key, offset, length)
+
+    def _range_error(self, exc: Exception, key: str, offset: int, length: int) -> Exception:
+        """What a failed ranged GET raises: a 416 (the range lies past the end) is a short read."""
+        err = self._error(exc, "read", key)
+        if "416" in str(exc) and not isinstance(err, StoreUnavailable):
+            return self._short(key, offset, length, 0)
+        return err
+
+    def _range_data(self, data, key: str, offset: int, length: int) -> bytes:
         if len(data) != length:
             raise self._short(key, offset, length, len(data))
         return bytes(data)

@@ -81,23 +81,29 @@ def head(buf) -> TableHead:
     return TableHead(h["n"], h.get("v", 1) >= 2, h.get("damaged"), legacy)
 
 
+def _single_checked(buf, base: int, n: int, numbers: Sequence[int]
+                    ) -> tuple[list[Fragments | None], list[int | None]]:
+    """One (offset, length, CRC32C) slot of 20 bytes per frame from `base`: v3 and v2 alike."""
+    out: list[Fragments | None] = []
+    crcs: list[int | None] = []
+    for k in numbers:
+        if 1 <= k <= n:
+            off, length, crc = _QQI.unpack_from(buf, base + 20 * (k - 1))
+            out.append([(off, length)])
+            crcs.append(crc)
+        else:
+            out.append(None)
+            crcs.append(None)
+    return out, crcs
+
+
 def read(buf, numbers: Iterable[int]) -> tuple[TableHead, list[Fragments | None], list[int | None]]:
     """The header, the fragments of each 1-based frame in `numbers` (None when out of range)
     and their CRC32C (None when the table predates checksums). `buf` may be an LMDB buffer."""
     if bytes(buf[:3]) == MAGIC:
         _, flags, n, dlen = _V3.unpack_from(buf, 0)
         if flags == 3 and not dlen:  # the frame path: one fragment per frame, with CRCs
-            base = _V3.size
-            out: list[Fragments | None] = []
-            crcs: list[int | None] = []
-            for k in numbers:
-                if 1 <= k <= n:
-                    off, length, crc = _QQI.unpack_from(buf, base + 20 * (k - 1))
-                    out.append([(off, length)])
-                    crcs.append(crc)
-                else:
-                    out.append(None)
-                    crcs.append(None)
+            out, crcs = _single_checked(buf, _V3.size, n, numbers)
             return TableHead(n, True, None, _NO_LEGACY), out, crcs
     h, base = _split(buf)
     checked = h.get("v", 1) >= 2
@@ -106,14 +112,7 @@ def read(buf, numbers: Iterable[int]) -> tuple[TableHead, list[Fragments | None]
     out = []
     crcs = []
     if h["single"] and checked:
-        for k in numbers:
-            if 1 <= k <= n:
-                off, length, crc = _QQI.unpack_from(buf, base + 20 * (k - 1))
-                out.append([(off, length)])
-                crcs.append(crc)
-            else:
-                out.append(None)
-                crcs.append(None)
+        out, crcs = _single_checked(buf, base, n, numbers)
     elif h["single"]:
         for k in numbers:
             out.append([_QQ.unpack_from(buf, base + 16 * (k - 1))] if 1 <= k <= n else None)
