@@ -90,6 +90,10 @@ class Principal:
     studies: frozenset[str] | None = None
     address: str = ""
     rights: frozenset[Right] = field(default=frozenset(), compare=False)
+    # True for a principal that may see only de-identified views (the research role, a share
+    # link or token made with --deidentify): metadata and instances de-identified on retrieve,
+    # LABEL/OVERVIEW hidden, frames unchanged (archive.deid)
+    deidentified: bool = False
 
     def __post_init__(self) -> None:
         if not self.rights:
@@ -127,7 +131,8 @@ class Principal:
         return Right.ADMIN in self.rights
 
     def with_address(self, address: str) -> "Principal":
-        return Principal(self.id, self.name, self.roles, self.via, self.studies, address, self.rights)
+        return Principal(self.id, self.name, self.roles, self.via, self.studies, address, self.rights,
+                         self.deidentified)
 
 
 # The principal of the local CLI and of the archive's own background work: every right.

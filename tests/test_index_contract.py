@@ -200,3 +200,20 @@ def test_frame_checksum_migration_and_fixity_events(index):
     ev = FixityEvent("2026-01-01T00:00:00.000Z", "1.8.1", BlobRef("hot", "blob-1.8.1"), "a frame failed its CRC32C", "test")
     index.record_fixity(ev)
     assert index.fixity_events() == [ev]
+
+
+def test_generic_records_read_modify_write_and_prefix(index):
+    """The record tables the consultation, de-identification and consent modules keep."""
+    index.put_record("consult", "job1", {"state": "queued"})
+    index.put_records("consult_items", {"job1\x00a": {"n": 1}, "job1\x00b": {"n": 2}, "job2\x00a": {"n": 3}})
+    assert index.record("consult", "job1") == {"state": "queued"}
+    assert index.record("consult", "nope") is None
+    assert [k for k, _ in index.records("consult_items", "job1\x00")] == ["job1\x00a", "job1\x00b"]
+    claimed = index.update_record("consult", "job1", lambda r: None if r is None else {**r, "state": "running"})
+    assert claimed == {"state": "running"} == index.record("consult", "job1")
+    assert index.update_record("consult", "job1", lambda r: None) is None
+    assert index.record("consult", "job1") is None
+    assert index.delete_record("consult_items", "job2\x00a") is True
+    assert index.delete_record("consult_items", "job2\x00a") is False
+    with pytest.raises(KeyError):
+        index.put_record("inst", "x", {})

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from ..records import (BlobRef, Frames, InstanceRecord, PatientRecord, SeriesRecord, Stats,
                        StudyRecord)
 from ..status import Outcome
+
+# Tables of JSON records that modules above the index keep through the generic record
+# operations: consultation jobs and their per-instance state, the inbox of received requests,
+# UID maps of de-identification, consent records, share links. A module adds its table here.
+RECORD_TABLES = ("consult", "consult_items", "inbox", "uidmap", "consents", "shares")
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,20 @@ class Index(Protocol):
     def tokens(self) -> list[dict]: ...
     def backup(self, directory: "Path") -> "Path":
         """A consistent copy of the index while it is in use."""
+
+    # -- generic records of the modules above the index (consultation, de-identification,
+    # consent): JSON objects by key in one of RECORD_TABLES; every call is one transaction ----
+    def put_record(self, table: str, key: str, record: dict) -> None: ...
+    def put_records(self, table: str, records: Mapping[str, dict]) -> None:
+        """Several records of one table in one transaction."""
+    def record(self, table: str, key: str) -> dict | None: ...
+    def update_record(self, table: str, key: str,
+                      change: Callable[[dict | None], dict | None]) -> dict | None:
+        """Read-modify-write in one transaction (`change` returns the new record, or None to
+        delete it): how a job is claimed or a state moves without a lost update."""
+    def delete_record(self, table: str, key: str) -> bool: ...
+    def records(self, table: str, prefix: str = "") -> Iterator[tuple[str, dict]]:
+        """(key, record) of a table in key order, those whose key starts with `prefix`."""
 
     # -- rejection (IOCM) and purge: archive.deletion ------------------------------------------
     def reject(self, marks: Mapping[str, Mapping[str, Any]]) -> int:

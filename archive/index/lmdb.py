@@ -36,6 +36,10 @@ Databases (keys UTF-8):
                  before any copy is deleted, removed with the records (a rerun finishes it)
   state "rejected_gen": a counter bumped by every change of `rejected`/`purges` (processes
                  refresh their in-memory set of hidden UIDs when it moves)
+  consult, consult_items, inbox, uidmap, consents, shares (base.RECORD_TABLES): key -> JSON record
+                 of the consultation, de-identification and consent modules, through the generic
+                 record operations (`put_record`, `update_record`, `records`...): new tables,
+                 created empty on open, so no schema change
 Study and series records count their instances per tier ("tiers": {name: n}) for availability.
 Schema history: 1 the first; 2 PatientName joined study_idx; 3 CRC32C per frame; 4 the location
 (tier, key, syntax) moved out of the instance record and the frame table into `loc`; 5 tier counts
@@ -61,7 +65,7 @@ from ..records import (BlobRef, Frames, FrameTable, InstanceRecord, PatientRecor
                        StudyRecord)
 from ..status import SPACE_CHECKS, Outcome, out_of_space  # noqa: F401  (re-exported)
 from . import frametable
-from .base import AddResult, FixityEvent, NewInstance
+from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
 
 log = logging.getLogger("pathpacs.index")
 
@@ -69,7 +73,7 @@ DB_NAMES = [
     "inst", "loc", "frames", "meta", "bulk", "study", "series", "patient", "study_series",
     "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
     "copies", "moves", "access", "flags", "verified", "tokens", "rejected", "versions", "purges",
-]
+] + list(RECORD_TABLES)
 INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
                       "00100010": "PatientName"}
 CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexed lower-cased
@@ -907,6 +911,52 @@ class LmdbIndex:
         if "tokens" not in self.db:
             return []
         return [json.loads(v) for _k2, v in self._batched("tokens")]
+
+    # -- generic records of the modules above the index (base.RECORD_TABLES) -----------------
+    def _table_db(self, table: str):
+        if table not in RECORD_TABLES:
+            raise KeyError(f"no record table {table!r}")
+        return self.db.get(table)
+
+    def put_record(self, table: str, key: str, record: dict) -> None:
+        self.put_records(table, {key: record})
+
+    def put_records(self, table: str, records: Mapping[str, dict]) -> None:
+        db = self._table_db(table)
+        with self.env.begin(write=True) as txn:
+            for key, record in records.items():
+                txn.put(key.encode(), _dumps(record), db=db)
+
+    def record(self, table: str, key: str) -> dict | None:
+        db = self._table_db(table)
+        if db is None:  # read-only open of an archive older than this table
+            return None
+        with self.env.begin() as txn:
+            raw = txn.get(key.encode(), db=db)
+        return None if raw is None else json.loads(raw)
+
+    def update_record(self, table: str, key: str, change) -> dict | None:
+        db = self._table_db(table)
+        with self.env.begin(write=True) as txn:
+            raw = txn.get(key.encode(), db=db)
+            new = change(None if raw is None else json.loads(raw))
+            if new is None:
+                if raw is not None:
+                    txn.delete(key.encode(), db=db)
+            else:
+                txn.put(key.encode(), _dumps(new), db=db)
+        return new
+
+    def delete_record(self, table: str, key: str) -> bool:
+        db = self._table_db(table)
+        with self.env.begin(write=True) as txn:
+            return txn.delete(key.encode(), db=db)
+
+    def records(self, table: str, prefix: str = "") -> Iterator[tuple[str, dict]]:
+        if self._table_db(table) is None:
+            return
+        for k, v in self._batched(table, prefix.encode()):
+            yield bytes(k).decode(), json.loads(v)
 
     def backup(self, directory: Path) -> Path:
         """A consistent copy of the index while it is in use (LMDB's own copy, compacted)."""
