@@ -273,6 +273,59 @@ class AuditSection(_Section):
     syslog: AuditSyslogSection | None = None
 
 
+Url = Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2048)]
+FilePath = Annotated[str, Field(min_length=1, max_length=4096)]
+Text = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class PartnerOidcSection(_Section):
+    """OAuth 2.0 client credentials for a partner's DICOMweb (token from issuer's token endpoint)."""
+
+    issuer: Url
+    client_id: Text
+    client_secret: Text
+    token_url: Url | None = None  # default: from the issuer's discovery document
+    audience: Text | None = None
+    scope: Text | None = None
+
+
+class ExpertSection(_Section):
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    name: Text
+    specialties: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+
+
+class PartnerSection(_Section):
+    """[partners.NAME]: another archive cases are sent to or answers come from (issue 12)."""
+
+    dicomweb: Url | None = None
+    token: Text | None = None
+    token_file: FilePath | None = None
+    oidc: PartnerOidcSection | None = None
+    ca: FilePath | None = None  # the CA that signed the partner's HTTPS/DICOM TLS certificate
+    cert: FilePath | None = None  # our client certificate (mutual TLS), with key
+    key: FilePath | None = None
+    aet: AeTitle | None = None  # DIMSE route: C-STORE + Storage Commitment
+    host: Host | None = None
+    port: Port | None = None
+    tls: StrictBool = False
+    commitment: StrictBool = True
+    timeout: Seconds = 60.0
+    experts: list[ExpertSection] = []
+
+
+class ConsultationSection(_Section):
+    """[consultation]: this archive as requester and consultant."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None  # default: the AE title
+    institution: Text | None = None  # InstitutionName in requests we send
+    public_url: Url | None = None  # the base of share links; default http://host:http_port
+    require_consent: StrictBool = False
+    notify_command: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    webhook: Url | None = None
+    retry_max_seconds: Seconds = 300.0
+
+
 class ConfigFile(_Section):
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
@@ -288,6 +341,8 @@ class ConfigFile(_Section):
     deletion: DeletionSection = DeletionSection()
     retention: list[RetentionSection] = []
     audit: AuditSection = AuditSection()
+    partners: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], PartnerSection] = {}
+    consultation: ConsultationSection = ConsultationSection()
 
 
 # -- the runtime configuration (flat: what the code reads) ----------------------------------
@@ -381,6 +436,52 @@ class AuditConfig:
     syslog: AuditSyslog | None = None
 
 
+@dataclass(frozen=True)
+class Expert:
+    id: str
+    name: str
+    specialties: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Partner:
+    """A partner archive (issue 12): a DICOMweb route and/or a DIMSE route, and its experts.
+    Paths are resolved against the config file's directory."""
+
+    name: str
+    dicomweb: str | None = None
+    token: str | None = None
+    token_file: Path | None = None
+    oidc: dict[str, Any] | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    aet: str | None = None
+    host: str | None = None
+    port: int | None = None
+    tls: bool = False
+    commitment: bool = True
+    timeout: float = 60.0
+    experts: tuple[Expert, ...] = ()
+
+    @property
+    def has_dimse(self) -> bool:
+        return self.aet is not None
+
+
+@dataclass(frozen=True)
+class Consultation:
+    """[consultation]: this archive's name to partners, share links' base, consent, notices."""
+
+    name: str | None = None  # None: the AE title
+    institution: str | None = None
+    public_url: str | None = None
+    require_consent: bool = False
+    notify_command: str | None = None
+    webhook: str | None = None
+    retry_max_seconds: float = 300.0
+
+
 @dataclass
 class Config:
     data_dir: Path = Path("./data")
@@ -442,6 +543,21 @@ class Config:
         return tuple(self.retention) or DEFAULT_RETENTION
     # [audit]
     audit: AuditConfig = field(default_factory=AuditConfig)
+    # [partners.*], [consultation]
+    partners: dict[str, Partner] = field(default_factory=dict)
+    consultation: Consultation = field(default_factory=Consultation)
+
+    def consultation_name(self) -> str:
+        """What this archive calls itself to partners (consultation.name, else the AE title)."""
+        return self.consultation.name or self.aet
+
+    def public_url(self) -> str:
+        """The base URL of links this archive hands out (share links)."""
+        if self.consultation.public_url:
+            return self.consultation.public_url.rstrip("/")
+        scheme = "https" if self.http_tls else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{scheme}://{host}:{self.http_port}"
 
     def audit_dir(self) -> Path:
         """Where the audit trail lives: audit.path, else DATA/audit."""
@@ -586,8 +702,43 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         cfg.retention = [Retention(r.years, r.from_, dict(r.match)) for r in doc.retention]
     if "audit" in raw:
         cfg.audit = _audit(doc.audit, base_dir)
+    for name, p in doc.partners.items():
+        cfg.partners[name] = _partner(name, p, base_dir)
+    if "consultation" in raw:
+        c = doc.consultation
+        cfg.consultation = Consultation(c.name, c.institution, c.public_url, c.require_consent, c.notify_command,
+                                        c.webhook, c.retry_max_seconds)
     check_tiers(cfg)
     return validate(cfg)
+
+
+def _partner(name: str, p: PartnerSection, base_dir: Path) -> Partner:
+    def path(text: str | None) -> Path | None:
+        if text is None:
+            return None
+        q = Path(text)
+        return q if q.is_absolute() else base_dir / q
+
+    where = f"partners.{name}"
+    if p.dicomweb is None and p.aet is None:
+        raise ConfigError(f"{where}: give dicomweb (a DICOMweb base URL) and/or aet, host, port (DIMSE)")
+    if p.aet is not None and (p.host is None or p.port is None):
+        raise ConfigError(f"{where}: a DIMSE route needs aet, host and port")
+    if p.aet is None and (p.host is not None or p.port is not None):
+        raise ConfigError(f"{where}: host and port need aet (the partner's AE title)")
+    if sum(x is not None for x in (p.token, p.token_file, p.oidc)) > 1:
+        raise ConfigError(f"{where}: give one of token, token_file or oidc")
+    if (p.token or p.token_file or p.oidc) and p.dicomweb is None:
+        raise ConfigError(f"{where}: credentials need dicomweb (the URL they are for)")
+    if (p.cert is None) != (p.key is None):
+        raise ConfigError(f"{where}: give both cert and key (mutual TLS) or neither")
+    ids = [e.id for e in p.experts]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{where}.experts: expert ids must be unique")
+    return Partner(name, p.dicomweb.rstrip("/") if p.dicomweb else None, p.token, path(p.token_file),
+                   p.oidc.model_dump() if p.oidc else None, path(p.ca), path(p.cert), path(p.key), p.aet,
+                   p.host, p.port, p.tls, p.commitment, p.timeout,
+                   tuple(Expert(e.id, e.name, tuple(e.specialties)) for e in p.experts))
 
 
 def _audit(a: AuditSection, base_dir: Path) -> AuditConfig:
