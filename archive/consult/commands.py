@@ -111,6 +111,9 @@ def cmd_consult(args: argparse.Namespace) -> int:
     from ..cli import CliError, open_archive
 
     verb = args.consult_command
+    import logging
+
+    logging.getLogger("pathpacs.consult").setLevel(logging.ERROR)  # the outcome is our own one line
     arc = open_archive(args, readonly=verb == "list")
     try:
         jobs = arc.consultations
