@@ -58,11 +58,11 @@ class Conflict(ArchiveError):
 
 
 def deid_module():
-    """archive.deid (part DEID), or None while it is not in this build."""
+    """archive.deid (part DEID); InvalidRequest when this build has no de-identification."""
     try:
         from .. import deid
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise InvalidRequest("de-identification (archive.deid) is not available in this build") from exc
     return deid
 
 
@@ -154,11 +154,7 @@ class Consultations:
             consent = consent_check(self.archive, study_uid, "consult")
         else:
             consent = None
-        deid = None
-        if deidentify:
-            deid = deid_module()
-            if deid is None:
-                raise InvalidRequest("de-identification (archive.deid) is not available in this build")
+        deid = deid_module() if deidentify else None
         job_id = secrets.token_urlsafe(9)
         metas = self.index.metadata([r.sop for r in recs]) if recs else []
         entries = []
