@@ -381,3 +381,36 @@ def test_bad_requests_get_clear_answers(a, root):
     assert job["state"] == "done" and job["verified"] == 2
     res = run_cli("consult", "cancel", job["id"], "--config", cfg, data=root / "A")
     assert res.returncode == 2 and f"job {job['id']} is done: nothing to cancel" in res.stderr
+
+
+def test_send_for_consultation_from_the_study_browser(a, b, b_token, browser):
+    case = make_case(((512, 384),), label=False, overview=False, patient_id="PPAGE")
+    originals = put_case(a, case)
+    study = case[0].StudyInstanceUID
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(a.http_url + "/")
+    page.fill("#q-pid", "PPAGE")
+    page.click("#go")
+    button = page.locator(f'#studies tbody tr[data-study="{study}"] button.send-consult')
+    button.wait_for(timeout=15000)
+    assert button.inner_text() == "Send for consultation"
+    button.click()
+    dlg = page.locator("dialog.consult-dialog")
+    dlg.locator("select[name=partner]").select_option("b")
+    assert dlg.locator("select[name=expert] option").all_inner_texts() == ["(any)", "Li Ming (breast)"]
+    dlg.locator("select[name=expert]").select_option("li-breast")
+    dlg.locator("select[name=priority]").select_option("urgent")
+    dlg.locator("textarea[name=question]").fill("Second opinion on grade")
+    dlg.locator("button[type=submit]").click()
+    page.wait_for_function("() => document.querySelector('dialog.consult-dialog').dataset.state === 'done'",
+                           timeout=30000)
+    job_id = dlg.get_attribute("data-job")
+    assert f"Job {job_id}: done, 2/2 instances" in dlg.locator(".consult-status").inner_text()
+    job = job_of(a, job_id)
+    assert (job["study"], job["partner"], job["expert"], job["priority"], job["question"]) == \
+        (study, "b", "li-breast", "urgent", "Second opinion on grade")
+    got = wado_bytes(b.dicomweb_url, study, case[0].SeriesInstanceUID, case[0].SOPInstanceUID, b_token)
+    assert sha(got) == sha(originals[case[0].SOPInstanceUID])
+    assert errors == []
