@@ -135,7 +135,7 @@ def a(root, b, b_token, small_b):
     config = f'''[consultation]
 name = "hospA"
 institution = "Hospital A"
-retry_max_seconds = 12
+retry_max_seconds = 30
 max_send_mbps = 80
 
 [partners.b]
@@ -262,7 +262,7 @@ def test_kill_b_mid_transfer_the_job_resumes_without_resending_confirmed_instanc
     b.kill9()
     confirmed = {i["sop"] for i in job_of(a, job["id"])["items"] if i["state"] == "confirmed"}
     assert 3 <= len(confirmed) < len(case) + 1
-    time.sleep(1.0)
+    time.sleep(0.5)
     b.start()
     job = wait_final(a, job["id"])
     assert job["state"] == "done", job
