@@ -183,9 +183,11 @@ class Deidentifier:
         return "19000101000000" if v else v
 
     # -- the dataset -------------------------------------------------------------------------
-    def dataset(self, ds: Dataset) -> Dataset:
-        """A de-identified copy of `ds` (pixel data element carried over, never decoded)."""
-        self.check(ds)
+    def dataset(self, ds: Dataset, *, check: bool = True) -> Dataset:
+        """A de-identified copy of `ds` (pixel data element carried over, never decoded).
+        check=False for partial objects (query results) that name no SOP class."""
+        if check:
+            self.check(ds)
         ctx = _Context()
         self._collect(ds, ctx)
         out = self._walk(ds, ctx, cleaning=False)
@@ -203,11 +205,11 @@ class Deidentifier:
             out.preamble = b"\0" * 128
         return out
 
-    def json(self, doc: dict[str, Any]) -> dict[str, Any]:
+    def json(self, doc: dict[str, Any], *, check: bool = True) -> dict[str, Any]:
         """A de-identified copy of a DICOM JSON object (research views); BulkDataURIs kept
         for what stays."""
         ds = Dataset.from_json(doc, bulk_data_uri_handler=lambda tag, vr, uri: BULK_MARK + uri.encode())
-        out = self.dataset(ds)
+        out = self.dataset(ds, check=check)
         js = out.to_json_dict(bulk_data_threshold=1 << 62)
         _restore_uris(js)
         return js
