@@ -230,7 +230,7 @@ class Deidentifier:
                 text = str(v)
                 if elem.keyword == "PatientID":
                     ctx.add(text, self.pseudonym(text))
-                elif elem.keyword in ("ContainerIdentifier", "SpecimenIdentifier"):
+                elif elem.keyword in ("ContainerIdentifier", "SpecimenIdentifier", "StudyID"):
                     ctx.add(text, self.mapped_id(text))
                 elif elem.VR == "PN":
                     ctx.add(text, DUMMY)

@@ -56,7 +56,7 @@ def _tags(*keywords: str) -> frozenset[int]:
 # Always: the patient gets a pseudonym of the context; slide and specimen ids a mapped value
 # (they are accession-like, and the specimen description items refer to them).
 PSEUDONYM = _tags("PatientName", "PatientID")
-MAPPED = _tags("ContainerIdentifier", "SpecimenIdentifier")
+MAPPED = _tags("ContainerIdentifier", "SpecimenIdentifier", "StudyID")  # Study ID: a DICOMDIR needs one
 
 # The option columns of Table E.1-1 (K or C), for the attributes pathology objects carry.
 PATIENT_CHARACTERISTICS_K = _tags(
