@@ -13,7 +13,8 @@ UI), U replace the UID consistently (UidMap), C clean (keep, with identifying va
 the instance replaced; sequences: every item processed by the same rules), S shift a date,
 P the pseudonym (Patient's Name, Patient ID), M a mapped identifier (slide and specimen ids).
 A combined action becomes the one that keeps the object valid (a value where the IOD may need
-one): X/Z -> Z, X/D, Z/D, X/Z/D -> D, X/Z/U* -> U for UIDs else Z.
+one): X/Z -> Z, X/D, Z/D, X/Z/D -> D, X/Z/U* -> U for UIDs, a kept sequence (its UIDs replaced
+inside) for references, else Z.
 """
 from __future__ import annotations
 
@@ -128,8 +129,8 @@ def action(tag: int, vr: str, options: DeidOptions) -> str:
         return "C"
     if basic is None:
         return "K"
-    if basic == "U*":
-        basic = "U" if vr == "UI" else "Z"
+    if basic == "U*":  # X/Z/U*: a sequence of references is kept, its UIDs replaced inside
+        basic = "U" if vr == "UI" else "K" if vr == "SQ" else "Z"
     if basic == "U" and options.retain_uids:
         return "K"
     if tag in NEVER_SHIFTED:
