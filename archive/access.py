@@ -16,6 +16,7 @@ from .status import ArchiveError, ErrorKind
 
 class Right(enum.Enum):
     READ = "read"  # QIDO, WADO, pages, C-FIND, C-GET, C-MOVE
+    DOWNLOAD = "download"  # whole instances, series, studies as application/dicom (a read-only share link lacks it)
     STORE = "store"  # STOW, C-STORE: any object
     STORE_DERIVED = "store derived"  # SR, SEG, annotations, presentation states, KOS only
     ADMIN = "admin"  # tiers, configuration, reject / restore / purge; sees rejected instances
@@ -24,10 +25,10 @@ class Right(enum.Enum):
 
 
 ROLE_RIGHTS: dict[str, frozenset[Right]] = {
-    "viewer": frozenset({Right.READ}),
+    "viewer": frozenset({Right.READ, Right.DOWNLOAD}),
     "uploader": frozenset({Right.STORE}),
-    "ai": frozenset({Right.READ, Right.STORE_DERIVED}),
-    "sysadmin": frozenset({Right.ADMIN, Right.READ}),
+    "ai": frozenset({Right.READ, Right.DOWNLOAD, Right.STORE_DERIVED}),
+    "sysadmin": frozenset({Right.ADMIN, Right.READ, Right.DOWNLOAD}),
     "secadmin": frozenset({Right.SECURITY}),
     "auditor": frozenset({Right.AUDIT}),
     # reads de-identified views only (archive.deid.views): Principal.deidentified follows from it

@@ -16,6 +16,7 @@ from converters import commands as convert_cli
 
 from . import config as config_mod
 from . import token_commands
+from . import share_commands
 from . import deletion_cli
 from .audit import commands as audit_cli
 from . import export_cli
@@ -741,6 +742,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_capacity)
 
     token_commands.register(sub, _common)  # `token create|list|revoke`
+    share_commands.register(sub, _common)  # `consent add|list|withdraw`, `share [list|revoke]` (issue 12)
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)

@@ -107,8 +107,10 @@ class TokenStore:
         self.allow_combined = allow_combined_admin_roles
 
     def create(self, roles: list[str], *, studies: list[str] | None = None, expires: datetime | None = None,
-               name: str = "", created_by: str = "", deidentify: bool = False) -> tuple[str, TokenInfo]:
-        """A new token: (the secret, shown once; its record). ValueError for bad roles."""
+               name: str = "", created_by: str = "", deidentify: bool = False,
+               extra: dict | None = None) -> tuple[str, TokenInfo]:
+        """A new token: (the secret, shown once; its record). ValueError for bad roles.
+        `extra`: more fields of the record (a share link's kind, permissions, consent: archive.shares)."""
         checked = check_roles(roles, self.allow_combined)
         if not checked:
             raise ValueError("a token needs at least one --role")
@@ -117,7 +119,7 @@ class TokenStore:
         record = {"id": token_id, "name": name, "roles": sorted(checked),
                   "studies": sorted(set(studies)) if studies else None, "created": _iso(_now()),
                   "expires": _iso(expires) if expires else None, "revoked": None,
-                  "created_by": created_by, "sha256": _hash(secret), "deidentify": bool(deidentify)}
+                  "created_by": created_by, "deidentify": bool(deidentify), **(extra or {}), "sha256": _hash(secret)}
         self.index.put_token(token_id, record)
         return f"{PREFIX}{token_id}.{secret}", _info(record)
 
@@ -147,6 +149,10 @@ class TokenStore:
         if expires is not None and expires <= _now():
             return None
         studies = frozenset(d["studies"]) if d.get("studies") is not None else None
+        if d.get("kind") == "share":  # a share link's capability: its own rights (archive.shares)
+            from .shares import share_principal
+
+            return share_principal(d, studies), expires
         name = d.get("name") or f"token {d['id']}"
         principal = Principal(f"token:{d['id']}", name, frozenset(d["roles"]), "token", studies,
                               deidentified=bool(d.get("deidentify")))

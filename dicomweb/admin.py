@@ -30,7 +30,8 @@ def add_routes(app: web.Application, arc) -> None:
         p = principal_of(request)
         return web.json_response({"id": p.id, "name": p.name, "roles": sorted(p.roles), "via": p.via,
                                   "studies": sorted(p.studies) if p.studies is not None else None,
-                                  "rights": sorted(r.value for r in p.rights)})
+                                  "rights": sorted(r.value for r in p.rights),
+                                  "deidentified": p.deidentified})
 
     async def list_tokens(request: web.Request) -> web.Response:
         return web.json_response([t.as_dict() for t in await arc.run(tokens.list)])
