@@ -414,3 +414,50 @@ def test_send_for_consultation_from_the_study_browser(a, b, b_token, browser):
     got = wado_bytes(b.dicomweb_url, study, case[0].SeriesInstanceUID, case[0].SOPInstanceUID, b_token)
     assert sha(got) == sha(originals[case[0].SOPInstanceUID])
     assert errors == []
+
+
+def test_deidentified_send_leaves_label_and_overview_out_and_copies_pixels_as_stored(a, b, b_token, root):
+    case = make_case(patient_id="PDEID-7731")
+    originals = put_case(a, case)
+    study = case[0].StudyInstanceUID
+    job = wait_final(a, send(a, study=study, partner="b", deidentify=True, question="Grade?")["id"])
+    assert job["state"] == "done", job
+    assert job["excluded"] == 2 and job["instances_total"] == 4 and job["verified"] == 4
+    states = {i["sop"]: (i["state"], i.get("reason")) for i in job["items"]}
+    assert states[case[3].SOPInstanceUID] == ("excluded", "LABEL image")
+    assert states[case[4].SOPInstanceUID] == ("excluded", "OVERVIEW image")
+    new_study = job["partner_study"]
+    assert new_study and new_study != study
+
+    auth = {"Authorization": f"Bearer {b_token}", "Accept": "application/dicom+json"}
+    r = requests.get(f"{b.dicomweb_url}/studies", params={"StudyInstanceUID": study}, headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json() == []  # the original study UID never reached B
+    r = requests.get(f"{b.dicomweb_url}/studies/{new_study}/instances", headers=auth, timeout=30)
+    got = r.json()
+    assert len(got) == 4
+    by_class = {}
+    for doc in got:
+        by_class.setdefault(doc["00080016"]["Value"][0], []).append(doc)
+    assert len(by_class[factory.WSI]) == 3 and len(by_class["1.2.840.10008.5.1.4.1.1.88.33"]) == 1
+    orig_pixels = {ds.TotalPixelMatrixColumns: ds.PixelData for ds in case[:3]}
+    for doc in by_class[factory.WSI]:
+        raw = wado_bytes(b.dicomweb_url, new_study, doc["0020000E"]["Value"][0], doc["00080018"]["Value"][0], b_token)
+        for identity in (b"PDEID-7731", b"Doe^Jane", study.encode(), b"ACC1"):
+            assert identity not in raw
+        ds = pydicom.dcmread(__import__("io").BytesIO(raw))
+        assert "LABEL" not in ds.ImageType and "OVERVIEW" not in ds.ImageType
+        assert ds.PixelData == orig_pixels[ds.TotalPixelMatrixColumns]  # frames as stored, byte for byte
+    sr = by_class["1.2.840.10008.5.1.4.1.1.88.33"][0]
+    meta = requests.get(f"{b.dicomweb_url}/studies/{new_study}/series/{sr['0020000E']['Value'][0]}/instances/"
+                        f"{sr['00080018']['Value'][0]}/metadata", headers=auth, timeout=30).json()[0]
+    req = read_request(meta)
+    assert req is not None and (req.consultation_id, req.study_uid, req.question) == (job["id"], new_study, "Grade?")
+    assert "PDEID-7731" not in json.dumps(meta) and "Doe^Jane" not in json.dumps(meta)
+    a_intact(a, originals, case)
+
+    # an instance the profile cannot de-identify refuses the whole send before anything leaves
+    sc = factory.secondary_capture(root / "sc.dcm", study=study, patient_id="PDEID-7731")
+    assert stow(a.dicomweb_url, [sc.read_bytes()]).status_code == 200
+    r = requests.post(a.http_url + "/api/consult/send", json={"study": study, "partner": "b", "deidentify": True},
+                      timeout=30)
+    assert r.status_code == 400 and "cannot be de-identified" in r.text and "Burned In Annotation" in r.text

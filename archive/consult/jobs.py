@@ -78,6 +78,12 @@ def consent_check(archive: "Archive", study: str, purpose: str) -> dict | None:
     return Consents(archive).require(study, purpose)
 
 
+def _header(meta: dict):
+    from pydicom import Dataset
+
+    return Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")
+
+
 def _image_kind(meta: dict) -> str:
     """VOLUME, LABEL, OVERVIEW, THUMBNAIL for WSI; '' for other classes."""
     values = string_values(meta.get("00080008"))
@@ -170,6 +176,11 @@ class Consultations:
                 why = d.excluded(e["meta"])
                 if why:
                     excluded[e["sop"]] = why
+                    continue
+                try:  # refused before anything leaves: never silently left out
+                    d.check(_header(e["meta"]))
+                except deid.DeidError as exc:
+                    raise InvalidRequest(f"instance {e['sop']} cannot be de-identified: {exc}") from None
         ordered = order_instances(entries, priority)
         items: dict[str, dict] = {}
         order = 0
