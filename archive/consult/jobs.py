@@ -99,9 +99,10 @@ def _has_pixels(meta: dict) -> bool:
 def order_instances(entries: list[dict], priority: str) -> list[dict]:
     """Sending order. `frozen`: metadata-only objects, then OVERVIEW/THUMBNAIL/LABEL images, then
     pyramid levels by TotalPixelMatrixColumns ascending (so the consultant can open the slide at
-    a low level while level 0 follows, last). Otherwise the natural order (series, instance)."""
+    a low level while level 0 follows, last). Otherwise the natural order: Series Number, then
+    Instance Number."""
     if priority != "frozen":
-        return entries
+        return sorted(entries, key=lambda e: (e["series_number"], e["instance_number"], e["n"]))
 
     def rank(e: dict) -> tuple:
         if not e["pixels"]:
@@ -168,7 +169,9 @@ class Consultations:
             meta = json.loads(raw) if raw else {}
             entries.append({"sop": rec.sop, "sop_class": rec.sop_class, "series": rec.series, "size": rec.size,
                             "image": _image_kind(meta), "columns": int_value(meta, "00480006", 0),
-                            "pixels": _has_pixels(meta) or rec.n_frames > 0, "n": n, "meta": meta})
+                            "pixels": _has_pixels(meta) or rec.n_frames > 0, "n": n, "meta": meta,
+                            "series_number": int_value(meta, "00200011", 0),
+                            "instance_number": int_value(meta, "00200013", 0)})
         excluded: dict[str, str] = {}
         if deid is not None:
             d = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), deid.UidMap(self.index, job_id))
