@@ -35,7 +35,7 @@ KINDS = ("request", "answer")
 PRIORITY_RANK = {"frozen": 0, "urgent": 1, "routine": 2}
 ACTIVE = ("queued", "sending", "verifying")
 FINAL = ("done", "failed", "cancelled")
-LEASE_SECONDS = 60.0
+LEASE_SECONDS = 180.0  # at least; see Consultations.lease_seconds
 WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 REQUEST_SR = "request SR"  # an item's `what` for the request document
 
@@ -112,6 +112,23 @@ def order_instances(entries: list[dict], priority: str) -> list[dict]:
         return (2, e["columns"] or 1 << 30, e["n"])
 
     return sorted(entries, key=rank)
+
+
+def _alive(owner: str) -> bool:
+    """Whether a lease's owner (host:pid:session) may still run: False only for a process of
+    this host that is gone (killed -9, crashed), whose job is then taken over at once instead of
+    when its lease runs out. Another host's owner counts as alive until its lease expires."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class Consultations:
@@ -268,16 +285,17 @@ class Consultations:
 
     def claim(self, job_id: str) -> dict | None:
         """Take the job's lease (one transaction): when it is active and nobody holds a live
-        lease on it. None when another process runs it or it is not active."""
+        lease on it (expired, or its process on this host is gone). None when another process
+        runs it or it is not active."""
         got: list[dict] = []
 
         def change(old: dict | None) -> dict | None:
             if old is None or old["state"] not in ACTIVE:
                 return old
             lease = old.get("lease")
-            if lease and lease["owner"] != self.owner and lease["until"] > time.time():
+            if lease and lease["owner"] != self.owner and lease["until"] > time.time() and _alive(lease["owner"]):
                 return old
-            new = {**old, "lease": {"owner": self.owner, "until": time.time() + LEASE_SECONDS}}
+            new = {**old, "lease": {"owner": self.owner, "until": time.time() + self.lease_seconds(old)}}
             if old["state"] == "queued":
                 new["state"] = "sending"
                 new["started"] = old.get("started") or now_iso()
@@ -309,13 +327,18 @@ class Consultations:
             if new["state"] in FINAL:
                 new["lease"] = None
             else:
-                new["lease"] = {"owner": self.owner, "until": time.time() + LEASE_SECONDS}
+                new["lease"] = {"owner": self.owner, "until": time.time() + self.lease_seconds(old)}
             return new
 
         new = self.index.update_record(JOBS, job_id, change)
         if lost:
             raise Lost(f"job {job_id} {lost[0]}")
         return new  # type: ignore[return-value]
+
+    def lease_seconds(self, job: dict) -> float:
+        """Longer than the partner's timeout: a slow answer never loses the lease."""
+        p = self.cfg.partners.get(job.get("partner", ""))
+        return max(LEASE_SECONDS, 2 * (p.timeout if p else 60.0) + 30)
 
     # -- running ---------------------------------------------------------------------------------
     def pending(self) -> list[dict]:
