@@ -741,6 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)
+    from .consult import partner_cli
+    partner_cli.register(sub, _common)  # `partner list|check` (archive.consult.partner_cli)
     _add_watch(sub)
     return parser
 

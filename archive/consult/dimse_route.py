@@ -121,8 +121,7 @@ class DimseRoute:
         self._classes: dict[str, str] = {}  # sent SOP Instance UID -> SOP Class UID (for commitment)
         self.refused: dict[str, str] = {}  # SOP Instance UID -> why the commitment failed
         self._spool_dir = Path(cfg.data_dir) / "consult-spool"
-        self._spool_dir.mkdir(parents=True, exist_ok=True)
-        self._sweep_spool()
+        self._swept = False
 
     # -- connection ------------------------------------------------------------------------
     @property
@@ -204,6 +203,10 @@ class DimseRoute:
                 f.unlink(missing_ok=True)
 
     def _spool(self, item: Item) -> Path:
+        if not self._swept:
+            self._spool_dir.mkdir(parents=True, exist_ok=True)
+            self._sweep_spool()
+            self._swept = True
         fd, name = tempfile.mkstemp(prefix=f"{os.getpid()}-", suffix=".dcm", dir=self._spool_dir)
         try:
             with os.fdopen(fd, "wb") as out:
