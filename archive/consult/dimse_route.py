@@ -89,12 +89,16 @@ def reach(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = Non
     try:
         with socket.create_connection((host, port), timeout=timeout) as raw:
             if tls is not None:
-                with tls.wrap_socket(raw, server_hostname=host):
-                    pass
-    except ssl.SSLCertVerificationError as exc:
-        return f"TLS certificate verify failed at {host}:{port}: {exc.verify_message or exc.reason}"
-    except ssl.SSLError as exc:
-        return f"TLS handshake failed at {host}:{port}: {exc.reason or exc}"
+                try:
+                    with tls.wrap_socket(raw, server_hostname=host):
+                        pass
+                except ssl.SSLCertVerificationError as exc:
+                    return f"TLS certificate verify failed at {host}:{port}: {exc.verify_message or exc.reason}"
+                except ssl.SSLError as exc:
+                    return f"TLS handshake failed at {host}:{port}: {exc.reason or exc}"
+                except OSError as exc:  # reset or closed mid-handshake: no TLS on that port
+                    return (f"TLS handshake failed at {host}:{port}: {exc.strerror or exc} "
+                            "(does the partner speak TLS on this port?)")
     except ConnectionRefusedError:
         return f"connection refused at {host}:{port}"
     except (TimeoutError, socket.timeout):
