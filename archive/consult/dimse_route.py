@@ -265,17 +265,18 @@ class DimseRoute:
                 path.unlink(missing_ok=True)
 
     # -- confirmation ----------------------------------------------------------------------
-    def confirm(self, sop_uids: list[str]) -> set[str]:
+    def confirm(self, sop_uids: list[str], classes: dict[str, str] | None = None) -> set[str]:
         """Storage Commitment of these instances (one transaction); without commitment, what
-        the C-STOREs confirmed. Instances whose class this route did not send are not
-        confirmed (the sender sends them again)."""
+        the C-STOREs confirmed. `classes`: SOP classes of instances sent before (a restart);
+        one whose class is unknown is not confirmed (the sender sends it again)."""
+        known = {**(classes or {}), **self._classes}
         if not self.partner.commitment:
             return {u for u in sop_uids if u in self._classes}
         refs = []
         for uid in sop_uids:
-            if uid in self._classes:
+            if uid in known:
                 ref = Dataset()
-                ref.ReferencedSOPClassUID = self._classes[uid]
+                ref.ReferencedSOPClassUID = known[uid]
                 ref.ReferencedSOPInstanceUID = uid
                 refs.append(ref)
         if not refs:
