@@ -210,3 +210,15 @@ class Relay:
             await task
         finally:
             task.cancel()
+
+
+def start_far_pathpacs(link: ShapedLink, data_dir, *, config_text: str | None = None, aet: str = "FAR", **kw):
+    """`pathpacs serve` inside the link's namespace, listening on `link.far_ip` (reach it through
+    a `Relay` to shape latency; its `http_url` is not reachable from the root namespace)."""
+    import sys
+
+    from conformance.bench import peers
+
+    return peers.start_pathpacs(data_dir, config_text=config_text, aet=aet,
+                                program=link.wrap([sys.executable, "-m", "archive"]),
+                                extra=["--host", link.far_ip], wait_host=link.far_ip, **kw)
