@@ -3,8 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium
+SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium zbarimg:zbar-tools
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium zbar-tools
 
 BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 VIEWER_STAMP := viewer/node_modules/.package-lock.json

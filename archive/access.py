@@ -16,6 +16,7 @@ from .status import ArchiveError, ErrorKind
 
 class Right(enum.Enum):
     READ = "read"  # QIDO, WADO, pages, C-FIND, C-GET, C-MOVE
+    DOWNLOAD = "download"  # whole instances, series, studies as application/dicom (a read-only share link lacks it)
     STORE = "store"  # STOW, C-STORE: any object
     STORE_DERIVED = "store derived"  # SR, SEG, annotations, presentation states, KOS only
     ADMIN = "admin"  # tiers, configuration, reject / restore / purge; sees rejected instances
@@ -24,15 +25,19 @@ class Right(enum.Enum):
 
 
 ROLE_RIGHTS: dict[str, frozenset[Right]] = {
-    "viewer": frozenset({Right.READ}),
+    "viewer": frozenset({Right.READ, Right.DOWNLOAD}),
     "uploader": frozenset({Right.STORE}),
-    "ai": frozenset({Right.READ, Right.STORE_DERIVED}),
-    "sysadmin": frozenset({Right.ADMIN, Right.READ}),
+    "ai": frozenset({Right.READ, Right.DOWNLOAD, Right.STORE_DERIVED}),
+    "sysadmin": frozenset({Right.ADMIN, Right.READ, Right.DOWNLOAD}),
     "secadmin": frozenset({Right.SECURITY}),
     "auditor": frozenset({Right.AUDIT}),
+    # reads de-identified views only (archive.deid.views): Principal.deidentified follows from it
+    "research": frozenset({Right.READ}),
 }
 ROLES = tuple(ROLE_RIGHTS)
 ADMIN_ROLES = frozenset({"sysadmin", "secadmin", "auditor"})
+# Roles that read what is stored; a principal with one of them is not limited to research views.
+IDENTIFIED_READERS = frozenset({"viewer", "ai", "sysadmin"})
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
@@ -69,6 +74,9 @@ def check_roles(roles: "frozenset[str] | set[str] | list[str]", allow_combined: 
     unknown = sorted(roles - set(ROLES))
     if unknown:
         raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+    if "research" in roles and roles & IDENTIFIED_READERS:
+        raise ValueError(f"role research (de-identified views) cannot be held with {sorted(roles & IDENTIFIED_READERS)[0]} "
+                         "(identified reads); give a viewer token --deidentify instead")
     admin = sorted(roles & ADMIN_ROLES)
     if len(admin) > 1 and not allow_combined:
         raise ValueError(f"roles {' and '.join(admin)} are separated duties and cannot be held together "
@@ -101,6 +109,8 @@ class Principal:
             for role in self.roles:
                 rights |= ROLE_RIGHTS.get(role, frozenset())
             object.__setattr__(self, "rights", frozenset(rights))
+        if "research" in self.roles and not self.roles & IDENTIFIED_READERS:
+            object.__setattr__(self, "deidentified", True)
 
     def can(self, right: Right) -> bool:
         return right in self.rights

@@ -16,8 +16,10 @@ from converters import commands as convert_cli
 
 from . import config as config_mod
 from . import token_commands
+from . import share_commands
 from . import deletion_cli
 from .audit import commands as audit_cli
+from . import export_cli
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 from .status import ArchiveError
 
@@ -740,9 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_capacity)
 
     token_commands.register(sub, _common)  # `token create|list|revoke`
+    share_commands.register(sub, _common)  # `consent add|list|withdraw`, `share [list|revoke]` (issue 12)
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)
+    export_cli.register(sub, _common)  # `export`: studies to a DICOMDIR, optionally de-identified
     from .consult import commands as consult_cli
 
     consult_cli.register(sub, _common)  # `consult send|list|retry|cancel` (archive.consult.commands)

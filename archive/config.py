@@ -327,6 +327,21 @@ class ConsultationSection(_Section):
     max_send_mbps: Annotated[float, Field(gt=0, le=100000)] | None = None  # cap on a send's bandwidth (Mbit/s)
 
 
+class DeidentifySection(_Section):
+    """[deidentify]: the PS3.15 Annex E options of de-identified sends, exports, research views."""
+
+    retain_dates: StrictBool = True
+    retain_patient_characteristics: StrictBool = True
+    retain_device_identity: StrictBool = True
+    retain_institution_identity: StrictBool = False
+    clean_descriptors: StrictBool = True
+    retain_uids: StrictBool = False
+    clean_structured_content: StrictBool = True
+    clean_graphics: StrictBool = True
+    keep_label: StrictBool = False
+    keep_overview: StrictBool = False
+
+
 class ConfigFile(_Section):
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
@@ -344,6 +359,7 @@ class ConfigFile(_Section):
     audit: AuditSection = AuditSection()
     partners: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], PartnerSection] = {}
     consultation: ConsultationSection = ConsultationSection()
+    deidentify: DeidentifySection = DeidentifySection()
 
 
 # -- the runtime configuration (flat: what the code reads) ----------------------------------
@@ -484,6 +500,22 @@ class Consultation:
     max_send_mbps: float | None = None  # None: as fast as the link goes
 
 
+@dataclass(frozen=True)
+class Deidentify:
+    """[deidentify]: the configured profile (archive.deid.DeidOptions.from_config reads it)."""
+
+    retain_dates: bool = True
+    retain_patient_characteristics: bool = True
+    retain_device_identity: bool = True
+    retain_institution_identity: bool = False
+    clean_descriptors: bool = True
+    retain_uids: bool = False
+    clean_structured_content: bool = True
+    clean_graphics: bool = True
+    keep_label: bool = False
+    keep_overview: bool = False
+
+
 @dataclass
 class Config:
     data_dir: Path = Path("./data")
@@ -548,6 +580,8 @@ class Config:
     # [partners.*], [consultation]
     partners: dict[str, Partner] = field(default_factory=dict)
     consultation: Consultation = field(default_factory=Consultation)
+    # [deidentify]
+    deidentify: Deidentify = field(default_factory=Deidentify)
 
     def consultation_name(self) -> str:
         """What this archive calls itself to partners (consultation.name, else the AE title)."""
@@ -710,6 +744,8 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         c = doc.consultation
         cfg.consultation = Consultation(c.name, c.institution, c.public_url, c.require_consent, c.notify_command,
                                         c.webhook, c.retry_max_seconds, c.max_send_mbps)
+    if "deidentify" in raw:
+        cfg.deidentify = Deidentify(**doc.deidentify.model_dump())
     check_tiers(cfg)
     return validate(cfg)
 

@@ -30,7 +30,8 @@ def add_routes(app: web.Application, arc) -> None:
         p = principal_of(request)
         return web.json_response({"id": p.id, "name": p.name, "roles": sorted(p.roles), "via": p.via,
                                   "studies": sorted(p.studies) if p.studies is not None else None,
-                                  "rights": sorted(r.value for r in p.rights)})
+                                  "rights": sorted(r.value for r in p.rights),
+                                  "deidentified": p.deidentified})
 
     async def list_tokens(request: web.Request) -> web.Response:
         return web.json_response([t.as_dict() for t in await arc.run(tokens.list)])
@@ -53,7 +54,7 @@ def add_routes(app: web.Application, arc) -> None:
         who = principal_of(request)
         try:
             secret, info = await arc.run(tokens.create, roles, studies=studies, expires=expires, name=name,
-                                         created_by=who.name)
+                                         created_by=who.name, deidentify=body.get("deidentify") is True)
         except ValueError as exc:
             raise HttpError(400, str(exc))
         audit.security("token created", who, info.detail(), address=client_address(request), subject=info.id)

@@ -10,6 +10,7 @@ static files need no credential: they hold no patient data and are where one log
 """
 from __future__ import annotations
 
+import re
 import time
 
 from aiohttp import web
@@ -21,6 +22,10 @@ from .common import client_address, error
 PRINCIPAL = "pathpacs.principal"  # request key holding the caller's Principal
 PUBLIC_PREFIXES = ("/static/",)
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/api/login-config", "/viewer"})  # /viewer: a static shell too
+PUBLIC_PATHS = PUBLIC_PATHS | {"/share"}  # the share link's page: a shell that keeps the link's token (dicomweb/share.py)
+# Whole instances, series or studies as application/dicom: Right.DOWNLOAD, which a read-only
+# share link lacks (it views: metadata, frames, rendered, thumbnails, bulk data of metadata).
+_WHOLE = re.compile(r"^/dicomweb/studies/[^/]+(/series/[^/]+(/instances/[^/]+)?)?/?$")
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -53,7 +58,7 @@ def _right_for(method: str, path: str) -> tuple[Right, ...] | None:
     if path.startswith("/api/"):
         return (Right.ADMIN,)
     if method in ("GET", "HEAD"):
-        return (Right.READ,)
+        return (Right.DOWNLOAD,) if _WHOLE.match(path) else (Right.READ,)
     if method == "POST":
         return (Right.STORE, Right.STORE_DERIVED, Right.ADMIN)  # ADMIN: rejection notes only
     if method == "DELETE":
@@ -142,7 +147,9 @@ def auth_middleware(authn, run_in_thread, audit):
         if rights is not None:
             if rights and not any(r in principal.rights for r in rights):
                 what = {Right.READ: "read images", Right.STORE: "store objects", Right.ADMIN: "administer the archive",
-                        Right.SECURITY: "manage tokens", Right.AUDIT: "read the audit trail"}.get(rights[0], "do this")
+                        Right.SECURITY: "manage tokens", Right.AUDIT: "read the audit trail",
+                        Right.DOWNLOAD: "download whole instances" if Right.READ in principal.rights
+                        else "read images"}.get(rights[0], "do this")
                 refused(request, principal, "forbidden", f"may not {what}")
                 return error(403, f"{principal.name} ({', '.join(sorted(principal.roles)) or 'no role'}) "
                                   f"may not {what}")

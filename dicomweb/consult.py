@@ -1,5 +1,5 @@
 """Sending for consultation from the pages: `POST /api/consult/send`, `GET /api/consult/jobs`,
-`GET /api/consult/jobs/{id}` and `GET /api/consult/partners` (names and experts, never
+`GET /api/consult/jobs/{id}` (with its instances' states) and `GET /api/consult/partners` (names and experts, never
 credentials). The right (READ: whoever may see a study may ask a colleague about it) comes
 from the route table of dicomweb/auth.py; the study must be visible to the caller, and every
 other check is the one `Consultations.send` makes for the CLI too.
@@ -62,7 +62,9 @@ def add_routes(app: web.Application, arc) -> None:
         found = await arc.run(archive.consultations.job, request.match_info["id"])
         if not who.sees(found.get("study")):
             raise HttpError(404, f"no consultation job {request.match_info['id']!r}")
-        return web.json_response(_public(found), headers={"Cache-Control": "no-store"})
+        items = await arc.run(archive.consultations.items, found["id"])
+        return web.json_response({**_public(found), "items": [i for _, i in items]},
+                                 headers={"Cache-Control": "no-store"})
 
     async def partners(request: web.Request) -> web.Response:
         cfg = archive.config

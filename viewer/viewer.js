@@ -40,7 +40,7 @@ function fail(err) {
   state.status = 'error'
   state.error = String((err && (err.stack || err.message)) || err)
   const code = err && err.request && err.request.status
-  if (code === 401) return status(T.login, true)
+  if (code === 401) return status(sessionStorage.getItem('pathpacs.share') ? T.link_expired : T.login, true)
   status(code ? `${T.failed} ${code}` : state.error.split('\n')[0], true)
 }
 

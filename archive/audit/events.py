@@ -36,6 +36,7 @@ EXPORT = _dcm("110106", "Export")
 QUERY = _dcm("110112", "Query")
 SECURITY_ALERT = _dcm("110113", "Security Alert")
 USER_AUTHENTICATION = _dcm("110114", "User Authentication")
+PATIENT_RECORD = _dcm("110110", "Patient Record")  # consent recorded / withdrawn (archive.consent)
 
 # EventTypeCode (CID 401)
 APPLICATION_START = _dcm("110120", "Application Start")

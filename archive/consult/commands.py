@@ -44,12 +44,11 @@ def register(sub, common) -> "argparse._SubParsersAction":
         common(r)
         r.add_argument("id")
         r.set_defaults(func=cmd_consult)
-    try:  # the consultant's verbs (part RECV): inbox, accept, decline, answer, report
-        from . import inbox_cli
-    except ImportError:
-        inbox_cli = None
-    if inbox_cli is not None:
-        inbox_cli.register(csub, common)
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("archive.consult.inbox_cli") is not None:  # part RECV's verbs, when merged
+        importlib.import_module("archive.consult.inbox_cli").register(csub, common)  # inbox, accept, decline, answer, report
     return csub
 
 
@@ -111,6 +110,9 @@ def cmd_consult(args: argparse.Namespace) -> int:
     from ..cli import CliError, open_archive
 
     verb = args.consult_command
+    import logging
+
+    logging.getLogger("pathpacs.consult").setLevel(logging.ERROR)  # the outcome is our own one line
     arc = open_archive(args, readonly=verb == "list")
     try:
         jobs = arc.consultations

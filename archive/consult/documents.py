@@ -86,6 +86,7 @@ def request_sr(study_datasets_or_header: Dataset | Mapping[str, Any] | Iterable[
         manufacturer=MANUFACTURER, is_complete=True, institution_name=institution or None,
     )
     sr.SeriesDescription = "Consultation request"
+    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: a question in Chinese, names copied from any charset
     return sr
 
 

@@ -58,11 +58,11 @@ class Conflict(ArchiveError):
 
 
 def deid_module():
-    """archive.deid (part DEID), or None while it is not in this build."""
+    """archive.deid (part DEID); InvalidRequest when this build has no de-identification."""
     try:
         from .. import deid
-    except ImportError:
-        return None
+    except ImportError as exc:
+        raise InvalidRequest("de-identification (archive.deid) is not available in this build") from exc
     return deid
 
 
@@ -76,6 +76,12 @@ def consent_check(archive: "Archive", study: str, purpose: str) -> dict | None:
                                  "available in this build") from None
         return None
     return Consents(archive).require(study, purpose)
+
+
+def _header(meta: dict):
+    from pydicom import Dataset
+
+    return Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")
 
 
 def _image_kind(meta: dict) -> str:
@@ -93,9 +99,10 @@ def _has_pixels(meta: dict) -> bool:
 def order_instances(entries: list[dict], priority: str) -> list[dict]:
     """Sending order. `frozen`: metadata-only objects, then OVERVIEW/THUMBNAIL/LABEL images, then
     pyramid levels by TotalPixelMatrixColumns ascending (so the consultant can open the slide at
-    a low level while level 0 follows, last). Otherwise the natural order (series, instance)."""
+    a low level while level 0 follows, last). Otherwise the natural order: Series Number, then
+    Instance Number."""
     if priority != "frozen":
-        return entries
+        return sorted(entries, key=lambda e: (e["series_number"], e["instance_number"], e["n"]))
 
     def rank(e: dict) -> tuple:
         if not e["pixels"]:
@@ -154,11 +161,7 @@ class Consultations:
             consent = consent_check(self.archive, study_uid, "consult")
         else:
             consent = None
-        deid = None
-        if deidentify:
-            deid = deid_module()
-            if deid is None:
-                raise InvalidRequest("de-identification (archive.deid) is not available in this build")
+        deid = deid_module() if deidentify else None
         job_id = secrets.token_urlsafe(9)
         metas = self.index.metadata([r.sop for r in recs]) if recs else []
         entries = []
@@ -166,7 +169,9 @@ class Consultations:
             meta = json.loads(raw) if raw else {}
             entries.append({"sop": rec.sop, "sop_class": rec.sop_class, "series": rec.series, "size": rec.size,
                             "image": _image_kind(meta), "columns": int_value(meta, "00480006", 0),
-                            "pixels": _has_pixels(meta) or rec.n_frames > 0, "n": n, "meta": meta})
+                            "pixels": _has_pixels(meta) or rec.n_frames > 0, "n": n, "meta": meta,
+                            "series_number": int_value(meta, "00200011", 0),
+                            "instance_number": int_value(meta, "00200013", 0)})
         excluded: dict[str, str] = {}
         if deid is not None:
             d = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), deid.UidMap(self.index, job_id))
@@ -174,6 +179,11 @@ class Consultations:
                 why = d.excluded(e["meta"])
                 if why:
                     excluded[e["sop"]] = why
+                    continue
+                try:  # refused before anything leaves: never silently left out
+                    d.check(_header(e["meta"]))
+                except deid.DeidError as exc:
+                    raise InvalidRequest(f"instance {e['sop']} cannot be de-identified: {exc}") from None
         ordered = order_instances(entries, priority)
         items: dict[str, dict] = {}
         order = 0

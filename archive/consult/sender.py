@@ -165,8 +165,7 @@ class _Run:
             except ArchiveError as exc:  # our side: a damaged blob, a tier down
                 raise JobFailed(exc.reason)
             except Exception as exc:
-                deid = deid_module()
-                if deid is not None and isinstance(exc, deid.DeidError):
+                if self.deid is not None and isinstance(exc, deid_module().DeidError):
                     raise JobFailed(f"instance {item['sop']} cannot be de-identified: {exc}")
                 raise
             sent = counter[0] if counter[0] else item.get("size", 0)
@@ -185,9 +184,10 @@ class _Run:
         if partner is None:
             raise JobFailed(f"partner {job['partner']} is no longer configured")
         if job.get("deidentify"):
-            deid = deid_module()
-            if deid is None:
-                raise JobFailed("de-identification (archive.deid) is not available in this build")
+            try:
+                deid = deid_module()
+            except ArchiveError as exc:
+                raise JobFailed(exc.reason) from None
             self.uids = deid.UidMap(self.arc.index, job["id"])
             self.deid = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), self.uids)
         partner_study = self.uids.new(job["study"]) if self.uids is not None else job["study"]
