@@ -750,6 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .consult import commands as consult_cli
 
     consult_cli.register(sub, _common)  # `consult send|list|retry|cancel` (archive.consult.commands)
+    from .consult import partner_cli
+    partner_cli.register(sub, _common)  # `partner list|check` (archive.consult.partner_cli)
     _add_watch(sub)
     return parser
 

@@ -75,8 +75,10 @@ class Route(Protocol):
     def send(self, item: Item) -> Confirmation:
         """Store one instance; raises `RouteError(reason, retryable)`."""
 
-    def confirm(self, sop_uids: list[str]) -> set[str]:
-        """Of these (sent) instances, those the partner confirms holding."""
+    def confirm(self, sop_uids: list[str], classes: "dict[str, str] | None" = None) -> set[str]:
+        """Of these (sent) instances, those the partner confirms holding. `classes`: their SOP
+        Class UIDs (Storage Commitment names each instance by class and UID, also for
+        instances sent before a restart)."""
 
     def count(self, study_uid: str) -> int | None:
         """How many instances of the study the partner holds (QIDO); None when it cannot say."""
@@ -85,8 +87,9 @@ class Route(Protocol):
         """Release connections (associations, HTTP sessions)."""
 
 
-def route_for(partner: "Partner", cfg: "Config") -> Route:
-    """DICOMweb when the partner has it, else DIMSE."""
+def route_for(partner: "Partner", cfg: "Config", archive=None) -> Route:
+    """DICOMweb when the partner has it, else DIMSE. `archive`: for the DIMSE route, where a
+    commitment report taken by this archive's DIMSE server in another process is found."""
     if partner.dicomweb:
         from archive.consult.stow_route import StowRoute
 
@@ -94,5 +97,5 @@ def route_for(partner: "Partner", cfg: "Config") -> Route:
     if partner.has_dimse:
         from archive.consult.dimse_route import DimseRoute
 
-        return DimseRoute(partner, cfg)
+        return DimseRoute(partner, cfg, archive)
     raise RouteError(f"partner {partner.name} has neither dicomweb nor aet/host/port", retryable=False)

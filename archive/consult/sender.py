@@ -191,7 +191,7 @@ class _Run:
             self.uids = deid.UidMap(self.arc.index, job["id"])
             self.deid = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), self.uids)
         partner_study = self.uids.new(job["study"]) if self.uids is not None else job["study"]
-        route = route_for(partner, self.cfg)
+        route = route_for(partner, self.cfg, self.arc)
         try:
             self.save(partner_study=partner_study, route=route.name)
             stored: list[tuple[str, dict]] = []
@@ -206,7 +206,8 @@ class _Run:
                 if fresh and fresh["state"] == "stored":
                     stored.append((key, fresh))
             if stored:  # Storage Commitment (DIMSE): what the partner commits to holding
-                held = route.confirm([i["sent_as"] for _, i in stored])
+                held = route.confirm([i["sent_as"] for _, i in stored],
+                                     {i["sent_as"]: i["sop_class"] for _, i in stored if i.get("sop_class")})
                 missing = [(k, i) for k, i in stored if i["sent_as"] not in held]
                 for k, i in stored:
                     self.arc.index.put_record(ITEMS, k, {**i, "state": "confirmed" if (k, i) not in missing

@@ -244,7 +244,7 @@ class StowRoute:
                              f"{item.sop_uid}", retryable=True)
         raise self._refused(r, "store")
 
-    def confirm(self, sop_uids: list[str]) -> set[str]:
+    def confirm(self, sop_uids: list[str], classes: dict[str, str] | None = None) -> set[str]:
         return set(sop_uids)  # each STOW response confirmed its instance
 
     def count(self, study_uid: str) -> int | None:
