@@ -58,7 +58,7 @@ def add_routes(app: web.Application, arc) -> None:
             elif action == "decline":
                 rec = await arc.run(inbox.decline, case, str(body.get("reason") or ""), who)
             else:
-                regions = regions_from(body.get("regions"))
+                regions = await arc.run(regions_from, body.get("regions"), inbox.pixel_points)
                 rec = await arc.run(inbox.answer, case, str(body.get("text") or ""), regions, who,
                                     str(body.get("consultant") or "") or None)
         except ValueError as exc:

@@ -21,6 +21,7 @@ import urllib.request
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
+import numpy as np
 from pydicom import Dataset
 
 from ..access import SYSTEM, Principal, Right
@@ -224,6 +225,22 @@ class Inbox:
                         institution=self.archive.config.consultation.institution)
         self._store(rec, sr, who)
         return self.get(case_id, who)
+
+    def pixel_points(self, sop: str, slide_points: Sequence[Sequence[float]]) -> list[tuple[float, float]]:
+        """Slide coordinates (mm; the viewer's marks) as (column, row) of the image's total pixel
+        matrix (highdicom's transformer, from the image's orientation, origin and spacing)."""
+        from highdicom.spatial import ReferenceToPixelTransformer
+
+        ds = self._header(sop)
+        if ds is None:
+            raise ValueError(f"region on {sop[:64]}: no such instance")
+        try:
+            tr = ReferenceToPixelTransformer.for_image(ds, for_total_pixel_matrix=True, round_output=False)
+            pts = np.array([list(p) + [0.0] * (3 - len(p)) for p in slide_points], dtype=float)
+            out = tr(pts)
+        except (AttributeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"region on {sop[:64]}: slide coordinates cannot be mapped ({exc})") from None
+        return [(round(float(p[0]), 2), round(float(p[1]), 2)) for p in out]
 
     # -- helpers
     def _consultant(self) -> str:

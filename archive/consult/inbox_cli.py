@@ -44,8 +44,10 @@ def register(consult_sub, common) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def regions_from(data: object):
-    """Regions from parsed JSON (the CLI file, the HTTP body); ValueError naming what is wrong."""
+def regions_from(data: object, to_pixels=None):
+    """Regions from parsed JSON (the CLI file, the HTTP body); ValueError naming what is wrong.
+    A region may give `slide_points` ([x, y, z] in mm, the viewer's marks) instead of pixel
+    `points`: `to_pixels(sop, slide_points)` converts them (the archive knows the slide's geometry)."""
     from .opinion import GRAPHIC_TYPES, Region
 
     if data is None:
@@ -57,7 +59,10 @@ def regions_from(data: object):
         try:
             sop = str(r["sop_instance_uid"])
             kind = str(r.get("graphic_type", "POLYLINE")).upper()
-            points = tuple((float(p[0]), float(p[1])) for p in r["points"])
+            if "points" not in r and "slide_points" in r and to_pixels is not None:
+                points = tuple(to_pixels(sop, [[float(c) for c in p[:3]] for p in r["slide_points"]]))
+            else:
+                points = tuple((float(p[0]), float(p[1])) for p in r["points"])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError):
             raise ValueError(f"region {n}: give sop_instance_uid and points [[x, y], ...]") from None
         if kind not in GRAPHIC_TYPES:
