@@ -173,6 +173,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"cannot import the demo slide: {exc}")
     migration = _start_checksum_migration(arc)
     arc.lifecycle.start()  # rules, replicas, fixity and recalls, in the background
+    arc.consultations.start()  # queued consultation jobs (archive.consult), one worker thread
     try:
         dimse.start()
     except OSError as exc:
@@ -206,6 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             proc.join(10)
         dimse.stop()
         arc.lifecycle.stop()
+        arc.consultations.stop()
         if migration is not None:
             migration[1].set()
             migration[0].join(30)
@@ -741,6 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)
+    from .consult import commands as consult_cli
+
+    consult_cli.register(sub, _common)  # `consult send|list|retry|cancel` (archive.consult.commands)
     _add_watch(sub)
     return parser
 

@@ -208,6 +208,17 @@ class Archive:
             raise Damaged("?", f"unknown tier {name!r}") from None
 
     @property
+    def consultations(self):
+        """Consultation jobs (archive.consult.jobs.Consultations: send a case, its worker),
+        built on first use."""
+        got = self.__dict__.get("_consultations")
+        if got is None:
+            from .consult.jobs import Consultations
+
+            got = self.__dict__.setdefault("_consultations", Consultations(self))
+        return got
+
+    @property
     def tmp_dir(self) -> Path:
         """This process's staging directory (on the ingest tier's filesystem: renames are free)."""
         assert self.staging is not None, "a read-only archive has no staging"

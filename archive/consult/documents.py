@@ -7,6 +7,7 @@ standard form; the concepts come from `codes` (one table for writer and reader).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -18,6 +19,7 @@ from . import codes
 
 REQUEST_SERIES_NUMBER = 9901  # the request SR is in its own series of the case's study
 MANUFACTURER = "pathpacs"
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # it logs each module it copies at INFO
 
 
 @dataclass(frozen=True)
