@@ -248,6 +248,7 @@ def test_answer_with_a_region_arrives_at_a_in_the_original_study(pair, case):
     assert res.returncode == 0, res.stderr
     after = next(c for c in _inbox(pair) if c["id"] == case["job"])
     assert after["state"] == "answered" and after["answer_sop"] and after["accepted"] <= after["answered"]
+    case["answer_sop"] = after["answer_sop"]
     # at A: the SR is in the ORIGINAL study; its region names A's original slide
     found = _wait("the opinion at A", lambda: [d for d in _answers_at_a(pair)
                                                if read_opinion(d).consultation_id == case["job"]
@@ -293,6 +294,10 @@ def test_decline_reason_arrives_at_a(pair, case):
     assert declines[0].StudyInstanceUID == pair["study"]
     res = _b(pair, "accept", job)
     assert res.returncode == 1 and "already declined" in res.stderr
+    # the second send carried A's copy of the first answer (it is in the case now): at B it is
+    # no answer of the first case, which keeps its own
+    first = next(c for c in _inbox(pair) if c["id"] == case["job"])
+    assert (first["state"], first["answer_sop"]) == ("answered", case["answer_sop"])
 
 
 def test_report_counts_and_turnaround(pair, case):
@@ -319,3 +324,52 @@ def test_report_counts_and_turnaround(pair, case):
     none = run_cli("consult", "report", "--json", "--month", "1999-01", "--config", str(pair["cfg_b"]),
                    data=pair["b"].data_dir, check=True)
     assert json.loads(none.stdout) == []
+
+
+def test_viewer_shows_the_question_and_sends_the_opinion(pair, browser):
+    """Chromium at B: the study browser lists the case, the viewer shows its question; the
+    consultant draws a point, writes the opinion and sends it: it arrives at A on A's slide."""
+    from test_viewer import Page
+
+    question = "Frozen section: margin involved?"
+    job = _send(pair, question=question, priority="frozen")
+    rec = _wait("the case in B's inbox", lambda: next((c for c in _inbox(pair) if c["id"] == job), None))
+    b = pair["b"]
+    home = Page(browser, b, pair["tmp"], token=pair["b_token"])  # the study browser (its favicon is a 404)
+    home.page.goto(b.http_url + "/")
+    home.page.wait_for_selector(f"#inbox tr[data-case='{job}']", timeout=30000)
+    row = home.page.locator(f"#inbox tr[data-case='{job}']").inner_text()
+    assert question in row and "frozen" in row and "hospA" in row
+    link = home.page.get_attribute(f"#inbox tr[data-case='{job}'] a", "href")
+    assert link == f"viewer?study={rec['study']}&consult={job}"
+    assert home.errors == []
+    home.context.close()
+    p = Page(browser, b, pair["tmp"], token=pair["b_token"])
+    p.open(link.split("?", 1)[1])
+    p.wait_rendered()
+    p.page.wait_for_function("() => window.ppConsult && window.ppConsult.status === 'shown'", timeout=30000)
+    assert p.page.inner_text("#consult-question") == question
+    assert p.page.inner_text("#consult-from") == "hospA" and p.page.inner_text("#consult-priority") == "frozen"
+    box = p.page.locator("#viewport").bounding_box()
+    p.page.fill("#mark-label", "margin")
+    p.page.click("[data-mark=point]")
+    p.page.mouse.click(round(box["x"] + box["width"] / 2), round(box["y"] + box["height"] / 2))
+    p.page.wait_for_function("() => window.ppViewer.marks.length === 1")
+    text = "Margin free of tumour (2 mm)."
+    p.page.fill("#consult-opinion", text)
+    p.page.click("#consult-send")
+    p.page.wait_for_function("() => ['done', 'error'].includes(window.ppConsult.status)", timeout=30000)
+    st = p.page.evaluate("() => window.ppConsult")
+    assert st["status"] == "done" and st["case"]["state"] == "answered", p.debug() + str(st)
+    assert p.page.inner_text("#consult-state") == "answered"
+    assert p.page.is_disabled("#consult-send")
+    found = _wait("the viewer's opinion at A", lambda: [d for d in _answers_at_a(pair)
+                                                         if read_opinion(d).consultation_id == job], 60)
+    op = read_opinion(found[0])
+    base_a = pydicom.dcmread(pair["slides"][0], stop_before_pixels=True)
+    assert op.text == text and found[0].StudyInstanceUID == pair["study"]
+    [region] = op.regions
+    assert (region.sop_instance_uid, region.graphic_type, region.label) == (base_a.SOPInstanceUID, "POINT", "margin")
+    (col, row), = region.points
+    assert 0 <= col <= base_a.TotalPixelMatrixColumns and 0 <= row <= base_a.TotalPixelMatrixRows
+    p.clean()

@@ -116,12 +116,26 @@ def _received(archive: "Archive", req) -> None:
 
 
 def _answered_here(archive: "Archive", op, who: Principal) -> None:
-    """An opinion (or decline) stored in one of our inbox's cases: record it and send it back."""
+    """An opinion (or decline) stored in one of our inbox's cases: record it and send it back.
+    Only in the case's own study (a copy of an old answer travelling inside another case is not
+    an answer) and only once (a case already answered or declined keeps its answer)."""
     t = now()
+    case = archive.index.record(TABLE, op.consultation_id) or {}
+    if case.get("study") != op.study_uid:
+        log.info("opinion SR %s names consultation %s but is in study %s, not the case's: not an answer",
+                 op.sop_instance_uid, op.consultation_id, op.study_uid)
+        return
+    if case.get("state") in ("answered", "declined"):
+        log.warning("consultation %s is already %s: opinion SR %s stored, not sent", op.consultation_id,
+                    case["state"], op.sop_instance_uid)
+        return
+
+    changed: list[bool] = []
 
     def mark(old: dict | None) -> dict | None:
-        if old is None:
-            return None
+        if old is None or old.get("state") in ("answered", "declined"):
+            return old  # answered meanwhile: the first answer stays
+        changed.append(True)
         new = dict(old)
         if op.declined is not None:
             new.update(state="declined", declined=new.get("declined") or t, reason=op.declined)
@@ -131,7 +145,7 @@ def _answered_here(archive: "Archive", op, who: Principal) -> None:
         return new
 
     rec = archive.index.update_record(TABLE, op.consultation_id, mark)
-    if rec is None:
+    if rec is None or not changed:
         return
     if rec.get("partner") is None:
         log.warning("consultation %s answered, but its requester %r is no configured partner: not sent back",
