@@ -118,8 +118,9 @@ def opinion_sr(evidence: Sequence[Dataset], *, consultation_id: str, consultant:
             raise ValueError(f"a {r.graphic_type} region needs {'one point' if r.graphic_type == 'POINT' else 'points'}")
         if r.sop_instance_uid not in by_uid:
             raise ValueError(f"region on {r.sop_instance_uid}: not an instance of the case")
+        # VOLUME: the points are in the total pixel matrix of the slide, not in one tile
         scoord = ScoordContentItem(codes.REGION, r.graphic_type, np.array(r.points, dtype=float),
-                                   relationship_type="INFERRED FROM")
+                                   pixel_origin_interpretation="VOLUME", relationship_type="INFERRED FROM")
         scoord.ContentSequence = [ImageContentItem(SOURCE_IMAGE, r.sop_class_uid, r.sop_instance_uid,
                                                    relationship_type="SELECTED FROM")]
         label = TextContentItem(codes.REGION, r.label or "region", relationship_type="CONTAINS")
