@@ -25,6 +25,7 @@ from dicomweb_client.api import DICOMwebClient
 
 import factory
 from conftest import Server, free_port, run_cli
+from archive.consult.documents import read_request
 from archive.consult.opinion import read_opinion
 
 DCIODVFY = shutil.which("dciodvfy")
@@ -156,11 +157,19 @@ def _send(pair, question: str = QUESTION, priority: str = "urgent") -> str:
 
 
 def _job(pair, job_id: str) -> dict:
-    res = run_cli("consult", "list", "--json", "--config", str(pair["cfg_a"]), data=pair["a"].data_dir, check=True)
-    return next((j for j in json.loads(res.stdout) if j["id"] == job_id), {})
+    """A's job record (SEND's /api/consult/jobs/ID: the same record `consult list --json` prints)."""
+    status, job = _json(pair["a"], f"/api/consult/jobs/{job_id}", pair["a_token"])
+    assert status == 200, job
+    return job  # type: ignore[return-value]
 
 
 def _inbox(pair) -> list[dict]:
+    status, cases = _json(pair["b"], "/api/consult/inbox", pair["b_token"])
+    assert status == 200, cases
+    return cases  # type: ignore[return-value]
+
+
+def _inbox_cli(pair) -> list[dict]:
     res = run_cli("consult", "inbox", "--json", "--config", str(pair["cfg_b"]), data=pair["b"].data_dir, check=True)
     return json.loads(res.stdout)
 
@@ -197,7 +206,8 @@ def test_request_arrives_in_the_inbox_with_notifications(pair, case):
     assert (rec["question"], rec["priority"], rec["expert"], rec["state"]) == (QUESTION, "urgent", "li-breast", "new")
     assert rec["institution"] == "hospA hospital" and rec["physician"].startswith("Wang")
     assert rec["study"] != pair["study"]  # de-identified: B has its own UIDs for the case
-    # the list, as text and over HTTP (the viewer role reads it; a foreign token is refused)
+    # the list, as JSON and text from the CLI and over HTTP (a foreign token is refused)
+    assert [c for c in _inbox_cli(pair) if c["id"] == case["job"]] == [rec]
     text = _b(pair, "inbox")
     assert text.returncode == 0 and case["job"] in text.stdout and "urgent" in text.stdout
     status, cases = _json(pair["b"], "/api/consult/inbox", pair["b_token"])
@@ -302,9 +312,9 @@ def test_decline_reason_arrives_at_a(pair, case):
 
 def test_report_counts_and_turnaround(pair, case):
     # after the answer and the decline (module order)
-    _wait("both answered at A", lambda: sum(1 for j in json.loads(run_cli(
-        "consult", "list", "--json", "--config", str(pair["cfg_a"]), data=pair["a"].data_dir, check=True).stdout)
-        if j.get("answer_state") in ("answered", "declined")) >= 2)
+    jobs = json.loads(run_cli("consult", "list", "--json", "--config", str(pair["cfg_a"]), data=pair["a"].data_dir,
+                              check=True).stdout)
+    assert sum(1 for j in jobs if j.get("answer_state") in ("answered", "declined")) == 2
     res = run_cli("consult", "report", "--json", "--config", str(pair["cfg_a"]), data=pair["a"].data_dir, check=True)
     rows = [r for r in json.loads(res.stdout) if r["role"] == "requester" and r["partner"] == "hospB"]
     assert len(rows) == 1
@@ -373,3 +383,86 @@ def test_viewer_shows_the_question_and_sends_the_opinion(pair, browser):
     (col, row), = region.points
     assert 0 <= col <= base_a.TotalPixelMatrixColumns and 0 <= row <= base_a.TotalPixelMatrixRows
     p.clean()
+
+
+def test_an_opinion_stored_by_any_dicom_client_is_sent_back(pair):
+    """A consultant's own SR software stores the opinion by STOW (highdicom here): B treats it
+    as the written opinion and sends it back; it joins A's original case."""
+    from archive.consult.opinion import opinion_sr
+
+    job = _send(pair, question="Any DICOM client", priority="routine")
+    rec = _wait("the case in B's inbox", lambda: next((c for c in _inbox(pair) if c["id"] == job), None))
+    cb = _client(pair["b"], pair["b_token"])
+    srs = [cb.retrieve_instance(rec["study"], i["0020000E"]["Value"][0], i["00080018"]["Value"][0])
+           for i in cb.search_for_instances(study_instance_uid=rec["study"], search_filters={"Modality": "SR"})]
+    [request] = [d for d in srs if read_request(d) is not None]  # (A's earlier answers travel with the case)
+    sr = opinion_sr([request], consultation_id=job, consultant="Chen^Hua", text="Reactive changes only.",
+                    request=request)
+    cb.store_instances([sr])
+    got = _wait("the STOW'd opinion at A", lambda: (j := _job(pair, job)).get("answer_state") == "answered" and j, 60)
+    assert got["consultant"] == "Chen Hua"
+    [at_a] = [d for d in _answers_at_a(pair) if read_opinion(d).consultation_id == job]
+    op = read_opinion(at_a)
+    assert op.text == "Reactive changes only." and at_a.StudyInstanceUID == pair["study"]
+    assert op.request_sop_uid == _job(pair, job)["request_sr"]  # the request reference, mapped back
+    assert next(c for c in _inbox(pair) if c["id"] == job)["state"] == "answered"
+
+
+def test_request_from_an_unknown_requester_is_flagged(pair):
+    """A request whose REQUESTER names no [partners.*]: in the inbox, flagged; its answer is
+    stored but cannot be sent automatically (the case says so)."""
+    from pydicom.uid import generate_uid
+
+    from archive.consult.documents import request_sr
+
+    header = pydicom.dcmread(pair["slides"][1], stop_before_pixels=True)
+    header.StudyInstanceUID = generate_uid()  # a case of its own at B
+    header.SeriesInstanceUID, header.SOPInstanceUID = generate_uid(), generate_uid()
+    sr = request_sr(header, consultation_id="walk-in-1", requester="county7", question="Lymphoma?")
+    _client(pair["b"], pair["b_token"]).store_instances([sr])
+    rec = _wait("the request in the inbox", lambda: next((c for c in _inbox(pair) if c["id"] == "walk-in-1"), None))
+    assert (rec["partner"], rec["unknown_partner"], rec["requester"]) == (None, True, "county7")
+    assert "unknown partner" in rec["note"]
+    assert "county7 (unknown partner)" in _b(pair, "inbox").stdout
+    res = _b(pair, "answer", "walk-in-1", "--text", "Needs immunohistochemistry.")
+    assert res.returncode == 0 and "unknown partner" in res.stderr
+    after = next(c for c in _inbox(pair) if c["id"] == "walk-in-1")
+    assert after["state"] == "answered" and after["answer_job"] is None
+
+
+def test_report_turnaround_is_exact(tmp_path):
+    """Median and p90 (nearest rank) of known times, per month, partner and role."""
+    from archive.config import Config
+    from archive.consult.report import report
+    from archive.service import Archive
+
+    cfg = Config()
+    cfg.data_dir = tmp_path / "data"
+    with Archive(cfg) as arc:
+        for n, minutes in enumerate([10, 20, 30, 40, 50, 60, 70, 80, 90, 100]):
+            arc.index.put_record("consult", f"j{n}", {
+                "id": f"j{n}", "kind": "request", "partner": "hospB", "created": "2026-11-03T08:00:00.000Z",
+                "accepted": "2026-11-03T08:05:00.000Z", "answered": f"2026-11-03T{8 + (5 + minutes) // 60:02d}:"
+                f"{(5 + minutes) % 60:02d}:00.000Z", "answer_state": "answered", "bytes_sent": 1000,
+                "instances_sent": 3})
+        arc.index.put_record("consult", "jd", {"id": "jd", "kind": "request", "partner": "hospB",
+                                               "created": "2026-12-01T00:00:00Z", "declined": "2026-12-01T01:00:00Z",
+                                               "answer_state": "declined", "bytes_sent": 5, "instances_sent": 1})
+        arc.index.put_record("consult", "ans", {"id": "ans", "kind": "answer", "partner": "hospB",
+                                                "created": "2026-11-04T00:00:00Z"})  # an answer job: not a case
+        arc.index.put_record("inbox", "c1", {"id": "c1", "partner": None, "requester": "county7", "study": None,
+                                             "received": "2026-11-05T10:00:00+00:00", "state": "new"})
+        rows = report(arc)
+        nov = report(arc, "2026-11")
+    by = {(r["month"], r["partner"], r["role"]): r for r in rows}
+    assert set(by) == {("2026-11", "hospB", "requester"), ("2026-12", "hospB", "requester"),
+                       ("2026-11", "unknown:county7", "consultant")}
+    r = by[("2026-11", "hospB", "requester")]
+    assert (r["cases"], r["accepted"], r["declined"], r["answered"]) == (10, 10, 0, 10)
+    assert r["requested_to_accepted_min"] == {"median": 5.0, "p90": 5.0}
+    assert r["accepted_to_answered_min"] == {"median": 55.0, "p90": 90.0}
+    assert r["requested_to_answered_min"] == {"median": 60.0, "p90": 95.0}
+    assert (r["bytes"], r["instances"]) == (10000, 30)
+    d = by[("2026-12", "hospB", "requester")]
+    assert (d["cases"], d["declined"], d["answered"], d["requested_to_answered_min"]["median"]) == (1, 1, 0, None)
+    assert [x["month"] for x in nov] == ["2026-11", "2026-11"]

@@ -42,12 +42,10 @@ def _job_for(archive: "Archive", consultation_id: str) -> dict | None:
 
 
 def _original_of(archive: "Archive", job_id: str) -> Callable[[str], str | None]:
-    try:
-        from archive.deid import UidMap
-    except ImportError:  # no de-identification here: nothing was remapped
-        return lambda uid: None
-    m = UidMap(archive.index, job_id)
-    return m.original
+    """The job's UID map (empty for a case sent without de-identification)."""
+    from ..deid import UidMap
+
+    return UidMap(archive.index, job_id).original
 
 
 def _map_uids(ds: Dataset, original: Callable[[str], str | None]) -> int:

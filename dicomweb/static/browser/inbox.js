@@ -9,7 +9,7 @@
   section.innerHTML = '<h2 data-t=inbox></h2><table><thead><tr><th data-t=inbox_received></th>' +
     '<th data-t=inbox_from></th><th data-t=inbox_priority></th><th data-t=inbox_question></th>' +
     '<th data-t=inbox_state></th><th></th></tr></thead><tbody></tbody></table>';
-  $("search").before(section);
+  $("pager").after(section);  // after the studies (whose table stays the page's first)
   for (const el of section.querySelectorAll("[data-t]")) el.textContent = t(el.dataset.t);
 
   async function load() {
