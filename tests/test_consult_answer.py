@@ -419,8 +419,13 @@ def test_request_from_an_unknown_requester_is_flagged(pair):
     header.StudyInstanceUID = generate_uid()  # a case of its own at B
     header.SeriesInstanceUID, header.SOPInstanceUID = generate_uid(), generate_uid()
     sr = request_sr(header, consultation_id="walk-in-1", requester="county7", question="Lymphoma?")
-    _client(pair["b"], pair["b_token"]).store_instances([sr])
-    rec = _wait("the request in the inbox", lambda: next((c for c in _inbox(pair) if c["id"] == "walk-in-1"), None))
+    path = pair["tmp"] / "walk-in.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    # by `pathpacs import` (a short-lived process): its notifications still run before it exits
+    run_cli("import", "--quiet", str(path), "--config", str(pair["cfg_b"]), data=pair["b"].data_dir, check=True)
+    assert "PATHPACS_CONSULT_ID=walk-in-1\n" in pair["notified"].read_text()
+    assert [h for h in pair["hook"].received if h["body"]["case"]["id"] == "walk-in-1"]
+    rec = next(c for c in _inbox(pair) if c["id"] == "walk-in-1")
     assert (rec["partner"], rec["unknown_partner"], rec["requester"]) == (None, True, "county7")
     assert "unknown partner" in rec["note"]
     assert "county7 (unknown partner)" in _b(pair, "inbox").stdout

@@ -10,6 +10,7 @@ States: new -> accepted -> answered, or new|accepted -> declined (with the reaso
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -311,6 +312,9 @@ def raise_forbidden(who: Principal, what: str) -> None:
 
 _queue: "queue.SimpleQueue[tuple[Any, dict]] | None" = None
 _lock = threading.Lock()
+_pending = 0  # queued or running notifications: a CLI process (import) waits for them at exit
+_idle = threading.Condition(_lock)
+DRAIN_SECONDS = NOTIFY_TIMEOUT + WEBHOOK_TIMEOUT + 5
 
 
 def notify(archive: "Archive", rec: dict) -> None:
@@ -318,12 +322,21 @@ def notify(archive: "Archive", rec: dict) -> None:
     c = archive.config.consultation
     if not c.notify_command and not c.webhook:
         return
-    global _queue
+    global _queue, _pending
     with _lock:
         if _queue is None:
             _queue = queue.SimpleQueue()
             threading.Thread(target=_notifier, name="consult-notify", daemon=True).start()
+            atexit.register(_drain)
+        _pending += 1
     _queue.put((c, rec))
+
+
+def _drain(timeout: float = DRAIN_SECONDS) -> None:
+    """At interpreter exit: let queued notifications finish (bounded), so a case received by a
+    short-lived process (`pathpacs import` of a request) is still announced."""
+    with _idle:
+        _idle.wait_for(lambda: _pending == 0, timeout)
 
 
 def case_environment(rec: dict) -> dict[str, str]:
@@ -334,25 +347,36 @@ def case_environment(rec: dict) -> dict[str, str]:
 
 
 def _notifier() -> None:
+    global _pending
     assert _queue is not None
     while True:
         c, rec = _queue.get()
-        if c.notify_command:
-            try:
-                argv = shlex.split(c.notify_command)
-                res = subprocess.run(argv, env={**os.environ, **case_environment(rec)}, timeout=NOTIFY_TIMEOUT,
-                                     capture_output=True, text=True)
-                if res.returncode != 0:
-                    log.error("notify_command for consultation %s exited %d: %s", rec["id"], res.returncode,
-                              (res.stderr or res.stdout).strip()[:300])
-            except (OSError, ValueError, subprocess.SubprocessError) as exc:
-                log.error("notify_command for consultation %s failed: %s", rec["id"], exc)
-        if c.webhook:
-            try:
-                body = json.dumps({"event": "consultation received", "case": rec}).encode()
-                req = urllib.request.Request(c.webhook, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT) as resp:
-                    resp.read(1 << 16)
-            except Exception as exc:  # noqa: BLE001 - logged, never raised into the archive
-                log.error("webhook for consultation %s failed: %s", rec["id"], exc)
+        try:
+            _notify_one(c, rec)
+        finally:
+            with _idle:
+                _pending -= 1
+                _idle.notify_all()
+
+
+def _notify_one(c, rec: dict) -> None:
+    """Run the notify command and post the webhook of one case; errors are logged."""
+    if c.notify_command:
+        try:
+            argv = shlex.split(c.notify_command)
+            res = subprocess.run(argv, env={**os.environ, **case_environment(rec)}, timeout=NOTIFY_TIMEOUT,
+                                 capture_output=True, text=True)
+            if res.returncode != 0:
+                log.error("notify_command for consultation %s exited %d: %s", rec["id"], res.returncode,
+                          (res.stderr or res.stdout).strip()[:300])
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            log.error("notify_command for consultation %s failed: %s", rec["id"], exc)
+    if c.webhook:
+        try:
+            body = json.dumps({"event": "consultation received", "case": rec}).encode()
+            req = urllib.request.Request(c.webhook, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=WEBHOOK_TIMEOUT) as resp:
+                resp.read(1 << 16)
+        except Exception as exc:  # noqa: BLE001 - logged, never raised into the archive
+            log.error("webhook for consultation %s failed: %s", rec["id"], exc)
