@@ -383,6 +383,16 @@ def test_viewer_shows_the_question_and_sends_the_opinion(pair, browser):
     (col, row), = region.points
     assert 0 <= col <= base_a.TotalPixelMatrixColumns and 0 <= row <= base_a.TotalPixelMatrixRows
     p.clean()
+    # at A, the original case in the viewer shows the answers that came back (read-only)
+    q = Page(browser, pair["a"], pair["tmp"], token=pair["a_token"])
+    q.open(f"study={pair['study']}")
+    q.wait_rendered()
+    q.page.wait_for_function("() => window.ppConsult && window.ppConsult.status !== 'loading'", timeout=30000)
+    docs = q.page.evaluate("() => window.ppConsult.documents")
+    assert {d["id"]: d.get("text") for d in docs if d["kind"] == "opinion"}[job] == text, docs
+    assert any(d.get("declined") == "Outside my specialty: please ask the soft tissue service." for d in docs), docs
+    assert text in q.page.inner_text("#consult") and q.page.locator("#consult-send").count() == 0
+    q.clean()
 
 
 def test_an_opinion_stored_by_any_dicom_client_is_sent_back(pair):

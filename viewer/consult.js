@@ -2,7 +2,9 @@
 // archive's consultation inbox, show its question and let the consultant accept, decline (with
 // a reason) or write the opinion, optionally with the marks drawn with the annotation tools
 // (annotations.js) as regions on the slide. Posts to /api/consult/inbox/{id}/...; the archive
-// stores the opinion SR in the case and sends it back. State for tests: window.ppConsult.
+// stores the opinion SR in the case and sends it back. A study that is no inbox case shows the
+// consultation documents it holds (the question of a request, the opinions and declines that
+// came back), read-only. State for tests: window.ppConsult.
 'use strict'
 
 ;(() => {
@@ -100,13 +102,72 @@
     }
   }
 
+  // --- without an inbox case: the consultation documents stored in the study (a request, the
+  // opinions and declines that came back), read-only, from their DICOM JSON ----------------------
+  const TITLES = { '57133-1': 'request', '60570-9': 'opinion' }
+  const ITEMS = { 'CONSULT-ID': 'id', QUESTION: 'question', REQUESTER: 'requester', OPINION: 'text',
+    DECLINED: 'declined', CONSULTANT: 'consultant' }
+  const vals = (doc, tag) => (doc && doc[tag] && doc[tag].Value) || []
+  const code = (doc) => vals(vals(doc, '0040A043')[0], '00080100')[0]
+
+  function readDocument(doc) {
+    const kind = TITLES[code(doc)]
+    if (!kind) return null
+    const out = { kind, sop: vals(doc, '00080018')[0] }
+    for (const item of vals(doc, '0040A730')) {
+      const key = ITEMS[code(item)]
+      if (!key) continue
+      const pn = vals(item, '0040A123')[0]
+      out[key] = vals(item, '0040A160')[0] || (pn && pn.Alphabetic ? pn.Alphabetic.replace(/\^/g, ' ').trim() : '')
+    }
+    return out.id ? out : null
+  }
+
+  async function fromDocuments() {
+    const root = new URL('dicomweb', document.baseURI).href
+    const json = { ...headers, Accept: 'application/dicom+json' }
+    const r = await fetch(`${root}/studies/${encodeURIComponent(study)}/instances?Modality=SR`, { headers: json })
+    if (!r.ok) return []
+    const docs = []
+    for (const inst of (r.status === 204 ? [] : await r.json())) {
+      const url = `${root}/studies/${encodeURIComponent(study)}/series/${vals(inst, '0020000E')[0]}` +
+        `/instances/${vals(inst, '00080018')[0]}/metadata`
+      const m = await fetch(url, { headers: json })
+      if (!m.ok) continue
+      const d = readDocument((await m.json())[0])
+      if (d) docs.push(d)
+    }
+    return docs
+  }
+
+  function renderDocuments(docs) {
+    const box = el('section', { id: 'consult' })
+    box.append(el('h2', {}, T.t_consult))
+    for (const d of docs) {
+      const div = el('div', { className: 'consult-doc' })
+      div.dataset.kind = d.kind
+      if (d.kind === 'request') {
+        div.append(el('h3', {}, T.c_question), el('p', { className: 'consult-question' }, d.question || ''))
+      } else {
+        div.append(el('h3', {}, (d.declined !== undefined ? T.c_decline : T.c_opinion) + (d.consultant ? ` — ${d.consultant}` : '')),
+          el('p', { className: 'consult-text' }, d.declined !== undefined ? d.declined : d.text || ''))
+      }
+      box.append(div)
+    }
+    document.getElementById('side').prepend(box)
+  }
+
   async function load() {
     if (!study) { state.status = 'none'; return }
     const r = await fetch(`${api}?study=${encodeURIComponent(study)}`, { headers })
-    if (!r.ok) { state.status = 'none'; state.error = String(r.status); return }
-    const cases = await r.json()
+    const cases = r.ok ? await r.json() : []
     const c = (wanted && cases.find((x) => x.id === wanted)) || cases[0]
-    if (!c) { state.status = 'none'; return }
+    if (!c) {
+      state.documents = await fromDocuments()
+      if (state.documents.length) renderDocuments(state.documents)
+      state.status = state.documents.length ? 'documents' : 'none'
+      return
+    }
     state.case = c
     render(c)
     state.status = 'shown'
