@@ -12,8 +12,7 @@ import json
 
 from aiohttp import web
 
-from archive.consult.inbox import Inbox
-from archive.consult.inbox_cli import regions_from
+from archive.consult.inbox import Inbox, regions_from
 
 from .auth import principal_of
 from .common import HttpError

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from pydicom import Dataset
 
-from ..access import SYSTEM, Principal, Right
+from ..access import SYSTEM, Principal
 from ..status import ArchiveError, ErrorKind, NotFound
-from .opinion import SR_SOP_CLASSES, Region, opinion_sr, read_opinion
+from .opinion import COMPREHENSIVE_SR, GRAPHIC_TYPES, SR_SOP_CLASSES, Region, opinion_sr, read_opinion
 
 if TYPE_CHECKING:
     from ..ingest import IngestResult
@@ -156,8 +156,9 @@ def _answered_here(archive: "Archive", op, who: Principal) -> None:
         job = archive.consultations.send(rec["study"], rec["partner"], kind="answer",
                                          instances=[op.sop_instance_uid], who=SYSTEM)
     except ArchiveError as exc:
-        log.error("consultation %s: the answer cannot be queued for %s: %s", rec["id"], rec["partner"], exc.reason)
-        archive.index.update_record(TABLE, rec["id"], lambda o: o and {**o, "note": f"answer not sent: {exc.reason}"})
+        reason = exc.reason
+        log.error("consultation %s: the answer cannot be queued for %s: %s", rec["id"], rec["partner"], reason)
+        archive.index.update_record(TABLE, rec["id"], lambda o: o and {**o, "note": f"answer not sent: {reason}"})
         return
     archive.index.update_record(TABLE, rec["id"], lambda o: o and {**o, "answer_job": job, "note": ""})
     log.info("consultation %s: %s queued for %s (job %s)", rec["id"],
@@ -187,7 +188,7 @@ class Inbox:
         return [r for r in self.list(who) if r.get("study") == study]
 
     def _may_answer(self, rec: dict, who: Principal) -> None:
-        if not who.may_store("1.2.840.10008.5.1.4.1.1.88.33", rec.get("study")):
+        if not who.may_store(COMPREHENSIVE_SR, rec.get("study")):
             raise_forbidden(who, "answer consultations")
 
     def accept(self, case_id: str, who: Principal = SYSTEM) -> dict:
@@ -300,6 +301,34 @@ class Inbox:
                                   reason=result.reason or "")
         if not result.ok:
             raise ArchiveError(f"the answer could not be stored: {result.reason}")
+
+
+def regions_from(data: object, to_pixels=None):
+    """Regions from parsed JSON (the CLI file, the HTTP body); ValueError naming what is wrong.
+    A region may give `slide_points` ([x, y, z] in mm, the viewer's marks) instead of pixel
+    `points`: `to_pixels(sop, slide_points)` converts them (the archive knows the slide's geometry)."""
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ValueError("regions must be a list")
+    out = []
+    for n, r in enumerate(data, 1):
+        try:
+            sop = str(r["sop_instance_uid"])
+            kind = str(r.get("graphic_type", "POLYLINE")).upper()
+            if "points" not in r and "slide_points" in r and to_pixels is not None:
+                points = tuple(to_pixels(sop, [[float(c) for c in p[:3]] for p in r["slide_points"]]))
+            else:
+                points = tuple((float(p[0]), float(p[1])) for p in r["points"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            raise ValueError(f"region {n}: give sop_instance_uid and points [[x, y], ...]") from None
+        if kind not in GRAPHIC_TYPES:
+            raise ValueError(f"region {n}: graphic_type must be one of {', '.join(GRAPHIC_TYPES)}")
+        if not points:
+            raise ValueError(f"region {n}: no points")
+        out.append(Region(sop, kind, points, str(r.get("sop_class_uid") or "1.2.840.10008.5.1.4.1.1.77.1.6"),
+                          str(r.get("label") or "")[:64]))
+    return out
 
 
 def raise_forbidden(who: Principal, what: str) -> None:

@@ -44,40 +44,10 @@ def register(consult_sub, common) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def regions_from(data: object, to_pixels=None):
-    """Regions from parsed JSON (the CLI file, the HTTP body); ValueError naming what is wrong.
-    A region may give `slide_points` ([x, y, z] in mm, the viewer's marks) instead of pixel
-    `points`: `to_pixels(sop, slide_points)` converts them (the archive knows the slide's geometry)."""
-    from .opinion import GRAPHIC_TYPES, Region
-
-    if data is None:
-        return []
-    if not isinstance(data, list):
-        raise ValueError("regions must be a list")
-    out = []
-    for n, r in enumerate(data, 1):
-        try:
-            sop = str(r["sop_instance_uid"])
-            kind = str(r.get("graphic_type", "POLYLINE")).upper()
-            if "points" not in r and "slide_points" in r and to_pixels is not None:
-                points = tuple(to_pixels(sop, [[float(c) for c in p[:3]] for p in r["slide_points"]]))
-            else:
-                points = tuple((float(p[0]), float(p[1])) for p in r["points"])
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
-            raise ValueError(f"region {n}: give sop_instance_uid and points [[x, y], ...]") from None
-        if kind not in GRAPHIC_TYPES:
-            raise ValueError(f"region {n}: graphic_type must be one of {', '.join(GRAPHIC_TYPES)}")
-        if not points:
-            raise ValueError(f"region {n}: no points")
-        out.append(Region(sop, kind, points, str(r.get("sop_class_uid") or "1.2.840.10008.5.1.4.1.1.77.1.6"),
-                          str(r.get("label") or "")[:64]))
-    return out
-
-
 def cmd_inbox(args: argparse.Namespace) -> int:
     from ..cli import CliError, open_archive
     from ..status import ArchiveError
-    from .inbox import Inbox
+    from .inbox import Inbox, regions_from
 
     verb = args.inbox_verb
     text = None

@@ -90,7 +90,7 @@ def opinion_sr(evidence: Sequence[Dataset], *, consultation_id: str, consultant:
     """A Comprehensive SR answering consultation `consultation_id` in the study of `evidence`
     (headers of the case's instances: at least one, and every slide a region is drawn on).
     `declined` makes it a decline (the reason); `request` is the request SR it answers."""
-    from highdicom.sr import (CodeContentItem, CompositeContentItem, ContainerContentItem, ComprehensiveSR,
+    from highdicom.sr import (CompositeContentItem, ContainerContentItem, ComprehensiveSR,
                               DateTimeContentItem, ImageContentItem, PnameContentItem, ScoordContentItem,
                               TextContentItem)
 
