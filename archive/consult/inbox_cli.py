@@ -76,12 +76,17 @@ def cmd_inbox(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(cases, indent=1))
                     return 0
-                print(f"{'ID':<14}  {'STATE':<9}  {'PRIORITY':<8}  {'FROM':<16}  {'RECEIVED':<20}  {'STUDY':<40}  QUESTION")
-                for c in cases:
-                    who = c.get("partner") or f"{c.get('requester')} (unknown partner)"
-                    q = re.sub(r"\s+", " ", c.get("question") or "")[:60]
-                    print(f"{c['id']:<14}  {c['state']:<9}  {c.get('priority') or '':<8}  {who:<16}  "
-                          f"{(c.get('received') or '')[:19]:<20}  {c.get('study') or '':<40}  {q}")
+                if not cases:
+                    print("no consultation requests received", file=sys.stderr)
+                    return 0
+                rows = [(c["id"], c["state"], c.get("priority") or "",
+                         c.get("partner") or f"{c.get('requester')} (unknown partner)",
+                         (c.get("received") or "")[:19].replace("T", " "), c.get("study") or "",
+                         re.sub(r"\s+", " ", c.get("question") or "")[:60]) for c in cases]
+                head = ("ID", "STATE", "PRIORITY", "FROM", "RECEIVED (UTC)", "STUDY", "QUESTION")
+                widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
+                for r in [head] + rows:
+                    print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
                 return 0
             if verb == "accept":
                 rec = inbox.accept(args.id)
@@ -112,6 +117,8 @@ def _fmt(stats: dict) -> str:
 def _dur(minutes: float | None) -> str:
     if minutes is None:
         return "-"
+    if minutes < 1:
+        return f"{minutes * 60:.0f}s"
     if minutes < 120:
         return f"{minutes:.0f}m"
     if minutes < 48 * 60:
