@@ -443,6 +443,8 @@ def test_request_from_an_unknown_requester_is_flagged(pair):
     assert res.returncode == 0 and "unknown partner" in res.stderr
     after = next(c for c in _inbox(pair) if c["id"] == "walk-in-1")
     assert after["state"] == "answered" and after["answer_job"] is None
+    res = _b(pair, "decline", "walk-in-1", "--reason", "too late")
+    assert res.returncode == 1 and res.stderr.strip() == "pathpacs: error: consultation walk-in-1 is already answered"
 
 
 def test_report_turnaround_is_exact(tmp_path):
