@@ -33,7 +33,7 @@ TEXT: dict[str, dict[str, str]] = {
         "c_accept": "Accept", "c_decline": "Decline", "c_reason": "Reason for declining", "c_send": "Send opinion",
         "c_sent": "Opinion stored and sent back.", "c_declined": "Declined; the reason is sent back.",
         "c_accepted": "Accepted.", "c_need_text": "Write the opinion first.", "c_need_reason": "Give a reason.",
-        "c_failed": "The archive answered",
+        "c_failed": "The archive answered", "c_accepted_by": "Accepted",
     },
     "zh-CN": {
         "title": "pathpacs 阅片", "home": "检查列表", "t_slide": "切片", "slide": "切片",
@@ -60,7 +60,7 @@ TEXT: dict[str, dict[str, str]] = {
         "c_accept": "接受", "c_decline": "拒绝", "c_reason": "拒绝原因", "c_send": "发送意见",
         "c_sent": "意见已保存并发回。", "c_declined": "已拒绝，原因已发回。",
         "c_accepted": "已接受。", "c_need_text": "请先填写会诊意见。", "c_need_reason": "请填写原因。",
-        "c_failed": "归档服务器返回",
+        "c_failed": "归档服务器返回", "c_accepted_by": "已接受",
     },
 }
 

@@ -241,8 +241,15 @@ def test_bad_input_gets_one_line(pair, case):
 
 def test_answer_with_a_region_arrives_at_a_in_the_original_study(pair, case):
     rec = case["rec"]
-    assert _b(pair, "accept", case["job"]).returncode == 0
-    assert next(c for c in _inbox(pair) if c["id"] == case["job"])["state"] == "accepted"
+    res = _b(pair, "accept", case["job"])
+    assert res.returncode == 0 and "hospA is told" in res.stderr, res.stderr
+    accepted = next(c for c in _inbox(pair) if c["id"] == case["job"])
+    assert accepted["state"] == "accepted" and accepted["accept_sop"]
+    # A learns it at once (an acceptance notice SR, mapped back like any answer)
+    job = _wait("accepted at A", lambda: (j := _job(pair, case["job"])).get("answer_state") == "accepted" and j, 60)
+    assert job["accepted"] and not job.get("answered")
+    status, again = _json(pair["b"], f"/api/consult/inbox/{case['job']}/accept", pair["b_token"], {})
+    assert status == 200 and again["accept_sop"] == accepted["accept_sop"]  # told once
     # the base slide at B (its de-identified UID) carries the region
     cb = _client(pair["b"], pair["b_token"])
     vols = [i for i in cb.search_for_instances(study_instance_uid=rec["study"], search_filters={"Modality": "SM"},
@@ -262,7 +269,7 @@ def test_answer_with_a_region_arrives_at_a_in_the_original_study(pair, case):
     # at A: the SR is in the ORIGINAL study; its region names A's original slide
     found = _wait("the opinion at A", lambda: [d for d in _answers_at_a(pair)
                                                if read_opinion(d).consultation_id == case["job"]
-                                               and read_opinion(d).declined is None], 60)
+                                               and read_opinion(d).kind == "answered"], 60)
     sr = found[0]
     op = read_opinion(sr)
     assert sr.StudyInstanceUID == pair["study"] and op.text == text and op.consultant == "Li Ming"
@@ -285,7 +292,7 @@ def test_answer_with_a_region_arrives_at_a_in_the_original_study(pair, case):
         pytest.fail("dciodvfy is not installed (make test installs it with apt-get)")
     # A's job knows the answer
     job = _wait("the job answered", lambda: (j := _job(pair, case["job"])).get("answer_state") == "answered" and j)
-    assert job["answer_sop"] == sr.SOPInstanceUID and job["accepted"] and job["answered"]
+    assert job["answer_sop"] == sr.SOPInstanceUID and job["accepted"] <= job["answered"]
     # a second answer is refused
     res = _b(pair, "answer", case["job"], "--text", "again")
     assert res.returncode == 1 and "already answered" in res.stderr

@@ -149,8 +149,11 @@
       if (d.kind === 'request') {
         div.append(el('h3', {}, T.c_question), el('p', { className: 'consult-question' }, d.question || ''))
       } else {
-        div.append(el('h3', {}, (d.declined !== undefined ? T.c_decline : T.c_opinion) + (d.consultant ? ` — ${d.consultant}` : '')),
-          el('p', { className: 'consult-text' }, d.declined !== undefined ? d.declined : d.text || ''))
+        const heading = d.declined !== undefined ? T.c_decline : d.text !== undefined ? T.c_opinion : T.c_accepted_by
+        div.append(el('h3', {}, heading + (d.consultant ? ` — ${d.consultant}` : '')))
+        if (d.declined !== undefined || d.text !== undefined) {
+          div.append(el('p', { className: 'consult-text' }, d.declined !== undefined ? d.declined : d.text))
+        }
       }
       box.append(div)
     }

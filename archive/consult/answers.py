@@ -7,7 +7,7 @@ before anything is stored: every UID it carries that the job's map knows (Study 
 the slides its regions reference, the request SR, the evidence sequences) becomes the original
 again, and the patient and study attributes are copied from the original study, so the answer
 joins the case under the original UIDs. Then `answer_arrived` records it on the job:
-requested -> accepted -> answered (or declined), with times.
+requested -> accepted (the consultant's acceptance notice) -> answered (or declined), with times.
 """
 from __future__ import annotations
 
@@ -122,6 +122,11 @@ def answer_arrived(archive: "Archive", op: ConsultOpinion) -> None:
             return None
         new = dict(old)
         new["accepted"] = old.get("accepted") or op.accepted or t
+        if op.kind == "accepted":  # the notice: only the state and time, never over an answer
+            if old.get("answer_state") not in ("answered", "declined"):
+                new["answer_state"] = "accepted"
+            new.update(accept_sop=op.sop_instance_uid, consultant=old.get("consultant") or op.consultant)
+            return new
         if op.declined is not None:
             new.update(answer_state="declined", declined=t, decline_reason=op.declined)
         else:
@@ -130,5 +135,5 @@ def answer_arrived(archive: "Archive", op: ConsultOpinion) -> None:
         return new
 
     archive.index.update_record(JOBS, op.consultation_id, change)
-    log.info("consultation %s %s by %s (SR %s)", op.consultation_id,
-             "declined" if op.declined is not None else "answered", op.consultant or "?", op.sop_instance_uid)
+    log.info("consultation %s %s by %s (SR %s)", op.consultation_id, op.kind, op.consultant or "?",
+             op.sop_instance_uid)

@@ -6,7 +6,8 @@ table, keyed by the consultation id the requester gave it): `on_stored` is calle
 case of the inbox (written with `answer`, by the viewer, or by any DICOM client by STOW) is
 sent back to the requester through `Consultations.send(kind="answer")`; so is a decline.
 
-States: new -> accepted -> answered, or new|accepted -> declined (with the reason).
+States: new -> accepted -> answered, or new|accepted -> declined (with the reason). Accepting
+also tells the requester: a notice SR (the opinion document with only the acceptance time).
 """
 from __future__ import annotations
 
@@ -130,6 +131,8 @@ def _answered_here(archive: "Archive", op, who: Principal) -> None:
         log.warning("consultation %s is already %s: opinion SR %s stored, not sent", op.consultation_id,
                     case["state"], op.sop_instance_uid)
         return
+    if op.kind == "accepted" and case.get("accept_sop"):
+        return  # the requester was told once
 
     changed: list[bool] = []
 
@@ -138,6 +141,9 @@ def _answered_here(archive: "Archive", op, who: Principal) -> None:
             return old  # answered meanwhile: the first answer stays
         changed.append(True)
         new = dict(old)
+        if op.kind == "accepted":
+            new.update(state="accepted", accepted=new.get("accepted") or t, accept_sop=op.sop_instance_uid)
+            return new
         if op.declined is not None:
             new.update(state="declined", declined=new.get("declined") or t, reason=op.declined)
         else:
@@ -160,9 +166,10 @@ def _answered_here(archive: "Archive", op, who: Principal) -> None:
         log.error("consultation %s: the answer cannot be queued for %s: %s", rec["id"], rec["partner"], reason)
         archive.index.update_record(TABLE, rec["id"], lambda o: o and {**o, "note": f"answer not sent: {reason}"})
         return
-    archive.index.update_record(TABLE, rec["id"], lambda o: o and {**o, "answer_job": job, "note": ""})
+    field = "accept_job" if op.kind == "accepted" else "answer_job"
+    archive.index.update_record(TABLE, rec["id"], lambda o: o and {**o, field: job, "note": ""})
     log.info("consultation %s: %s queued for %s (job %s)", rec["id"],
-             "decline" if op.declined is not None else "opinion", rec["partner"], job)
+             {"accepted": "acceptance", "declined": "decline"}.get(op.kind, "opinion"), rec["partner"], job)
 
 
 # -- the consultant's actions ----------------------------------------------------------------------
@@ -191,7 +198,9 @@ class Inbox:
         if not who.may_store(COMPREHENSIVE_SR, rec.get("study")):
             raise_forbidden(who, "answer consultations")
 
-    def accept(self, case_id: str, who: Principal = SYSTEM) -> dict:
+    def accept(self, case_id: str, who: Principal = SYSTEM, notice: bool = True) -> dict:
+        """Accept the case; `notice`: tell the requester (an SR carrying the acceptance time,
+        stored in the case and sent back like an answer), so its job shows "accepted" at once."""
         rec = self.get(case_id, who)
         self._may_answer(rec, who)
         t = now()
@@ -205,8 +214,14 @@ class Inbox:
                 return old
             return {**old, "state": "accepted", "accepted": t, "who": who.name}
 
-        out = self.archive.index.update_record(TABLE, case_id, change)
-        return out or rec
+        out = self.archive.index.update_record(TABLE, case_id, change) or rec
+        if notice and not out.get("accept_sop") and out.get("partner") is not None:
+            self._store(out, opinion_sr(self._evidence(out, ()), consultation_id=out["consultation_id"],
+                                        consultant=who.name if who is not SYSTEM else self._consultant(),
+                                        accepted=out["accepted"], request=self._request(out),
+                                        institution=self.archive.config.consultation.institution), who)
+            out = self.get(case_id, who)
+        return out
 
     def decline(self, case_id: str, reason: str, who: Principal = SYSTEM) -> dict:
         """Decline with a reason: a decline SR is stored in the case and sent back."""
@@ -233,7 +248,7 @@ class Inbox:
         if rec["state"] in ("declined", "answered"):
             raise InboxConflict(f"consultation {case_id} is already {rec['state']}")
         if rec["state"] == "new":
-            self.accept(case_id, who)
+            self.accept(case_id, who, notice=False)  # the answer carries the acceptance time
             rec = self.get(case_id, who)
         sr = opinion_sr(self._evidence(rec, regions), consultation_id=rec["consultation_id"],
                         consultant=consultant or (who.name if who is not SYSTEM else self._consultant()),

@@ -90,7 +90,9 @@ def cmd_inbox(args: argparse.Namespace) -> int:
                 return 0
             if verb == "accept":
                 rec = inbox.accept(args.id)
-                print(f"consultation {rec['id']} accepted", file=sys.stderr)
+                print(f"consultation {rec['id']} accepted"
+                      + (f"; {rec['partner']} is told" if rec.get("accept_sop") else f" ({rec.get('note') or 'not told'})"),
+                      file=sys.stderr)
             elif verb == "decline":
                 rec = inbox.decline(args.id, args.reason)
                 print(f"consultation {rec['id']} declined; the reason is sent back to {rec.get('partner') or rec.get('requester')}"

@@ -61,6 +61,14 @@ class ConsultOpinion:
     request_sop_uid: str | None = None  # the request SR it answers
     regions: tuple[Region, ...] = field(default_factory=tuple)
 
+    @property
+    def kind(self) -> str:
+        """"declined", "answered" (an opinion), or "accepted" (a notice that the case was
+        accepted, carrying only the acceptance time)."""
+        if self.declined is not None:
+            return "declined"
+        return "answered" if self.text or self.regions else "accepted"
+
     def as_dict(self) -> dict[str, Any]:
         return {"consultation_id": self.consultation_id, "consultant": self.consultant, "text": self.text,
                 "study_uid": self.study_uid, "sop_instance_uid": self.sop_instance_uid,
@@ -89,14 +97,15 @@ def opinion_sr(evidence: Sequence[Dataset], *, consultation_id: str, consultant:
                sop_uid: str | None = None) -> Dataset:
     """A Comprehensive SR answering consultation `consultation_id` in the study of `evidence`
     (headers of the case's instances: at least one, and every slide a region is drawn on).
-    `declined` makes it a decline (the reason); `request` is the request SR it answers."""
+    `declined` makes it a decline (the reason); `request` is the request SR it answers. With
+    neither text nor `declined`, only `accepted`: a notice that the case was accepted."""
     from highdicom.sr import (CompositeContentItem, ContainerContentItem, ComprehensiveSR,
                               DateTimeContentItem, ImageContentItem, PnameContentItem, ScoordContentItem,
                               TextContentItem)
 
     if not evidence:
         raise ValueError("an opinion needs the case's study (no instance given)")
-    if declined is None and not text.strip():
+    if declined is None and not text.strip() and not (accepted and not regions):
         raise ValueError("an opinion needs a text")
     study = str(evidence[0].StudyInstanceUID)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in evidence}
@@ -138,7 +147,8 @@ def opinion_sr(evidence: Sequence[Dataset], *, consultation_id: str, consultant:
         evidence=ev, content=root, series_instance_uid=series_uid or generate_uid(), series_number=990,
         sop_instance_uid=sop_uid or generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, institution_name=institution,
-        series_description="Consultation decline" if declined is not None else "Consultation opinion")
+        series_description="Consultation decline" if declined is not None else
+        "Consultation opinion" if text.strip() else "Consultation accepted")
     assert str(sr.StudyInstanceUID) == study
     return sr
 
