@@ -137,3 +137,14 @@ def test_a_dead_process_of_this_host_loses_its_lease_at_once(arc, tmp_path):
     other_host = {"owner": "elsewhere:1:x", "until": time.time() + 3600}
     arc.index.update_record(JOBS, job_id, lambda old: {**old, "lease": other_host})
     assert jobs.claim(job_id) is None  # another node's live lease is respected
+
+
+def test_a_research_view_sends_de_identified_only(arc, tmp_path):
+    study, _ = ingest_case(arc, tmp_path)
+    research = Principal("r1", "researcher", frozenset({"viewer"}), "token", deidentified=True)
+    jobs = Consultations(arc)
+    with pytest.raises(Forbidden, match="may send a case de-identified only"):
+        jobs.send(study, "b", who=research)
+    job = jobs.job(jobs.send(study, "b", who=research, deidentify=True))
+    sent = [i["what"] for _, i in jobs.items(job["id"]) if i["state"] == "pending"]
+    assert job["deidentify"] and sent == ["request SR", "VOLUME", "VOLUME", "VOLUME"]  # the OVERVIEW stays home

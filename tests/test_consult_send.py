@@ -147,7 +147,12 @@ experts = [{{ id = "li-breast", name = "Li Ming", specialties = ["breast"] }}]
 dicomweb = "{b.dicomweb_url}"
 token = "{BAD_TOKEN}"
 
+[partners.bfile]
+dicomweb = "{b.dicomweb_url}"
+token_file = "b.token"
+
 {full}'''
+    (root / "b.token").write_text(b_token + "\n")  # token_file: relative to the config file's directory
     srv = start_pathpacs(root / "A", config_text=config, aet="HOSPA")
     yield srv
     srv.stop()
@@ -490,3 +495,18 @@ def test_kill_a_mid_transfer_the_restarted_sender_takes_the_job_over(a, b, b_tok
         got = wado_bytes(b.dicomweb_url, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, b_token)
         assert sha(got) == sha(originals[ds.SOPInstanceUID])
     assert stored_at(b.log()[before:]) in (len(case) + 1, len(case) + 2)
+
+
+def test_token_file_is_read_at_each_request(a, b, b_token, root):
+    case = make_case(((512, 384),), label=False, overview=False, patient_id="PFILE")
+    put_case(a, case)
+    job = wait_final(a, send(a, study=case[0].StudyInstanceUID, partner="bfile")["id"])
+    assert job["state"] == "done" and job["verified"] == 2, job
+    (root / "b.token").write_text(BAD_TOKEN + "\n")  # rotated to a token B does not know
+    try:
+        other = make_case(((512, 384),), label=False, overview=False, patient_id="PFILE2")
+        put_case(a, other)
+        job = wait_final(a, send(a, study=other[0].StudyInstanceUID, partner="bfile")["id"])
+        assert job["state"] == "failed" and "refused our credentials (401)" in job["error"], job
+    finally:
+        (root / "b.token").write_text(b_token + "\n")

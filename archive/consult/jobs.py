@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pydicom.uid import generate_uid
 
-from ..access import SYSTEM, Principal
+from ..access import SYSTEM, Forbidden, Principal
 from ..metadata import int_value, string_values
 from ..status import ArchiveError, InvalidRequest, NotFound
 
@@ -36,7 +36,7 @@ PRIORITY_RANK = {"frozen": 0, "urgent": 1, "routine": 2}
 ACTIVE = ("queued", "sending", "verifying")
 FINAL = ("done", "failed", "cancelled")
 LEASE_SECONDS = 180.0  # at least; see Consultations.lease_seconds
-WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # the request SR's class
 REQUEST_SR = "request SR"  # an item's `what` for the request document
 
 
@@ -167,6 +167,8 @@ class Consultations:
         if len(question) > 10000 or len(physician) > 200:
             raise InvalidRequest("question (10000) or physician (200 characters) too long")
         self.archive.check_visible(who, study_uid)
+        if who.deidentified and not deidentify:  # a research view never sends identity out
+            raise Forbidden(f"{who.name} sees de-identified views only and may send a case de-identified only")
         recs = self.archive.instances_under(study_uid, who=who)  # NotFound for an unknown study
         if instances is not None:
             wanted = set(instances)
@@ -208,7 +210,7 @@ class Consultations:
         if kind == "request":
             sr_uid, sr_series = generate_uid(), generate_uid()
             items[item_key(job_id, order, sr_uid)] = {"sop": sr_uid, "what": REQUEST_SR, "state": "pending",
-                                                       "size": 0, "attempts": 0, "sop_class": codes_sr_class()}
+                                                       "size": 0, "attempts": 0, "sop_class": COMPREHENSIVE_SR}
         for e in ordered:
             order += 1
             state = "excluded" if e["sop"] in excluded else "pending"
@@ -387,7 +389,4 @@ class Consultations:
             self._wake.wait(2.0)
             self._wake.clear()
 
-
-def codes_sr_class() -> str:
-    return "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR Storage
 
