@@ -384,7 +384,7 @@ class Consultations:
         while not self._stop.is_set():
             try:
                 self.run_pending()
-            except Exception:
+            except BaseException:  # the worker outlives any job's failure (one that is a bug included)
                 log.exception("consultation worker step failed; retried in a few seconds")
             self._wake.wait(2.0)
             self._wake.clear()

@@ -33,15 +33,13 @@ FAILURE_TEXT = {0x0111: "the partner holds this SOP Instance UID with other cont
 
 
 class _Body:
-    """A multipart/related body read in blocks by urllib3 (file-like with a length, so the
-    request carries Content-Length; never all in memory). An exception of the source stream
-    (a damaged blob, a cancelled job) is kept in `error` so the route re-raises it unwrapped."""
+    """A multipart/related body sent chunk by chunk as the store yields them (iterable with a
+    length: the request carries Content-Length, nothing is copied or held whole). An exception
+    of the source stream (a damaged blob, a cancelled job) is kept in `error` so the route
+    re-raises it unwrapped."""
 
     def __init__(self, prefix: bytes, chunks: Iterator[bytes], suffix: bytes, size: int | None) -> None:
-        self._parts = iter([prefix])
-        self._chunks, self._suffix = chunks, suffix
-        self._buf = b""
-        self._stage = 0
+        self._prefix, self._chunks, self._suffix = prefix, chunks, suffix
         self.length = None if size is None else len(prefix) + size + len(suffix)
         self.error: BaseException | None = None
 
@@ -49,44 +47,16 @@ class _Body:
         assert self.length is not None
         return self.length
 
-    def _next(self) -> bytes:
-        try:
-            return next(self._parts)
-        except StopIteration:
-            pass
-        if self._stage == 0:
-            self._stage, self._parts = 1, self._chunks_safe()
-        elif self._stage == 1:
-            self._stage, self._parts = 2, iter([self._suffix])
-        else:
-            return b""
-        return self._next()
-
-    def _chunks_safe(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes]:
+        yield self._prefix
         try:
             yield from self._chunks
+        except GeneratorExit:  # urllib3 stopped reading (the partner went away): not our error
+            raise
         except BaseException as exc:
             self.error = exc
             raise
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self._buf) < n:
-            piece = self._next()
-            if not piece:
-                break
-            self._buf += piece
-        if n < 0:
-            out, self._buf = self._buf, b""
-        else:
-            out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def __iter__(self) -> Iterator[bytes]:  # chunked encoding when the length is unknown
-        while True:
-            piece = self._next()
-            if not piece:
-                return
-            yield piece
+        yield self._suffix
 
 
 class StowRoute:
@@ -205,7 +175,7 @@ class StowRoute:
         headers = self._headers(**{"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
                                    "Accept": "application/dicom+json"})
         try:
-            r = self.session.post(f"{self.base}/studies", data=body if body.length is not None else iter(body),
+            r = self.session.post(f"{self.base}/studies", data=body if body.length is not None else iter(body),  # else chunked
                                   headers=headers, timeout=(min(self.partner.timeout, 30), self.partner.timeout))
         except BaseException as exc:
             if body.error is not None and body.error is not exc:
