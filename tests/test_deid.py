@@ -132,6 +132,13 @@ def corpus(tmp_path_factory):
     overview = factory.wsi_instance(study, series, 256, 256, seed=4, image_type="OVERVIEW", instance_number=4, **kw)
     for ds in (base, level2, label, overview):
         specimen(ds)
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = 1024 * 0.00025, 768 * 0.00025
+        pm = Dataset()  # Pixel Measures: what wsidicom (a DICOMweb client) builds levels from
+        spacing = 1024 * 0.00025 / int(ds.TotalPixelMatrixColumns)
+        pm.PixelSpacing, pm.SliceThickness = [spacing, spacing], 0.001
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [pm]
+        ds.SharedFunctionalGroupsSequence = [shared]
         dim = Dataset()
         dim.DimensionOrganizationUID = "1.2.826.0.1.3680043.8.498.4471"  # shared by the levels
         ds.DimensionOrganizationSequence = [dim]
@@ -453,3 +460,24 @@ def test_research_role_does_not_combine_with_identified_reads(research_srv):
     assert r.returncode == 2 and "cannot be held with viewer" in r.stderr and "Traceback" not in r.stderr
     assert Principal("x", "x", frozenset({"research"}), "token").deidentified
     assert not Principal("x", "x", frozenset({"viewer"}), "token").deidentified
+
+
+def test_a_slide_opens_over_dicomweb_with_a_research_token(research_srv, corpus):
+    """What the viewer does (series of the study with Modality=SM, metadata, tiles), through
+    wsidicom's DICOMweb client: the slide opens and reads the stored pixels; no label."""
+    from wsidicom import WsiDicom, WsiDicomWebClient
+
+    srv, toks = research_srv
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {toks['research']}"
+    r = session.get(srv.dicomweb_url + f"/studies/{corpus['study']}/series", params={"Modality": "SM"})
+    assert r.status_code == 200 and [d["0020000E"]["Value"][0] for d in r.json()] == [corpus["series"]]
+    client = WsiDicomWebClient.create_client(srv.dicomweb_url, auth=session)
+    local_files = [corpus["paths"]["base"], corpus["paths"]["level2"]]
+    with WsiDicom.open_web(client, corpus["study"], corpus["series"]) as web, WsiDicom.open(local_files) as local:
+        assert len(web.levels) == 2
+        a = np.asarray(web.read_region((100, 90), 0, (300, 200)))
+        b = np.asarray(local.read_region((100, 90), 0, (300, 200)))
+        assert np.array_equal(a, b)
+        assert web.labels is None or len(web.labels) == 0
+        assert not web.overviews
