@@ -481,3 +481,15 @@ def test_a_slide_opens_over_dicomweb_with_a_research_token(research_srv, corpus)
         assert np.array_equal(a, b)
         assert web.labels is None or len(web.labels) == 0
         assert not web.overviews
+
+
+def test_study_browser_summaries_in_a_research_view(research_srv, corpus):
+    srv, toks = research_srv
+    r = requests.get(srv.http_url + "/browser/studies", params={"study": corpus["study"]},
+                     headers={"Authorization": f"Bearer {toks['research']}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert not any(i.lower() in r.text.lower() for i in IDENTIFIERS), r.text
+    (summary,) = r.json()
+    (slide,) = summary["slides"]
+    assert slide["instances"] == 2 and not slide["label"] and not slide["overview"]
+    assert slide["stain"] == ["hematoxylin and eosin"]
