@@ -493,3 +493,38 @@ def test_study_browser_summaries_in_a_research_view(research_srv, corpus):
     (slide,) = summary["slides"]
     assert slide["instances"] == 2 and not slide["label"] and not slide["overview"]
     assert slide["stain"] == ["hematoxylin and eosin"]
+
+
+def test_deidentified_tokens_over_the_api_and_transcoded_instances(research_srv, corpus):
+    srv, toks = research_srv
+    sec = run_cli("token", "create", "--role", "secadmin", data=srv.data_dir, check=True).stdout.strip()
+    r = requests.post(srv.http_url + "/api/tokens", json={"roles": ["viewer"], "deidentify": True, "name": "study"},
+                      headers={"Authorization": f"Bearer {sec}"}, timeout=30)
+    assert r.status_code == 201 and r.json()["deidentify"] is True, r.text
+    t = r.json()["secret"]
+    listed = json.loads(run_cli("token", "list", "--json", data=srv.data_dir, check=True).stdout)
+    assert {d["id"]: d["deidentify"] for d in listed}[r.json()["id"]] is True
+    # an instance transcoded on request (Explicit VR Little Endian) is de-identified too
+    base = f"/studies/{corpus['study']}/series/{corpus['series']}/instances/{corpus['sops']['base']}"
+    got = _get(srv, base, t, accept='multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1')
+    assert got.status_code == 200, got.text
+    (part,) = _parts(got)
+    ds = pydicom.dcmread(io.BytesIO(part))
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.PatientIdentityRemoved == "YES" and ds.PatientID != PID
+    assert not any(i.lower() in header_text(part).lower() for i in IDENTIFIERS)
+
+
+def test_deidentify_config_section():
+    import tomllib
+
+    from archive.config import ConfigError, apply
+
+    cfg = apply(Config(), tomllib.loads("[deidentify]\nretain_dates = false\nkeep_label = true\n"))
+    opts = DeidOptions.from_config(cfg)
+    assert not opts.retain_dates and opts.keep_label and opts.clean_descriptors
+    assert DeidOptions.from_config(Config()) == DeidOptions()
+    with pytest.raises(ConfigError, match="deidentify.keep_lable"):
+        apply(Config(), tomllib.loads("[deidentify]\nkeep_lable = true\n"))
+    with pytest.raises(ConfigError, match="deidentify.retain_uids"):
+        apply(Config(), tomllib.loads('[deidentify]\nretain_uids = "yes"\n'))

@@ -279,6 +279,8 @@ class Deidentifier:
             return DataElement(elem.tag, vr, self._each(value, fn) if value not in (None, "") else value)
         if act == "D":
             return DataElement(elem.tag, vr, _dummy(vr, value))
+        if vr == "UN":
+            return None  # a value of unknown encoding cannot be cleaned: removed
         # K and C: kept; identifying values found in the instance replaced in any kept text
         if vr in TEXT_VRS and value not in (None, ""):
             if vr == "PN":
