@@ -528,3 +528,16 @@ def test_deidentify_config_section():
         apply(Config(), tomllib.loads("[deidentify]\nkeep_lable = true\n"))
     with pytest.raises(ConfigError, match="deidentify.retain_uids"):
         apply(Config(), tomllib.loads('[deidentify]\nretain_uids = "yes"\n'))
+
+
+def test_names_in_every_component_group_are_cleaned_from_kept_text(corpus):
+    deid = Deidentifier(DeidOptions(), UidMap(corpus["arc"].index, "job-names"))
+    ds = pydicom.dcmread(corpus["paths"]["base"], stop_before_pixels=True)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Wang^Li=王^丽"
+    ds.StudyDescription = "Biopsy of Wang Li (王丽), Li Wang"
+    ds.SeriesDescription = f"slide {CONTAINER} of {ACC}"
+    out = deid.dataset(ds)
+    assert out.StudyDescription == "Biopsy of [removed] ([removed]), [removed]"
+    assert out.SeriesDescription == f"slide {deid.mapped_id(CONTAINER)} of [removed]"
+    assert str(out.PatientName) == f"ANON^{deid.pseudonym(PID)}"

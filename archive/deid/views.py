@@ -105,7 +105,10 @@ class ResearchView:
         for r in results:
             if r.level == "IMAGE" and self.hidden(self.archive.instance(r.sop)):
                 continue
-            yield replace(r, doc=self.doc(r.doc))
+            try:
+                yield replace(r, doc=self.doc(r.doc))
+            except DeidError:
+                continue  # what cannot be de-identified is not answered
 
     def bulk_allowed(self, study: str, series: str, sop: str, path: str) -> bool:
         """Whether a bulk value is still in the instance's de-identified metadata."""
