@@ -541,3 +541,13 @@ def test_names_in_every_component_group_are_cleaned_from_kept_text(corpus):
     assert out.StudyDescription == "Biopsy of [removed] ([removed]), [removed]"
     assert out.SeriesDescription == f"slide {deid.mapped_id(CONTAINER)} of [removed]"
     assert str(out.PatientName) == f"ANON^{deid.pseudonym(PID)}"
+
+
+def test_dimse_retrieves_are_refused_to_deidentified_principals(corpus):
+    from archive.access import Forbidden
+    from archive.query import Key
+
+    who = Principal("r", "research", frozenset({"research"}), "node")
+    with pytest.raises(Forbidden, match="not sent over DIMSE"):
+        corpus["arc"].retrieve_set("STUDY", [Key("0020000D", "UI", [corpus["study"]])], who=who)
+    assert len(corpus["arc"].retrieve_set("STUDY", [Key("0020000D", "UI", [corpus["study"]])])) == 4

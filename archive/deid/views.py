@@ -122,7 +122,12 @@ class ResearchView:
 
     # -- instances ---------------------------------------------------------------------------
     def chunks(self, rec) -> Iterator[bytes]:
-        return self.deid.instance_chunks(self.archive, rec)
+        from ..status import NotFound
+
+        try:
+            yield from self.deid.instance_chunks(self.archive, rec)
+        except DeidError as exc:  # hidden() let it through, yet it cannot be de-identified
+            raise NotFound(f"instance {rec.sop} not found") from exc
 
     def dataset(self, ds):
         return self.deid.dataset(ds)
