@@ -88,6 +88,7 @@ def plant(ds: Dataset) -> dict[int, object]:
         planted[tag] = value
     block = ds.private_block(0x0009, "ACME PRIVATE", create=True)
     block.add_new(0x01, "LO", "PRIVATE-SECRET " + NAME)
+    block.add_new(0x02, "OB", b"PRIVATE-SECRET" * 300)  # out of line in the stored metadata (bulk data)
     return planted
 
 
@@ -551,3 +552,22 @@ def test_dimse_retrieves_are_refused_to_deidentified_principals(corpus):
     with pytest.raises(Forbidden, match="not sent over DIMSE"):
         corpus["arc"].retrieve_set("STUDY", [Key("0020000D", "UI", [corpus["study"]])], who=who)
     assert len(corpus["arc"].retrieve_set("STUDY", [Key("0020000D", "UI", [corpus["study"]])])) == 4
+
+
+def test_research_bulk_data_only_for_what_the_view_keeps(research_srv, corpus):
+    srv, toks = research_srv
+    base = f"/studies/{corpus['study']}/series/{corpus['series']}/instances/{corpus['sops']['base']}"
+    viewer_meta = _get(srv, base + "/metadata", toks["viewer"]).json()[0]
+    research_meta = _get(srv, base + "/metadata", toks["research"]).json()[0]
+    private = [el["BulkDataURI"] for tag, el in viewer_meta.items() if tag.startswith("0009") and "BulkDataURI" in el]
+    assert private, "the private OB should be out of line in the stored metadata"
+    assert not any(tag.startswith("0009") for tag in research_meta)
+    path = private[0].split("/bulkdata/", 1)[1]
+    assert _get(srv, base + "/bulkdata/" + path, toks["viewer"], accept="*/*").status_code == 200
+    assert _get(srv, base + "/bulkdata/" + path, toks["research"], accept="*/*").status_code == 404
+    icc = research_meta["00480105"]["Value"][0]["00282000"]["BulkDataURI"]
+    assert icc.startswith("http") and "/bulkdata/00480105/0/00282000" in icc
+    r = _get(srv, base + "/bulkdata/00480105/0/00282000", toks["research"], accept="*/*")
+    v = _get(srv, base + "/bulkdata/00480105/0/00282000", toks["viewer"], accept="*/*")
+    assert r.status_code == v.status_code == 200 and _parts(r) == _parts(v)  # kept values: as stored
+    assert _parts(r)[0] == bytes(4096)  # the generated ICC profile (zeros)
