@@ -31,9 +31,13 @@ ROLE_RIGHTS: dict[str, frozenset[Right]] = {
     "sysadmin": frozenset({Right.ADMIN, Right.READ, Right.DOWNLOAD}),
     "secadmin": frozenset({Right.SECURITY}),
     "auditor": frozenset({Right.AUDIT}),
+    # reads de-identified views only (archive.deid.views): Principal.deidentified follows from it
+    "research": frozenset({Right.READ, Right.DOWNLOAD}),  # de-identified views only (Principal.deidentified)
 }
 ROLES = tuple(ROLE_RIGHTS)
 ADMIN_ROLES = frozenset({"sysadmin", "secadmin", "auditor"})
+# Roles that read what is stored; a principal with one of them is not limited to research views.
+IDENTIFIED_READERS = frozenset({"viewer", "ai", "sysadmin"})
 
 KOS_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.88.59"
 
@@ -70,6 +74,9 @@ def check_roles(roles: "frozenset[str] | set[str] | list[str]", allow_combined: 
     unknown = sorted(roles - set(ROLES))
     if unknown:
         raise ValueError(f"unknown role {unknown[0]!r} (roles: {', '.join(ROLES)})")
+    if "research" in roles and roles & IDENTIFIED_READERS:
+        raise ValueError(f"role research (de-identified views) cannot be held with {sorted(roles & IDENTIFIED_READERS)[0]} "
+                         "(identified reads); give a viewer token --deidentify instead")
     admin = sorted(roles & ADMIN_ROLES)
     if len(admin) > 1 and not allow_combined:
         raise ValueError(f"roles {' and '.join(admin)} are separated duties and cannot be held together "
@@ -102,6 +109,8 @@ class Principal:
             for role in self.roles:
                 rights |= ROLE_RIGHTS.get(role, frozenset())
             object.__setattr__(self, "rights", frozenset(rights))
+        if "research" in self.roles and not self.roles & IDENTIFIED_READERS:
+            object.__setattr__(self, "deidentified", True)
 
     def can(self, right: Right) -> bool:
         return right in self.rights

@@ -19,6 +19,7 @@ from . import token_commands
 from . import share_commands
 from . import deletion_cli
 from .audit import commands as audit_cli
+from . import export_cli
 from .config import MAX_PORT, Config, ConfigError, check_aet, check_host
 from .status import ArchiveError
 
@@ -743,6 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_cli.register(sub)  # `convert`: the converters library's own verb
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)
+    export_cli.register(sub, _common)  # `export`: studies to a DICOMDIR, optionally de-identified
     _add_watch(sub)
     return parser
 

@@ -326,6 +326,21 @@ class ConsultationSection(_Section):
     retry_max_seconds: Seconds = 300.0
 
 
+class DeidentifySection(_Section):
+    """[deidentify]: the PS3.15 Annex E options of de-identified sends, exports, research views."""
+
+    retain_dates: StrictBool = True
+    retain_patient_characteristics: StrictBool = True
+    retain_device_identity: StrictBool = True
+    retain_institution_identity: StrictBool = False
+    clean_descriptors: StrictBool = True
+    retain_uids: StrictBool = False
+    clean_structured_content: StrictBool = True
+    clean_graphics: StrictBool = True
+    keep_label: StrictBool = False
+    keep_overview: StrictBool = False
+
+
 class ConfigFile(_Section):
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
@@ -343,6 +358,7 @@ class ConfigFile(_Section):
     audit: AuditSection = AuditSection()
     partners: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")], PartnerSection] = {}
     consultation: ConsultationSection = ConsultationSection()
+    deidentify: DeidentifySection = DeidentifySection()
 
 
 # -- the runtime configuration (flat: what the code reads) ----------------------------------
@@ -482,6 +498,22 @@ class Consultation:
     retry_max_seconds: float = 300.0
 
 
+@dataclass(frozen=True)
+class Deidentify:
+    """[deidentify]: the configured profile (archive.deid.DeidOptions.from_config reads it)."""
+
+    retain_dates: bool = True
+    retain_patient_characteristics: bool = True
+    retain_device_identity: bool = True
+    retain_institution_identity: bool = False
+    clean_descriptors: bool = True
+    retain_uids: bool = False
+    clean_structured_content: bool = True
+    clean_graphics: bool = True
+    keep_label: bool = False
+    keep_overview: bool = False
+
+
 @dataclass
 class Config:
     data_dir: Path = Path("./data")
@@ -546,6 +578,8 @@ class Config:
     # [partners.*], [consultation]
     partners: dict[str, Partner] = field(default_factory=dict)
     consultation: Consultation = field(default_factory=Consultation)
+    # [deidentify]
+    deidentify: Deidentify = field(default_factory=Deidentify)
 
     def consultation_name(self) -> str:
         """What this archive calls itself to partners (consultation.name, else the AE title)."""
@@ -708,6 +742,8 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
         c = doc.consultation
         cfg.consultation = Consultation(c.name, c.institution, c.public_url, c.require_consent, c.notify_command,
                                         c.webhook, c.retry_max_seconds)
+    if "deidentify" in raw:
+        cfg.deidentify = Deidentify(**doc.deidentify.model_dump())
     check_tiers(cfg)
     return validate(cfg)
 

@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
-from .access import SYSTEM, Principal, Right
+from .access import SYSTEM, Forbidden, Principal, Right
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
 from .index import FixityEvent, Index, open_index
@@ -316,6 +316,19 @@ class Archive:
         """Whether every instance of a study is hidden from `who`."""
         return self.deletion.visibility.current().counts(who)[2].get(st.uid, 0) >= st.n_instances > 0
 
+    # -- research views ------------------------------------------------------------------
+    def view(self, who: Principal):
+        """The de-identified view `who` reads through (archive.deid.views.ResearchView), or None
+        for a principal that sees what is stored: the one question every read path asks."""
+        if not who.deidentified:
+            return None
+        view = getattr(self, "_research_view", None)
+        if view is None:
+            from .deid.views import ResearchView
+
+            view = self._research_view = ResearchView(self)
+        return view
+
     # -- records -------------------------------------------------------------------------
     def instance(self, sop: str) -> InstanceRecord | None:
         return self.index.instance(sop)
@@ -352,7 +365,7 @@ class Archive:
         `who`: else NotFound."""
         rec = self.index.instance(sop)
         if rec is None or rec.study != study or (series is not None and rec.series != series) \
-                or self.deletion.visibility.hidden(sop, who):
+                or self.deletion.visibility.hidden(sop, who) or (who.deidentified and self.view(who).hidden(rec)):
             where = f"series {series} of study {study}" if series else f"study {study}"
             raise NotFound(f"instance {sop} not found in {where}")
         return rec
@@ -375,6 +388,11 @@ class Archive:
             recs = [r for r in recs if r.sop not in hidden]
             if not recs:
                 raise NotFound(f"series {series} of study {study} not found" if series else f"study {study} not found")
+        view = self.view(who)
+        if view is not None:
+            recs = view.visible(recs)
+            if not recs:
+                raise NotFound(f"series {series} of study {study} not found" if series else f"study {study} not found")
         return recs
 
     # -- query -----------------------------------------------------------------------------
@@ -383,15 +401,18 @@ class Archive:
                full_metadata: bool = False, who: Principal = SYSTEM) -> Iterator[SearchResult]:
         """PS3.4 matching at one level (QIDO and C-FIND alike); QueryError for a bad query.
         Only what `who` may see is answered: a scoped principal gets its studies alone."""
+        view = self.view(who)
+        if view is not None:
+            view.check_query(keys)
         searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
                             full_instance_metadata=full_metadata, availability=self.availability)
         results = searcher.search(level, keys, study=study, series=series)
         vis = self.deletion.visibility.current()
         if vis.purging or (vis.sops and not who.sees_rejected):
             results = self._unrejected(results, who)
-        if who.studies is None:
-            return results
-        return (r for r in results if who.sees(r.study))
+        if who.studies is not None:
+            results = (r for r in results if who.sees(r.study))
+        return results if view is None else view.results(results)
 
     def _unrejected(self, results: Iterator[SearchResult], who: Principal) -> Iterator[SearchResult]:
         """Search results without what `who` may not see (rejected objects; for administrators,
@@ -432,6 +453,8 @@ class Archive:
         keys = [k for k in keys if not k.universal]
         if not keys:
             raise QueryError("a retrieve needs at least one unique key")
+        if who.deidentified:  # C-GET/C-MOVE send stored files: de-identified views are DICOMweb's
+            raise Forbidden(f"{who.name} reads de-identified views, which are not sent over DIMSE")
         out: dict[str, InstanceRecord] = {}
         hidden = self.deletion.visibility.current().purging if who.sees_rejected else self._hidden()
         for r in self.search(level, keys, who=who):
@@ -448,13 +471,20 @@ class Archive:
             for rec in recs:
                 if rec.sop not in hidden:
                     out.setdefault(rec.sop, rec)
-        return list(out.values())
+        view = self.view(who)
+        return list(out.values()) if view is None else view.visible(list(out.values()))
 
     # -- metadata and bulk data -----------------------------------------------------------------
     def metadata(self, study: str, series: str | None = None, sop: str | None = None,
                  who: Principal = SYSTEM) -> list[bytes]:
         """Stored DICOM JSON of an instance, a series or a study (NotFound when unknown or
         hidden from `who`)."""
+        view = self.view(who)
+        if view is not None:  # de-identified, without the instances the view hides
+            if sop is not None:
+                self.instance_in(study, series, sop, who)
+                return view.metadata(self.index.metadata([sop]))
+            return view.metadata(self.index.metadata([r.sop for r in self.instances_under(study, series, who)]))
         if sop is not None:
             self.instance_in(study, series, sop, who)
             return self.index.metadata([sop])
@@ -473,6 +503,9 @@ class Archive:
     def bulk(self, study: str, series: str, sop: str, path: str, who: Principal = SYSTEM) -> bytes:
         self.instance_in(study, series, sop, who)
         value = self.index.bulk(sop, path)
+        view = self.view(who)
+        if value is not None and view is not None and not view.bulk_allowed(study, series, sop, path):
+            value = None  # removed by de-identification: as if it did not exist
         if value is None:
             raise NotFound(f"no bulk data {path[:100]!r} in instance {sop}")
         return value
@@ -505,6 +538,8 @@ class Archive:
         out of range."""
         located = self.index.frames(sop, numbers)
         if self.deletion.visibility.hidden(sop, who):  # rejected: a generation read, a set lookup
+            raise NotFound(f"instance {sop} not found")
+        if who.deidentified and self.view(who).hidden(self.index.instance(sop)):  # LABEL, OVERVIEW
             raise NotFound(f"instance {sop} not found")
         if located is None:
             if self.index.instance(sop) is None:
@@ -642,11 +677,17 @@ class Archive:
                 return self.open_instance(moved)
             raise self.damage(rec.sop, rec.blob, "blob missing", "instance read")
 
-    def instance_chunks(self, rec: InstanceRecord, source: str = "instance retrieve") -> Iterator[bytes]:
+    def instance_chunks(self, rec: InstanceRecord, source: str = "instance retrieve",
+                        who: Principal = SYSTEM) -> Iterator[bytes]:
         """The stored bytes in chunks, hashed on the way: Damaged is raised instead of the last
         chunk if they are not the bytes received (a sender then cuts its stream, so a client
-        never gets a complete but wrong copy)."""
+        never gets a complete but wrong copy). A de-identified principal gets the
+        de-identified instance (pixel data as stored; archive.deid.stream)."""
         import hashlib
+
+        if who.deidentified:
+            yield from self.view(who).chunks(rec)
+            return
 
         h = hashlib.sha256()
         sent = 0

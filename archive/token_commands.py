@@ -22,6 +22,8 @@ def register(sub, common) -> None:
     c.add_argument("--study", action="append", help="limit the token to this study (repeatable)")
     c.add_argument("--expires", help="7d, 12h, 30m, 2w, 1y or an ISO date (default: never)")
     c.add_argument("--name", default="", help="who or what the token is for")
+    c.add_argument("--deidentify", action="store_true",
+                   help="the token reads de-identified views only (research; LABEL/OVERVIEW hidden)")
     c.set_defaults(func=cmd_token)
     ls = tsub.add_parser("list", help="every token: id, name, roles, scope, expiry, state (never the secret)")
     common(ls)
@@ -52,7 +54,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         if args.token_command == "create":
             try:
                 secret, info = arc.tokens.create(args.role, studies=args.study, expires=expires,
-                                                 name=args.name, created_by="cli")
+                                                 name=args.name, created_by="cli", deidentify=args.deidentify)
             except ValueError as exc:
                 raise CliError(str(exc))
             from .audit import local_principal
@@ -60,6 +62,7 @@ def cmd_token(args: argparse.Namespace) -> int:
             arc.audit.security("token created", local_principal(), info.detail(), subject=info.id)
             print(f"token {info.id} created for {', '.join(info.roles)}"
                   + (f", studies {', '.join(info.studies)}" if info.studies else "")
+                  + (", de-identified views" if info.deidentify else "")
                   + (f", expires {info.expires}" if info.expires else ", no expiry")
                   + ". The secret is shown only now:", file=sys.stderr)
             print(secret)
@@ -81,6 +84,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"{'ID':<16}  {'STATE':<7}  {'ROLES':<18}  {'SCOPE':<10}  {'EXPIRES':<20}  NAME")
         for t in tokens:
             scope = f"{len(t.studies)} studies" if t.studies else "all"
+            if t.deidentify:
+                scope += ", de-id"
             print(f"{t.id:<16}  {t.state:<7}  {','.join(t.roles):<18}  {scope:<10}  {t.expires or 'never':<20}  {t.name}")
         return 0
     finally:

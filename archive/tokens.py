@@ -68,18 +68,20 @@ class TokenInfo:
     expires: str | None
     revoked: str | None
     created_by: str
+    deidentify: bool = False  # reads through de-identified views only (archive.deid.views)
 
     def as_dict(self) -> dict:
         """The record as JSON shows it (token list --json, /api/tokens): never the secret or its hash."""
         return {"id": self.id, "name": self.name, "roles": list(self.roles),
                 "studies": list(self.studies) if self.studies else None, "created": self.created,
                 "expires": self.expires, "revoked": self.revoked, "state": self.state,
-                "created_by": self.created_by}
+                "created_by": self.created_by, "deidentify": self.deidentify}
 
     def detail(self) -> dict[str, str]:
         """What the audit trail records about the token (never the secret or its hash)."""
         return {"token": self.id, "name": self.name, "roles": ",".join(self.roles),
-                "studies": ",".join(self.studies) if self.studies else "all", "expires": self.expires or "never"}
+                "studies": ",".join(self.studies) if self.studies else "all", "expires": self.expires or "never",
+                "deidentify": "yes" if self.deidentify else "no"}
 
     @property
     def state(self) -> str:
@@ -93,7 +95,8 @@ class TokenInfo:
 def _info(d: dict) -> TokenInfo:
     return TokenInfo(d["id"], d.get("name", ""), tuple(d["roles"]),
                      tuple(d["studies"]) if d.get("studies") is not None else None,
-                     d["created"], d.get("expires"), d.get("revoked"), d.get("created_by", ""))
+                     d["created"], d.get("expires"), d.get("revoked"), d.get("created_by", ""),
+                     bool(d.get("deidentify")))
 
 
 class TokenStore:
@@ -104,9 +107,11 @@ class TokenStore:
         self.allow_combined = allow_combined_admin_roles
 
     def create(self, roles: list[str], *, studies: list[str] | None = None, expires: datetime | None = None,
-               name: str = "", created_by: str = "", extra: dict | None = None) -> tuple[str, TokenInfo]:
+               name: str = "", created_by: str = "", deidentify: bool = False,
+               extra: dict | None = None) -> tuple[str, TokenInfo]:
         """A new token: (the secret, shown once; its record). ValueError for bad roles.
-        `extra`: more fields of the record (a share link's kind, permissions, consent: archive.shares)."""
+        `deidentify`: its principal reads de-identified views (archive.deid). `extra`: more fields
+        of the record (a share link's kind, permissions, consent: archive.shares)."""
         checked = check_roles(roles, self.allow_combined)
         if not checked:
             raise ValueError("a token needs at least one --role")
@@ -115,7 +120,8 @@ class TokenStore:
         record = {"id": token_id, "name": name, "roles": sorted(checked),
                   "studies": sorted(set(studies)) if studies else None, "created": _iso(_now()),
                   "expires": _iso(expires) if expires else None, "revoked": None,
-                  "created_by": created_by, **(extra or {}), "sha256": _hash(secret)}
+                  "created_by": created_by, "deidentify": bool(deidentify), **(extra or {}),
+                  "sha256": _hash(secret)}
         self.index.put_token(token_id, record)
         return f"{PREFIX}{token_id}.{secret}", _info(record)
 
@@ -150,7 +156,9 @@ class TokenStore:
 
             return share_principal(d, studies), expires
         name = d.get("name") or f"token {d['id']}"
-        return Principal(f"token:{d['id']}", name, frozenset(d["roles"]), "token", studies), expires
+        principal = Principal(f"token:{d['id']}", name, frozenset(d["roles"]), "token", studies,
+                              deidentified=bool(d.get("deidentify")))
+        return principal, expires
 
 
 def looks_like_token(bearer: str) -> bool:

@@ -54,7 +54,7 @@ def add_routes(app: web.Application, arc) -> None:
         who = principal_of(request)
         try:
             secret, info = await arc.run(tokens.create, roles, studies=studies, expires=expires, name=name,
-                                         created_by=who.name)
+                                         created_by=who.name, deidentify=body.get("deidentify") is True)
         except ValueError as exc:
             raise HttpError(400, str(exc))
         audit.security("token created", who, info.detail(), address=client_address(request), subject=info.id)

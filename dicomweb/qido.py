@@ -182,7 +182,8 @@ def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | N
             if series is None:
                 upper.update(_upper(arc, retrieve_aet, "series", r.series, series_cache))
             if upper:
-                doc = {**upper, **doc}
+                view = arc.view(who)  # de-identified views: the upper levels' attributes too
+                doc = {**(upper if view is None else view.doc(upper)), **doc}
         out.append(_project(doc, tags))
     return out, more, clamped
 

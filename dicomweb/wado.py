@@ -285,7 +285,7 @@ class Wado:
         transcoded: dict[str, bytes] = {}
         for rec, ts in plan:
             if ts is not None:
-                transcoded[rec.sop] = await self._decode(self._transcode_instance, rec, ts)
+                transcoded[rec.sop] = await self._decode(self._transcode_instance, rec, ts, who)
         for rec, _ts in plan:
             auditing.retrieved(request, arc.audit, rec.study, n_instances=1, sop=rec.sop, sop_class=rec.sop_class)
         bnd = boundary()
@@ -297,10 +297,11 @@ class Wado:
             for rec, ts in plan:
                 loc = f"{base}/studies/{rec.study}/series/{rec.series}/instances/{rec.sop}"
                 if ts is None:
+                    length = "" if who.deidentified else f"Content-Length: {rec.size}\r\n"  # de-identified: streamed
                     head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={rec.ts}\r\n"
-                            f"Content-Length: {rec.size}\r\nContent-Location: {loc}\r\n\r\n")
+                            f"{length}Content-Location: {loc}\r\n\r\n")
                     await resp.write(head.encode())
-                    await self._stream_blob(request, resp, rec)
+                    await self._stream_blob(request, resp, rec, who)
                 else:
                     data = transcoded.pop(rec.sop)
                     head = (f"--{bnd}\r\nContent-Type: application/dicom; transfer-syntax={ts}\r\n"
@@ -314,10 +315,11 @@ class Wado:
             raise client_gone(request, resp)
         return resp
 
-    async def _stream_blob(self, request: web.Request, resp: web.StreamResponse, rec: InstanceRecord) -> None:
+    async def _stream_blob(self, request: web.Request, resp: web.StreamResponse, rec: InstanceRecord,
+                           who=ANONYMOUS) -> None:
         """Send one stored blob as the archive hands it out, hashed on the way: if its bytes
         are not the ones received at ingest, the connection is cut before the part ends."""
-        chunks = self.arc.sync.instance_chunks(rec)
+        chunks = self.arc.sync.instance_chunks(rec, who=who)
         try:
             while True:
                 chunk = await self.arc.run(next, chunks, None)
@@ -329,7 +331,7 @@ class Wado:
         finally:
             chunks.close()
 
-    def _transcode_instance(self, rec: InstanceRecord, ts: str) -> bytes:
+    def _transcode_instance(self, rec: InstanceRecord, ts: str, who=ANONYMOUS) -> bytes:
         import pydicom
         from pydicom.uid import UID
 
@@ -338,6 +340,9 @@ class Wado:
             raise self.arc.sync.damage(rec.sop, rec.blob, problem, "transcode")
         with self.arc.sync.open_instance(rec) as fh:
             ds = pydicom.dcmread(fh)
+        view = self.arc.sync.view(who)
+        if view is not None:  # a research view: the transcoded copy is de-identified too
+            ds = view.dataset(ds)
         try:
             if ts == JPEG_BASELINE:
                 _to_jpeg_baseline(ds)
