@@ -25,27 +25,6 @@ from conftest import free_port, run_cli, start_orthanc
 from conformance.bench import peers
 
 
-def _dataset_bytes(data: bytes) -> bytes:
-    """A Part 10 file's bytes after its file meta group (128 preamble + DICM + group 0002)."""
-    import io
-    import struct
-
-    f = io.BytesIO(data)
-    f.seek(132)
-    while True:
-        pos = f.tell()
-        group, elem = struct.unpack("<HH", f.read(4))
-        if group != 0x0002:
-            return data[pos:]
-        vr = f.read(2)
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            f.read(2)
-            length = struct.unpack("<I", f.read(4))[0]
-        else:
-            length = struct.unpack("<H", f.read(2))[0]
-        f.seek(length, 1)
-
-
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
@@ -145,7 +124,7 @@ def test_dimse_partner_with_commitment_from_the_cli(a, orthanc, root):
     assert job["state"] == "done" and job["route"] == "dimse", job
     assert job["verified"] == len(files) + 1, job  # the slide's levels and the request SR, counted by C-FIND
     for sop, data in files.items():
-        assert sha(_dataset_bytes(orthanc_file(orthanc, sop))) == sha(_dataset_bytes(data)), sop
+        assert sha(factory.dataset_bytes(orthanc_file(orthanc, sop))) == sha(factory.dataset_bytes(data)), sop
     # Orthanc committed on a new association to A's DIMSE server, which handed the verdict
     # to the sending process through the index
     assert "commitment" in a.log() and "recorded for the sending process" in a.log(), a.log()[-3000:]
@@ -159,7 +138,7 @@ def test_dimse_partner_from_the_background_worker(a, orthanc, root):
     job = wait_final(a, res.stdout.split()[0])
     assert job["state"] == "done" and job["verified"] == len(files) + 1, job
     for sop, data in files.items():
-        assert sha(_dataset_bytes(orthanc_file(orthanc, sop))) == sha(_dataset_bytes(data)), sop
+        assert sha(factory.dataset_bytes(orthanc_file(orthanc, sop))) == sha(factory.dataset_bytes(data)), sop
     assert "reported by ORTHANC on a new association" in a.log(), a.log()[-3000:]
 
 
@@ -204,7 +183,7 @@ port = {strict.dicom_port}
         job = jobs(data)[res.stdout.split()[0]]
         assert job["state"] == "done" and job["verified"] == len(files) + 1, job
         for sop, body in files.items():
-            assert sha(_dataset_bytes(orthanc_file(orthanc, sop))) == sha(_dataset_bytes(body)), sop
+            assert sha(factory.dataset_bytes(orthanc_file(orthanc, sop))) == sha(factory.dataset_bytes(body)), sop
 
         res = run_cli("consult", "send", "--study", study, "--to", "strict", "--wait", "--quiet",
                       "--config", str(cfg), data=data, timeout=180)
