@@ -41,6 +41,8 @@ def ports() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def orthanc(root, ports):
+    if not peers.orthanc_plugins("libOrthancDicomWeb.so"):
+        pytest.fail("Orthanc's DICOMweb plugin is not installed (make test installs orthanc-dicomweb)")
     o = start_orthanc(root / "orthanc", modalities={"hospa": ("HOSPA", "127.0.0.1", ports["a"]),
                                                     "hospa2": ("HOSPA2", "127.0.0.1", ports["a2"])},
                       plugins=peers.orthanc_plugins("libOrthancDicomWeb.so"))

@@ -374,6 +374,9 @@ class DimseRoute:
             log.info("no count from %s: %s", self.where, exc.reason)
             return None
         try:
+            if not any(str(cx.abstract_syntax) == str(StudyRootQueryRetrieveInformationModelFind)
+                       for cx in assoc.accepted_contexts):
+                return None  # a storage-only partner: confirmed per instance
             query = Dataset()
             query.QueryRetrieveLevel = "STUDY"
             query.StudyInstanceUID = study_uid
