@@ -172,20 +172,22 @@ class DimseRoute:
         raise RouteError(f"association with {self.where} aborted or timed out (check the partner's AE title "
                          f"{p.aet!r} and that it accepts our AE title {cfg.aet!r})", retryable=True)
 
-    def _storage_association(self, sop_class: str, ts: str):
-        key = (sop_class, ts)
-        if self._assoc is not None and self._assoc.is_established and key in self._accepted:
+    def _storage_association(self, sop_class: str, ts: str, *alternatives: str):
+        """An association with (sop_class, ts) accepted (or one of the alternative syntaxes:
+        a data set built here can be encoded in any of them)."""
+        keys = [(sop_class, t) for t in (ts, *alternatives)]
+        if self._assoc is not None and self._assoc.is_established and any(k in self._accepted for k in keys):
             return self._assoc
-        if key in self._wanted and self._assoc is not None and self._assoc.is_established:
+        if all(k in self._wanted for k in keys) and self._assoc is not None and self._assoc.is_established:
             raise RouteError(f"{self.where} does not accept {UID(sop_class).name} in {UID(ts).name}")
-        self._wanted.add(key)
+        self._wanted.update(keys)
         self.close()
         wanted = sorted(self._wanted)[:120]  # at most 128 contexts per association
         assoc = self._associate([(c, [t]) for c, t in wanted])
         compat.throttle_sends(assoc, MAX_QUEUED_PDUS)
         self._assoc = assoc
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-        if key not in self._accepted:
+        if not any(k in self._accepted for k in keys):
             raise RouteError(f"{self.where} does not accept {UID(sop_class).name} in {UID(ts).name}")
         return assoc
 
@@ -225,10 +227,18 @@ class DimseRoute:
         compat.chunked_file_sends()
         path = None
         try:
-            if item.dataset is not None:
+            alternatives: tuple[str, ...] = ()
+            if item.dataset is not None:  # a document built here (the request SR): little endian, either VR
                 ds = item.dataset
                 meta = getattr(ds, "file_meta", None)
-                ts = str(getattr(meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+                if meta is None or "TransferSyntaxUID" not in meta:
+                    from pydicom.dataset import FileMetaDataset
+
+                    ds = ds.copy()
+                    ds.file_meta = FileMetaDataset()
+                    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ts = str(ds.file_meta.TransferSyntaxUID)
+                alternatives = tuple(t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts)
                 payload = ds
                 sop_class = str(ds.SOPClassUID)
             else:
@@ -243,7 +253,7 @@ class DimseRoute:
                 ts = str(meta.TransferSyntaxUID)
                 sop_class = str(meta.MediaStorageSOPClassUID)
                 payload = path
-            assoc = self._storage_association(sop_class, ts)
+            assoc = self._storage_association(sop_class, ts, *alternatives)
             try:
                 status = assoc.send_c_store(payload)
             except (RuntimeError, ValueError, OSError) as exc:
