@@ -197,3 +197,46 @@ port = {strict.dicom_port}
         strict.stop()
     res = run_cli("verify", "--quiet", data=data)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_commitment_asked_again_after_the_report_never_came_nothing_resent(root, orthanc, tmp_path):
+    """Orthanc does not know A3's AE title, so it drops A3's commitment request (Orthanc refuses
+    N-ACTIONs of unlisted AEs): the job fails saying so, its instances stored but unconfirmed. Once Orthanc knows A3
+    (REST /modalities) and A3's `serve` runs, `consult retry` asks for commitment again and
+    the job ends done without sending any instance a second time."""
+    data, port = root / "A3", free_port()
+    files, study = put_case(data, root, "case5")
+    partner = f'[partners.orthanc]\naet = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\ntimeout = 5\n'
+    cfg = root / "A3.toml"
+    cfg.write_text(f'[archive]\naet = "HOSPA3"\ndicom_port = {port}\n\n{partner}')
+    res = run_cli("consult", "send", "--study", study, "--to", "orthanc", "--wait", "--quiet", "--config", str(cfg),
+                  data=data, timeout=180)
+    assert res.returncode == 1, res.stdout + res.stderr
+    job_id = res.stdout.split()[0]
+    job = jobs(data)[job_id]
+    assert job["state"] == "failed" and "Storage Commitment request" in job["error"], job
+    assert "does it know our AE title 'HOSPA3'" in job["error"], job
+
+    from archive.config import Config
+    from archive.service import Archive
+
+    def items() -> list[dict]:
+        arc = Archive(Config(data_dir=data), readonly=True)
+        try:
+            return [i for _, i in arc.consultations.items(job_id)]
+        finally:
+            arc.close()
+
+    assert {i["state"] for i in items()} == {"stored"}, items()
+    r = requests.put(f"{orthanc.url}/modalities/hospa3", json={"AET": "HOSPA3", "Host": "127.0.0.1", "Port": port},
+                     timeout=10)
+    assert r.status_code == 200, r.text
+    run_cli("consult", "retry", job_id, "--config", str(cfg), data=data, check=True)
+    srv = peers.start_pathpacs(data, config_text=cfg.read_text(), aet="HOSPA3", dicom_port=port)
+    try:
+        job = wait_final(data, job_id)
+    finally:
+        srv.stop()
+    assert job["state"] == "done" and job["verified"] == len(files) + 1, job
+    got = items()
+    assert all(i["state"] == "confirmed" and i["attempts"] == 1 for i in got), got

@@ -321,9 +321,11 @@ class DimseRoute:
             status, _reply = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
             if not status or "Status" not in status:
                 self.close()
-                raise RouteError(f"no N-ACTION response from {self.where}", retryable=True)
+                raise RouteError(f"{self.where} dropped our Storage Commitment request (N-ACTION) unanswered: "
+                                 f"does it know our AE title {cfg.aet!r} (a modality it may report to)?",
+                                 retryable=True)
             if int(status.Status) != 0:
-                raise RouteError(f"{self.where} refused the commitment request (N-ACTION status "
+                raise RouteError(f"{self.where} refused our Storage Commitment request (N-ACTION status "
                                  f"0x{int(status.Status):04X})", retryable=False)
             deadline = time.monotonic() + p.timeout
             while time.monotonic() < deadline:
@@ -334,7 +336,7 @@ class DimseRoute:
                     rec = index.record(commitment_scu.TABLE, txn)
                     if rec is not None and rec.get("state") == "reported":
                         return Report.from_record(rec)
-            raise RouteError(f"no commitment report from {self.where} within {p.timeout:g} s (the partner must "
+            raise RouteError(f"no Storage Commitment report from {self.where} within {p.timeout:g} s (the partner must "
                              f"know our AE {cfg.aet!r} at {cfg.host}:{cfg.dicom_port} to report back)", retryable=True)
         finally:
             PENDING.discard(txn)
