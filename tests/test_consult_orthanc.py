@@ -240,3 +240,35 @@ def test_commitment_asked_again_after_the_report_never_came_nothing_resent(root,
     assert job["state"] == "done" and job["verified"] == len(files) + 1, job
     got = items()
     assert all(i["state"] == "confirmed" and i["attempts"] == 1 for i in got), got
+
+
+def test_an_instance_the_partner_no_longer_holds_is_not_committed(root, ports, orthanc):
+    """The route itself (in this process, a listener on A2's port for the report): Orthanc
+    lost one of two stored instances before the commitment request, and says so."""
+    from archive.config import Config, Partner
+    from archive.consult.dimse_route import DimseRoute
+    from archive.consult.routes import Item
+
+    folder = root / "case6"
+    study, series = generate_uid(), generate_uid()
+    items = []
+    for i in range(2):
+        ds = factory.wsi_instance(study, series, 512, 512, seed=i, instance_number=i + 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        items.append(Item(ds.SOPInstanceUID, ds.SOPClassUID, study, path.stat().st_size,
+                          chunks=lambda path=path: iter([path.read_bytes()])))
+    cfg = Config(data_dir=root / "route-data", aet="HOSPA2", dicom_port=ports["a2"])
+    route = DimseRoute(Partner(name="orthanc", aet=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port,
+                               timeout=20), cfg)
+    try:
+        assert [route.send(it).committed for it in items] == [False, False]
+        lost = items[1].sop_uid
+        found = requests.post(f"{orthanc.url}/tools/lookup", data=lost, timeout=10).json()
+        assert requests.delete(f"{orthanc.url}/instances/{found[0]['ID']}", timeout=10).status_code == 200
+        held = route.confirm([it.sop_uid for it in items])
+    finally:
+        route.close()
+    assert held == {items[0].sop_uid}
+    assert route.refused[lost].startswith("commitment refused: "), route.refused
