@@ -284,6 +284,10 @@ class Archive:
             except ArchiveError as exc:  # stored as a plain KOS; the reject itself was refused
                 log.warning("rejection note %s not honoured: %s", result.sop_instance_uid, exc.reason)
                 result.reason = f"rejection note not honoured: {exc.reason}"
+        if result.outcome is Outcome.STORED and not self.readonly:
+            from .consult import inbox  # consultation requests and answers (SR classes only; never raises)
+
+            inbox.on_stored(self, result, who)
         return result
 
     def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",

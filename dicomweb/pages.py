@@ -63,6 +63,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8><title>{t
 <small id=ordernote data-t=order_note>{t[order_note]}</small></nav>
 <script type=application/json id=text>{text}</script>
 <script src="static/browser/browser.js"></script>
+<script src="static/browser/inbox.js"></script>
 <script src="static/browser/consult.js"></script></body></html>
 """
 

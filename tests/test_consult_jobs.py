@@ -119,3 +119,32 @@ def test_cancel_and_retry_follow_the_state(arc, tmp_path):
     assert job["state"] == "queued" and [j["id"] for j in jobs.pending()] == [job_id]
     with pytest.raises(NotFound, match="no consultation job 'nope'"):
         jobs.cancel("nope")
+
+
+def test_a_dead_process_of_this_host_loses_its_lease_at_once(arc, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    study, _ = ingest_case(arc, tmp_path)
+    jobs = Consultations(arc)
+    job_id = jobs.send(study, "b")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    arc.index.update_record(JOBS, job_id, lambda old: {**old, "state": "sending", "lease": {
+        "owner": f"{socket.gethostname()}:{gone.pid}:dead", "until": time.time() + 3600}})
+    assert jobs.claim(job_id)["lease"]["owner"] == jobs.owner  # killed -9: taken over without waiting
+    other_host = {"owner": "elsewhere:1:x", "until": time.time() + 3600}
+    arc.index.update_record(JOBS, job_id, lambda old: {**old, "lease": other_host})
+    assert jobs.claim(job_id) is None  # another node's live lease is respected
+
+
+def test_a_research_view_sends_de_identified_only(arc, tmp_path):
+    study, _ = ingest_case(arc, tmp_path)
+    research = Principal("r1", "researcher", frozenset({"viewer"}), "token", deidentified=True)
+    jobs = Consultations(arc)
+    with pytest.raises(Forbidden, match="may send a case de-identified only"):
+        jobs.send(study, "b", who=research)
+    job = jobs.job(jobs.send(study, "b", who=research, deidentify=True))
+    sent = [i["what"] for _, i in jobs.items(job["id"]) if i["state"] == "pending"]
+    assert job["deidentify"] and sent == ["request SR", "VOLUME", "VOLUME", "VOLUME"]  # the OVERVIEW stays home

@@ -147,7 +147,12 @@ experts = [{{ id = "li-breast", name = "Li Ming", specialties = ["breast"] }}]
 dicomweb = "{b.dicomweb_url}"
 token = "{BAD_TOKEN}"
 
+[partners.bfile]
+dicomweb = "{b.dicomweb_url}"
+token_file = "b.token"
+
 {full}'''
+    (root / "b.token").write_text(b_token + "\n")  # token_file: relative to the config file's directory
     srv = start_pathpacs(root / "A", config_text=config, aet="HOSPA")
     yield srv
     srv.stop()
@@ -461,3 +466,47 @@ def test_deidentified_send_leaves_label_and_overview_out_and_copies_pixels_as_st
     r = requests.post(a.http_url + "/api/consult/send", json={"study": study, "partner": "b", "deidentify": True},
                       timeout=30)
     assert r.status_code == 400 and "cannot be de-identified" in r.text and "Burned In Annotation" in r.text
+
+
+def test_kill_a_mid_transfer_the_restarted_sender_takes_the_job_over(a, b, b_token):
+    case = make_case([(1024, 1024)] * 8, ts=ELE, label=False, overview=False, patient_id="PKILLA")
+    originals = {ds.SOPInstanceUID: _bytes(ds) for ds in case}
+    assert stow(a.dicomweb_url, list(originals.values())).status_code == 200
+    before = len(b.log())
+    job = send(a, study=case[0].StudyInstanceUID, partner="b")
+    end = time.monotonic() + 30
+    while sum(i["state"] == "confirmed" for i in job_of(a, job["id"])["items"]) < 3:
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    a.kill9()
+    from archive.index import open_index
+
+    idx = open_index(a.data_dir / "index", readonly=True)
+    try:
+        confirmed = {i["sop"] for _, i in idx.records("consult_items", job["id"] + "\0") if i["state"] == "confirmed"}
+        assert idx.record("consult", job["id"])["state"] == "sending"
+    finally:
+        idx.close()
+    a.start()
+    job = wait_final(a, job["id"])
+    assert job["state"] == "done" and job["verified"] == len(case) + 1, job
+    assert all(i["attempts"] == 1 for i in job["items"] if i["sop"] in confirmed)
+    for ds in case:
+        got = wado_bytes(b.dicomweb_url, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, b_token)
+        assert sha(got) == sha(originals[ds.SOPInstanceUID])
+    assert stored_at(b.log()[before:]) in (len(case) + 1, len(case) + 2)
+
+
+def test_token_file_is_read_at_each_request(a, b, b_token, root):
+    case = make_case(((512, 384),), label=False, overview=False, patient_id="PFILE")
+    put_case(a, case)
+    job = wait_final(a, send(a, study=case[0].StudyInstanceUID, partner="bfile")["id"])
+    assert job["state"] == "done" and job["verified"] == 2, job
+    (root / "b.token").write_text(BAD_TOKEN + "\n")  # rotated to a token B does not know
+    try:
+        other = make_case(((512, 384),), label=False, overview=False, patient_id="PFILE2")
+        put_case(a, other)
+        job = wait_final(a, send(a, study=other[0].StudyInstanceUID, partner="bfile")["id"])
+        assert job["state"] == "failed" and "refused our credentials (401)" in job["error"], job
+    finally:
+        (root / "b.token").write_text(b_token + "\n")

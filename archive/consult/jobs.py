@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pydicom.uid import generate_uid
 
-from ..access import SYSTEM, Principal
+from ..access import SYSTEM, Forbidden, Principal
 from ..metadata import int_value, string_values
 from ..status import ArchiveError, InvalidRequest, NotFound
 
@@ -35,8 +35,8 @@ KINDS = ("request", "answer")
 PRIORITY_RANK = {"frozen": 0, "urgent": 1, "routine": 2}
 ACTIVE = ("queued", "sending", "verifying")
 FINAL = ("done", "failed", "cancelled")
-LEASE_SECONDS = 60.0
-WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
+LEASE_SECONDS = 180.0  # at least; see Consultations.lease_seconds
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"  # the request SR's class
 REQUEST_SR = "request SR"  # an item's `what` for the request document
 
 
@@ -114,6 +114,23 @@ def order_instances(entries: list[dict], priority: str) -> list[dict]:
     return sorted(entries, key=rank)
 
 
+def _alive(owner: str) -> bool:
+    """Whether a lease's owner (host:pid:session) may still run: False only for a process of
+    this host that is gone (killed -9, crashed), whose job is then taken over at once instead of
+    when its lease runs out. Another host's owner counts as alive until its lease expires."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class Consultations:
     """The jobs of this archive (`Archive.consultations`): enqueue with checks, look up, run."""
 
@@ -150,6 +167,8 @@ class Consultations:
         if len(question) > 10000 or len(physician) > 200:
             raise InvalidRequest("question (10000) or physician (200 characters) too long")
         self.archive.check_visible(who, study_uid)
+        if who.deidentified and not deidentify:  # a research view never sends identity out
+            raise Forbidden(f"{who.name} sees de-identified views only and may send a case de-identified only")
         recs = self.archive.instances_under(study_uid, who=who)  # NotFound for an unknown study
         if instances is not None:
             wanted = set(instances)
@@ -191,7 +210,7 @@ class Consultations:
         if kind == "request":
             sr_uid, sr_series = generate_uid(), generate_uid()
             items[item_key(job_id, order, sr_uid)] = {"sop": sr_uid, "what": REQUEST_SR, "state": "pending",
-                                                       "size": 0, "attempts": 0, "sop_class": codes_sr_class()}
+                                                       "size": 0, "attempts": 0, "sop_class": COMPREHENSIVE_SR}
         for e in ordered:
             order += 1
             state = "excluded" if e["sop"] in excluded else "pending"
@@ -268,16 +287,17 @@ class Consultations:
 
     def claim(self, job_id: str) -> dict | None:
         """Take the job's lease (one transaction): when it is active and nobody holds a live
-        lease on it. None when another process runs it or it is not active."""
+        lease on it (expired, or its process on this host is gone). None when another process
+        runs it or it is not active."""
         got: list[dict] = []
 
         def change(old: dict | None) -> dict | None:
             if old is None or old["state"] not in ACTIVE:
                 return old
             lease = old.get("lease")
-            if lease and lease["owner"] != self.owner and lease["until"] > time.time():
+            if lease and lease["owner"] != self.owner and lease["until"] > time.time() and _alive(lease["owner"]):
                 return old
-            new = {**old, "lease": {"owner": self.owner, "until": time.time() + LEASE_SECONDS}}
+            new = {**old, "lease": {"owner": self.owner, "until": time.time() + self.lease_seconds(old)}}
             if old["state"] == "queued":
                 new["state"] = "sending"
                 new["started"] = old.get("started") or now_iso()
@@ -309,13 +329,18 @@ class Consultations:
             if new["state"] in FINAL:
                 new["lease"] = None
             else:
-                new["lease"] = {"owner": self.owner, "until": time.time() + LEASE_SECONDS}
+                new["lease"] = {"owner": self.owner, "until": time.time() + self.lease_seconds(old)}
             return new
 
         new = self.index.update_record(JOBS, job_id, change)
         if lost:
             raise Lost(f"job {job_id} {lost[0]}")
         return new  # type: ignore[return-value]
+
+    def lease_seconds(self, job: dict) -> float:
+        """Longer than the partner's timeout: a slow answer never loses the lease."""
+        p = self.cfg.partners.get(job.get("partner", ""))
+        return max(LEASE_SECONDS, 2 * (p.timeout if p else 60.0) + 30)
 
     # -- running ---------------------------------------------------------------------------------
     def pending(self) -> list[dict]:
@@ -364,7 +389,4 @@ class Consultations:
             self._wake.wait(2.0)
             self._wake.clear()
 
-
-def codes_sr_class() -> str:
-    return "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR Storage
 
