@@ -304,6 +304,9 @@ class DimseRoute:
         PENDING.add(txn, p.aet)
         index = self.archive.index if self.archive is not None else None
         if index is not None:
+            for old, rec in index.records(commitment_scu.TABLE):  # left by a sender killed while waiting
+                if rec.get("at", 0) < time.time() - 86400:
+                    index.delete_record(commitment_scu.TABLE, old)
             index.put_record(commitment_scu.TABLE, txn, {"partner_aet": p.aet, "state": "waiting",
                                                          "at": time.time(), "count": len(refs)})
         listener = None
