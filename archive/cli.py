@@ -175,6 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"cannot import the demo slide: {exc}")
     migration = _start_checksum_migration(arc)
     arc.lifecycle.start()  # rules, replicas, fixity and recalls, in the background
+    arc.consultations.start()  # queued consultation jobs (archive.consult), one worker thread
     try:
         dimse.start()
     except OSError as exc:
@@ -208,6 +209,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             proc.join(10)
         dimse.stop()
         arc.lifecycle.stop()
+        arc.consultations.stop()
         if migration is not None:
             migration[1].set()
             migration[0].join(30)
@@ -745,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
     deletion_cli.register(sub)  # reject, restore, purge, rejected, retention report
     audit_cli.register(sub)  # `audit`: the audit trail (archive.audit.commands)
     export_cli.register(sub, _common)  # `export`: studies to a DICOMDIR, optionally de-identified
+    from .consult import commands as consult_cli
+
+    consult_cli.register(sub, _common)  # `consult send|list|retry|cancel` (archive.consult.commands)
+    from .consult import partner_cli
+    partner_cli.register(sub, _common)  # `partner list|check` (archive.consult.partner_cli)
     _add_watch(sub)
     return parser
 

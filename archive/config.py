@@ -324,6 +324,7 @@ class ConsultationSection(_Section):
     notify_command: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     webhook: Url | None = None
     retry_max_seconds: Seconds = 300.0
+    max_send_mbps: Annotated[float, Field(gt=0, le=100000)] | None = None  # cap on a send's bandwidth (Mbit/s)
 
 
 class DeidentifySection(_Section):
@@ -496,6 +497,7 @@ class Consultation:
     notify_command: str | None = None
     webhook: str | None = None
     retry_max_seconds: float = 300.0
+    max_send_mbps: float | None = None  # None: as fast as the link goes
 
 
 @dataclass(frozen=True)
@@ -741,7 +743,7 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
     if "consultation" in raw:
         c = doc.consultation
         cfg.consultation = Consultation(c.name, c.institution, c.public_url, c.require_consent, c.notify_command,
-                                        c.webhook, c.retry_max_seconds)
+                                        c.webhook, c.retry_max_seconds, c.max_send_mbps)
     if "deidentify" in raw:
         cfg.deidentify = Deidentify(**doc.deidentify.model_dump())
     check_tiers(cfg)

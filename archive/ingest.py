@@ -166,6 +166,11 @@ def ingest(
             parsed = parse_file(staged)
         except DicomFileError as exc:
             raise Rejected(str(exc), ErrorKind.CANNOT_UNDERSTAND)
+        mapped = _consult_answer(arc, parsed)  # an answer to our consultation joins the original case
+        if mapped is not None:
+            staged.unlink(missing_ok=True)
+            staged, sha, size = _copy(arc, [mapped])
+            parsed = parse_file(staged)
         if who is not SYSTEM:
             _check_may_store(who, parsed)
         result, placed = _commit(arc, staged, parsed, sha, size, expected_sop_class, expected_study,
@@ -187,6 +192,30 @@ def ingest(
             staged.unlink(missing_ok=True)
         if owned is not None and owned != staged:
             owned.unlink(missing_ok=True)
+
+
+def _consult_answer(arc: "Archive", parsed: ParsedFile) -> bytes | None:
+    """The Part 10 bytes of a consultation answer mapped back to the original case
+    (archive.consult.answers), or None for anything else (SR classes only: cheap otherwise)."""
+    from .consult.opinion import SR_SOP_CLASSES
+
+    if str(parsed.dataset.get("SOPClassUID", "")) not in SR_SOP_CLASSES:
+        return None
+    from io import BytesIO
+
+    from .consult.answers import map_back
+
+    try:
+        ds = map_back(arc, parsed.dataset)
+    except Exception:  # stored as it came rather than refused
+        log.exception("cannot map a consultation answer back")
+        return None
+    if ds is None:
+        return None
+    ds.file_meta = parsed.file_meta
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def _check_may_store(who: Principal, parsed: ParsedFile) -> None:

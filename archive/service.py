@@ -208,6 +208,17 @@ class Archive:
             raise Damaged("?", f"unknown tier {name!r}") from None
 
     @property
+    def consultations(self):
+        """Consultation jobs (archive.consult.jobs.Consultations: send a case, its worker),
+        built on first use."""
+        got = self.__dict__.get("_consultations")
+        if got is None:
+            from .consult.jobs import Consultations
+
+            got = self.__dict__.setdefault("_consultations", Consultations(self))
+        return got
+
+    @property
     def tmp_dir(self) -> Path:
         """This process's staging directory (on the ingest tier's filesystem: renames are free)."""
         assert self.staging is not None, "a read-only archive has no staging"
@@ -273,6 +284,10 @@ class Archive:
             except ArchiveError as exc:  # stored as a plain KOS; the reject itself was refused
                 log.warning("rejection note %s not honoured: %s", result.sop_instance_uid, exc.reason)
                 result.reason = f"rejection note not honoured: {exc.reason}"
+        if result.outcome is Outcome.STORED and not self.readonly:
+            from .consult import inbox  # consultation requests and answers (SR classes only; never raises)
+
+            inbox.on_stored(self, result, who)
         return result
 
     def ingest_file(self, path: Path, *, take_ownership: bool = False, source: str = "import",

@@ -206,3 +206,51 @@ def viewer_attributes(ds: Dataset, icc: bytes) -> None:
     op.IlluminationTypeCodeSequence = Sequence([code("111744", "DCM", "Brightfield illumination")])
     op.IlluminationColorCodeSequence = Sequence([code("414298005", "SCT", "Full Spectrum")])
     op.ICCProfile = icc
+
+
+def large_case(outdir: Path, total_bytes: int = 300 << 20, *, slides: int = 4, levels: int = 4, tile: int = 512,
+               frame_bytes: int = 96 << 10, patient_id: str = "PLARGE", seed: int = 7) -> tuple[str, list[Path]]:
+    """A case of `slides` WSI series, `levels` pyramid levels each (VOLUME, base level first),
+    about `total_bytes` in all, written in seconds: the frames are a small pool of random
+    (incompressible) JPEG-framed bytes reused, streamed to disk (`write_streamed`). Returns
+    (Study Instance UID, the files). For transfer tests and benchmarks, not for decoding."""
+    rng = np.random.default_rng(seed)
+    pool = [b"\xff\xd8\xff\xe0" + rng.bytes(frame_bytes - 6) + b"\xff\xd9" for _ in range(32)]
+    per_slide = total_bytes // slides
+    # frames per level: n, n/4, n/16, ... summing to per_slide / frame_bytes
+    weights = [4.0 ** -k for k in range(levels)]
+    base_frames = per_slide / frame_bytes / sum(weights)
+    outdir.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    paths: list[Path] = []
+    for s in range(slides):
+        series, frame_ref = generate_uid(), generate_uid()
+        for k in range(levels):
+            n = max(1, round(base_frames * weights[k]))
+            cols = max(1, round((n * 4 / 3) ** 0.5))
+            rows = -(-n // cols)
+            header = wsi_header(study, series, cols * tile, rows * tile, tile, patient_id=patient_id,
+                                frame_of_reference=frame_ref, instance_number=k + 1, series_number=s + 1,
+                                container=f"SLIDE-{s + 1}")
+            path = outdir / f"slide{s + 1}-level{k}.dcm"
+            write_streamed(path, header, (pool[(i * 7 + k + s) % len(pool)] for i in range(cols * rows)),
+                           cols * rows)
+            paths.append(path)
+    return study, paths
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's bytes after its file meta group (preamble, DICM, group 0002): what a
+    DIMSE peer keeps of what was sent (it writes its own file meta)."""
+    import struct
+
+    pos = 132
+    while True:
+        group, _elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return data[pos:]
+        vr = data[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            pos += 12 + struct.unpack_from("<I", data, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]

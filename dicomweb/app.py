@@ -25,6 +25,8 @@ from archive.status import HTTP_STATUS_OF, ArchiveError, Damaged
 
 from . import admin, auditing, deletion as deletion_routes, pages, qido
 from . import viewer as viewer_routes
+from . import inbox as inbox_routes
+from . import consult as consult_routes
 from . import share as share_routes
 from .auth import auth_middleware, principal_of
 from .accesslog import AccessLogger, flush_all as flush_access_log  # noqa: F401  (AccessLogger: cli)
@@ -264,5 +266,7 @@ def make_app(archive, config) -> web.Application:
     viewer_routes.add_routes(app)  # /viewer and /static/viewer/...: the whole-slide viewer
     share_routes.add_routes(app)  # /share#<token>: a share link opens the viewer (archive.shares)
     admin.add_routes(app, arc)
+    inbox_routes.add_routes(app, arc)  # /api/consult/inbox: received consultations, accept/decline/answer
+    consult_routes.add_routes(app, arc)  # /api/consult/send, jobs, partners: sending for consultation
     r.add_route("*", "/dicomweb/{tail:.*}", h.not_found)
     return app

@@ -53,6 +53,10 @@ def _right_for(method: str, path: str) -> tuple[Right, ...] | None:
         return (Right.SECURITY,)
     if path.startswith("/api/audit"):
         return (Right.AUDIT,)
+    if path.startswith("/api/consult/inbox"):  # the consultant's inbox (dicomweb/inbox.py)
+        return (Right.READ,) if method in ("GET", "HEAD") else (Right.STORE, Right.STORE_DERIVED)
+    if path.startswith(("/api/consult/send", "/api/consult/jobs", "/api/consult/partners")):
+        return (Right.READ,)  # send a visible study for consultation (dicomweb/consult.py)
     if path.startswith("/api/"):
         return (Right.ADMIN,)
     if method in ("GET", "HEAD"):

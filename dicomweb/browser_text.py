@@ -57,6 +57,9 @@ TEXT: dict[str, dict[str, str]] = {
         "idp_refused": "The identity provider refused the login",
         "state_mismatch": "The login answer did not match this page; try again.",
         "language": "Language",
+        "inbox": "Consultation inbox", "inbox_received": "Received", "inbox_from": "From",
+        "inbox_priority": "Priority", "inbox_question": "Question", "inbox_state": "State",
+        "inbox_unknown": "unknown partner",
     },
     "zh-CN": {
         "title": "pathpacs 检查",
@@ -105,6 +108,9 @@ TEXT: dict[str, dict[str, str]] = {
         "idp_refused": "身份提供方拒绝了登录",
         "state_mismatch": "登录应答与本页不符，请重试。",
         "language": "语言",
+        "inbox": "会诊收件箱", "inbox_received": "收到时间", "inbox_from": "申请方",
+        "inbox_priority": "优先级", "inbox_question": "会诊问题", "inbox_state": "状态",
+        "inbox_unknown": "未知合作方",
     },
 }
 

@@ -62,7 +62,9 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8><title>{t
 <span id=pageno></span> <button type=button id=next data-t=next>{t[next]}</button>
 <small id=ordernote data-t=order_note>{t[order_note]}</small></nav>
 <script type=application/json id=text>{text}</script>
-<script src="static/browser/browser.js"></script></body></html>
+<script src="static/browser/browser.js"></script>
+<script src="static/browser/inbox.js"></script>
+<script src="static/browser/consult.js"></script></body></html>
 """
 
 _TEXT_JSON = html.escape(json.dumps(browser_text.TEXT, ensure_ascii=False), quote=False)

@@ -34,7 +34,7 @@ REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bun
             "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
-OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
+OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js", "consult.js"})
 MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
         ".map": "application/json", ".txt": "text/plain"}
 MISSING = "the viewer's JavaScript packages are not installed: run make run / npm ci --prefix viewer"
@@ -79,6 +79,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <p id=status role=status>{loading}</p>
 <script src="static/viewer/app/annotations.js"></script>
 <script src="static/viewer/app/viewer.js"></script>
+<script src="static/viewer/app/consult.js"></script>
 </body></html>
 """
 

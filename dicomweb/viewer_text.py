@@ -28,6 +28,12 @@ TEXT: dict[str, dict[str, str]] = {
         "link_help": "Pan, zoom and rotation move both slides; unlink, align, link again to keep an offset",
         "draw_line": "Click two points to measure a length.",
         "draw_polygon": "Click the corners, double-click the last one to measure an area.",
+        "t_consult": "Consultation", "c_question": "Question", "c_from": "From", "c_priority": "Priority",
+        "c_state": "State", "c_opinion": "Opinion", "c_use_marks": "Send my marks as regions",
+        "c_accept": "Accept", "c_decline": "Decline", "c_reason": "Reason for declining", "c_send": "Send opinion",
+        "c_sent": "Opinion stored and sent back.", "c_declined": "Declined; the reason is sent back.",
+        "c_accepted": "Accepted.", "c_need_text": "Write the opinion first.", "c_need_reason": "Give a reason.",
+        "c_failed": "The archive answered",
     },
     "zh-CN": {
         "title": "pathpacs 阅片", "home": "检查列表", "t_slide": "切片", "slide": "切片",
@@ -49,6 +55,12 @@ TEXT: dict[str, dict[str, str]] = {
         "link_help": "平移、缩放和旋转同时作用于两张切片；取消联动、对齐后再联动可保留偏移",
         "draw_line": "点击两点测量长度。",
         "draw_polygon": "依次点击各顶点，双击最后一点测量面积。",
+        "t_consult": "会诊", "c_question": "会诊问题", "c_from": "申请方", "c_priority": "优先级",
+        "c_state": "状态", "c_opinion": "会诊意见", "c_use_marks": "将我的标记作为区域发送",
+        "c_accept": "接受", "c_decline": "拒绝", "c_reason": "拒绝原因", "c_send": "发送意见",
+        "c_sent": "意见已保存并发回。", "c_declined": "已拒绝，原因已发回。",
+        "c_accepted": "已接受。", "c_need_text": "请先填写会诊意见。", "c_need_reason": "请填写原因。",
+        "c_failed": "归档服务器返回",
     },
 }
 

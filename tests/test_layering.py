@@ -11,7 +11,7 @@ from conftest import ROOT, run_cli
 
 PRODUCT = ("archive", "dicomweb", "storage_tiers", "converters")
 VERBS = ("serve", "import", "ls", "stats", "verify", "migrate", "convert", "watch", "reject", "restore", "purge",
-         "rejected", "retention", "audit", "token")
+         "rejected", "retention", "audit", "token", "partner")
 
 
 def _fresh(code: str) -> subprocess.CompletedProcess:

@@ -200,6 +200,7 @@ async function loadSeries(seriesUID) {
   params.set('series', seriesUID)
   state.levels = volumes.length
   state.baseSpacingUm = pixelSpacingMm(volumeDocs[0]) ? spacingUm : null
+  state.baseImage = { sop: first(volumeDocs[0], '00080018'), sopClass: first(volumeDocs[0], '00080016') } // consult.js: regions
   viewer = new dmv.viewer.VolumeImageViewer({ client, metadata: volumes, controls: [] })
   viewer.render({ container: $('viewport') })
   window.viewer = viewer

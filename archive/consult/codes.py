@@ -34,3 +34,5 @@ OPINION_TEXT = Code("OPINION", SCHEME, "Consultation opinion")  # TEXT: the cons
 CONSULTANT = Code("CONSULTANT", SCHEME, "Consultant")  # PNAME
 REGION = Code("REGION", SCHEME, "Region of interest")  # SCOORD (graphic on a slide), with a label
 DECLINED = Code("DECLINED", SCHEME, "Consultation declined")  # TEXT: the reason (a decline is an answer)
+ACCEPTED = Code("ACCEPTED", SCHEME, "Consultation accepted")  # DATETIME: when the consultant accepted
+REQUEST = Code("REQUEST", SCHEME, "Consultation request")  # COMPOSITE: the request SR answered

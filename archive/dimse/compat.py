@@ -172,6 +172,12 @@ def restore() -> None:
     _saved.clear()
 
 
+def chunked_file_sends() -> None:
+    """Make C-STOREs of a file path send it in chunks, as stored, never decoded in memory (a
+    sender without a DIMSE server: the consultation route, `archive.consult.dimse_route`)."""
+    _config.STORE_SEND_CHUNKED_DATASET = True
+
+
 def use_spool_factory(factory) -> None:
     """Make pynetdicom create `factory(...)` where it would create a NamedTemporaryFile for a
     received C-STORE data set (the call happens in the association's DUL reactor thread)."""

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from pynetdicom import AE, evt
 
 from archive import tls
+from archive.consult.commitment_scu import handle_n_event_report
 
 from . import compat, receive
 from .admission import Admission
@@ -98,7 +99,9 @@ class DimseServer:
             ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
         for model in (*FIND_MODELS, *GET_MODELS, *MOVE_MODELS):
             ae.add_supported_context(model)
-        ae.add_supported_context(STORAGE_COMMITMENT)
+        # scu_role/scp_role: a partner reporting our commitment requests back (N-EVENT-REPORT on a
+        # new association) proposes the SCP role; see archive/consult/commitment_scu.py.
+        ae.add_supported_context(STORAGE_COMMITMENT, scu_role=True, scp_role=True)
         ae.associate = remember_association(ae.associate, cfg)  # see retrieve_scp.move_association
         self.ae = ae
         self._server = None
@@ -114,6 +117,7 @@ class DimseServer:
             (evt.EVT_C_GET, partial(handle_get, arc=arc)),
             (evt.EVT_C_MOVE, partial(handle_move, arc=arc)),
             (evt.EVT_N_ACTION, partial(handle_n_action, arc=arc)),
+            (evt.EVT_N_EVENT_REPORT, partial(handle_n_event_report, arc=arc)),  # our commitment requests
             *self.connections.handlers,
             *self.admission.handlers,  # after the connection registry has seen the A-ASSOCIATE-RQ
             # audit: an association's aggregated records are written when it ends; refusals

@@ -21,7 +21,7 @@ from ..status import Outcome
 # Tables of JSON records that modules above the index keep through the generic record
 # operations: consultation jobs and their per-instance state, the inbox of received requests,
 # UID maps of de-identification, consent records, share links. A module adds its table here.
-RECORD_TABLES = ("consult", "consult_items", "inbox", "uidmap", "consents", "shares")
+RECORD_TABLES = ("consult", "consult_items", "inbox", "uidmap", "consents", "shares", "commitments")
 
 
 @dataclass(frozen=True)

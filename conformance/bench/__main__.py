@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "s3 client": ("conformance.bench.s3", "run"),
     "study browser": ("conformance.bench.browser", "run"),
     "viewer": ("conformance.bench.viewer", "run"),
+    "consultation": ("conformance.bench.consult", "run"),
 }
 
 

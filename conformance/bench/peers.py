@@ -58,13 +58,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60) -> None:
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited ({proc.returncode}) before port {port} opened")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.05)
@@ -128,6 +128,7 @@ class Pathpacs:
     cwd: Path | None = None          # default: `release`, else the repository
     env: dict[str, str | None] | None = None  # changes to the environment (None: unset)
     wait_ports: tuple[int, ...] | None = None  # ports start() waits for (default: DICOM and HTTP)
+    wait_host: str = "127.0.0.1"  # where start() waits for them (a server in a network namespace)
 
     @property
     def http_url(self) -> str:
@@ -167,7 +168,7 @@ class Pathpacs:
                                          preexec_fn=self.preexec_fn)
         try:
             for port in self.wait_ports or (self.dicom_port, self.http_port):
-                wait_port(port, self.proc, timeout)
+                wait_port(port, self.proc, timeout, self.wait_host)
         except BaseException:
             self.stop()
             raise
