@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
-from .access import SYSTEM, Principal, Right
+from .access import SYSTEM, Forbidden, Principal, Right
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
 from .index import FixityEvent, Index, open_index
@@ -468,6 +468,8 @@ class Archive:
         keys = [k for k in keys if not k.universal]
         if not keys:
             raise QueryError("a retrieve needs at least one unique key")
+        if who.deidentified:  # C-GET/C-MOVE send stored files: de-identified views are DICOMweb's
+            raise Forbidden(f"{who.name} reads de-identified views, which are not sent over DIMSE")
         out: dict[str, InstanceRecord] = {}
         hidden = self.deletion.visibility.current().purging if who.sees_rejected else self._hidden()
         for r in self.search(level, keys, who=who):
