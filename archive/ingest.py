@@ -213,6 +213,7 @@ def _consult_answer(arc: "Archive", parsed: ParsedFile) -> bytes | None:
     if ds is None:
         return None
     ds.file_meta = parsed.file_meta
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

@@ -490,3 +490,35 @@ def test_report_turnaround_is_exact(tmp_path):
     d = by[("2026-12", "hospB", "requester")]
     assert (d["cases"], d["declined"], d["answered"], d["requested_to_answered_min"]["median"]) == (1, 1, 0, None)
     assert [x["month"] for x in nov] == ["2026-11", "2026-11"]
+
+
+def test_plain_case_answer_is_stored_as_it_came_and_the_case_can_go_again(pair):
+    """Without de-identification nothing needs mapping: A stores the answer with B's very bytes,
+    so sending the case (which now holds the answer) to B again is no conflict there."""
+    import hashlib
+
+    def plain() -> str:
+        res = run_cli("consult", "send", "--study", pair["study"], "--to", "hospB", "--question", "plain",
+                      "--quiet", "--config", str(pair["cfg_a"]), data=pair["a"].data_dir, check=True)
+        job = res.stdout.strip().split()[-1]
+        _wait("the plain job", lambda: _job(pair, job).get("state") in ("done", "failed"), 90)
+        return job
+
+    job = plain()
+    assert _job(pair, job)["state"] == "done", _job(pair, job)
+    rec = _wait("the plain case in B's inbox", lambda: next((c for c in _inbox(pair) if c["id"] == job), None))
+    assert rec["study"] == pair["study"]
+    assert _b(pair, "answer", job, "--text", "Plain answer.").returncode == 0
+    _wait("the plain answer at A", lambda: _job(pair, job).get("answer_state") == "answered", 60)
+    sop = next(c for c in _inbox(pair) if c["id"] == job)["answer_sop"]
+    assert _job(pair, job)["answer_sop"] == sop
+
+    def sha(srv: Server, token: str) -> str:
+        c = _client(srv, token)
+        [inst] = c.search_for_instances(study_instance_uid=pair["study"], search_filters={"SOPInstanceUID": sop})
+        ds = c.retrieve_instance(pair["study"], inst["0020000E"]["Value"][0], sop)
+        return hashlib.sha256(ds.to_json().encode()).hexdigest()
+
+    assert sha(pair["a"], pair["a_token"]) == sha(pair["b"], pair["b_token"])
+    again = plain()
+    assert _job(pair, again)["state"] == "done", _job(pair, again)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
+from pydicom.uid import generate_uid
 
 from .opinion import SR_SOP_CLASSES, ConsultOpinion, read_opinion
 
@@ -87,28 +88,44 @@ def map_back(archive: "Archive", ds: Dataset) -> Dataset | None:
         log.warning("answer %s to consultation %s names study %s: stored in the case's study %s",
                     op.sop_instance_uid, op.consultation_id, out.get("StudyInstanceUID"), study)
         out.StudyInstanceUID = study
-    _restore_identity(archive, out, study)
-    log.info("answer %s to consultation %s mapped back to study %s (%d UIDs restored)",
+        n += 1
+    if job.get("deidentify"):  # a plain case went with its identity: the answer carries it already
+        n += _restore_identity(archive, out, study)
+    if n == 0:  # already the original case's (a plain send): stored as it came, bytes unchanged
+        return None
+    # A changed object is another instance: its own SOP Instance and Series UIDs, derived from the
+    # partner's (the same answer arriving twice is the same instance here, a duplicate), so the
+    # partner's copy and ours never hold one UID with two contents (a later send of the case).
+    for kw in ("SOPInstanceUID", "SeriesInstanceUID"):
+        setattr(out, kw, generate_uid(entropy_srcs=["pathpacs consultation answer", op.consultation_id,
+                                                    str(ds.get(kw, ""))]))
+    log.info("answer %s to consultation %s mapped back to study %s (%d values restored)",
              op.sop_instance_uid, op.consultation_id, study, n)
     return out
 
 
-def _restore_identity(archive: "Archive", ds: Dataset, study: str | None) -> None:
+def _restore_identity(archive: "Archive", ds: Dataset, study: str | None) -> int:
+    """Patient and study attributes of the original study into `ds`; how many changed."""
     st = archive.index.study(study) if study else None
     if st is None:
-        return
+        return 0
     raw = archive.index.metadata_under(study) or []
     if not raw:
-        return
+        return 0
     header = Dataset.from_json(json.loads(raw[0]), bulk_data_uri_handler=lambda *a: b"")
+    n = 0
     for kw in RESTORED:
         if kw in header:
             elem = header.data_element(kw)
-            ds[elem.tag] = DataElement(elem.tag, elem.VR, elem.value)
-        elif kw in ds and kw.startswith("Patient"):
+            if kw not in ds or str(ds.data_element(kw).value) != str(elem.value):
+                ds[elem.tag] = DataElement(elem.tag, elem.VR, elem.value)
+                n += 1
+        elif kw in ds and kw.startswith("Patient") and ds.data_element(kw).value not in (None, ""):
             del ds[kw]  # what the original case does not carry, the answer does not add
-    if "SpecificCharacterSet" in header:
+            n += 1
+    if "SpecificCharacterSet" in header and n:
         ds.SpecificCharacterSet = header.SpecificCharacterSet
+    return n
 
 
 def answer_arrived(archive: "Archive", op: ConsultOpinion) -> None:
