@@ -21,8 +21,7 @@ from aiohttp import web
 
 from archive import browse
 
-from . import browser_text
-from .auth import principal_of
+from . import auditing, browser_text
 from .common import HttpError
 
 STATIC = Path(__file__).resolve().parent / "static" / "browser"
@@ -94,13 +93,20 @@ def add_routes(app: web.Application, arc) -> None:
     async def summaries(request: web.Request) -> web.Response:
         """GET browser/studies?study=UID&study=UID...: what the browser shows of each study
         beyond QIDO (archive.browse); studies `who` may not see are left out."""
-        uids = [u for v in request.query.getall("study", []) for u in v.split(",") if u.strip()]
-        if not uids:
-            raise HttpError(400, "name at least one study: browser/studies?study=UID")
-        if len(uids) > browse.MAX_STUDIES:
-            raise HttpError(400, f"at most {browse.MAX_STUDIES} studies per request, not {len(uids)}")
-        who = principal_of(request)
-        found = await arc.run(lambda: browse.as_json(browse.study_summaries(arc.sync, [u.strip() for u in uids], who)))
+        uids = [u.strip() for v in request.query.getall("study", []) for u in v.split(",") if u.strip()]
+        who, address, _ = auditing.caller(request)
+        about = uids[0][:64] if len(uids) == 1 else None  # one study: its record is found by --study
+        try:  # audited as QIDO is (a query event: who, what was asked, how many answered)
+            if not uids:
+                raise HttpError(400, "name at least one study: browser/studies?study=UID")
+            if len(uids) > browse.MAX_STUDIES:
+                raise HttpError(400, f"at most {browse.MAX_STUDIES} studies per request, not {len(uids)}")
+            found = await arc.run(lambda: browse.as_json(browse.study_summaries(arc.sync, uids, who)))
+        except Exception as exc:
+            arc.sync.audit.queried(who, "STUDY", request.query_string, address, "", 0, study=about, via="browser",
+                                   outcome="minor failure", reason=str(exc)[:200])
+            raise
+        arc.sync.audit.queried(who, "STUDY", request.query_string, address, "", len(found), study=about, via="browser")
         return web.json_response(found, headers={"Cache-Control": "no-store"})
 
     app.router.add_get("/", index)

@@ -4,6 +4,7 @@ paging and the two languages in a real chromium, and the first run (`serve --dem
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pydicom
@@ -12,6 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 import factory
+from archive.audit.trail import Trail
 from conftest import run_cli
 
 
@@ -116,6 +118,32 @@ def test_study_summaries_give_slides_stain_size_and_tier(server, tmp_path):
     assert r.status_code == 400 and "study" in r.text
     r = requests.get(server.http_url + "/browser/studies", params=[("study", f"1.2.{i}") for i in range(101)], timeout=30)
     assert r.status_code == 400 and "at most 100" in r.text
+    # audited as QIDO is: who asked, what, how many answered; a refused request too
+    def browser_queries() -> list[dict]:
+        return [r.event for r in Trail(server.data_dir / "audit").records()
+                if r.event["kind"] == "queried" and r.event["detail"].get("via") == "browser"]
+
+    _wait(lambda: len(browser_queries()) == 3)
+    asked, empty, too_many = browser_queries()
+    assert asked["detail"]["results"] == 3 and asked["outcome"] == 0
+    assert asked["objects"][0]["query"] == "&".join(
+        "study=" + u for u in (studies["A-WANG"], studies["B-FANG"], studies["C-SMITH"], "1.2.3.999"))
+    assert asked["participants"][0]["user_id"] == "anonymous" and asked["participants"][0]["address"] == "127.0.0.1"
+    assert empty["outcome"] == 4 and "at least one study" in empty["outcome_text"]
+    assert too_many["outcome"] == 4 and "at most 100" in too_many["outcome_text"]
+    requests.get(server.http_url + "/browser/studies", params={"study": studies["B-FANG"]}, timeout=30)
+    _wait(lambda: len(browser_queries()) == 4)
+    one = browser_queries()[-1]
+    assert [o["id"] for o in one["objects"] if o["id_type"][0] == "110180"] == [studies["B-FANG"]]
+
+
+def _wait(cond, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
 
 
 def test_summaries_follow_the_token_and_its_scope(make_server, tmp_path):
