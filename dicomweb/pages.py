@@ -21,8 +21,8 @@ from aiohttp import web
 
 from archive import browse
 
-from . import auditing, browser_text
-from .common import HttpError
+from . import auditing, browser_text, qido
+from .common import HttpError, base_url
 
 STATIC = Path(__file__).resolve().parent / "static" / "browser"
 
@@ -109,6 +109,39 @@ def add_routes(app: web.Application, arc) -> None:
         arc.sync.audit.queried(who, "STUDY", request.query_string, address, "", len(found), study=about, via="browser")
         return web.json_response(found, headers={"Cache-Control": "no-store"})
 
+    async def search(request: web.Request) -> web.Response:
+        """GET browser/search?<QIDO study keys>&sort=-date|date&limit=&offset=: a QIDO-RS study
+        search (same keys, matching, return attributes and DICOM JSON) sorted by study date
+        and time over the whole result, limit and offset applied after sorting. QIDO itself
+        has no sort (PS3.18); this is the browser's, audited as QIDO is (via=browser)."""
+        params = [(k, v) for k, v in request.query.items() if k != "sort"]
+        sort = request.query.get("sort", "-date")
+        who, address, _ = auditing.caller(request)
+        audit = arc.sync.audit
+        cfg = arc.sync.config
+        base = base_url(request)
+        try:
+            if sort not in browse.SORTS:
+                raise HttpError(400, f"sort must be one of {', '.join(browse.SORTS)}, not {sort[:40]!r}")
+            docs, more, clamped = await arc.search_run(
+                qido.search, arc.sync, "STUDY", params, retrieve_aet=cfg.aet, max_results=cfg.max_results,
+                who=who, order=sort)
+        except Exception as exc:
+            audit.queried(who, "STUDY", request.query_string, address, "", 0, via="browser",
+                          outcome="minor failure", reason=str(exc)[:200])
+            raise
+        audit.queried(who, "STUDY", request.query_string, address, "", len(docs), via="browser")
+        warnings = []
+        if clamped is not None:
+            warnings.append(f'299 pathpacs "limit reduced to http.max_results ({clamped})"')
+        if more:
+            warnings.append('299 pathpacs "There are additional results that can be requested"')
+        headers = {"Cache-Control": "no-store", "Content-Type": "application/dicom+json"}
+        if warnings:
+            headers["Warning"] = ", ".join(warnings)
+        return web.Response(body=qido.encode_json(docs, base), headers=headers)
+
     app.router.add_get("/", index)
     app.router.add_get("/browser/studies", summaries)
+    app.router.add_get("/browser/search", search)
     app.router.add_static("/static/browser/", STATIC, append_version=False)

@@ -4,6 +4,7 @@ paging and the two languages in a real chromium, and the first run (`serve --dem
 from __future__ import annotations
 
 import os
+import random
 import time
 from pathlib import Path
 
@@ -219,11 +220,67 @@ def test_the_page_searches_by_name_date_and_modality(server, browser, tmp_path):
     assert errors == []
 
 
-def test_paging_walks_every_study_once_and_sorts_by_date(server, browser, tmp_path):
-    for i in range(25):
-        factory.secondary_capture(tmp_path / "p" / f"{i}.dcm", patient_id=f"PG-{i:02d}", accession=f"PG-{i:02d}",
-                                  patient_name=f"Page^P{i:02d}", study_date=f"202401{i + 1:02d}")
+def _dated_corpus(tmp_path: Path, server) -> list[str]:
+    """30 studies imported in shuffled date order (three pairs on one day at different times, two
+    without a date); returns their accessions newest first (date, time, UID; undated last)."""
+    rng = random.Random(11)
+    specs = [(f"2024{1 + i // 28:02d}{1 + i % 28:02d}", "101500") for i in range(22)]
+    specs += [("20230505", "080000"), ("20230505", "173000"), ("20250101", "000001"), ("20250101", "235959"),
+              ("20240110", "120000"), ("20240110", "120001"), ("", ""), ("", "")]
+    rng.shuffle(specs)
+    order = []
+    for i, (date, when) in enumerate(specs):
+        f = factory.secondary_capture(tmp_path / "p" / f"{i}.dcm", patient_id=f"PG-{i:02d}", accession=f"PG-{i:02d}",
+                                      patient_name=f"Page^P{i:02d}", study_date=date, study_time=when)
+        order.append((date, when, pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID, f"PG-{i:02d}"))
     run_cli("import", "--quiet", str(tmp_path / "p"), data=server.data_dir, check=True)
+    dated = sorted((o for o in order if o[0]), reverse=True)
+    undated = sorted(o for o in order if not o[0])
+    return [o[3] for o in dated + undated]
+
+
+def _sorted_pages(server, size: int, **params) -> list[list[str]]:
+    pages, offset = [], 0
+    while True:
+        r = requests.get(server.http_url + "/browser/search", params={"limit": size, "offset": offset, **params},
+                         timeout=30)
+        assert r.status_code == 200, r.text
+        pages.append([s["00080050"]["Value"][0] for s in r.json()])
+        if "additional results" not in r.headers.get("Warning", ""):
+            return pages
+        offset += size
+
+
+def test_browser_search_sorts_by_date_over_every_page(server, tmp_path):
+    newest = _dated_corpus(tmp_path, server)
+    pages = _sorted_pages(server, 10, sort="-date")
+    assert pages == [newest[:10], newest[10:20], newest[20:]]
+    dated = [a for a in newest if a not in newest[-2:]]
+    oldest = dated[::-1] + newest[-2:]  # undated last in both orders
+    assert _sorted_pages(server, 10, sort="date") == [oldest[:10], oldest[10:20], oldest[20:]]
+    assert _sorted_pages(server, 7) == [newest[i:i + 7] for i in range(0, 30, 7)]  # newest first by default
+    # narrowed by an indexed key (read and sorted) and by a date range (an index walk), still in order
+    by_name = _sorted_pages(server, 4, sort="-date", PatientName="page^p1*")
+    assert [a for p in by_name for a in p] == [a for a in newest if a.startswith("PG-1")]
+    r = requests.get(server.http_url + "/browser/search",
+                     params={"StudyDate": "20240101-20240131", "sort": "date", "limit": 5, "offset": 3}, timeout=30)
+    january = [a for a in oldest if a in {s["00080050"]["Value"][0] for s in requests.get(
+        server.dicomweb_url + "/studies", params={"StudyDate": "20240101-20240131"}, timeout=30).json()}]
+    assert len(january) == 24 and [s["00080050"]["Value"][0] for s in r.json()] == january[3:8]
+    assert "additional results" in r.headers["Warning"] and r.headers["Content-Type"] == "application/dicom+json"
+    r = requests.get(server.http_url + "/browser/search", params={"sort": "name"}, timeout=30)
+    assert r.status_code == 400 and "sort must be one of -date, date" in r.text
+    r = requests.get(server.http_url + "/browser/search", params={"StudyDate": "2024"}, timeout=30)
+    assert r.status_code == 400 and "StudyDate" in r.text
+    queries = lambda: [r.event for r in Trail(server.data_dir / "audit").records()  # noqa: E731
+                       if r.event["kind"] == "queried" and r.event["detail"].get("via") == "browser"]
+    _wait(lambda: len(queries()) >= 16)
+    assert queries()[0]["objects"][0]["query"] == "limit=10&offset=0&sort=-date"
+    assert [q["outcome"] for q in queries()[-2:]] == [4, 4]
+
+
+def test_paging_walks_every_study_once_in_date_order(server, browser, tmp_path):
+    newest = _dated_corpus(tmp_path, server)
     page = browser.new_page()
     page.goto(server.http_url + "/")
     page.wait_for_selector("#studies tbody tr", timeout=15000)
@@ -231,24 +288,19 @@ def test_paging_walks_every_study_once_and_sorts_by_date(server, browser, tmp_pa
     page.select_option("#q-size", "10")
     _act(page, lambda: page.click("#go"))
     seen: list[list[str]] = []
-    dates = "() => [...document.querySelectorAll('#studies tbody td.date')].map(t => t.textContent)"
     while True:
         seen.append(_rows(page))
-        shown = page.evaluate(dates)
-        assert shown == sorted(shown, reverse=True)  # newest first within each page
         if page.is_disabled("#next"):
             break
         _act(page, lambda: page.click("#next"))
-    assert [len(p) for p in seen] == [10, 10, 5]
-    flat = [a for p in seen for a in p]
-    assert sorted(flat) == [f"PG-{i:02d}" for i in range(25)]  # none missing, none twice
+    assert seen == [newest[:10], newest[10:20], newest[20:]]  # the whole result sorted, not each page
     assert page.inner_text("#pageno") == "Page 3"
-    assert "21–25 studies." in page.inner_text("#status")
-    _act(page, lambda: page.select_option("#q-sort", "asc"))
-    shown = page.evaluate(dates)
-    assert shown == sorted(shown) and len(shown) == 5
-    _act(page, lambda: page.click("#prev"))
-    assert sorted(_rows(page)) == sorted(seen[1]) and page.inner_text("#pageno") == "Page 2"
+    assert "21–30 studies." in page.inner_text("#status")
+    _act(page, lambda: page.select_option("#q-sort", "asc"))  # back to the first page, oldest first
+    oldest = [a for a in newest[:-2]][::-1]
+    assert _rows(page) == oldest[:10] and page.inner_text("#pageno") == "Page 1"
+    _act(page, lambda: page.click("#next"))
+    assert _rows(page) == oldest[10:20] and page.inner_text("#pageno") == "Page 2"
 
 
 def test_the_page_speaks_chinese_from_accept_language_and_remembers_a_switch(server, browser, tmp_path):
