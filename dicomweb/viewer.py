@@ -23,6 +23,9 @@ from .viewer_text import LANGUAGES, TEXT, choose_language
 
 # The repository checkout's viewer/ folder (package.json, our JS/CSS, node_modules once installed).
 VIEWER_DIR = Path(__file__).resolve().parent.parent / "viewer"
+# An installed wheel has no viewer/ folder: `python -m dicomweb.viewer_dist` (make wheel) copies what
+# the page serves into this package-data folder first, in the MOUNTS layout (git-ignored).
+PACKAGED_DIR = Path(__file__).resolve().parent / "static" / "viewer-dist"
 # URL prefix under /static/viewer/ -> folder below VIEWER_DIR: only these are served.
 MOUNTS = {
     "app": "",  # our own viewer.js, viewer.css, boot.js
@@ -30,11 +33,23 @@ MOUNTS = {
     "dwc": "node_modules/dicomweb-client/build",
     "dcmjs": "node_modules/dcmjs/build",  # writes the annotation objects the viewer saves (a direct dependency in package.json)
 }
+PACKAGED_MOUNTS = {m: m for m in MOUNTS}  # below PACKAGED_DIR: app/, dmv/, dwc/, dcmjs/
 REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js",
             "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
 OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
+# What the page loads from each package (seen in the viewer tests' requests): the bundle loads its
+# worker and the WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) from dist/dynamic-import/; no
+# source maps. Globs below each mount, and each package's licence (copied as LICENSE.txt).
+PACKAGE_FILES = {
+    "dmv": ("dicomMicroscopyViewer.bundle.min.js", "dicomMicroscopyViewer.bundle.min.js.LICENSE.txt",
+            "dynamic-import/dataLoader.worker.min.js", "dynamic-import/*.wasm"),
+    "dwc": ("dicomweb-client.js",),
+    "dcmjs": ("dcmjs.js",),
+}
+LICENCES = {"dmv": "node_modules/dicom-microscopy-viewer/LICENSE", "dwc": "node_modules/dicomweb-client/LICENSE",
+            "dcmjs": "node_modules/dcmjs/License.txt"}
 MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
         ".map": "application/json", ".txt": "text/plain"}
 MISSING = "the viewer's JavaScript packages are not installed: run make run / npm ci --prefix viewer"
@@ -87,6 +102,41 @@ def packages_installed(root: Path = VIEWER_DIR) -> bool:
     return all((root / rel).is_file() for rel in REQUIRED)
 
 
+def packaged_complete(root: Path = PACKAGED_DIR) -> bool:
+    """The wheel's copy holds our files and the packages' required ones."""
+    need = [f"app/{f}" for f in OWN_FILES]
+    for rel in REQUIRED:
+        mount = next(m for m, d in MOUNTS.items() if d and rel.startswith(d + "/"))
+        need.append(f"{mount}/{rel[len(MOUNTS[mount]) + 1:]}")
+    return all((root / rel).is_file() for rel in need)
+
+
+def served_files(root: Path = VIEWER_DIR) -> list[tuple[Path, str]]:
+    """(source, path below PACKAGED_DIR) of every file the page serves from a checkout with the
+    packages installed: what the wheel must carry. ValueError when something is missing."""
+    if not packages_installed(root):
+        raise ValueError(MISSING)
+    out = [(root / f, f"app/{f}") for f in sorted(OWN_FILES)]
+    for mount, globs in PACKAGE_FILES.items():
+        base = root / MOUNTS[mount]
+        for pattern in globs:
+            found = sorted(base.glob(pattern))
+            if not found:
+                raise ValueError(f"{base / pattern}: not found (dicom-microscopy-viewer's layout changed?)")
+            out += [(p, f"{mount}/{p.relative_to(base).as_posix()}") for p in found]
+        out.append((root / LICENCES[mount], f"{mount}/LICENSE.txt"))
+    return out
+
+
+def _source(root: Path | None) -> tuple[Path, dict[str, str], bool]:
+    """(folder, mounts, installed): the package data of a wheel first, else the checkout."""
+    if root is not None:
+        return root, MOUNTS, packages_installed(root)
+    if packaged_complete():
+        return PACKAGED_DIR, PACKAGED_MOUNTS, True
+    return VIEWER_DIR, MOUNTS, packages_installed(VIEWER_DIR)
+
+
 def render_page(lang: str, query: dict[str, str]) -> str:
     t = TEXT[lang]
     esc = html.escape
@@ -104,10 +154,12 @@ def render_page(lang: str, query: dict[str, str]) -> str:
                        **fields)
 
 
-def add_routes(app: web.Application, root: Path = VIEWER_DIR) -> None:
+def add_routes(app: web.Application, root: Path | None = None) -> None:
     """/viewer (the page) and /static/viewer/{mount}/{path} (its files). Both are public, as
-    the page at / is: every request for patient data goes through /dicomweb and its auth."""
-    installed = packages_installed(root)  # found at start; `npm ci` later needs a restart
+    the page at / is: every request for patient data goes through /dicomweb and its auth.
+    Files come from `root` in the checkout layout when given, else from the wheel's package
+    data (PACKAGED_DIR) when complete, else from the checkout's viewer/."""
+    root, mounts, installed = _source(root)  # found at start; `npm ci` later needs a restart
 
     async def page(request: web.Request) -> web.Response:
         if not installed:
@@ -128,7 +180,7 @@ def add_routes(app: web.Application, root: Path = VIEWER_DIR) -> None:
             return error(404, f"no viewer file at {request.path}")
         if not installed and mount != "app":
             return error(503, MISSING)
-        base = (root / MOUNTS[mount]).resolve()
+        base = (root / mounts[mount]).resolve()
         path = (base / rel).resolve()
         if not path.is_relative_to(base) or not path.is_file() or path.suffix not in MIME:
             return error(404, f"no viewer file at {request.path}")
