@@ -377,3 +377,47 @@ def test_a_schema_5_index_finds_ideographic_names_after_its_migration(make_serve
     server = make_server(data_dir=data)
     assert _accessions(server, PatientName="王*") == ["OLD-WANG"]
     assert _accessions(server, PatientName="wang*") == ["OLD-WANG"]
+
+
+NAMES = ["Smith^P1999", "SMITH^P19990", "Jones^P2199", "Wang^Xiaodong=王^小东", "王^芳", "İnce^Ayşe", "ΟΔΥΣΣΕΥΣ^Νίκος",
+         "Müller^Jürgen", "O'Brien^Seán", "", "Smythe^Ann", "Garcia^Ana=ガルシア^アナ=がるしあ^あな"]
+PATTERNS = ["*P1999*", "*p1999*", "*1999", "sm?th*", "*m?th*", "*小*", "*王*", "*İ*", "*i̇nce*", "*ΣΣ*", "*σ^*",
+            "*ς*", "*üll*", "*'b*", "*^*", "?*", "*a*a*a*", "*アナ", "*が*", "s*h^p*9", "*xyz*", "j?nes^p2199", "*^"]
+
+
+def test_name_patterns_without_a_prefix_find_what_matching_finds(tmp_path):
+    """The planner's scan of the name keys (archive/index/lmdb.py `_name_pattern`) is a superset
+    of PS3.4 matching, whatever the script and case folding: the answers equal a brute-force
+    match of every study record, sorted or not."""
+    from archive import metadata as md
+    from archive.index import NewInstance
+    from archive.query import Key, match_doc, study_doc
+    from archive.records import InstanceRecord
+    from archive.service import Archive
+
+    arc = Archive.open(tmp_path / "data")
+    try:
+        news = []
+        for i, name in enumerate(NAMES * 3):
+            st, se, sop = f"2.25.{100 + i}", f"2.25.{200 + i}", f"2.25.{300 + i}"
+            groups = dict(zip(("Alphabetic", "Ideographic", "Phonetic"), name.split("="))) if name else {}
+            patient = {"00100010": {"vr": "PN", "Value": [groups]} if groups else {"vr": "PN"},
+                       "00100020": {"vr": "LO", "Value": [f"P{i}"]}}
+            study = {**patient, "0020000D": {"vr": "UI", "Value": [st]},
+                     "00080020": {"vr": "DA", "Value": [f"2024{1 + i % 12:02d}{1 + i % 28:02d}"]}}
+            rec = {"sop": sop, "sop_class": "1.2.840.10008.5.1.4.1.1.7", "study": st, "series": se,
+                   "patient": f"P{i}^", "ts": "1.2.840.10008.1.2.1", "blob": f"none{sop}", "tier": "hot",
+                   "size": 1, "sha256": "0" * 64, "received": "2026-01-01T00:00:00"}
+            news.append(NewInstance(InstanceRecord.from_json(rec), [], [], md.dumps({**study}), {}, patient, study,
+                                    {"0020000E": {"vr": "UI", "Value": [se]}}))
+        arc.index.add_instances(news)
+        every = list(arc.index.studies())
+        for pattern in PATTERNS:
+            keys = [Key("00100010", "PN", [pattern])]
+            expected = sorted(r.uid for r in every if match_doc(study_doc(r), keys))
+            assert sorted(r.study for r in arc.search("STUDY", keys)) == expected, pattern
+            newest = [r.study for r in arc.search("STUDY", keys, order="-date")]
+            assert sorted(newest) == expected, pattern
+        assert len([r for r in arc.search("STUDY", [Key("00100010", "PN", ["*P1999*"])])]) == 6
+    finally:
+        arc.close()

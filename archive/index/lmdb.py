@@ -570,26 +570,11 @@ class LmdbIndex:
             yield _patient(key.decode(), json.loads(val))
 
     def _study_candidates(self, bykey: dict, study: str | None, fuzzy: bool) -> Iterator[StudyRecord]:
-        from ..query import RANGE_VRS, single_exact, uid_list
+        from ..query import RANGE_VRS, uid_list
 
         uids = [study] if study else uid_list(bykey, T_STUDY_UID)
         if uids is None:
-            found: set[str] | None = None
-            for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
-                if tag == T_PATIENT_NAME and fuzzy:
-                    continue  # fuzzy matches any name component: not an index prefix
-                fold = str.lower if tag in CASE_FOLDED_TAGS else str
-                v = single_exact(bykey, tag)
-                if v is not None:
-                    found = self._studies_by_key(tag, fold(v))
-                    break
-                k = bykey.get(tag)
-                if k is not None and not k.universal and k.values and len(k.values) == 1:
-                    q = k.values[0]
-                    stem = re.split(r"[*?]", q, maxsplit=1)[0]
-                    if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
-                        found = self._studies_by_key(tag, fold(stem), prefix=True)
-                        break
+            found = self._other_study_keys(bykey, fuzzy, patterns=False)
             if found is None:
                 k = bykey.get(T_STUDY_DATE)
                 if k is not None and not k.universal and k.values and len(k.values) == 1 and k.vr in RANGE_VRS:
@@ -599,6 +584,8 @@ class LmdbIndex:
                         found = self._studies_by_key(T_STUDY_DATE, lo, hi or "99999999")
                     else:
                         found = self._studies_by_key(T_STUDY_DATE, q)
+            if found is None:
+                found = self._name_pattern(bykey, fuzzy)
             if found is None:
                 yield from self.studies()
                 return
@@ -611,14 +598,15 @@ class LmdbIndex:
             i += step
             step = min(step * 2, BATCH)
 
-    def _other_study_keys(self, bykey: dict, fuzzy: bool) -> set[str] | None:
+    def _other_study_keys(self, bykey: dict, fuzzy: bool, patterns: bool = True) -> set[str] | None:
         """The studies an indexed key other than the date narrows the search to (patient ID,
-        accession, a name or name prefix), or None when no such key is given."""
+        accession, a name or name prefix; with `patterns` also any other name pattern, by a scan
+        of the name keys), or None when no such key is given."""
         from ..query import single_exact
 
         for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
             if tag == T_PATIENT_NAME and fuzzy:
-                continue
+                continue  # fuzzy matches any name component: not an index prefix
             fold = str.lower if tag in CASE_FOLDED_TAGS else str
             v = single_exact(bykey, tag)
             if v is not None:
@@ -629,7 +617,50 @@ class LmdbIndex:
                 stem = re.split(r"[*?]", q, maxsplit=1)[0]
                 if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
                     return self._studies_by_key(tag, fold(stem), prefix=True)
-        return None
+        return self._name_pattern(bykey, fuzzy) if patterns else None
+
+    def _name_pattern(self, bykey: dict, fuzzy: bool) -> set[str] | None:
+        """Studies whose indexed PatientName may match a wildcard pattern without a usable prefix
+        (`*xiao*`, `sm?th`): a scan of the lower-cased name keys of study_idx only, matched as
+        bytes with the pattern's literal pieces (C string searches, no decoding, no study record
+        read), so the cost is the number of studies' names, not of their records. A superset:
+        '?' is taken as '*', and both sides are lower-cased as the index is (final sigma as
+        sigma); archive.query matches exactly afterwards. None when no such key is given."""
+        k = bykey.get(T_PATIENT_NAME)
+        if fuzzy or k is None or k.universal or not k.values or len(k.values) != 1:
+            return None
+        q = k.values[0]
+        if "*" not in q and "?" not in q:
+            return None
+        pieces = [p.encode() for p in q.lower().replace("ς", "σ").replace("?", "*").split("*")]
+        first, last, middle = pieces[0], pieces[-1], [p for p in pieces[1:-1] if p]
+        least = sum(len(p) for p in pieces)
+        base = f"{T_PATIENT_NAME}=".encode()
+        n = len(base)
+        sigma, final = "σ".encode(), "ς".encode()
+        out: set[str] = set()
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["study_idx"])
+            if not cur.set_range(base):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(base):
+                    break
+                cut = key.index(SEP, n)
+                value = key[n:cut]
+                if final in value:
+                    value = value.replace(final, sigma)
+                if len(value) < least or not value.startswith(first) or not value.endswith(last):
+                    continue
+                pos, stop = len(first), len(value) - len(last)
+                for piece in middle:
+                    i = value.find(piece, pos, stop)
+                    if i < 0:
+                        break
+                    pos = i + len(piece)
+                else:
+                    out.add(key[cut + 1:].decode())
+        return out
 
     def _studies_by_date(self, bykey: dict, study: str | None, fuzzy: bool, *,
                          descending: bool) -> Iterator[StudyRecord]:
