@@ -12,6 +12,7 @@ from `?lang=` or Accept-Language, so the HTML arrives in it.
 """
 from __future__ import annotations
 
+import asyncio
 import html
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .common import error
+from .static_files import StaticFiles
 from .viewer_text import LANGUAGES, TEXT, choose_language
 
 # The repository checkout's viewer/ folder (package.json, our JS/CSS, node_modules once installed).
@@ -39,6 +41,9 @@ REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bun
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
 OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
+# The files the page names (their URLs carry ?v=<version>): below /static/viewer/.
+PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "dmv/dicomMicroscopyViewer.bundle.min.js",
+              "app/annotations.js", "app/viewer.js")
 # What the page loads from each package (seen in the viewer tests' requests): the bundle loads its
 # worker and the WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) from dist/dynamic-import/; no
 # source maps. Globs below each mount, and each package's licence (copied as LICENSE.txt).
@@ -65,8 +70,10 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <script type="application/json" id="pp-text">{text_json}</script>
 <script src="static/viewer/app/boot.js"></script>
 <script src="static/viewer/dwc/dicomweb-client.js"></script>
-<script src="static/viewer/dcmjs/dcmjs.js"></script>
 <script src="static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js"></script>
+<link rel=prefetch href="static/viewer/dmv/dynamic-import/dataLoader.worker.min.js">
+<link rel=prefetch href="static/viewer/dmv/dynamic-import/libjpegturbowasm_decode.wasm">
+<link rel=prefetch href="static/viewer/dmv/dynamic-import/dicomiccwasm.wasm">
 </head><body>
 <header id=bar>
  <a href="./" id=home>{home}</a>
@@ -137,7 +144,9 @@ def _source(root: Path | None) -> tuple[Path, dict[str, str], bool]:
     return VIEWER_DIR, MOUNTS, packages_installed(VIEWER_DIR)
 
 
-def render_page(lang: str, query: dict[str, str]) -> str:
+def render_page(lang: str, query: dict[str, str], versions: dict[str, str] | None = None) -> str:
+    """The page; `versions` (file under static/viewer/ -> its version) makes each script and
+    style URL name its version, so browsers may keep them for a year (static_files)."""
     t = TEXT[lang]
     esc = html.escape
     zooms = "".join(f'<button data-mag="{m}" title="{esc(t["zoom_to"])} {m}x">{m}x</button>'
@@ -150,8 +159,10 @@ def render_page(lang: str, query: dict[str, str]) -> str:
     fields = {k: esc(v) for k, v in t.items()}
     # </script> cannot occur in the JSON: "<" is escaped
     text_json = json.dumps(t, ensure_ascii=False).replace("<", "\\u003c")
-    return PAGE.format(lang=lang, text_json=text_json, zoom_buttons=zooms, lang_links=" ".join(links),
-                       **fields)
+    page = PAGE.format(lang=lang, text_json=text_json, zoom_buttons=zooms, lang_links=" ".join(links), **fields)
+    for url, version in (versions or {}).items():
+        page = page.replace(f'"static/viewer/{url}"', f'"static/viewer/{url}?v={version}"')
+    return page
 
 
 def add_routes(app: web.Application, root: Path | None = None) -> None:
@@ -160,6 +171,15 @@ def add_routes(app: web.Application, root: Path | None = None) -> None:
     Files come from `root` in the checkout layout when given, else from the wheel's package
     data (PACKAGED_DIR) when complete, else from the checkout's viewer/."""
     root, mounts, installed = _source(root)  # found at start; `npm ci` later needs a restart
+    files = StaticFiles()
+
+    def versions() -> dict[str, str]:
+        """The current version of each file the page names, for its ?v= (blocking)."""
+        out = {}
+        for url in PAGE_FILES:
+            mount, rel = url.split("/", 1)
+            out[url] = files.get(root / mounts[mount] / rel).version
+        return out
 
     async def page(request: web.Request) -> web.Response:
         if not installed:
@@ -167,7 +187,8 @@ def add_routes(app: web.Application, root: Path | None = None) -> None:
         lang = choose_language(request.query.get("lang"), request.headers.get("Accept-Language", ""))
         query = {k: v for k, v in request.query.items()
                  if k in ("study", "series", "compare") and v.replace(".", "").isdigit()}
-        return web.Response(text=render_page(lang, query), content_type="text/html",
+        v = await asyncio.get_running_loop().run_in_executor(None, versions)
+        return web.Response(text=render_page(lang, query, v), content_type="text/html",
                             headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY",
                                      "Content-Security-Policy": CSP, "Content-Language": lang,
                                      "Vary": "Accept-Language"})
@@ -184,10 +205,10 @@ def add_routes(app: web.Application, root: Path | None = None) -> None:
         path = (base / rel).resolve()
         if not path.is_relative_to(base) or not path.is_file() or path.suffix not in MIME:
             return error(404, f"no viewer file at {request.path}")
-        # our own files change with the checkout; the packages' only with the lockfile
+        # our own files change with the checkout; the packages' only with the lockfile (both
+        # for a year when the URL names their version, as the page's do: static_files)
         cache = "no-cache" if mount == "app" else "public, max-age=86400"
-        return web.FileResponse(path, headers={"Content-Type": MIME[path.suffix], "Cache-Control": cache,
-                                               "X-Content-Type-Options": "nosniff"})
+        return await files.respond(request, path, MIME[path.suffix], cache)
 
     app.router.add_get("/viewer", page)
     app.router.add_get("/static/viewer/{mount}/{path:.+}", static)
