@@ -41,6 +41,10 @@ REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bun
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
 OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
+# What the bundle's decoder worker loads once the first frame arrives (the worker, the JPEG and ICC
+# codecs): prefetched while the page parses, so they come from the browser's cache by then.
+PREFETCHED = ("dmv/dynamic-import/dataLoader.worker.min.js", "dmv/dynamic-import/libjpegturbowasm_decode.wasm",
+              "dmv/dynamic-import/dicomiccwasm.wasm")
 # The files the page names (their URLs carry ?v=<version>): below /static/viewer/.
 PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "dmv/dicomMicroscopyViewer.bundle.min.js",
               "app/annotations.js", "app/viewer.js")
@@ -71,9 +75,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <script src="static/viewer/app/boot.js"></script>
 <script src="static/viewer/dwc/dicomweb-client.js"></script>
 <script src="static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js"></script>
-<link rel=prefetch href="static/viewer/dmv/dynamic-import/dataLoader.worker.min.js">
-<link rel=prefetch href="static/viewer/dmv/dynamic-import/libjpegturbowasm_decode.wasm">
-<link rel=prefetch href="static/viewer/dmv/dynamic-import/dicomiccwasm.wasm">
+{prefetch}
 </head><body>
 <header id=bar>
  <a href="./" id=home>{home}</a>
@@ -159,7 +161,9 @@ def render_page(lang: str, query: dict[str, str], versions: dict[str, str] | Non
     fields = {k: esc(v) for k, v in t.items()}
     # </script> cannot occur in the JSON: "<" is escaped
     text_json = json.dumps(t, ensure_ascii=False).replace("<", "\\u003c")
-    page = PAGE.format(lang=lang, text_json=text_json, zoom_buttons=zooms, lang_links=" ".join(links), **fields)
+    prefetch = "\n".join(f'<link rel=prefetch href="static/viewer/{url}">' for url in PREFETCHED)
+    page = PAGE.format(lang=lang, text_json=text_json, zoom_buttons=zooms, lang_links=" ".join(links),
+                       prefetch=prefetch, **fields)
     for url, version in (versions or {}).items():
         page = page.replace(f'"static/viewer/{url}"', f'"static/viewer/{url}?v={version}"')
     return page
@@ -210,5 +214,19 @@ def add_routes(app: web.Application, root: Path | None = None) -> None:
         cache = "no-cache" if mount == "app" else "public, max-age=86400"
         return await files.respond(request, path, MIME[path.suffix], cache)
 
+    def warm() -> None:
+        """Read and compress what a first visit loads, so no first visitor waits for it."""
+        for url in (*PAGE_FILES, *PREFETCHED):
+            mount, rel = url.split("/", 1)
+            try:
+                files.get(root / mounts[mount] / rel)
+            except OSError:
+                pass
+
+    async def start_warming(_app) -> None:
+        if installed:
+            asyncio.get_running_loop().run_in_executor(None, warm)
+
+    app.on_startup.append(start_warming)
     app.router.add_get("/viewer", page)
     app.router.add_get("/static/viewer/{mount}/{path:.+}", static)
