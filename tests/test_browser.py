@@ -161,6 +161,12 @@ def test_summaries_follow_the_token_and_its_scope(make_server, tmp_path):
     uploader = run_cli("token", "create", "--role", "uploader", data=server.data_dir, check=True).stdout.strip()
     assert requests.get(url, params={"study": a}, headers={"Authorization": "Bearer " + uploader},
                         timeout=30).status_code == 403
+    # the sorted search answers what the token may see, like QIDO
+    search = server.http_url + "/browser/search"
+    assert requests.get(search, timeout=30).status_code == 401
+    r = requests.get(search, params={"sort": "-date"}, headers={"Authorization": "Bearer " + scoped}, timeout=30)
+    assert r.status_code == 200 and [s["0020000D"]["Value"][0] for s in r.json()] == [a]
+    assert requests.get(search, headers={"Authorization": "Bearer " + uploader}, timeout=30).status_code == 403
 
 
 def _rows(page) -> list[str]:
