@@ -54,7 +54,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8><title>{t
 </form>
 <p id=status></p>
 <table id=studies hidden><thead><tr><th data-t=slides>{t[slides]}</th><th data-t=patient>{t[patient]}</th>
-<th data-t=date>{t[date]}</th><th data-t=accession>{t[accession]}</th><th data-t=description>{t[description]}</th>
+<th id=datehead class=sortable aria-sort=descending data-t=date>{t[date]}</th><th data-t=accession>{t[accession]}</th><th data-t=description>{t[description]}</th>
 <th data-t=modalities>{t[modalities]}</th><th data-t=count>{t[count]}</th><th data-t=stain>{t[stain]}</th>
 <th data-t=size>{t[size]}</th><th data-t=storage>{t[storage]}</th><th></th></tr></thead><tbody></tbody></table>
 <nav id=pager hidden><button type=button id=prev data-t=prev>{t[prev]}</button>

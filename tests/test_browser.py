@@ -307,6 +307,8 @@ def test_paging_walks_every_study_once_in_date_order(server, browser, tmp_path):
     assert _rows(page) == oldest[:10] and page.inner_text("#pageno") == "Page 1"
     _act(page, lambda: page.click("#next"))
     assert _rows(page) == oldest[10:20] and page.inner_text("#pageno") == "Page 2"
+    _act(page, lambda: page.click("#datehead"))  # the date column's header toggles the order too
+    assert _rows(page) == newest[:10] and page.get_attribute("#datehead", "aria-sort") == "descending"
 
 
 def test_the_page_speaks_chinese_from_accept_language_and_remembers_a_switch(server, browser, tmp_path):

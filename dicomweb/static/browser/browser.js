@@ -227,7 +227,14 @@ $("oidc").addEventListener("click", () => oidcLogin());
 $("logout").addEventListener("click", (e) => { e.preventDefault(); sessionStorage.removeItem(KEY); showLogin(""); });
 $("search").addEventListener("submit", search);
 $("search").addEventListener("reset", () => setTimeout(search, 0));
-$("q-sort").addEventListener("change", () => { if (state.last) { state.offset = 0; list(); } });
+$("q-sort").addEventListener("change", () => {
+  $("datehead").setAttribute("aria-sort", $("q-sort").value === "asc" ? "ascending" : "descending");
+  if (state.last) { state.offset = 0; list(); }
+});
+$("datehead").addEventListener("click", () => {  // the date column sorts the whole result, as the select does
+  $("q-sort").value = $("q-sort").value === "asc" ? "desc" : "asc";
+  $("q-sort").dispatchEvent(new Event("change"));
+});
 $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.size); list(); });
 $("next").addEventListener("click", () => { state.offset += state.size; list(); });
 $("lang").addEventListener("change", () => {
