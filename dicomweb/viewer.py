@@ -41,10 +41,10 @@ REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bun
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
 OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js"})
-# What the bundle's decoder worker loads once the first frame arrives (the worker, the JPEG and ICC
-# codecs): prefetched while the page parses, so they come from the browser's cache by then.
-PREFETCHED = ("dmv/dynamic-import/dataLoader.worker.min.js", "dmv/dynamic-import/libjpegturbowasm_decode.wasm",
-              "dmv/dynamic-import/dicomiccwasm.wasm")
+# What the bundle's decoder worker loads once the first frame arrives (the JPEG and ICC codecs; the
+# worker itself boot.js starts early): prefetched while the page parses, so they come from the cache.
+PREFETCHED = ("dmv/dynamic-import/libjpegturbowasm_decode.wasm", "dmv/dynamic-import/dicomiccwasm.wasm")
+WORKER = "dmv/dynamic-import/dataLoader.worker.min.js"
 # The files the page names (their URLs carry ?v=<version>): below /static/viewer/.
 PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "dmv/dicomMicroscopyViewer.bundle.min.js",
               "app/annotations.js", "app/viewer.js")
@@ -216,7 +216,7 @@ def add_routes(app: web.Application, root: Path | None = None) -> None:
 
     def warm() -> None:
         """Read and compress what a first visit loads, so no first visitor waits for it."""
-        for url in (*PAGE_FILES, *PREFETCHED):
+        for url in (*PAGE_FILES, *PREFETCHED, WORKER):
             mount, rel = url.split("/", 1)
             try:
                 files.get(root / mounts[mount] / rel)

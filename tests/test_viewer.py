@@ -233,6 +233,16 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
     assert p.frames and all(sop in widths for sop, _, _ in p.frames), p.debug()
     # the ICC profile of each level is fetched as bulk data (colour management in the library)
     assert len([a for a in p.answers if a.startswith("200") and "/bulkdata/" in a]) >= 3, p.answers
+    # start-up: the decoder worker is started (boot.js) and the slide's metadata asked for before the
+    # bundle has run, the worker handed to the library (no second start of it before the first frame)
+    starts = p.page.evaluate("""() => performance.getEntriesByType('resource').map(e => [e.name, e.startTime, e.responseEnd])""")
+    bundle_end = p.page.evaluate("() => performance.getEntriesByType('navigation')[0].domInteractive")
+    worker = [t for name, t, _ in starts if name.endswith("/dynamic-import/dataLoader.worker.min.js")]
+    metadata = [t for name, t, _ in starts if name.endswith(f"/series/{slides['series_a']}/metadata")]
+    first_frame = min(t for name, t, _ in starts if "/frames/" in name)
+    assert worker and worker[0] < bundle_end and metadata and metadata[0] < bundle_end, starts
+    assert len([t for t in worker if t < first_frame]) == 1, starts
+    assert "dcmjs" not in " ".join(name for name, _, _ in starts)  # loaded on a first save only
     levels = _decoded_levels(slides["a"])
 
     first_view = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")

@@ -22,3 +22,25 @@ window.ppEarly = (() => {
     metadata: ok(series) ? { [series]: get(`studies/${study}/series/${series}/metadata`) } : {},
   }
 })()
+
+// dicom-microscopy-viewer spawns its first decoder worker only when the first frame has arrived,
+// and that worker then spends a few hundred ms loading its 1 MB script before it decodes: start
+// it now, while this page still parses the bundle (on another core), and hand it to the library
+// when it asks for a worker of that URL. Any other Worker is created as usual.
+;(() => {
+  const Native = window.Worker
+  if (typeof Native !== 'function') return
+  const url = new URL('dataLoader.worker.min.js', window.PUBLIC_LIB_URL).href
+  let spare
+  try { spare = new Native(url, { type: 'module' }) } catch (_e) { return }
+  function Worker (asked, options) {
+    if (spare && new URL(String(asked), document.baseURI).href === url && options && options.type === 'module') {
+      const w = spare
+      spare = null
+      return w
+    }
+    return new Native(asked, options)
+  }
+  Worker.prototype = Native.prototype
+  window.Worker = Worker
+})()
