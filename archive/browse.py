@@ -18,6 +18,7 @@ from .access import Principal
 from .status import NotFound
 
 MAX_STUDIES = 100  # one browser page at most asks for this many at once
+SORTS = ("-date", "date")  # the browser's study orders: newest first (its default), oldest first
 USING_SUBSTANCE = ("424361007", "SCT")  # the preparation step item naming the stain (PS3.3 C.8.12.2.1)
 
 T_SPECIMEN_DESCRIPTION, T_PREPARATION, T_STEP_ITEMS = "00400560", "00400610", "00400612"
