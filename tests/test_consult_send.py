@@ -101,7 +101,13 @@ def b_token(root) -> str:
 
 
 @pytest.fixture(scope="module")
-def b(root, b_token):
+def b_viewer_token(root, b_token) -> str:
+    """A token of B that may read but not store."""
+    return run_cli("token", "create", "--role", "viewer", "--name", "read only", data=root / "B", check=True).stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def b(root, b_token, b_viewer_token):
     srv = start_pathpacs(root / "B", config_text='[auth]\nmode = "token"\n', aet="HOSPB")
     yield srv
     srv.stop()
@@ -130,7 +136,7 @@ def small_b(root, b_token):
 
 
 @pytest.fixture(scope="module")
-def a(root, b, b_token, small_b):
+def a(root, b, b_token, b_viewer_token, small_b):
     full = (f'[partners.full]\ndicomweb = "{small_b.dicomweb_url}"\n' if small_b is not None else "")
     config = f'''[consultation]
 name = "hospA"
@@ -146,6 +152,10 @@ experts = [{{ id = "li-breast", name = "Li Ming", specialties = ["breast"] }}]
 [partners.bad]
 dicomweb = "{b.dicomweb_url}"
 token = "{BAD_TOKEN}"
+
+[partners.readonly]
+dicomweb = "{b.dicomweb_url}"
+token = "{b_viewer_token}"
 
 [partners.bfile]
 dicomweb = "{b.dicomweb_url}"
@@ -309,6 +319,15 @@ def test_bad_token_401_fails_the_job_with_the_reason_and_cli_exit_1(a, root):
     assert mine and mine[0]["state"] == "failed" and "lease" not in mine[0]
     done = [j for j in as_json if j["state"] == "done"]
     assert done and all(j["finished"] and j["instances_sent"] == j["instances_total"] for j in done)
+
+
+def test_a_token_without_the_store_right_403_fails_the_job(a):
+    case = make_case(((512, 384),), label=False, overview=False, patient_id="P403")
+    originals = put_case(a, case)
+    job = wait_final(a, send(a, study=case[0].StudyInstanceUID, partner="readonly")["id"])
+    assert job["state"] == "failed" and "(403)" in job["error"] and "store" in job["error"], job["error"]
+    assert job["instances_sent"] == 0 and job["items"][0]["attempts"] == 1  # refused: not retried
+    a_intact(a, originals, case)
 
 
 def test_same_uid_other_content_409_fails_the_job_and_a_keeps_its_copy(a, b, b_token):

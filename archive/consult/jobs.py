@@ -371,6 +371,8 @@ class Consultations:
         """The background worker of `serve`: one thread, queued jobs in queue order."""
         if self._thread is not None or not getattr(self.cfg, "background", True):
             return
+        from . import documents  # noqa: F401  highdicom loaded now, not when a frozen case waits for it
+
         self._thread = threading.Thread(target=self._run, name="consult-sender", daemon=True)
         self._thread.start()
 
