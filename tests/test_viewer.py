@@ -465,7 +465,8 @@ def test_scripts_are_gzipped_versioned_and_revalidated(server):
     page = requests.get(server.http_url + "/viewer?study=1.2.3", timeout=30).text
     versioned = dict(re.findall(r'"static/viewer/([^"?]+)\?v=([0-9a-f]{20})"', page))
     assert set(versioned) == {"app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js",
-                              "dmv/dicomMicroscopyViewer.bundle.min.js", "app/annotations.js", "app/viewer.js"}
+                              "dmv/dicomMicroscopyViewer.bundle.min.js", "app/annotations.js", "app/viewer.js",
+                              "app/consult.js"}
     assert "dcmjs.js" not in page  # loaded on the first save only
     for url, version in versioned.items():
         r = requests.get(f"{base}/{url}?v={version}", timeout=30)
