@@ -3,14 +3,14 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium zbarimg:zbar-tools
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium zbar-tools
+SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium zbarimg:zbar-tools tc:iproute2
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium zbar-tools iproute2
 
 BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 VIEWER_STAMP := viewer/node_modules/.package-lock.json
 NPM_CI := npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
-.PHONY: run test bench setup system-tools clean npm
+.PHONY: run test bench setup system-tools clean npm wheel
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
@@ -27,6 +27,7 @@ run: $(STAMP) $(VIEWER_STAMP)
 system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \
 	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system tools:$$missing (and peers)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
@@ -54,5 +55,13 @@ test: $(STAMP) system-tools $(BROWSER_STAMP) $(VIEWER_STAMP)
 bench: $(STAMP) system-tools $(VIEWER_STAMP)
 	$(PY) -m conformance.bench
 
+# The wheel (dist/): the viewer's files (our JS/CSS, the npm packages' served dist files and their
+# licences) are copied into dicomweb/static/viewer-dist/ first, so /viewer works installed from it;
+# the copy is removed afterwards (a checkout serves viewer/ itself).
+wheel: $(STAMP) $(VIEWER_STAMP)
+	$(PY) -m dicomweb.viewer_dist
+	$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist . ; code=$$?; \
+	rm -rf dicomweb/static/viewer-dist; exit $$code
+
 clean:
-	rm -rf $(VENV) build *.egg-info tests/browser/node_modules viewer/node_modules
+	rm -rf $(VENV) build dist *.egg-info tests/browser/node_modules viewer/node_modules dicomweb/static/viewer-dist

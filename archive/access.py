@@ -32,7 +32,7 @@ ROLE_RIGHTS: dict[str, frozenset[Right]] = {
     "secadmin": frozenset({Right.SECURITY}),
     "auditor": frozenset({Right.AUDIT}),
     # reads de-identified views only (archive.deid.views): Principal.deidentified follows from it
-    "research": frozenset({Right.READ, Right.DOWNLOAD}),  # whole instances, de-identified (archive.deid)
+    "research": frozenset({Right.READ, Right.DOWNLOAD}),  # de-identified views only (Principal.deidentified)
 }
 ROLES = tuple(ROLE_RIGHTS)
 ADMIN_ROLES = frozenset({"sysadmin", "secadmin", "auditor"})

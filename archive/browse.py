@@ -18,6 +18,7 @@ from .access import Principal
 from .status import NotFound
 
 MAX_STUDIES = 100  # one browser page at most asks for this many at once
+SORTS = ("-date", "date")  # the browser's study orders: newest first (its default), oldest first
 USING_SUBSTANCE = ("424361007", "SCT")  # the preparation step item naming the stain (PS3.3 C.8.12.2.1)
 
 T_SPECIMEN_DESCRIPTION, T_PREPARATION, T_STEP_ITEMS = "00400560", "00400610", "00400612"
@@ -83,12 +84,18 @@ def _slide(arc, study: str, se, who: Principal) -> Slide | None:
     volumes = [r for r in recs if "VOLUME" in r.image_type] or recs
     stain: list[str] = []
     raw = arc.instance_metadata(max(volumes, key=lambda r: r.total_pixels))
+    description = str(md.first_value(se.attrs, "0008103E") or "")
+    view = arc.view(who)
+    if raw and view is not None:  # a research view: what the de-identified metadata says
+        metas = view.metadata([raw])
+        raw = metas[0] if metas else None
+        description = str(md.first_value(json.loads(raw), "0008103E") or "") if raw else ""
     if raw:
         stain = stains(json.loads(raw))
     tiers: dict[str, int] = {}
     for r in recs:
         tiers[r.blob.tier] = tiers.get(r.blob.tier, 0) + 1
-    return Slide(se.uid, str(md.first_value(se.attrs, "0008103E") or ""), len(recs), sum(r.size for r in recs),
+    return Slide(se.uid, description, len(recs), sum(r.size for r in recs),
                  stain, tiers, arc.availability(tiers), "LABEL" in kinds, "OVERVIEW" in kinds)
 
 

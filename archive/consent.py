@@ -200,7 +200,7 @@ class Consents:
     def require(self, study_uid: str, purpose: str) -> dict | None:
         """The consent that allows `purpose` on the study. Forbidden("no consent on record for
         ...") when `consultation.require_consent` is set and none is valid; None when consent
-        is not required (and none is recorded)."""
+        is not required (a consent named explicitly is checked with `find`)."""
         if purpose not in PURPOSES:
             raise ValueError(f"unknown purpose {purpose!r}")
         found = self.covering(study_uid, purpose) if self.required else []

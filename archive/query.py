@@ -381,8 +381,10 @@ class Searcher:
     here, the same for every backend. Nothing stays open between results."""
 
     def __init__(self, index: "Index", *, fuzzy: bool = False, retrieve_aet: str | None = None,
-                 full_instance_metadata: bool = False, availability: Availability = _online) -> None:
+                 full_instance_metadata: bool = False, availability: Availability = _online,
+                 order: str | None = None) -> None:
         self.index = index
+        self.order = order  # STUDY level: "date" | "-date" (Index.candidates), else index order
         self.availability = availability
         self.fuzzy = fuzzy
         self.retrieve_aet = retrieve_aet
@@ -394,7 +396,10 @@ class Searcher:
             raise QueryError(f"invalid query/retrieve level {level!r}", kind=ErrorKind.LEVEL)
         for k in keys:
             validate(k)
-        cands = self.index.candidates(level, keys, study=study, series=series, fuzzy=self.fuzzy)
+        if self.order is not None and level == "STUDY":
+            cands = self.index.candidates(level, keys, study=study, series=series, fuzzy=self.fuzzy, order=self.order)
+        else:
+            cands = self.index.candidates(level, keys, study=study, series=series, fuzzy=self.fuzzy)
         if level == "PATIENT":
             return self._patients(cands, keys)
         if level == "STUDY":

@@ -28,7 +28,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence
 
 from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, Spool, Staging, StoreUnavailable
 
-from .access import SYSTEM, Principal, Right
+from .access import SYSTEM, Forbidden, Principal, Right
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
 from .index import FixityEvent, Index, open_index
@@ -413,14 +413,16 @@ class Archive:
     # -- query -----------------------------------------------------------------------------
     def search(self, level: str, keys: list[Key], *, study: str | None = None, series: str | None = None,
                fuzzy: bool = False, retrieve_aet: str | None = None,
-               full_metadata: bool = False, who: Principal = SYSTEM) -> Iterator[SearchResult]:
+               full_metadata: bool = False, who: Principal = SYSTEM,
+               order: str | None = None) -> Iterator[SearchResult]:
         """PS3.4 matching at one level (QIDO and C-FIND alike); QueryError for a bad query.
-        Only what `who` may see is answered: a scoped principal gets its studies alone."""
+        Only what `who` may see is answered: a scoped principal gets its studies alone.
+        `order` ("date" | "-date", studies only): in study date order (the browser's sort)."""
         view = self.view(who)
         if view is not None:
             view.check_query(keys)
         searcher = Searcher(self.index, fuzzy=fuzzy, retrieve_aet=retrieve_aet,
-                            full_instance_metadata=full_metadata, availability=self.availability)
+                            full_instance_metadata=full_metadata, availability=self.availability, order=order)
         results = searcher.search(level, keys, study=study, series=series)
         vis = self.deletion.visibility.current()
         if vis.purging or (vis.sops and not who.sees_rejected):
@@ -468,6 +470,8 @@ class Archive:
         keys = [k for k in keys if not k.universal]
         if not keys:
             raise QueryError("a retrieve needs at least one unique key")
+        if who.deidentified:  # C-GET/C-MOVE send stored files: de-identified views are DICOMweb's
+            raise Forbidden(f"{who.name} reads de-identified views, which are not sent over DIMSE")
         out: dict[str, InstanceRecord] = {}
         hidden = self.deletion.visibility.current().purging if who.sees_rejected else self._hidden()
         for r in self.search(level, keys, who=who):

@@ -21,7 +21,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Iterable
 
-from .access import SYSTEM, Principal, Right
+from .access import SYSTEM, Forbidden, Principal, Right
 from .audit import events as ev
 from .audit.events import ParticipantObject
 from .consent import Consents, record_event
@@ -92,6 +92,9 @@ class ShareLinks:
                                           created_by=who.name, extra=extra)
         d = self.tokens.index.token(info.id)
         self._audit("share created", d, who)
+        if rec and (consents.get(rec["id"]) or {}).get("withdrawn"):  # withdrawn meanwhile: no link survives it
+            self.revoke(info.id, who, f"consent {rec['id']} withdrawn")
+            raise Forbidden(f"consent {rec['id']} was withdrawn while the link was made")
         return self.url(secret), as_dict(d)
 
     def records(self, study: str | None = None) -> list[dict]:

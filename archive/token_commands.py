@@ -84,6 +84,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(f"{'ID':<16}  {'STATE':<7}  {'ROLES':<18}  {'SCOPE':<10}  {'EXPIRES':<20}  NAME")
         for t in tokens:
             scope = f"{len(t.studies)} studies" if t.studies else "all"
+            if t.deidentify:
+                scope += ", de-id"
             print(f"{t.id:<16}  {t.state:<7}  {','.join(t.roles):<18}  {scope:<10}  {t.expires or 'never':<20}  {t.name}")
         return 0
     finally:

@@ -110,7 +110,8 @@ class TokenStore:
                name: str = "", created_by: str = "", deidentify: bool = False,
                extra: dict | None = None) -> tuple[str, TokenInfo]:
         """A new token: (the secret, shown once; its record). ValueError for bad roles.
-        `extra`: more fields of the record (a share link's kind, permissions, consent: archive.shares)."""
+        `deidentify`: its principal reads de-identified views (archive.deid). `extra`: more fields
+        of the record (a share link's kind, permissions, consent: archive.shares)."""
         checked = check_roles(roles, self.allow_combined)
         if not checked:
             raise ValueError("a token needs at least one --role")
@@ -119,7 +120,8 @@ class TokenStore:
         record = {"id": token_id, "name": name, "roles": sorted(checked),
                   "studies": sorted(set(studies)) if studies else None, "created": _iso(_now()),
                   "expires": _iso(expires) if expires else None, "revoked": None,
-                  "created_by": created_by, "deidentify": bool(deidentify), **(extra or {}), "sha256": _hash(secret)}
+                  "created_by": created_by, "deidentify": bool(deidentify), **(extra or {}),
+                  "sha256": _hash(secret)}
         self.index.put_token(token_id, record)
         return f"{PREFIX}{token_id}.{secret}", _info(record)
 

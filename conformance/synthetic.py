@@ -237,3 +237,20 @@ def large_case(outdir: Path, total_bytes: int = 300 << 20, *, slides: int = 4, l
                            cols * rows)
             paths.append(path)
     return study, paths
+
+
+def dataset_bytes(data: bytes) -> bytes:
+    """A Part 10 file's bytes after its file meta group (preamble, DICM, group 0002): what a
+    DIMSE peer keeps of what was sent (it writes its own file meta)."""
+    import struct
+
+    pos = 132
+    while True:
+        group, _elem = struct.unpack_from("<HH", data, pos)
+        if group != 0x0002:
+            return data[pos:]
+        vr = data[pos + 4:pos + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
+            pos += 12 + struct.unpack_from("<I", data, pos + 8)[0]
+        else:
+            pos += 8 + struct.unpack_from("<H", data, pos + 6)[0]

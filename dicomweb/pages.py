@@ -21,9 +21,8 @@ from aiohttp import web
 
 from archive import browse
 
-from . import browser_text
-from .auth import principal_of
-from .common import HttpError
+from . import auditing, browser_text, qido
+from .common import HttpError, base_url
 
 STATIC = Path(__file__).resolve().parent / "static" / "browser"
 
@@ -55,7 +54,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8><title>{t
 </form>
 <p id=status></p>
 <table id=studies hidden><thead><tr><th data-t=slides>{t[slides]}</th><th data-t=patient>{t[patient]}</th>
-<th data-t=date>{t[date]}</th><th data-t=accession>{t[accession]}</th><th data-t=description>{t[description]}</th>
+<th id=datehead class=sortable aria-sort=descending data-t=date>{t[date]}</th><th data-t=accession>{t[accession]}</th><th data-t=description>{t[description]}</th>
 <th data-t=modalities>{t[modalities]}</th><th data-t=count>{t[count]}</th><th data-t=stain>{t[stain]}</th>
 <th data-t=size>{t[size]}</th><th data-t=storage>{t[storage]}</th><th></th></tr></thead><tbody></tbody></table>
 <nav id=pager hidden><button type=button id=prev data-t=prev>{t[prev]}</button>
@@ -96,15 +95,55 @@ def add_routes(app: web.Application, arc) -> None:
     async def summaries(request: web.Request) -> web.Response:
         """GET browser/studies?study=UID&study=UID...: what the browser shows of each study
         beyond QIDO (archive.browse); studies `who` may not see are left out."""
-        uids = [u for v in request.query.getall("study", []) for u in v.split(",") if u.strip()]
-        if not uids:
-            raise HttpError(400, "name at least one study: browser/studies?study=UID")
-        if len(uids) > browse.MAX_STUDIES:
-            raise HttpError(400, f"at most {browse.MAX_STUDIES} studies per request, not {len(uids)}")
-        who = principal_of(request)
-        found = await arc.run(lambda: browse.as_json(browse.study_summaries(arc.sync, [u.strip() for u in uids], who)))
+        uids = [u.strip() for v in request.query.getall("study", []) for u in v.split(",") if u.strip()]
+        who, address, _ = auditing.caller(request)
+        about = uids[0][:64] if len(uids) == 1 else None  # one study: its record is found by --study
+        try:  # audited as QIDO is (a query event: who, what was asked, how many answered)
+            if not uids:
+                raise HttpError(400, "name at least one study: browser/studies?study=UID")
+            if len(uids) > browse.MAX_STUDIES:
+                raise HttpError(400, f"at most {browse.MAX_STUDIES} studies per request, not {len(uids)}")
+            found = await arc.run(lambda: browse.as_json(browse.study_summaries(arc.sync, uids, who)))
+        except Exception as exc:
+            arc.sync.audit.queried(who, "STUDY", request.query_string, address, "", 0, study=about, via="browser",
+                                   outcome="minor failure", reason=str(exc)[:200])
+            raise
+        arc.sync.audit.queried(who, "STUDY", request.query_string, address, "", len(found), study=about, via="browser")
         return web.json_response(found, headers={"Cache-Control": "no-store"})
+
+    async def search(request: web.Request) -> web.Response:
+        """GET browser/search?<QIDO study keys>&sort=-date|date&limit=&offset=: a QIDO-RS study
+        search (same keys, matching, return attributes and DICOM JSON) sorted by study date
+        and time over the whole result, limit and offset applied after sorting. QIDO itself
+        has no sort (PS3.18); this is the browser's, audited as QIDO is (via=browser)."""
+        params = [(k, v) for k, v in request.query.items() if k != "sort"]
+        sort = request.query.get("sort", "-date")
+        who, address, _ = auditing.caller(request)
+        audit = arc.sync.audit
+        cfg = arc.sync.config
+        base = base_url(request)
+        try:
+            if sort not in browse.SORTS:
+                raise HttpError(400, f"sort must be one of {', '.join(browse.SORTS)}, not {sort[:40]!r}")
+            docs, more, clamped = await arc.search_run(
+                qido.search, arc.sync, "STUDY", params, retrieve_aet=cfg.aet, max_results=cfg.max_results,
+                who=who, order=sort)
+        except Exception as exc:
+            audit.queried(who, "STUDY", request.query_string, address, "", 0, via="browser",
+                          outcome="minor failure", reason=str(exc)[:200])
+            raise
+        audit.queried(who, "STUDY", request.query_string, address, "", len(docs), via="browser")
+        warnings = []
+        if clamped is not None:
+            warnings.append(f'299 pathpacs "limit reduced to http.max_results ({clamped})"')
+        if more:
+            warnings.append('299 pathpacs "There are additional results that can be requested"')
+        headers = {"Cache-Control": "no-store", "Content-Type": "application/dicom+json"}
+        if warnings:
+            headers["Warning"] = ", ".join(warnings)
+        return web.Response(body=qido.encode_json(docs, base), headers=headers)
 
     app.router.add_get("/", index)
     app.router.add_get("/browser/studies", summaries)
+    app.router.add_get("/browser/search", search)
     app.router.add_static("/static/browser/", STATIC, append_version=False)

@@ -128,11 +128,13 @@ def _project(doc: dict[str, Any], tags: set[str] | None) -> dict[str, Any]:
 
 def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | None = None,
            series: str | None = None, retrieve_aet: str | None = None, max_results: int = 10000,
-           who: Principal = ANONYMOUS) -> tuple[list[dict[str, Any]], bool, int | None]:
+           who: Principal = ANONYMOUS, order: str | None = None) -> tuple[list[dict[str, Any]], bool, int | None]:
     """Run one QIDO search; returns (projected documents, more results exist, the limit
     used when the client asked for more than `max_results`, else None). At most
     `max_results` documents (http.max_results) whatever `limit` asks (PS3.18 10.6.3.2: the
-    server's maximum applies); the "more results" Warning tells the client to page on."""
+    server's maximum applies); the "more results" Warning tells the client to page on.
+    `order` (not QIDO: the study browser's `browser/search`): "date" | "-date" at study level,
+    limit and offset applied to the sorted result."""
     q = parse_params(params)
     clamped = max_results if q.limit is not None and q.limit > max_results else None
     q.limit = max_results if q.limit is None else min(q.limit, max_results)
@@ -156,7 +158,8 @@ def search(arc, level: str, params: Iterable[tuple[str, str]], *, study: str | N
     if q.include_all:
         tags = None
     results = arc.search(level, q.keys, study=study, series=series, fuzzy=q.fuzzy,
-                         retrieve_aet=retrieve_aet, full_metadata=full, who=who)
+                         retrieve_aet=retrieve_aet, full_metadata=full, who=who,
+                         order=order)
     stop = None if q.limit is None else q.offset + q.limit
     page = list(itertools.islice(results, q.offset, None if stop is None else stop + 1))
     more = stop is not None and len(page) > q.limit  # type: ignore[operator]

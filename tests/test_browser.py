@@ -4,6 +4,8 @@ paging and the two languages in a real chromium, and the first run (`serve --dem
 from __future__ import annotations
 
 import os
+import random
+import time
 from pathlib import Path
 
 import pydicom
@@ -12,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 import factory
+from archive.audit.trail import Trail
 from conftest import run_cli
 
 
@@ -116,6 +119,32 @@ def test_study_summaries_give_slides_stain_size_and_tier(server, tmp_path):
     assert r.status_code == 400 and "study" in r.text
     r = requests.get(server.http_url + "/browser/studies", params=[("study", f"1.2.{i}") for i in range(101)], timeout=30)
     assert r.status_code == 400 and "at most 100" in r.text
+    # audited as QIDO is: who asked, what, how many answered; a refused request too
+    def browser_queries() -> list[dict]:
+        return [r.event for r in Trail(server.data_dir / "audit").records()
+                if r.event["kind"] == "queried" and r.event["detail"].get("via") == "browser"]
+
+    _wait(lambda: len(browser_queries()) == 3)
+    asked, empty, too_many = browser_queries()
+    assert asked["detail"]["results"] == 3 and asked["outcome"] == 0
+    assert asked["objects"][0]["query"] == "&".join(
+        "study=" + u for u in (studies["A-WANG"], studies["B-FANG"], studies["C-SMITH"], "1.2.3.999"))
+    assert asked["participants"][0]["user_id"] == "anonymous" and asked["participants"][0]["address"] == "127.0.0.1"
+    assert empty["outcome"] == 4 and "at least one study" in empty["outcome_text"]
+    assert too_many["outcome"] == 4 and "at most 100" in too_many["outcome_text"]
+    requests.get(server.http_url + "/browser/studies", params={"study": studies["B-FANG"]}, timeout=30)
+    _wait(lambda: len(browser_queries()) == 4)
+    one = browser_queries()[-1]
+    assert [o["id"] for o in one["objects"] if o["id_type"][0] == "110180"] == [studies["B-FANG"]]
+
+
+def _wait(cond, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
 
 
 def test_summaries_follow_the_token_and_its_scope(make_server, tmp_path):
@@ -132,6 +161,12 @@ def test_summaries_follow_the_token_and_its_scope(make_server, tmp_path):
     uploader = run_cli("token", "create", "--role", "uploader", data=server.data_dir, check=True).stdout.strip()
     assert requests.get(url, params={"study": a}, headers={"Authorization": "Bearer " + uploader},
                         timeout=30).status_code == 403
+    # the sorted search answers what the token may see, like QIDO
+    search = server.http_url + "/browser/search"
+    assert requests.get(search, timeout=30).status_code == 401
+    r = requests.get(search, params={"sort": "-date"}, headers={"Authorization": "Bearer " + scoped}, timeout=30)
+    assert r.status_code == 200 and [s["0020000D"]["Value"][0] for s in r.json()] == [a]
+    assert requests.get(search, headers={"Authorization": "Bearer " + uploader}, timeout=30).status_code == 403
 
 
 def _rows(page) -> list[str]:
@@ -191,11 +226,67 @@ def test_the_page_searches_by_name_date_and_modality(server, browser, tmp_path):
     assert errors == []
 
 
-def test_paging_walks_every_study_once_and_sorts_by_date(server, browser, tmp_path):
-    for i in range(25):
-        factory.secondary_capture(tmp_path / "p" / f"{i}.dcm", patient_id=f"PG-{i:02d}", accession=f"PG-{i:02d}",
-                                  patient_name=f"Page^P{i:02d}", study_date=f"202401{i + 1:02d}")
+def _dated_corpus(tmp_path: Path, server) -> list[str]:
+    """30 studies imported in shuffled date order (three pairs on one day at different times, two
+    without a date); returns their accessions newest first (date, time, UID; undated last)."""
+    rng = random.Random(11)
+    specs = [(f"2024{1 + i // 28:02d}{1 + i % 28:02d}", "101500") for i in range(22)]
+    specs += [("20230505", "080000"), ("20230505", "173000"), ("20250101", "000001"), ("20250101", "235959"),
+              ("20240110", "120000"), ("20240110", "120001"), ("", ""), ("", "")]
+    rng.shuffle(specs)
+    order = []
+    for i, (date, when) in enumerate(specs):
+        f = factory.secondary_capture(tmp_path / "p" / f"{i}.dcm", patient_id=f"PG-{i:02d}", accession=f"PG-{i:02d}",
+                                      patient_name=f"Page^P{i:02d}", study_date=date, study_time=when)
+        order.append((date, when, pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID, f"PG-{i:02d}"))
     run_cli("import", "--quiet", str(tmp_path / "p"), data=server.data_dir, check=True)
+    dated = sorted((o for o in order if o[0]), reverse=True)
+    undated = sorted(o for o in order if not o[0])
+    return [o[3] for o in dated + undated]
+
+
+def _sorted_pages(server, size: int, **params) -> list[list[str]]:
+    pages, offset = [], 0
+    while True:
+        r = requests.get(server.http_url + "/browser/search", params={"limit": size, "offset": offset, **params},
+                         timeout=30)
+        assert r.status_code == 200, r.text
+        pages.append([s["00080050"]["Value"][0] for s in r.json()])
+        if "additional results" not in r.headers.get("Warning", ""):
+            return pages
+        offset += size
+
+
+def test_browser_search_sorts_by_date_over_every_page(server, tmp_path):
+    newest = _dated_corpus(tmp_path, server)
+    pages = _sorted_pages(server, 10, sort="-date")
+    assert pages == [newest[:10], newest[10:20], newest[20:]]
+    dated = [a for a in newest if a not in newest[-2:]]
+    oldest = dated[::-1] + newest[-2:]  # undated last in both orders
+    assert _sorted_pages(server, 10, sort="date") == [oldest[:10], oldest[10:20], oldest[20:]]
+    assert _sorted_pages(server, 7) == [newest[i:i + 7] for i in range(0, 30, 7)]  # newest first by default
+    # narrowed by an indexed key (read and sorted) and by a date range (an index walk), still in order
+    by_name = _sorted_pages(server, 4, sort="-date", PatientName="page^p1*")
+    assert [a for p in by_name for a in p] == [a for a in newest if a.startswith("PG-1")]
+    r = requests.get(server.http_url + "/browser/search",
+                     params={"StudyDate": "20240101-20240131", "sort": "date", "limit": 5, "offset": 3}, timeout=30)
+    january = [a for a in oldest if a in {s["00080050"]["Value"][0] for s in requests.get(
+        server.dicomweb_url + "/studies", params={"StudyDate": "20240101-20240131"}, timeout=30).json()}]
+    assert len(january) == 24 and [s["00080050"]["Value"][0] for s in r.json()] == january[3:8]
+    assert "additional results" in r.headers["Warning"] and r.headers["Content-Type"] == "application/dicom+json"
+    r = requests.get(server.http_url + "/browser/search", params={"sort": "name"}, timeout=30)
+    assert r.status_code == 400 and "sort must be one of -date, date" in r.text
+    r = requests.get(server.http_url + "/browser/search", params={"StudyDate": "2024"}, timeout=30)
+    assert r.status_code == 400 and "StudyDate" in r.text
+    queries = lambda: [r.event for r in Trail(server.data_dir / "audit").records()  # noqa: E731
+                       if r.event["kind"] == "queried" and r.event["detail"].get("via") == "browser"]
+    _wait(lambda: len(queries()) >= 16)
+    assert queries()[0]["objects"][0]["query"] == "limit=10&offset=0&sort=-date"
+    assert [q["outcome"] for q in queries()[-2:]] == [4, 4]
+
+
+def test_paging_walks_every_study_once_in_date_order(server, browser, tmp_path):
+    newest = _dated_corpus(tmp_path, server)
     page = browser.new_page()
     page.goto(server.http_url + "/")
     page.wait_for_selector("#studies tbody tr", timeout=15000)
@@ -203,24 +294,21 @@ def test_paging_walks_every_study_once_and_sorts_by_date(server, browser, tmp_pa
     page.select_option("#q-size", "10")
     _act(page, lambda: page.click("#go"))
     seen: list[list[str]] = []
-    dates = "() => [...document.querySelectorAll('#studies tbody td.date')].map(t => t.textContent)"
     while True:
         seen.append(_rows(page))
-        shown = page.evaluate(dates)
-        assert shown == sorted(shown, reverse=True)  # newest first within each page
         if page.is_disabled("#next"):
             break
         _act(page, lambda: page.click("#next"))
-    assert [len(p) for p in seen] == [10, 10, 5]
-    flat = [a for p in seen for a in p]
-    assert sorted(flat) == [f"PG-{i:02d}" for i in range(25)]  # none missing, none twice
+    assert seen == [newest[:10], newest[10:20], newest[20:]]  # the whole result sorted, not each page
     assert page.inner_text("#pageno") == "Page 3"
-    assert "21–25 studies." in page.inner_text("#status")
-    _act(page, lambda: page.select_option("#q-sort", "asc"))
-    shown = page.evaluate(dates)
-    assert shown == sorted(shown) and len(shown) == 5
-    _act(page, lambda: page.click("#prev"))
-    assert sorted(_rows(page)) == sorted(seen[1]) and page.inner_text("#pageno") == "Page 2"
+    assert "21–30 studies." in page.inner_text("#status")
+    _act(page, lambda: page.select_option("#q-sort", "asc"))  # back to the first page, oldest first
+    oldest = [a for a in newest[:-2]][::-1]
+    assert _rows(page) == oldest[:10] and page.inner_text("#pageno") == "Page 1"
+    _act(page, lambda: page.click("#next"))
+    assert _rows(page) == oldest[10:20] and page.inner_text("#pageno") == "Page 2"
+    _act(page, lambda: page.click("#datehead"))  # the date column's header toggles the order too
+    assert _rows(page) == newest[:10] and page.get_attribute("#datehead", "aria-sort") == "descending"
 
 
 def test_the_page_speaks_chinese_from_accept_language_and_remembers_a_switch(server, browser, tmp_path):
@@ -297,3 +385,47 @@ def test_a_schema_5_index_finds_ideographic_names_after_its_migration(make_serve
     server = make_server(data_dir=data)
     assert _accessions(server, PatientName="王*") == ["OLD-WANG"]
     assert _accessions(server, PatientName="wang*") == ["OLD-WANG"]
+
+
+NAMES = ["Smith^P1999", "SMITH^P19990", "Jones^P2199", "Wang^Xiaodong=王^小东", "王^芳", "İnce^Ayşe", "ΟΔΥΣΣΕΥΣ^Νίκος",
+         "Müller^Jürgen", "O'Brien^Seán", "", "Smythe^Ann", "Garcia^Ana=ガルシア^アナ=がるしあ^あな"]
+PATTERNS = ["*P1999*", "*p1999*", "*1999", "sm?th*", "*m?th*", "*小*", "*王*", "*İ*", "*i̇nce*", "*ΣΣ*", "*σ^*",
+            "*ς*", "*üll*", "*'b*", "*^*", "?*", "*a*a*a*", "*アナ", "*が*", "s*h^p*9", "*xyz*", "j?nes^p2199", "*^"]
+
+
+def test_name_patterns_without_a_prefix_find_what_matching_finds(tmp_path):
+    """The planner's scan of the name keys (archive/index/lmdb.py `_name_pattern`) is a superset
+    of PS3.4 matching, whatever the script and case folding: the answers equal a brute-force
+    match of every study record, sorted or not."""
+    from archive import metadata as md
+    from archive.index import NewInstance
+    from archive.query import Key, match_doc, study_doc
+    from archive.records import InstanceRecord
+    from archive.service import Archive
+
+    arc = Archive.open(tmp_path / "data")
+    try:
+        news = []
+        for i, name in enumerate(NAMES * 3):
+            st, se, sop = f"2.25.{100 + i}", f"2.25.{200 + i}", f"2.25.{300 + i}"
+            groups = dict(zip(("Alphabetic", "Ideographic", "Phonetic"), name.split("="))) if name else {}
+            patient = {"00100010": {"vr": "PN", "Value": [groups]} if groups else {"vr": "PN"},
+                       "00100020": {"vr": "LO", "Value": [f"P{i}"]}}
+            study = {**patient, "0020000D": {"vr": "UI", "Value": [st]},
+                     "00080020": {"vr": "DA", "Value": [f"2024{1 + i % 12:02d}{1 + i % 28:02d}"]}}
+            rec = {"sop": sop, "sop_class": "1.2.840.10008.5.1.4.1.1.7", "study": st, "series": se,
+                   "patient": f"P{i}^", "ts": "1.2.840.10008.1.2.1", "blob": f"none{sop}", "tier": "hot",
+                   "size": 1, "sha256": "0" * 64, "received": "2026-01-01T00:00:00"}
+            news.append(NewInstance(InstanceRecord.from_json(rec), [], [], md.dumps({**study}), {}, patient, study,
+                                    {"0020000E": {"vr": "UI", "Value": [se]}}))
+        arc.index.add_instances(news)
+        every = list(arc.index.studies())
+        for pattern in PATTERNS:
+            keys = [Key("00100010", "PN", [pattern])]
+            expected = sorted(r.uid for r in every if match_doc(study_doc(r), keys))
+            assert sorted(r.study for r in arc.search("STUDY", keys)) == expected, pattern
+            newest = [r.study for r in arc.search("STUDY", keys, order="-date")]
+            assert sorted(newest) == expected, pattern
+        assert len([r for r in arc.search("STUDY", [Key("00100010", "PN", ["*P1999*"])])]) == 6
+    finally:
+        arc.close()

@@ -6,6 +6,8 @@ CLI records consents and makes links as the hospital's staff would.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import time
@@ -49,6 +51,18 @@ def cli(site, *args: str) -> subprocess.CompletedProcess:
     return run_cli(*args, "--config", str(site["srv"].config), data=site["srv"].data_dir)
 
 
+def quick(site, *args: str) -> subprocess.CompletedProcess:
+    """The same verb run in this process (`archive.cli.main`): for set-up steps, without an
+    interpreter's start per call; what a user sees (exit codes, stderr) is checked with `cli`."""
+    from archive.cli import main
+
+    argv = [*args, "--config", str(site["srv"].config), "--data", str(site["srv"].data_dir)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
 def one_line_error(res: subprocess.CompletedProcess, text: str) -> None:
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     lines = res.stderr.strip().splitlines()
@@ -56,13 +70,13 @@ def one_line_error(res: subprocess.CompletedProcess, text: str) -> None:
 
 
 def add(site, *args: str) -> dict:
-    res = cli(site, "consent", "add", "--json", *args)
+    res = quick(site, "consent", "add", "--json", *args)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
 
-def share(site, *args: str) -> subprocess.CompletedProcess:
-    return cli(site, "share", "--json", *args)
+def share(site, *args: str, run=quick) -> subprocess.CompletedProcess:
+    return run(site, "share", "--json", *args)
 
 
 def series_status(site, study: str, token: str) -> int:
@@ -71,25 +85,26 @@ def series_status(site, study: str, token: str) -> int:
 
 
 def test_share_needs_a_consent_for_sharing(site):
-    res = share(site, "--study", site["adult"])
+    res = share(site, "--study", site["adult"], run=cli)
     one_line_error(res, f"no consent on record for share of study {site['adult']}")
     assert res.stdout == ""
-    assert json.loads(cli(site, "share", "list", "--json", "--study", site["adult"]).stdout) == []
+    assert json.loads(quick(site, "share", "list", "--json", "--study", site["adult"]).stdout) == []
     # a consent for consultation only does not cover a share link
     consult = add(site, "--study", site["adult"], "--by", "Dr Li", "--scope", "consult", "--ref", "FORM-1")
     assert consult["scope"] == ["consult"] and consult["consented_by"] == "patient"
     one_line_error(share(site, "--study", site["adult"]), "no consent on record for share")
     one_line_error(share(site, "--study", site["adult"], "--consent", "FORM-1"),
                    f"consent {consult['id']} covers consult, not share")
-    ok = add(site, "--study", site["adult"], "--by", "Dr Li", "--scope", "share,research", "--ref", "ESIGN-77")
-    res = share(site, "--study", site["adult"])
+    ok = json.loads(cli(site, "consent", "add", "--json", "--study", site["adult"], "--by", "Dr Li", "--scope",
+                        "share,research", "--ref", "ESIGN-77").stdout)
+    res = share(site, "--study", site["adult"], run=cli)
     assert res.returncode == 0, res.stderr
     link = json.loads(res.stdout)
     assert link["consent"] == ok["id"]
     assert series_status(site, site["adult"], link["url"].split("#", 1)[1]) == 200
     by_ref = json.loads(share(site, "--study", site["adult"], "--consent", "ESIGN-77").stdout)
     assert by_ref["consent"] == ok["id"]
-    listed = json.loads(cli(site, "consent", "list", "--json", "--study", site["adult"]).stdout)
+    listed = json.loads(quick(site, "consent", "list", "--json", "--study", site["adult"]).stdout)
     assert [c["id"] for c in listed] == [consult["id"], ok["id"]]
     assert listed[1]["reference"] == "ESIGN-77" and listed[1]["recorded_by"] == "Dr Li" and listed[1]["time"]
     table = cli(site, "consent", "list").stdout
@@ -136,22 +151,22 @@ def test_withdrawing_revokes_its_links_within_10_seconds(site):
         assert time.monotonic() - t0 < 10, "a link of a withdrawn consent is still accepted"
         time.sleep(0.25)
     assert series_status(site, site["teen"], other["url"].split("#", 1)[1]) == 200
-    state = {d["id"]: d["state"] for d in json.loads(cli(site, "share", "list", "--json").stdout)}
+    state = {d["id"]: d["state"] for d in json.loads(quick(site, "share", "list", "--json").stdout)}
     assert [state[d["id"]] for d in links] == ["revoked", "revoked"] and state[other["id"]] == "active"
-    withdrawn = next(c for c in json.loads(cli(site, "consent", "list", "--json").stdout) if c["id"] == rec["id"])
+    withdrawn = next(c for c in json.loads(quick(site, "consent", "list", "--json").stdout) if c["id"] == rec["id"])
     assert withdrawn["withdrawn"] and withdrawn["withdrawn_by"]
     # a withdrawn consent makes no new link
     one_line_error(share(site, "--study", site["adult"], "--consent", rec["id"]), f"consent {rec['id']} was withdrawn")
-    assert cli(site, "consent", "withdraw", rec["id"]).returncode == 0  # twice: the first time stays
-    again = next(c for c in json.loads(cli(site, "consent", "list", "--json").stdout) if c["id"] == rec["id"])
+    assert quick(site, "consent", "withdraw", rec["id"]).returncode == 0  # twice: the first time stays
+    again = next(c for c in json.loads(quick(site, "consent", "list", "--json").stdout) if c["id"] == rec["id"])
     assert again["withdrawn"] == withdrawn["withdrawn"]
     one_line_error(cli(site, "consent", "withdraw", "0123456789abcdef"), "no consent 0123456789abcdef")
 
 
 def test_consents_are_in_the_audit_trail(site):
     rec = add(site, "--study", site["adult"], "--by", "Dr Zhao", "--scope", "consult,share", "--ref", "AUD-1")
-    assert cli(site, "consent", "withdraw", rec["id"]).returncode == 0
-    res = cli(site, "audit", "list", "--format", "json", "--study", site["adult"])
+    assert quick(site, "consent", "withdraw", rec["id"]).returncode == 0
+    res = quick(site, "audit", "list", "--format", "json", "--study", site["adult"])
     events = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
     mine = [e for e in events if e.get("detail", {}).get("consent") == rec["id"]]
     assert [e["kind"] for e in mine] == ["consent recorded", "consent withdrawn"], [e["kind"] for e in events]

@@ -25,27 +25,6 @@ from conftest import free_port, run_cli, start_orthanc
 from conformance.bench import peers
 
 
-def _dataset_bytes(data: bytes) -> bytes:
-    """A Part 10 file's bytes after its file meta group (128 preamble + DICM + group 0002)."""
-    import io
-    import struct
-
-    f = io.BytesIO(data)
-    f.seek(132)
-    while True:
-        pos = f.tell()
-        group, elem = struct.unpack("<HH", f.read(4))
-        if group != 0x0002:
-            return data[pos:]
-        vr = f.read(2)
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):
-            f.read(2)
-            length = struct.unpack("<I", f.read(4))[0]
-        else:
-            length = struct.unpack("<H", f.read(2))[0]
-        f.seek(length, 1)
-
-
 def sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
@@ -62,6 +41,8 @@ def ports() -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def orthanc(root, ports):
+    if not peers.orthanc_plugins("libOrthancDicomWeb.so"):
+        pytest.fail("Orthanc's DICOMweb plugin is not installed (make test installs orthanc-dicomweb)")
     o = start_orthanc(root / "orthanc", modalities={"hospa": ("HOSPA", "127.0.0.1", ports["a"]),
                                                     "hospa2": ("HOSPA2", "127.0.0.1", ports["a2"])},
                       plugins=peers.orthanc_plugins("libOrthancDicomWeb.so"))
@@ -145,7 +126,7 @@ def test_dimse_partner_with_commitment_from_the_cli(a, orthanc, root):
     assert job["state"] == "done" and job["route"] == "dimse", job
     assert job["verified"] == len(files) + 1, job  # the slide's levels and the request SR, counted by C-FIND
     for sop, data in files.items():
-        assert sha(_dataset_bytes(orthanc_file(orthanc, sop))) == sha(_dataset_bytes(data)), sop
+        assert sha(factory.dataset_bytes(orthanc_file(orthanc, sop))) == sha(factory.dataset_bytes(data)), sop
     # Orthanc committed on a new association to A's DIMSE server, which handed the verdict
     # to the sending process through the index
     assert "commitment" in a.log() and "recorded for the sending process" in a.log(), a.log()[-3000:]
@@ -159,7 +140,7 @@ def test_dimse_partner_from_the_background_worker(a, orthanc, root):
     job = wait_final(a, res.stdout.split()[0])
     assert job["state"] == "done" and job["verified"] == len(files) + 1, job
     for sop, data in files.items():
-        assert sha(_dataset_bytes(orthanc_file(orthanc, sop))) == sha(_dataset_bytes(data)), sop
+        assert sha(factory.dataset_bytes(orthanc_file(orthanc, sop))) == sha(factory.dataset_bytes(data)), sop
     assert "reported by ORTHANC on a new association" in a.log(), a.log()[-3000:]
 
 
@@ -204,7 +185,7 @@ port = {strict.dicom_port}
         job = jobs(data)[res.stdout.split()[0]]
         assert job["state"] == "done" and job["verified"] == len(files) + 1, job
         for sop, body in files.items():
-            assert sha(_dataset_bytes(orthanc_file(orthanc, sop))) == sha(_dataset_bytes(body)), sop
+            assert sha(factory.dataset_bytes(orthanc_file(orthanc, sop))) == sha(factory.dataset_bytes(body)), sop
 
         res = run_cli("consult", "send", "--study", study, "--to", "strict", "--wait", "--quiet",
                       "--config", str(cfg), data=data, timeout=180)
@@ -216,3 +197,78 @@ port = {strict.dicom_port}
         strict.stop()
     res = run_cli("verify", "--quiet", data=data)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_commitment_asked_again_after_the_report_never_came_nothing_resent(root, orthanc, tmp_path):
+    """Orthanc does not know A3's AE title, so it drops A3's commitment request (Orthanc refuses
+    N-ACTIONs of unlisted AEs): the job fails saying so, its instances stored but unconfirmed. Once Orthanc knows A3
+    (REST /modalities) and A3's `serve` runs, `consult retry` asks for commitment again and
+    the job ends done without sending any instance a second time."""
+    data, port = root / "A3", free_port()
+    files, study = put_case(data, root, "case5")
+    partner = f'[partners.orthanc]\naet = "{orthanc.aet}"\nhost = "127.0.0.1"\nport = {orthanc.dicom_port}\ntimeout = 5\n'
+    cfg = root / "A3.toml"
+    cfg.write_text(f'[archive]\naet = "HOSPA3"\ndicom_port = {port}\n\n{partner}')
+    res = run_cli("consult", "send", "--study", study, "--to", "orthanc", "--wait", "--quiet", "--config", str(cfg),
+                  data=data, timeout=180)
+    assert res.returncode == 1, res.stdout + res.stderr
+    job_id = res.stdout.split()[0]
+    job = jobs(data)[job_id]
+    assert job["state"] == "failed" and "Storage Commitment request" in job["error"], job
+    assert "does it know our AE title 'HOSPA3'" in job["error"], job
+
+    from archive.config import Config
+    from archive.service import Archive
+
+    def items() -> list[dict]:
+        arc = Archive(Config(data_dir=data), readonly=True)
+        try:
+            return [i for _, i in arc.consultations.items(job_id)]
+        finally:
+            arc.close()
+
+    assert {i["state"] for i in items()} == {"stored"}, items()
+    r = requests.put(f"{orthanc.url}/modalities/hospa3", json={"AET": "HOSPA3", "Host": "127.0.0.1", "Port": port},
+                     timeout=10)
+    assert r.status_code == 200, r.text
+    run_cli("consult", "retry", job_id, "--config", str(cfg), data=data, check=True)
+    srv = peers.start_pathpacs(data, config_text=cfg.read_text(), aet="HOSPA3", dicom_port=port)
+    try:
+        job = wait_final(data, job_id)
+    finally:
+        srv.stop()
+    assert job["state"] == "done" and job["verified"] == len(files) + 1, job
+    got = items()
+    assert all(i["state"] == "confirmed" and i["attempts"] == 1 for i in got), got
+
+
+def test_an_instance_the_partner_no_longer_holds_is_not_committed(root, ports, orthanc):
+    """The route itself (in this process, a listener on A2's port for the report): Orthanc
+    lost one of two stored instances before the commitment request, and says so."""
+    from archive.config import Config, Partner
+    from archive.consult.dimse_route import DimseRoute
+    from archive.consult.routes import Item
+
+    folder = root / "case6"
+    study, series = generate_uid(), generate_uid()
+    items = []
+    for i in range(2):
+        ds = factory.wsi_instance(study, series, 512, 512, seed=i, instance_number=i + 1)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        items.append(Item(ds.SOPInstanceUID, ds.SOPClassUID, study, path.stat().st_size,
+                          chunks=lambda path=path: iter([path.read_bytes()])))
+    cfg = Config(data_dir=root / "route-data", aet="HOSPA2", dicom_port=ports["a2"])
+    route = DimseRoute(Partner(name="orthanc", aet=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port,
+                               timeout=20), cfg)
+    try:
+        assert [route.send(it).committed for it in items] == [False, False]
+        lost = items[1].sop_uid
+        found = requests.post(f"{orthanc.url}/tools/lookup", data=lost, timeout=10).json()
+        assert requests.delete(f"{orthanc.url}/instances/{found[0]['ID']}", timeout=10).status_code == 200
+        held = route.confirm([it.sop_uid for it in items])
+    finally:
+        route.close()
+    assert held == {items[0].sop_uid}
+    assert route.refused[lost].startswith("commitment refused: "), route.refused

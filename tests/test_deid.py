@@ -88,6 +88,7 @@ def plant(ds: Dataset) -> dict[int, object]:
         planted[tag] = value
     block = ds.private_block(0x0009, "ACME PRIVATE", create=True)
     block.add_new(0x01, "LO", "PRIVATE-SECRET " + NAME)
+    block.add_new(0x02, "OB", b"PRIVATE-SECRET" * 300)  # out of line in the stored metadata (bulk data)
     return planted
 
 
@@ -132,6 +133,13 @@ def corpus(tmp_path_factory):
     overview = factory.wsi_instance(study, series, 256, 256, seed=4, image_type="OVERVIEW", instance_number=4, **kw)
     for ds in (base, level2, label, overview):
         specimen(ds)
+        ds.ImagedVolumeWidth, ds.ImagedVolumeHeight = 1024 * 0.00025, 768 * 0.00025
+        pm = Dataset()  # Pixel Measures: what wsidicom (a DICOMweb client) builds levels from
+        spacing = 1024 * 0.00025 / int(ds.TotalPixelMatrixColumns)
+        pm.PixelSpacing, pm.SliceThickness = [spacing, spacing], 0.001
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [pm]
+        ds.SharedFunctionalGroupsSequence = [shared]
         dim = Dataset()
         dim.DimensionOrganizationUID = "1.2.826.0.1.3680043.8.498.4471"  # shared by the levels
         ds.DimensionOrganizationSequence = [dim]
@@ -453,3 +461,113 @@ def test_research_role_does_not_combine_with_identified_reads(research_srv):
     assert r.returncode == 2 and "cannot be held with viewer" in r.stderr and "Traceback" not in r.stderr
     assert Principal("x", "x", frozenset({"research"}), "token").deidentified
     assert not Principal("x", "x", frozenset({"viewer"}), "token").deidentified
+
+
+def test_a_slide_opens_over_dicomweb_with_a_research_token(research_srv, corpus):
+    """What the viewer does (series of the study with Modality=SM, metadata, tiles), through
+    wsidicom's DICOMweb client: the slide opens and reads the stored pixels; no label."""
+    from wsidicom import WsiDicom, WsiDicomWebClient
+
+    srv, toks = research_srv
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {toks['research']}"
+    r = session.get(srv.dicomweb_url + f"/studies/{corpus['study']}/series", params={"Modality": "SM"})
+    assert r.status_code == 200 and [d["0020000E"]["Value"][0] for d in r.json()] == [corpus["series"]]
+    client = WsiDicomWebClient.create_client(srv.dicomweb_url, auth=session)
+    local_files = [corpus["paths"]["base"], corpus["paths"]["level2"]]
+    with WsiDicom.open_web(client, corpus["study"], corpus["series"]) as web, WsiDicom.open(local_files) as local:
+        assert len(web.levels) == 2
+        a = np.asarray(web.read_region((100, 90), 0, (300, 200)))
+        b = np.asarray(local.read_region((100, 90), 0, (300, 200)))
+        assert np.array_equal(a, b)
+        assert web.labels is None or len(web.labels) == 0
+        assert not web.overviews
+
+
+def test_study_browser_summaries_in_a_research_view(research_srv, corpus):
+    srv, toks = research_srv
+    r = requests.get(srv.http_url + "/browser/studies", params={"study": corpus["study"]},
+                     headers={"Authorization": f"Bearer {toks['research']}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert not any(i.lower() in r.text.lower() for i in IDENTIFIERS), r.text
+    (summary,) = r.json()
+    (slide,) = summary["slides"]
+    assert slide["instances"] == 2 and not slide["label"] and not slide["overview"]
+    assert slide["stain"] == ["hematoxylin and eosin"]
+
+
+def test_deidentified_tokens_over_the_api_and_transcoded_instances(research_srv, corpus):
+    srv, toks = research_srv
+    sec = run_cli("token", "create", "--role", "secadmin", data=srv.data_dir, check=True).stdout.strip()
+    r = requests.post(srv.http_url + "/api/tokens", json={"roles": ["viewer"], "deidentify": True, "name": "study"},
+                      headers={"Authorization": f"Bearer {sec}"}, timeout=30)
+    assert r.status_code == 201 and r.json()["deidentify"] is True, r.text
+    t = r.json()["secret"]
+    listed = json.loads(run_cli("token", "list", "--json", data=srv.data_dir, check=True).stdout)
+    assert {d["id"]: d["deidentify"] for d in listed}[r.json()["id"]] is True
+    # an instance transcoded on request (Explicit VR Little Endian) is de-identified too
+    base = f"/studies/{corpus['study']}/series/{corpus['series']}/instances/{corpus['sops']['base']}"
+    got = _get(srv, base, t, accept='multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.1')
+    assert got.status_code == 200, got.text
+    (part,) = _parts(got)
+    ds = pydicom.dcmread(io.BytesIO(part))
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert ds.PatientIdentityRemoved == "YES" and ds.PatientID != PID
+    assert not any(i.lower() in header_text(part).lower() for i in IDENTIFIERS)
+
+
+def test_deidentify_config_section():
+    import tomllib
+
+    from archive.config import ConfigError, apply
+
+    cfg = apply(Config(), tomllib.loads("[deidentify]\nretain_dates = false\nkeep_label = true\n"))
+    opts = DeidOptions.from_config(cfg)
+    assert not opts.retain_dates and opts.keep_label and opts.clean_descriptors
+    assert DeidOptions.from_config(Config()) == DeidOptions()
+    with pytest.raises(ConfigError, match="deidentify.keep_lable"):
+        apply(Config(), tomllib.loads("[deidentify]\nkeep_lable = true\n"))
+    with pytest.raises(ConfigError, match="deidentify.retain_uids"):
+        apply(Config(), tomllib.loads('[deidentify]\nretain_uids = "yes"\n'))
+
+
+def test_names_in_every_component_group_are_cleaned_from_kept_text(corpus):
+    deid = Deidentifier(DeidOptions(), UidMap(corpus["arc"].index, "job-names"))
+    ds = pydicom.dcmread(corpus["paths"]["base"], stop_before_pixels=True)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Wang^Li=王^丽"
+    ds.StudyDescription = "Biopsy of Wang Li (王丽), Li Wang"
+    ds.SeriesDescription = f"slide {CONTAINER} of {ACC}"
+    out = deid.dataset(ds)
+    assert out.StudyDescription == "Biopsy of [removed] ([removed]), [removed]"
+    assert out.SeriesDescription == f"slide {deid.mapped_id(CONTAINER)} of [removed]"
+    assert str(out.PatientName) == f"ANON^{deid.pseudonym(PID)}"
+
+
+def test_dimse_retrieves_are_refused_to_deidentified_principals(corpus):
+    from archive.access import Forbidden
+    from archive.query import Key
+
+    who = Principal("r", "research", frozenset({"research"}), "node")
+    with pytest.raises(Forbidden, match="not sent over DIMSE"):
+        corpus["arc"].retrieve_set("STUDY", [Key("0020000D", "UI", [corpus["study"]])], who=who)
+    assert len(corpus["arc"].retrieve_set("STUDY", [Key("0020000D", "UI", [corpus["study"]])])) == 4
+
+
+def test_research_bulk_data_only_for_what_the_view_keeps(research_srv, corpus):
+    srv, toks = research_srv
+    base = f"/studies/{corpus['study']}/series/{corpus['series']}/instances/{corpus['sops']['base']}"
+    viewer_meta = _get(srv, base + "/metadata", toks["viewer"]).json()[0]
+    research_meta = _get(srv, base + "/metadata", toks["research"]).json()[0]
+    private = [el["BulkDataURI"] for tag, el in viewer_meta.items() if tag.startswith("0009") and "BulkDataURI" in el]
+    assert private, "the private OB should be out of line in the stored metadata"
+    assert not any(tag.startswith("0009") for tag in research_meta)
+    path = private[0].split("/bulkdata/", 1)[1]
+    assert _get(srv, base + "/bulkdata/" + path, toks["viewer"], accept="*/*").status_code == 200
+    assert _get(srv, base + "/bulkdata/" + path, toks["research"], accept="*/*").status_code == 404
+    icc = research_meta["00480105"]["Value"][0]["00282000"]["BulkDataURI"]
+    assert icc.startswith("http") and "/bulkdata/00480105/0/00282000" in icc
+    r = _get(srv, base + "/bulkdata/00480105/0/00282000", toks["research"], accept="*/*")
+    v = _get(srv, base + "/bulkdata/00480105/0/00282000", toks["viewer"], accept="*/*")
+    assert r.status_code == v.status_code == 200 and _parts(r) == _parts(v)  # kept values: as stored
+    assert _parts(r)[0] == bytes(4096)  # the generated ICC profile (zeros)

@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import pydicom
 import pytest
@@ -22,6 +21,7 @@ from pydicom.encaps import generate_frames
 import factory
 from conftest import free_port, need, run_cli
 from conformance.bench.peers import start_pathpacs
+from test_consent import quick
 from test_viewer import Page, assert_shows
 from test_viewer_browser import _decoded_levels, complete_wsi
 
@@ -56,7 +56,7 @@ def cli(site, *args: str) -> subprocess.CompletedProcess:
 
 
 def share(site, *args: str) -> dict:
-    res = cli(site, "share", "--json", *args)
+    res = quick(site, "share", "--json", *args)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
@@ -180,7 +180,7 @@ def test_expired_link_answers_401_and_the_page_says_so(site, browser, tmp_path):
     assert frames_status(site, token) == 200
     time.sleep(2.5)
     assert frames_status(site, token) == 401
-    listed = {x["id"]: x for x in json.loads(cli(site, "share", "list", "--json", "--study", site["study"]).stdout)}
+    listed = {x["id"]: x for x in json.loads(quick(site, "share", "list", "--json", "--study", site["study"]).stdout)}
     assert listed[d["id"]]["state"] == "expired"
     p = Page(browser, site["srv"], tmp_path)
     p.page.goto(d["url"])
@@ -196,11 +196,24 @@ def test_revoked_link_is_refused_within_10_seconds(site):
     res = cli(site, "share", "revoke", d["id"])
     assert res.returncode == 0, res.stderr
     assert wait_refused(site, token) <= 10
-    listed = {x["id"]: x for x in json.loads(cli(site, "share", "list", "--json").stdout)}
+    listed = {x["id"]: x for x in json.loads(quick(site, "share", "list", "--json").stdout)}
     assert listed[d["id"]]["state"] == "revoked" and listed[d["id"]]["revoked"]
-    assert cli(site, "share", "revoke", d["id"]).returncode == 0  # twice: the first time stays
-    again = {x["id"]: x for x in json.loads(cli(site, "share", "list", "--json").stdout)}
+    assert quick(site, "share", "revoke", d["id"]).returncode == 0  # twice: the first time stays
+    again = {x["id"]: x for x in json.loads(quick(site, "share", "list", "--json").stdout)}
     assert again[d["id"]]["revoked"] == listed[d["id"]]["revoked"]
+
+
+def test_viewer_says_when_the_link_was_revoked_while_open(site, browser, tmp_path):
+    d = share(site, "--study", site["study"])
+    p = Page(browser, site["srv"], tmp_path)
+    p.page.goto(d["url"])
+    p.page.wait_for_url("**/viewer?study=*", timeout=15000)
+    p.wait_rendered()
+    assert cli(site, "share", "revoke", d["id"]).returncode == 0
+    wait_refused(site, token_of(d["url"]))
+    p.page.reload()
+    p.page.wait_for_function("() => window.ppViewer && window.ppViewer.status === 'error'", timeout=30000)
+    assert p.page.inner_text("#status") == EXPIRED
 
 
 def test_creation_use_and_revocation_are_in_the_audit_trail(site):
@@ -210,11 +223,11 @@ def test_creation_use_and_revocation_are_in_the_audit_trail(site):
     c.search_for_series(site["study"])
     c.retrieve_instance_frames(site["study"], site["series"], site["sop"], [1],
                                media_types=(("application/octet-stream", "*"),))
-    assert cli(site, "share", "revoke", d["id"]).returncode == 0
+    assert quick(site, "share", "revoke", d["id"]).returncode == 0
     user = f"share:{d['id']}"
     deadline = time.monotonic() + 15
     while True:  # reads are aggregated and flushed every audit.flush_seconds (1 s here)
-        res = cli(site, "audit", "list", "--format", "json", "--study", site["study"])
+        res = quick(site, "audit", "list", "--format", "json", "--study", site["study"])
         events = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
         mine = [e for e in events if any(p.get("user_id") == user for p in e.get("participants", []))
                 or e.get("detail", {}).get("share") == d["id"]]

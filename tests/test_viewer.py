@@ -233,6 +233,16 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
     assert p.frames and all(sop in widths for sop, _, _ in p.frames), p.debug()
     # the ICC profile of each level is fetched as bulk data (colour management in the library)
     assert len([a for a in p.answers if a.startswith("200") and "/bulkdata/" in a]) >= 3, p.answers
+    # start-up: the decoder worker is started (boot.js) and the slide's metadata asked for before the
+    # bundle has run, the worker handed to the library (no second start of it before the first frame)
+    starts = p.page.evaluate("""() => performance.getEntriesByType('resource').map(e => [e.name, e.startTime, e.responseEnd])""")
+    bundle_end = p.page.evaluate("() => performance.getEntriesByType('navigation')[0].domInteractive")
+    worker = [t for name, t, _ in starts if name.endswith("/dynamic-import/dataLoader.worker.min.js")]
+    metadata = [t for name, t, _ in starts if name.endswith(f"/series/{slides['series_a']}/metadata")]
+    first_frame = min(t for name, t, _ in starts if "/frames/" in name)
+    assert worker and worker[0] < bundle_end and metadata and metadata[0] < bundle_end, starts
+    assert len([t for t in worker if t < first_frame]) == 1, starts
+    assert "dcmjs" not in " ".join(name for name, _, _ in starts)  # loaded on a first save only
     levels = _decoded_levels(slides["a"])
 
     first_view = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")
@@ -425,6 +435,45 @@ def test_static_files_and_their_types(server):
         assert status == 404, (bad, status, body)
     status, headers, body = _get(server.http_url + "/viewer")
     assert status == 200 and "script-src 'self' 'wasm-unsafe-eval'" in headers["Content-Security-Policy"]
+
+
+def test_scripts_are_gzipped_versioned_and_revalidated(server):
+    """The 2.6 MB bundle goes out gzip-compressed with a strong ETag; a revalidation is a 304; the
+    page names each script with its version, and that URL may be cached for a year."""
+    import gzip
+    import re
+
+    import requests
+
+    base = server.http_url + "/static/viewer"
+    bundle = ROOT / "viewer/node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js"
+    r = requests.get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js", headers={"Accept-Encoding": "gzip"},
+                     stream=True, timeout=30)
+    body = r.raw.read()
+    assert r.status_code == 200 and r.headers["Content-Encoding"] == "gzip" and "Accept-Encoding" in r.headers["Vary"]
+    assert gzip.decompress(body) == bundle.read_bytes() and len(body) < bundle.stat().st_size / 2
+    etag = r.headers["ETag"]
+    assert r.headers["Cache-Control"] == "public, max-age=86400" and etag.endswith('-gz"')
+    r = requests.get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js",
+                     headers={"Accept-Encoding": "gzip", "If-None-Match": etag}, timeout=30)
+    assert r.status_code == 304 and r.content == b"" and r.headers["ETag"] == etag
+    r = requests.get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js",
+                     headers={"Accept-Encoding": "identity", "If-None-Match": etag}, timeout=30)
+    assert r.status_code == 200 and r.content == bundle.read_bytes() and "Content-Encoding" not in r.headers
+    r = requests.get(base + "/app/viewer.js", headers={"Accept-Encoding": "gzip"}, timeout=30)
+    assert r.headers["Cache-Control"] == "no-cache" and r.content == (ROOT / "viewer/viewer.js").read_bytes()
+    page = requests.get(server.http_url + "/viewer?study=1.2.3", timeout=30).text
+    versioned = dict(re.findall(r'"static/viewer/([^"?]+)\?v=([0-9a-f]{20})"', page))
+    assert set(versioned) == {"app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js",
+                              "dmv/dicomMicroscopyViewer.bundle.min.js", "app/annotations.js", "app/viewer.js",
+                              "app/consult.js"}
+    assert "dcmjs.js" not in page  # loaded on the first save only
+    for url, version in versioned.items():
+        r = requests.get(f"{base}/{url}?v={version}", timeout=30)
+        assert r.status_code == 200 and r.headers["Cache-Control"] == "public, max-age=31536000, immutable", url
+        assert r.headers["ETag"].strip('"').split("-")[0] == version
+    r = requests.get(f"{base}/app/viewer.js?v=0123456789abcdef0123", timeout=30)  # not its version
+    assert r.headers["Cache-Control"] == "no-cache"
 
 
 def test_viewer_answers_503_when_packages_are_missing(tmp_path):

@@ -24,7 +24,8 @@ def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser,
     r = bench.session(browser, url, steps=1, height=LEVELS[0][1])
 
     # the order of events on the page's clock
-    assert 0 < r["dom_ms"] < r["first_start_ms"] < r["first_frame_ms"] < r["first_ms"] <= r["full_ms"], r
+    # (the page may still be parsing when the first frame is asked for: boot.js fetched the metadata early)
+    assert 0 < r["dom_ms"] and 0 < r["first_start_ms"] < r["first_frame_ms"] < r["first_ms"] <= r["full_ms"], r
     assert 0 < r["first_http_ms"] < r["first_frame_ms"] - r["first_start_ms"] + 1, r
     assert r["frames"] > 0
     # level 0 at 1:1, the map's left edge at the slide's: the tiles in view, then those the step

@@ -194,12 +194,30 @@ window.ppAnnotations = (() => {
     return { sop, bytes: dict.write() }
   }
 
+  // dcmjs (1.7 MB) is needed only to write an ANN: loaded on the first save, not with the page,
+  // so its parsing does not delay the slide's first tiles.
+  let dcmjsLoading = null
+  function loadDcmjs() {
+    if (window.dcmjs) return Promise.resolve()
+    if (!dcmjsLoading) {
+      dcmjsLoading = new Promise((resolve, reject) => {
+        const s = document.createElement('script')
+        s.src = 'static/viewer/dcmjs/dcmjs.js'
+        s.onload = resolve
+        s.onerror = () => { dcmjsLoading = null; reject(new Error('static/viewer/dcmjs/dcmjs.js did not load')) }
+        document.head.append(s)
+      })
+    }
+    return dcmjsLoading
+  }
+
   async function save() {
     const { state, client, T } = ctx
     if (!state.marks.length) return
     setMarking(null)
-    const { sop, bytes } = buildAnn(state.marks)
     state.saveStatus = 'saving'
+    await loadDcmjs()
+    const { sop, bytes } = buildAnn(state.marks)
     try {
       await client.storeInstances({ studyInstanceUID: ctx.studyUID, datasets: [bytes] })
     } catch (err) {

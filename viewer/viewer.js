@@ -11,6 +11,7 @@ const $ = (id) => document.getElementById(id)
 const KEY = 'pathpacs.token'
 const VOLUME_FLAVORS = ['VOLUME', 'THUMBNAIL']
 const MAGS = [1, 5, 10, 20, 40] // objective powers; 40x is taken as 0.25 µm per screen pixel
+const FIRST_VIEW_WAIT_MS = 1500 // the label and overview wait at most this long for the slide's first view
 
 const state = (window.ppViewer = {
   status: 'loading', error: null, series: null, seriesList: [], levels: 0, baseSpacingUm: null,
@@ -134,9 +135,13 @@ let viewer = null
 let sideViewers = []
 const metadataCache = new Map()
 
+const early = window.ppEarly || {} // boot.js: asked for before the bundle was parsed
+
 async function seriesMetadata(seriesUID) {
   if (!metadataCache.has(seriesUID)) {
-    const md = await client.retrieveSeriesMetadata({ studyInstanceUID: studyUID, seriesInstanceUID: seriesUID })
+    const asked = early.metadata && early.metadata[seriesUID]
+    const md = (asked && await asked) ||
+      await client.retrieveSeriesMetadata({ studyInstanceUID: studyUID, seriesInstanceUID: seriesUID })
     rebaseBulkData(md)
     metadataCache.set(seriesUID, md)
   }
@@ -146,7 +151,10 @@ async function seriesMetadata(seriesUID) {
 const flavor = (doc) => values(doc, '00080008')[2]
 
 async function listSeries() {
-  const found = await client.searchForSeries({ studyInstanceUID: studyUID, queryParams: { Modality: 'SM' } })
+  const asked = early.series
+  early.series = null // once: the switcher asks again later
+  const found = (asked && await asked) ||
+    await client.searchForSeries({ studyInstanceUID: studyUID, queryParams: { Modality: 'SM' } })
   const list = (found || []).map((s) => ({
     uid: first(s, '0020000E'), number: Number(first(s, '00200011') || 0), description: first(s, '0008103E') || '',
   }))
@@ -205,6 +213,7 @@ async function loadSeries(seriesUID) {
   viewer.render({ container: $('viewport') })
   window.viewer = viewer
   const map = viewer.getMap()
+  preloadCoarser(map)
   map.on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
   state.initialRotation = map.getView().getRotation()
   primary = { spacingUm: state.baseSpacingUm || 1, rotation0: state.initialRotation }
@@ -212,6 +221,24 @@ async function loadSeries(seriesUID) {
   map.getView().on('change:rotation', showAngle)
   showAngle()
   showMetadata(volumeDocs[0], volumeDocs)
+  // The label and overview share the decoder workers with the slide: they start once the slide's
+  // first view is drawn (or after FIRST_VIEW_WAIT_MS), so the first tiles are not queued behind them.
+  const firstView = new Promise((resolve) => {
+    map.once('rendercomplete', resolve)
+    setTimeout(resolve, FIRST_VIEW_WAIT_MS)
+  })
+  fillCompare(seriesUID)
+  updateUrl()
+  $('viewport').focus()
+  try { // stored annotations (viewer/annotations.js): a failure there leaves the slide shown
+    await window.ppAnnotations.attach({ viewer, client, studyUID, images: volumes, docs: volumeDocs, state, T,
+      rebase: rebaseBulkData, stopTool: () => setTool(null), status, fail })
+  } catch (err) {
+    state.annotationStatus = 'error'
+    state.errors.push(`annotations: ${err.message || err}`)
+  }
+  await firstView
+  if (state.series !== seriesUID) return // another slide was chosen meanwhile
   for (const [kind, id, Viewer] of [['LABEL', 'label', dmv.viewer.LabelImageViewer],
     ['OVERVIEW', 'overview', dmv.viewer.OverviewImageViewer]]) {
     const im = images.find((i) => i.ImageType[2] === kind)
@@ -225,16 +252,6 @@ async function loadSeries(seriesUID) {
     } catch (err) {
       state.errors.push(`${kind}: ${err.message || err}`)
     }
-  }
-  fillCompare(seriesUID)
-  updateUrl()
-  $('viewport').focus()
-  try { // stored annotations (viewer/annotations.js): a failure there leaves the slide shown
-    await window.ppAnnotations.attach({ viewer, client, studyUID, images: volumes, docs: volumeDocs, state, T,
-      rebase: rebaseBulkData, stopTool: () => setTool(null), status, fail })
-  } catch (err) {
-    state.annotationStatus = 'error'
-    state.errors.push(`annotations: ${err.message || err}`)
   }
   state.status = 'rendered'
   status(T.ready)
@@ -312,6 +329,15 @@ function setLinked(on) {
   $('link').classList.toggle('active', on)
 }
 
+// OpenLayers' `preload` (dicom-microscopy-viewer sets 0, or 1 level with its `preload` option):
+// the tile layers also load every coarser level of the view, so a place panned to shows the next
+// coarser level at once (a few small tiles) instead of blank tiles until its own arrive.
+function preloadCoarser(map) {
+  const set = (layer) => { if (typeof layer.setPreload === 'function') layer.setPreload(Infinity) }
+  map.getLayers().forEach(set)
+  map.getLayers().on('add', (e) => set(e.element))
+}
+
 function watch(v, which) {
   const view = v.getMap().getView()
   for (const ev of ['change:center', 'change:resolution', 'change:rotation']) view.on(ev, () => linkViews(which))
@@ -328,6 +354,7 @@ async function loadCompare(seriesUID) {
     viewer2.render({ container: $('viewport2') })
     window.viewer2 = viewer2
     second = { spacingUm, rotation0: viewer2.getMap().getView().getRotation() }
+    preloadCoarser(viewer2.getMap())
     viewer2.getMap().on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
     watch(viewer2, 2)
     link.dx = link.dy = link.rot = 0

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 
-from archive.dimse.contexts import STORAGE_COMMITMENT
-
 if TYPE_CHECKING:
     from archive.service import Archive
 
 log = logging.getLogger("pathpacs.consult.commitment")
+# archive.dimse.contexts.STORAGE_COMMITMENT; not imported: archive.dimse.server imports this module
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
 TABLE = "commitments"
 PROCESSING_FAILURE = 0x0110
 SUCCESS = 0x0000

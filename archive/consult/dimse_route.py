@@ -172,20 +172,22 @@ class DimseRoute:
         raise RouteError(f"association with {self.where} aborted or timed out (check the partner's AE title "
                          f"{p.aet!r} and that it accepts our AE title {cfg.aet!r})", retryable=True)
 
-    def _storage_association(self, sop_class: str, ts: str):
-        key = (sop_class, ts)
-        if self._assoc is not None and self._assoc.is_established and key in self._accepted:
+    def _storage_association(self, sop_class: str, ts: str, *alternatives: str):
+        """An association with (sop_class, ts) accepted (or one of the alternative syntaxes:
+        a data set built here can be encoded in any of them)."""
+        keys = [(sop_class, t) for t in (ts, *alternatives)]
+        if self._assoc is not None and self._assoc.is_established and any(k in self._accepted for k in keys):
             return self._assoc
-        if key in self._wanted and self._assoc is not None and self._assoc.is_established:
+        if all(k in self._wanted for k in keys) and self._assoc is not None and self._assoc.is_established:
             raise RouteError(f"{self.where} does not accept {UID(sop_class).name} in {UID(ts).name}")
-        self._wanted.add(key)
+        self._wanted.update(keys)
         self.close()
         wanted = sorted(self._wanted)[:120]  # at most 128 contexts per association
         assoc = self._associate([(c, [t]) for c, t in wanted])
         compat.throttle_sends(assoc, MAX_QUEUED_PDUS)
         self._assoc = assoc
         self._accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-        if key not in self._accepted:
+        if not any(k in self._accepted for k in keys):
             raise RouteError(f"{self.where} does not accept {UID(sop_class).name} in {UID(ts).name}")
         return assoc
 
@@ -225,10 +227,18 @@ class DimseRoute:
         compat.chunked_file_sends()
         path = None
         try:
-            if item.dataset is not None:
+            alternatives: tuple[str, ...] = ()
+            if item.dataset is not None:  # a document built here (the request SR): little endian, either VR
                 ds = item.dataset
                 meta = getattr(ds, "file_meta", None)
-                ts = str(getattr(meta, "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+                if meta is None or "TransferSyntaxUID" not in meta:
+                    from pydicom.dataset import FileMetaDataset
+
+                    ds = ds.copy()
+                    ds.file_meta = FileMetaDataset()
+                    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                ts = str(ds.file_meta.TransferSyntaxUID)
+                alternatives = tuple(t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts)
                 payload = ds
                 sop_class = str(ds.SOPClassUID)
             else:
@@ -243,7 +253,7 @@ class DimseRoute:
                 ts = str(meta.TransferSyntaxUID)
                 sop_class = str(meta.MediaStorageSOPClassUID)
                 payload = path
-            assoc = self._storage_association(sop_class, ts)
+            assoc = self._storage_association(sop_class, ts, *alternatives)
             try:
                 status = assoc.send_c_store(payload)
             except (RuntimeError, ValueError, OSError) as exc:
@@ -294,6 +304,9 @@ class DimseRoute:
         PENDING.add(txn, p.aet)
         index = self.archive.index if self.archive is not None else None
         if index is not None:
+            for old, rec in index.records(commitment_scu.TABLE):  # left by a sender killed while waiting
+                if rec.get("at", 0) < time.time() - 86400:
+                    index.delete_record(commitment_scu.TABLE, old)
             index.put_record(commitment_scu.TABLE, txn, {"partner_aet": p.aet, "state": "waiting",
                                                          "at": time.time(), "count": len(refs)})
         listener = None
@@ -311,9 +324,11 @@ class DimseRoute:
             status, _reply = assoc.send_n_action(request, 1, STORAGE_COMMITMENT, COMMITMENT_INSTANCE)
             if not status or "Status" not in status:
                 self.close()
-                raise RouteError(f"no N-ACTION response from {self.where}", retryable=True)
+                raise RouteError(f"{self.where} dropped our Storage Commitment request (N-ACTION) unanswered: "
+                                 f"does it know our AE title {cfg.aet!r} (a modality it may report to)?",
+                                 retryable=True)
             if int(status.Status) != 0:
-                raise RouteError(f"{self.where} refused the commitment request (N-ACTION status "
+                raise RouteError(f"{self.where} refused our Storage Commitment request (N-ACTION status "
                                  f"0x{int(status.Status):04X})", retryable=False)
             deadline = time.monotonic() + p.timeout
             while time.monotonic() < deadline:
@@ -324,7 +339,7 @@ class DimseRoute:
                     rec = index.record(commitment_scu.TABLE, txn)
                     if rec is not None and rec.get("state") == "reported":
                         return Report.from_record(rec)
-            raise RouteError(f"no commitment report from {self.where} within {p.timeout:g} s (the partner must "
+            raise RouteError(f"no Storage Commitment report from {self.where} within {p.timeout:g} s (the partner must "
                              f"know our AE {cfg.aet!r} at {cfg.host}:{cfg.dicom_port} to report back)", retryable=True)
         finally:
             PENDING.discard(txn)
@@ -374,6 +389,9 @@ class DimseRoute:
             log.info("no count from %s: %s", self.where, exc.reason)
             return None
         try:
+            if not any(str(cx.abstract_syntax) == str(StudyRootQueryRetrieveInformationModelFind)
+                       for cx in assoc.accepted_contexts):
+                return None  # a storage-only partner: confirmed per instance
             query = Dataset()
             query.QueryRetrieveLevel = "STUDY"
             query.StudyInstanceUID = study_uid

@@ -213,7 +213,9 @@ class _Run:
                     self.arc.index.put_record(ITEMS, k, {**i, "state": "confirmed" if (k, i) not in missing
                                                          else "pending"})
                 if missing:
-                    raise JobFailed(f"partner did not commit {len(missing)} of {len(stored)} instances")
+                    why = getattr(route, "refused", {}).get(missing[0][1]["sent_as"], "")  # DIMSE: the Failure Reason
+                    raise JobFailed(f"partner did not commit {len(missing)} of {len(stored)} instances"
+                                    + (f" ({why})" if why else ""))
             self.save(state="verifying")
             self.verify(route, partner_study)
         finally:

@@ -94,9 +94,9 @@ class _Context:
         self.replacements: dict[str, str] = {}
         self._pattern: re.Pattern[str] | None = None
 
-    def add(self, value: str, replacement: str) -> None:
+    def add(self, value: str, replacement: str, min_len: int = 3) -> None:
         value = value.strip()
-        if len(value) >= 3 and value.upper() not in (DUMMY, REMOVED.upper()):
+        if len(value) >= min_len and value.upper() not in (DUMMY, REMOVED.upper()):
             self.replacements.setdefault(value, replacement)
             self._pattern = None
 
@@ -208,7 +208,10 @@ class Deidentifier:
     def json(self, doc: dict[str, Any], *, check: bool = True) -> dict[str, Any]:
         """A de-identified copy of a DICOM JSON object (research views); BulkDataURIs kept
         for what stays."""
-        ds = Dataset.from_json(doc, bulk_data_uri_handler=lambda tag, vr, uri: BULK_MARK + uri.encode())
+        try:
+            ds = Dataset.from_json(doc, bulk_data_uri_handler=lambda tag, vr, uri: BULK_MARK + uri.encode())
+        except Exception as exc:  # pydicom raises many kinds on odd values
+            raise DeidError(f"metadata cannot be read: {type(exc).__name__}: {exc}") from exc
         out = self.dataset(ds, check=check)
         js = out.to_json_dict(bulk_data_threshold=1 << 62)
         _restore_uris(js)
@@ -234,8 +237,13 @@ class Deidentifier:
                     ctx.add(text, self.mapped_id(text))
                 elif elem.VR == "PN":
                     ctx.add(text, DUMMY)
-                    for part in re.split(r"[\^=]", text):
-                        ctx.add(part, REMOVED)
+                    for group in text.split("="):  # alphabetic, ideographic, phonetic
+                        parts = [p.strip() for p in group.split("^") if p.strip()]
+                        for joined in (" ".join(parts), "".join(parts), " ".join(reversed(parts)),
+                                       "".join(reversed(parts))):
+                            ctx.add(joined, REMOVED, min_len=2)  # 王丽, Li Wang, Wang Li
+                        for part in parts:
+                            ctx.add(part, REMOVED)
                 else:
                     ctx.add(text, REMOVED)
 
@@ -279,6 +287,8 @@ class Deidentifier:
             return DataElement(elem.tag, vr, self._each(value, fn) if value not in (None, "") else value)
         if act == "D":
             return DataElement(elem.tag, vr, _dummy(vr, value))
+        if vr == "UN":
+            return None  # a value of unknown encoding cannot be cleaned: removed
         # K and C: kept; identifying values found in the instance replaced in any kept text
         if vr in TEXT_VRS and value not in (None, ""):
             if vr == "PN":

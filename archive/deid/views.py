@@ -105,7 +105,10 @@ class ResearchView:
         for r in results:
             if r.level == "IMAGE" and self.hidden(self.archive.instance(r.sop)):
                 continue
-            yield replace(r, doc=self.doc(r.doc))
+            try:
+                yield replace(r, doc=self.doc(r.doc))
+            except DeidError:
+                continue  # what cannot be de-identified is not answered
 
     def bulk_allowed(self, study: str, series: str, sop: str, path: str) -> bool:
         """Whether a bulk value is still in the instance's de-identified metadata."""
@@ -119,7 +122,12 @@ class ResearchView:
 
     # -- instances ---------------------------------------------------------------------------
     def chunks(self, rec) -> Iterator[bytes]:
-        return self.deid.instance_chunks(self.archive, rec)
+        from ..status import NotFound
+
+        try:
+            yield from self.deid.instance_chunks(self.archive, rec)
+        except DeidError as exc:  # hidden() let it through, yet it cannot be de-identified
+            raise NotFound(f"instance {rec.sop} not found") from exc
 
     def dataset(self, ds):
         return self.deid.dataset(ds)

@@ -97,10 +97,12 @@ class Index(Protocol):
         """Every instance."""
 
     def candidates(self, level: str, keys: Sequence[Any], *, study: str | None = None,
-                   series: str | None = None) -> Iterator[Any]:
+                   series: str | None = None, fuzzy: bool = False, order: str | None = None) -> Iterator[Any]:
         """Records of `level` ("PATIENT", "STUDY", "SERIES", "IMAGE") that may match `keys`
         (archive.query.Key), limited to `study`/`series` when given: a superset of the matches,
-        narrowed with the backend's own indexes; archive.query does the exact matching."""
+        narrowed with the backend's own indexes; archive.query does the exact matching.
+        `order` ("date" oldest first, "-date" newest first; STUDY level only): studies in order of
+        StudyDate, StudyTime, UID, those without a date last, so a caller can page the sorted result."""
 
     def stats(self) -> Stats: ...
 

@@ -84,6 +84,9 @@ FIRST_BATCH = 16
 
 T_STUDY_UID, T_SERIES_UID, T_SOP_UID = "0020000D", "0020000E", "00080018"
 T_PATIENT_ID, T_ACCESSION, T_STUDY_DATE, T_PATIENT_NAME = "00100020", "00080050", "00080020", "00100010"
+T_STUDY_TIME = "00080030"
+ORDERS = ("date", "-date")  # study orders the planner walks (Index.candidates `order`)
+SORT_IN_MEMORY = 500  # narrowed to at most this many studies: read and sort them, no index walk
 
 
 def index_values(tag: str, attrs: dict) -> list[str]:
@@ -154,6 +157,14 @@ def _count(rec: dict, tier: str, delta: int) -> None:
     counts[tier] = counts.get(tier, 0) + delta
     if counts[tier] <= 0:
         del counts[tier]
+
+
+def _study_date(rec: StudyRecord) -> str:
+    return str(md.first_value(rec.attrs, T_STUDY_DATE) or "")
+
+
+def _date_order(rec: StudyRecord) -> tuple[str, str, str]:
+    return _study_date(rec), str(md.first_value(rec.attrs, T_STUDY_TIME) or "").replace(":", ""), rec.uid
 
 
 def _patient(key: str, d: dict) -> PatientRecord:
@@ -495,12 +506,16 @@ class LmdbIndex:
 
     # -- query candidate selection (the LMDB planner) ------------------------------------------
     def candidates(self, level: str, keys: Sequence[Any], *, study: str | None = None,
-                   series: str | None = None, fuzzy: bool = False) -> Iterator[Any]:
+                   series: str | None = None, fuzzy: bool = False, order: str | None = None) -> Iterator[Any]:
         from ..query import STUDY_LEVEL_TAGS, uid_list  # the planner reads PS3.4 keys
 
         bykey = {k.tag: k for k in keys}
+        if order is not None and order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, not {order!r}")
         if level == "PATIENT":
             yield from self._patient_candidates(bykey)
+        elif level == "STUDY" and order is not None:
+            yield from self._studies_by_date(bykey, study, fuzzy, descending=order == "-date")
         elif level == "STUDY":
             yield from self._study_candidates(bykey, study, fuzzy)
         elif level == "SERIES":
@@ -555,26 +570,11 @@ class LmdbIndex:
             yield _patient(key.decode(), json.loads(val))
 
     def _study_candidates(self, bykey: dict, study: str | None, fuzzy: bool) -> Iterator[StudyRecord]:
-        from ..query import RANGE_VRS, single_exact, uid_list
+        from ..query import RANGE_VRS, uid_list
 
         uids = [study] if study else uid_list(bykey, T_STUDY_UID)
         if uids is None:
-            found: set[str] | None = None
-            for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
-                if tag == T_PATIENT_NAME and fuzzy:
-                    continue  # fuzzy matches any name component: not an index prefix
-                fold = str.lower if tag in CASE_FOLDED_TAGS else str
-                v = single_exact(bykey, tag)
-                if v is not None:
-                    found = self._studies_by_key(tag, fold(v))
-                    break
-                k = bykey.get(tag)
-                if k is not None and not k.universal and k.values and len(k.values) == 1:
-                    q = k.values[0]
-                    stem = re.split(r"[*?]", q, maxsplit=1)[0]
-                    if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
-                        found = self._studies_by_key(tag, fold(stem), prefix=True)
-                        break
+            found = self._other_study_keys(bykey, fuzzy, patterns=False)
             if found is None:
                 k = bykey.get(T_STUDY_DATE)
                 if k is not None and not k.universal and k.values and len(k.values) == 1 and k.vr in RANGE_VRS:
@@ -584,6 +584,8 @@ class LmdbIndex:
                         found = self._studies_by_key(T_STUDY_DATE, lo, hi or "99999999")
                     else:
                         found = self._studies_by_key(T_STUDY_DATE, q)
+            if found is None:
+                found = self._name_pattern(bykey, fuzzy)
             if found is None:
                 yield from self.studies()
                 return
@@ -595,6 +597,159 @@ class LmdbIndex:
             yield from batch
             i += step
             step = min(step * 2, BATCH)
+
+    def _other_study_keys(self, bykey: dict, fuzzy: bool, patterns: bool = True) -> set[str] | None:
+        """The studies an indexed key other than the date narrows the search to (patient ID,
+        accession, a name or name prefix; with `patterns` also any other name pattern, by a scan
+        of the name keys), or None when no such key is given."""
+        from ..query import single_exact
+
+        for tag in (T_PATIENT_ID, T_ACCESSION, T_PATIENT_NAME):
+            if tag == T_PATIENT_NAME and fuzzy:
+                continue  # fuzzy matches any name component: not an index prefix
+            fold = str.lower if tag in CASE_FOLDED_TAGS else str
+            v = single_exact(bykey, tag)
+            if v is not None:
+                return self._studies_by_key(tag, fold(v))
+            k = bykey.get(tag)
+            if k is not None and not k.universal and k.values and len(k.values) == 1:
+                q = k.values[0]
+                stem = re.split(r"[*?]", q, maxsplit=1)[0]
+                if stem and q.endswith("*") and "?" not in q and q.count("*") == 1:
+                    return self._studies_by_key(tag, fold(stem), prefix=True)
+        return self._name_pattern(bykey, fuzzy) if patterns else None
+
+    def _name_pattern(self, bykey: dict, fuzzy: bool) -> set[str] | None:
+        """Studies whose indexed PatientName may match a wildcard pattern without a usable prefix
+        (`*xiao*`, `sm?th`): a scan of the lower-cased name keys of study_idx only, matched as
+        bytes with the pattern's literal pieces (C string searches, no decoding, no study record
+        read), so the cost is the number of studies' names, not of their records. A superset:
+        '?' is taken as '*', and both sides are lower-cased as the index is (final sigma as
+        sigma); archive.query matches exactly afterwards. None when no such key is given."""
+        k = bykey.get(T_PATIENT_NAME)
+        if fuzzy or k is None or k.universal or not k.values or len(k.values) != 1:
+            return None
+        q = k.values[0]
+        if "*" not in q and "?" not in q:
+            return None
+        pieces = [p.encode() for p in q.lower().replace("ς", "σ").replace("?", "*").split("*")]
+        first, last, middle = pieces[0], pieces[-1], [p for p in pieces[1:-1] if p]
+        least = sum(len(p) for p in pieces)
+        base = f"{T_PATIENT_NAME}=".encode()
+        n = len(base)
+        sigma, final = "σ".encode(), "ς".encode()
+        out: set[str] = set()
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self.db["study_idx"])
+            if not cur.set_range(base):
+                return out
+            for key in cur.iternext(keys=True, values=False):
+                if not key.startswith(base):
+                    break
+                cut = key.index(SEP, n)
+                value = key[n:cut]
+                if final in value:
+                    value = value.replace(final, sigma)
+                if len(value) < least or not value.startswith(first) or not value.endswith(last):
+                    continue
+                pos, stop = len(first), len(value) - len(last)
+                for piece in middle:
+                    i = value.find(piece, pos, stop)
+                    if i < 0:
+                        break
+                    pos = i + len(piece)
+                else:
+                    out.add(key[cut + 1:].decode())
+        return out
+
+    def _studies_by_date(self, bykey: dict, study: str | None, fuzzy: bool, *,
+                         descending: bool) -> Iterator[StudyRecord]:
+        """Study candidates in date order (see Index.candidates). A few candidates (UIDs named,
+        or a patient ID, accession or name narrowing to at most SORT_IN_MEMORY studies) are read
+        and sorted; otherwise the StudyDate keys of study_idx are walked in order (keys only, in
+        batches, within the query's date range) and a study record is read only when its turn
+        comes, so a first page costs the same at any archive size."""
+        from ..query import RANGE_VRS, uid_list
+
+        uids = [study] if study else uid_list(bykey, T_STUDY_UID)
+        found = set(uids) if uids is not None else self._other_study_keys(bykey, fuzzy)
+        if found is not None and len(found) <= SORT_IN_MEMORY:
+            with self.env.begin() as txn:
+                recs = [_study(u, d) for u in found if (d := self._get_json(txn, "study", u)) is not None]
+            dated = sorted((r for r in recs if _study_date(r)), key=_date_order, reverse=descending)
+            yield from dated
+            yield from sorted((r for r in recs if not _study_date(r)), key=lambda r: r.uid)
+            return
+        lo, hi = "", None
+        k = bykey.get(T_STUDY_DATE)
+        if k is not None and not k.universal and k.values and len(k.values) == 1 and k.vr in RANGE_VRS:
+            q = k.values[0]
+            lo, hi = q.split("-", 1) if "-" in q else (q, q)
+            hi = hi or None
+            lo = lo or "0"  # a date key never matches a study without a date
+        undated: list[str] = []
+        group: list[str] = []
+        group_date = None
+        for value, uid in self._date_keys(lo, hi, descending):
+            if found is not None and uid not in found:
+                continue
+            if not value:
+                undated.append(uid)
+                continue
+            if value != group_date and group:
+                yield from self._dated_group(group, descending)
+                group = []
+            group_date = value
+            group.append(uid)
+        if group:
+            yield from self._dated_group(group, descending)
+        for i in range(0, len(undated), BATCH):
+            with self.env.begin() as txn:
+                batch = [_study(u, d) for u in sorted(undated)[i:i + BATCH]
+                         if (d := self._get_json(txn, "study", u)) is not None]
+            yield from batch
+
+    def _dated_group(self, uids: list[str], descending: bool) -> list[StudyRecord]:
+        """The studies of one date, by StudyTime then UID."""
+        with self.env.begin() as txn:
+            recs = [_study(u, d) for u in uids if (d := self._get_json(txn, "study", u)) is not None]
+        return sorted(recs, key=_date_order, reverse=descending)
+
+    def _date_keys(self, lo: str, hi: str | None, descending: bool) -> Iterator[tuple[str, str]]:
+        """(StudyDate, study) from study_idx for dates in [lo, hi] (hi compared on its own
+        precision, as query range matching does), ascending or descending; batches of keys, each
+        batch in its own read transaction."""
+        base = f"{T_STUDY_DATE}=".encode()
+        lo_b = base + lo.encode()
+        hi_b = base + (hi.encode() if hi is not None else b"") + b"\xff"  # exclusive
+        last: bytes | None = None
+        size = FIRST_BATCH * 4
+        while True:
+            batch: list[bytes] = []
+            with self.env.begin() as txn:
+                cur = txn.cursor(db=self.db["study_idx"])
+                if descending:
+                    start = last if last is not None else hi_b
+                    ok = cur.prev() if cur.set_range(start) else cur.last()
+                    keys = cur.iterprev(keys=True, values=False) if ok else iter(())
+                else:
+                    ok = cur.set_range(last if last is not None else lo_b)
+                    keys = cur.iternext(keys=True, values=False) if ok else iter(())
+                for key in keys:
+                    if key == last:
+                        continue
+                    if key < lo_b or key >= hi_b:
+                        break
+                    batch.append(key)
+                    if len(batch) >= size:
+                        break
+            for key in batch:
+                value, _, uid = key[len(base):].partition(SEP)
+                yield value.decode(), uid.decode()
+            if len(batch) < size:
+                return
+            last = batch[-1]
+            size = min(size * 2, 4096)
 
     def _studies_by_key(self, tag: str, lo: str, hi: str | None = None, prefix: bool = False) -> set[str]:
         """Studies whose indexed `tag` equals lo, starts with lo (prefix), or lies in [lo, hi]."""

@@ -64,6 +64,10 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
             ("accession: AccessionNumber=A00012345", f"{dw}/studies?{INCLUDE}&AccessionNumber=A00012345&limit=25"),
             ("deep page: offset=5000 (walks 5,000 studies)", f"{dw}/studies?{INCLUDE}&limit=25&offset=5000"),
             ("name, no index prefix: PatientName=*P1999* (a scan)", f"{dw}/studies?{INCLUDE}&PatientName=*P1999*&limit=25"),
+            ("sorted newest first: browser/search sort=-date limit=25", f"{base}/browser/search?{INCLUDE}&sort=-date&limit=25"),
+            ("sorted, next page: sort=-date offset=25", f"{base}/browser/search?{INCLUDE}&sort=-date&limit=25&offset=25"),
+            ("sorted name prefix: sort=-date PatientName=smi*", f"{base}/browser/search?{INCLUDE}&sort=-date&PatientName=smi*&limit=25"),
+            ("sorted date range: sort=date StudyDate=20240101-20241231", f"{base}/browser/search?{INCLUDE}&sort=date&StudyDate=20240101-20241231&limit=25"),
         ]
         for what, url in cases:
             res = _timed_get(url, 5 if quick else 20)

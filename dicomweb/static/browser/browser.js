@@ -1,4 +1,4 @@
-// The study browser at / (dicomweb/pages.py): login, QIDO search with limit/offset paging,
+// The study browser at / (dicomweb/pages.py): login, QIDO search (browser/search: sorted by date) with limit/offset paging,
 // per-study slides from browser/studies, English / Simplified Chinese. No framework, no build.
 "use strict";
 const KEY = "pathpacs.token", LANG_KEY = "pathpacs.lang";
@@ -64,15 +64,14 @@ async function list() {
   p.append("includefield", "00201206");
   p.set("limit", String(state.size));
   p.set("offset", String(state.offset));
-  const r = await fetch("dicomweb/studies?" + p.toString(), {headers: {...auth(), Accept: "application/dicom+json"}});
+  // QIDO (PS3.18) has no sort parameter: browser/search is our QIDO study search sorted by study
+  // date and time over the whole result, limit and offset applied after sorting (dicomweb/pages.py).
+  p.set("sort", $("q-sort").value === "asc" ? "date" : "-date");
+  const r = await fetch("browser/search?" + p.toString(), {headers: {...auth(), Accept: "application/dicom+json"}});
   if (r.status === 401) return showLogin("");
   if (!r.ok) { $("status").textContent = t("answered") + " " + r.status + ": " + (await r.text()); return; }
   const studies = r.status === 204 ? [] : await r.json();
   const more = (r.headers.get("Warning") || "").includes("additional results");
-  const desc = $("q-sort").value !== "asc";
-  // QIDO (PS3.18) has no sort parameter: the page is ordered by study date (then time) here.
-  const when = (s) => text(s, "00080020") + text(s, "00080030");
-  studies.sort((a, b) => desc ? when(b).localeCompare(when(a)) : when(a).localeCompare(when(b)));
   state.last = {studies, more};
   render(studies, more);
   if (studies.length) await summaries(studies);
@@ -228,7 +227,14 @@ $("oidc").addEventListener("click", () => oidcLogin());
 $("logout").addEventListener("click", (e) => { e.preventDefault(); sessionStorage.removeItem(KEY); showLogin(""); });
 $("search").addEventListener("submit", search);
 $("search").addEventListener("reset", () => setTimeout(search, 0));
-$("q-sort").addEventListener("change", () => state.last && list());
+$("q-sort").addEventListener("change", () => {
+  $("datehead").setAttribute("aria-sort", $("q-sort").value === "asc" ? "ascending" : "descending");
+  if (state.last) { state.offset = 0; list(); }
+});
+$("datehead").addEventListener("click", () => {  // the date column sorts the whole result, as the select does
+  $("q-sort").value = $("q-sort").value === "asc" ? "desc" : "asc";
+  $("q-sort").dispatchEvent(new Event("change"));
+});
 $("prev").addEventListener("click", () => { state.offset = Math.max(0, state.offset - state.size); list(); });
 $("next").addEventListener("click", () => { state.offset += state.size; list(); });
 $("lang").addEventListener("change", () => {
