@@ -529,3 +529,17 @@ def test_token_file_is_read_at_each_request(a, b, b_token, root):
         assert job["state"] == "failed" and "refused our credentials (401)" in job["error"], job
     finally:
         (root / "b.token").write_text(b_token + "\n")
+
+
+def test_cli_send_wait_runs_the_job_and_says_so(a, b, b_token, root):
+    case = make_case(((512, 384),), label=False, overview=False, patient_id="PWAIT")
+    originals = put_case(a, case)
+    res = run_cli("consult", "send", "--study", case[0].StudyInstanceUID, "--to", "b", "--expert", "li-breast",
+                  "--priority", "urgent", "--wait", "--config", str(root / "A.toml"), data=root / "A", timeout=120)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    assert res.stderr.strip().splitlines()[-1].startswith(f"job {job_id} done: 2 instances, ")
+    assert res.stderr.strip().endswith("to b (partner holds 2)")
+    got = wado_bytes(b.dicomweb_url, case[0].StudyInstanceUID, case[0].SeriesInstanceUID, case[0].SOPInstanceUID,
+                     b_token)
+    assert sha(got) == sha(originals[case[0].SOPInstanceUID])
