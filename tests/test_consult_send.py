@@ -88,6 +88,80 @@ def make_case(levels=((2048, 1536), (1024, 768), (512, 384)), *, ts=None, label=
 
 # -- the two archives ------------------------------------------------------------------------------
 
+class ClientCredentialsIdp:
+    """An identity provider's machine side on loopback: discovery, JWKS and the token endpoint
+    of the OAuth 2.0 client credentials grant (one client), JWTs signed with RS256."""
+
+    CLIENT, SECRET = "hospital-a", "s3cret-of-a"
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+        import urllib.parse
+
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.grants: list[dict] = []
+        idp = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _json(self, body, status=200):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):  # noqa: N802
+                if self.path == "/.well-known/openid-configuration":
+                    self._json({"issuer": idp.issuer, "jwks_uri": idp.issuer + "/jwks",
+                                "token_endpoint": idp.issuer + "/token"})
+                elif self.path == "/jwks":
+                    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(idp.key.public_key()))
+                    self._json({"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]})
+                else:
+                    self.send_error(404)
+
+            def do_POST(self):  # noqa: N802
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(int(self.headers["Content-Length"])).decode()))
+                if (self.path != "/token" or form.get("grant_type") != "client_credentials"
+                        or form.get("client_id") != idp.CLIENT or form.get("client_secret") != idp.SECRET):
+                    self._json({"error": "invalid_client"}, 401)
+                    return
+                idp.grants.append(form)
+                now = int(time.time())
+                claims = {"iss": idp.issuer, "aud": "pathpacs", "sub": "hospital-a", "iat": now, "exp": now + 300,
+                          "groups": ["partners"]}
+                self._json({"access_token": jwt.encode(claims, idp.key, algorithm="RS256", headers={"kid": "k1"}),
+                            "token_type": "Bearer", "expires_in": 300})
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.issuer = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def idp():
+    p = ClientCredentialsIdp()
+    yield p
+    p.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def c(root, idp):
+    """A partner that takes OIDC access tokens only (the client credentials of hospital A)."""
+    srv = start_pathpacs(root / "C", aet="HOSPC", config_text=(
+        f'[auth]\nmode = "oidc"\n[auth.oidc]\nissuer = "{idp.issuer}"\naudience = "pathpacs"\n'
+        'role_claim = "groups"\nrole_map = { partners = ["uploader", "viewer"] }\n'))
+    yield srv
+    srv.stop()
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("consult")
@@ -136,7 +210,7 @@ def small_b(root, b_token):
 
 
 @pytest.fixture(scope="module")
-def a(root, b, b_token, b_viewer_token, small_b):
+def a(root, b, b_token, b_viewer_token, small_b, c, idp):
     full = (f'[partners.full]\ndicomweb = "{small_b.dicomweb_url}"\n' if small_b is not None else "")
     config = f'''[consultation]
 name = "hospA"
@@ -156,6 +230,10 @@ token = "{BAD_TOKEN}"
 [partners.readonly]
 dicomweb = "{b.dicomweb_url}"
 token = "{b_viewer_token}"
+
+[partners.c]
+dicomweb = "{c.dicomweb_url}"
+oidc = {{ issuer = "{idp.issuer}", client_id = "{idp.CLIENT}", client_secret = "{idp.SECRET}" }}
 
 [partners.bfile]
 dicomweb = "{b.dicomweb_url}"
@@ -529,3 +607,31 @@ def test_token_file_is_read_at_each_request(a, b, b_token, root):
         assert job["state"] == "failed" and "refused our credentials (401)" in job["error"], job
     finally:
         (root / "b.token").write_text(b_token + "\n")
+
+
+def test_cli_send_wait_runs_the_job_and_says_so(a, b, b_token, root):
+    case = make_case(((512, 384),), label=False, overview=False, patient_id="PWAIT")
+    originals = put_case(a, case)
+    res = run_cli("consult", "send", "--study", case[0].StudyInstanceUID, "--to", "b", "--expert", "li-breast",
+                  "--priority", "urgent", "--wait", "--config", str(root / "A.toml"), data=root / "A", timeout=120)
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    assert res.stderr.strip().splitlines()[-1].startswith(f"job {job_id} done: 2 instances, ")
+    assert res.stderr.strip().endswith("to b (partner holds 2)")
+    got = wado_bytes(b.dicomweb_url, case[0].StudyInstanceUID, case[0].SeriesInstanceUID, case[0].SOPInstanceUID,
+                     b_token)
+    assert sha(got) == sha(originals[case[0].SOPInstanceUID])
+
+
+def test_oidc_client_credentials_fetch_a_token_once_and_send(a, c, idp):
+    case = make_case(((512, 384),), label=True, overview=False, patient_id="POIDC")
+    originals = put_case(a, case)
+    job = wait_final(a, send(a, study=case[0].StudyInstanceUID, partner="c")["id"])
+    assert job["state"] == "done" and job["verified"] == 3, job
+    assert len(idp.grants) == 1  # one token for the whole job, cached until it nears expiry
+    r = requests.post(idp.issuer + "/token", data={"grant_type": "client_credentials", "client_id": idp.CLIENT,
+                                                   "client_secret": idp.SECRET}, timeout=10)
+    token = r.json()["access_token"]
+    for ds in case:
+        got = wado_bytes(c.dicomweb_url, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, token)
+        assert sha(got) == sha(originals[ds.SOPInstanceUID])
