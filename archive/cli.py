@@ -175,13 +175,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"cannot import the demo slide: {exc}")
     migration = _start_checksum_migration(arc)
     arc.lifecycle.start()  # rules, replicas, fixity and recalls, in the background
-    arc.consultations.start()  # queued consultation jobs (archive.consult), one worker thread
     try:
         dimse.start()
     except OSError as exc:
         arc.close()
         ports = " or ".join(str(p) for p, on in ((cfg.dicom_port, cfg.dimse_plain), (cfg.tls_port, cfg.tls_port)) if on)
         raise CliError(f"cannot listen for DICOM on port {ports}: {exc.strerror}")
+    # queued consultation jobs (archive.consult), one worker thread; after the DIMSE listener,
+    # which takes partners' Storage Commitment reports (with none, a DIMSE send would listen on
+    # that port itself and keep the server from starting)
+    arc.consultations.start()
     if exposure:
         log.warning("%s", exposure)
     workers = []

@@ -522,3 +522,5 @@ def test_plain_case_answer_is_stored_as_it_came_and_the_case_can_go_again(pair):
     assert sha(pair["a"], pair["a_token"]) == sha(pair["b"], pair["b_token"])
     again = plain()
     assert _job(pair, again)["state"] == "done", _job(pair, again)
+    # the first consultation's opinion (and acceptance) stayed at A: a case sent again carries none
+    assert _job(pair, again)["excluded"] >= 1, _job(pair, again)

@@ -36,3 +36,20 @@ REGION = Code("REGION", SCHEME, "Region of interest")  # SCOORD (graphic on a sl
 DECLINED = Code("DECLINED", SCHEME, "Consultation declined")  # TEXT: the reason (a decline is an answer)
 ACCEPTED = Code("ACCEPTED", SCHEME, "Consultation accepted")  # DATETIME: when the consultant accepted
 REQUEST = Code("REQUEST", SCHEME, "Consultation request")  # COMPOSITE: the request SR answered
+
+
+def document_title(meta: dict) -> tuple[str, str] | None:
+    """(code value, scheme) of a document's title (Concept Name Code Sequence) from its DICOM
+    JSON, or None for no SR title."""
+    seq = (meta.get("0040A043") or {}).get("Value") or []
+    if not seq or not isinstance(seq[0], dict):
+        return None
+    value = ((seq[0].get("00080100") or {}).get("Value") or [None])[0]
+    scheme = ((seq[0].get("00080102") or {}).get("Value") or [None])[0]
+    return (str(value), str(scheme)) if value and scheme else None
+
+
+def is_consultation_document(meta: dict) -> bool:
+    """Whether an instance is a request or an opinion of some consultation: a case sent again
+    leaves these out (an earlier opinion would tell the next consultant, or leak identity)."""
+    return document_title(meta) in {(c.value, c.scheme_designator) for c in (REQUEST_TITLE, OPINION_TITLE)}

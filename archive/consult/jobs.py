@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from pydicom.uid import generate_uid
 
+from . import codes
 from ..access import SYSTEM, Forbidden, Principal
 from ..metadata import int_value, string_values
 from ..status import ArchiveError, InvalidRequest, NotFound
@@ -192,9 +193,15 @@ class Consultations:
                             "series_number": int_value(meta, "00200011", 0),
                             "instance_number": int_value(meta, "00200013", 0)})
         excluded: dict[str, str] = {}
+        if kind == "request":  # earlier consultations' requests and opinions stay here
+            for e in entries:
+                if codes.is_consultation_document(e["meta"]):
+                    excluded[e["sop"]] = "a document of an earlier consultation"
         if deid is not None:
             d = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), deid.UidMap(self.index, job_id))
             for e in entries:
+                if e["sop"] in excluded:
+                    continue
                 why = d.excluded(e["meta"])
                 if why:
                     excluded[e["sop"]] = why
