@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from datetime import datetime
@@ -33,6 +34,7 @@ def register(sub, common) -> "argparse._SubParsersAction":
     s.add_argument("--physician", default="", help="the requesting physician (Family^Given)")
     s.add_argument("--priority", default="routine", choices=PRIORITIES)
     s.add_argument("--wait", action="store_true", help="run the job here with a progress bar until it ends")
+    s.add_argument("--run-job", help=argparse.SUPPRESS)  # the queued job --wait runs after its re-exec
     s.set_defaults(func=cmd_consult)
     ls = csub.add_parser("list", help="every job: state, instances and bytes sent, errors, turnaround")
     common(ls)
@@ -106,6 +108,22 @@ def _wait(arc, job_id: str, quiet: bool) -> dict:
         bar.close()
 
 
+def _reexec_to_send(arc, job_id: str) -> bool:
+    """`consult send --wait` from the command line: queueing built the request SR with highdicom,
+    whose tables of the standard stay in memory (about 110 MB); the send runs in a fresh image of
+    this process (exec: same pid, same terminal) that never loads them. False when this is no
+    command-line run (the verb called in-process) or highdicom was not loaded; True when the
+    exec failed after the archive was closed (the caller reopens it)."""
+    if sys.argv[1:3] != ["consult", "send"] or "highdicom" not in sys.modules:
+        return False
+    arc.close()
+    try:
+        os.execv(sys.executable, [sys.executable, "-m", "archive", *sys.argv[1:], "--run-job", job_id])
+    except OSError:
+        return True
+    return True  # not reached
+
+
 def cmd_consult(args: argparse.Namespace) -> int:
     from ..cli import CliError, open_archive
 
@@ -117,6 +135,9 @@ def cmd_consult(args: argparse.Namespace) -> int:
     try:
         jobs = arc.consultations
         try:
+            if verb == "send" and args.run_job:  # --wait, re-executed: only the sending is left
+                job = _wait(arc, args.run_job, args.quiet)
+                return _outcome(job, args.quiet)
             if verb == "send":
                 job_id = jobs.send(args.study, args.to, expert=args.expert, deidentify=args.deidentify,
                                    question=args.question, priority=args.priority, physician=args.physician)
@@ -127,7 +148,10 @@ def cmd_consult(args: argparse.Namespace) -> int:
                         print(f"job {job_id} queued: {job['instances_total']} instances, {_size(job['bytes_total'])} "
                               f"to {args.to}; `pathpacs serve` sends it (or run with --wait)", file=sys.stderr)
                     return 0
-                print(job_id)
+                print(job_id, flush=True)
+                if _reexec_to_send(arc, job_id):  # returns only when it could not
+                    arc = open_archive(args)
+                    jobs = arc.consultations
                 job = _wait(arc, job_id, args.quiet)
                 return _outcome(job, args.quiet)
             if verb == "list":

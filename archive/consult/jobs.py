@@ -242,6 +242,15 @@ class Consultations:
             "route": None, "verified": None, "lease": None,
         }
         self.index.put_records(ITEMS, items)
+        if kind == "request":
+            from .sender import request_document
+
+            try:
+                job["request_document"] = request_document(self, job)
+            except Exception as exc:  # noqa: BLE001 - a case whose headers make no request
+                for key in items:
+                    self.index.delete_record(ITEMS, key)
+                raise InvalidRequest(f"cannot build the request document of study {study_uid}: {exc}") from None
         self.index.put_record(JOBS, job_id, job)
         log.info("consultation job %s queued: %s study %s to %s (%d instances, %s)", job_id, kind, study_uid,
                  partner, len(to_send), priority)

@@ -11,13 +11,15 @@ Nothing at the sender is changed either way.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 
 from ..access import Principal
 from ..status import ArchiveError
@@ -111,6 +113,24 @@ class _Run:
         return out
 
     def request_item(self) -> Item:
+        stored = self.job.get("request_document")
+        if stored:  # built when the job was queued (request_document): no highdicom here
+            sr = dcmread(io.BytesIO(base64.b64decode(stored)))
+        else:
+            sr = self.build_request()
+        return Item(sr.SOPInstanceUID, sr.SOPClassUID, sr.StudyInstanceUID, dataset=sr,
+                    series_uid=sr.SeriesInstanceUID)
+
+    def use_deid(self) -> None:
+        if self.job.get("deidentify") and self.deid is None:
+            try:
+                deid = deid_module()
+            except ArchiveError as exc:
+                raise JobFailed(exc.reason) from None
+            self.uids = deid.UidMap(self.arc.index, self.job["id"])
+            self.deid = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), self.uids)
+
+    def build_request(self) -> Dataset:
         from .documents import request_sr
 
         job, cfg = self.job, self.cfg
@@ -121,8 +141,7 @@ class _Run:
                         expert=expert.id if expert else "", priority=job["priority"],
                         question=job.get("question") or "", sop_instance_uid=job["request_sr"],
                         series_instance_uid=job["request_series"])
-        return Item(sr.SOPInstanceUID, sr.SOPClassUID, sr.StudyInstanceUID, dataset=sr,
-                    series_uid=sr.SeriesInstanceUID)
+        return sr
 
     def instance_item(self, item: dict, counter: list[int]) -> Item:
         rec = self.arc.instance(item["sop"])
@@ -183,13 +202,7 @@ class _Run:
         partner = self.cfg.partners.get(job["partner"])
         if partner is None:
             raise JobFailed(f"partner {job['partner']} is no longer configured")
-        if job.get("deidentify"):
-            try:
-                deid = deid_module()
-            except ArchiveError as exc:
-                raise JobFailed(exc.reason) from None
-            self.uids = deid.UidMap(self.arc.index, job["id"])
-            self.deid = deid.Deidentifier(deid.DeidOptions.from_config(self.cfg), self.uids)
+        self.use_deid()
         partner_study = self.uids.new(job["study"]) if self.uids is not None else job["study"]
         route = route_for(partner, self.cfg, self.arc)
         try:
@@ -245,6 +258,17 @@ class _Run:
                 self.sleep(1.0)
                 continue
             raise JobFailed(f"partner holds {n} of {sent} instances")
+
+
+def request_document(jobs: "Consultations", job: dict) -> str:
+    """The request SR of a queued job as Part 10 bytes (base64, kept in the job record). Built
+    when the job is queued, so the process that sends never loads highdicom's tables of the
+    standard (about 110 MB of the sender's memory: BENCHMARKS.md, consultation)."""
+    run = _Run(jobs, job, None, None)
+    run.use_deid()
+    buf = io.BytesIO()
+    run.build_request().save_as(buf, enforce_file_format=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def run_job(jobs: "Consultations", job: dict, *, progress: Callable[[dict, int], None] | None = None,

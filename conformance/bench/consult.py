@@ -3,7 +3,8 @@
 - loopback: `pathpacs consult send --wait` (its own process: job, STOW-RS per instance,
   streamed from A's store, verified by QIDO) vs a bare STOW-RS of the same files, one request
   per instance, with dicomweb-client (the limit: nothing but reading the files and posting
-  them); target >= 80% of the limit. The sender's peak RSS (VmHWM sampled until it exits);
+  them); target >= 80% of the limit. The sender's peak RSS (VmHWM sampled until it exits,
+  the queueing before its exec apart);
   target < 200 MB.
 - `frozen` priority on the shaped link (100 Mbit/s, 50 ms RTT; conformance.shaped_link): from
   the send request (A's pages API, A's background worker) until B can display the slide's
@@ -69,16 +70,28 @@ def bare_stow(url: str, token: str, files: list[Path]) -> float:
     return time.perf_counter() - t
 
 
-def consult_send(a: Path, cfg: Path, study: str, partner: str) -> tuple[float, float, dict]:
-    """`consult send --wait` in its own process: (seconds, peak RSS MB, the job record)."""
+def consult_send(a: Path, cfg: Path, study: str, partner: str) -> tuple[float, float, float, dict]:
+    """`consult send --wait` in its own process: (seconds, peak RSS MB while queueing, peak RSS
+    MB while sending, the job record). Queueing builds the request SR (highdicom) and then the
+    process re-executes itself to send (archive.consult.commands): its VmHWM starts again at
+    the exec, which is how the two phases are told apart here."""
     t = time.perf_counter()
     p = _cli("consult", "send", "--study", study, "--to", partner, "--wait", "--quiet", data=a, config=cfg)
-    peak = 0.0
+    queue_peak = send_peak = last = 0.0
+    sending = False
     while p.poll() is None:
         try:
-            peak = max(peak, peak_rss_mb(p.pid))
+            hwm = peak_rss_mb(p.pid)
         except (OSError, ValueError):
-            pass
+            hwm = None
+        if hwm is not None:
+            if hwm < last:  # the high-water mark fell: a new image (the exec to send)
+                sending = True
+            last = hwm
+            if sending:
+                send_peak = max(send_peak, hwm)
+            else:
+                queue_peak = max(queue_peak, hwm)
         time.sleep(0.05)
     dt = time.perf_counter() - t
     out, err = p.communicate()
@@ -86,7 +99,9 @@ def consult_send(a: Path, cfg: Path, study: str, partner: str) -> tuple[float, f
         raise RuntimeError(f"consult send: {p.returncode}: {err.strip()[-500:]}")
     job_id = out.split()[0]
     jobs = {j["id"]: j for j in json.loads(_run("consult", "list", "--json", data=a))}
-    return dt, peak, jobs[job_id]
+    if not sending:  # no exec seen (it ran in one image): the whole peak is the sender's
+        send_peak = queue_peak
+    return dt, queue_peak, send_peak, jobs[job_id]
 
 
 def overview_of(files: list[Path]) -> tuple[str, str, str]:
@@ -185,7 +200,7 @@ def run(workdir: Path, quick: bool) -> list[dict]:
         _run("import", "--quiet", str(case), data=a)
         cfg = workdir / "A.toml"
         cfg.write_text(f'[partners.b]\ndicomweb = "{b.dicomweb_url}"\ntoken = "{token}"\n')
-        dt, peak, job = consult_send(a, cfg, study, "b")
+        dt, queue_peak, peak, job = consult_send(a, cfg, study, "b")
     finally:
         b.stop()
     job_s = _seconds(job["started"], job["finished"])
@@ -198,6 +213,9 @@ def run(workdir: Path, quick: bool) -> list[dict]:
                  "value": f"{size / 1e6 / dt:.0f} MB/s ({dt:.2f} s)",
                  "note": f"{limit / dt:.0%} of the limit; with interpreter start, imports, archive open and exit"})
     rows.append({"benchmark": "sender peak RSS during that send", "system": "pathpacs consult send --wait",
-                 "value": f"{peak:.0f} MB", "note": "target < 200 MB (VmHWM of the sending process)"})
+                 "value": f"{peak:.0f} MB", "note": "target < 200 MB (VmHWM of the sending process, after its exec)"})
+    rows.append({"benchmark": "peak RSS while queueing that send", "system": "pathpacs consult send --wait",
+                 "value": f"{queue_peak:.0f} MB",
+                 "note": "before the exec: checks, and the request SR built with highdicom (its tables of the standard)"})
     rows += frozen_on_shaped_link(workdir, case, files, study)
     return rows
