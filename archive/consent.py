@@ -29,7 +29,8 @@ GUARDIAN_AGE = 14  # below this age a guardian consents for the patient
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # microseconds: consents recorded within one second still list in the order they were made
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _da(value: Any) -> date | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import ssl
 import subprocess
+import time
 from pathlib import Path
 
 import pydicom
@@ -177,7 +178,11 @@ def test_plain_listener_can_be_disabled(pki, make_server, tmp_path):
     srv = make_server(config_text=tls_config(pki, tls_port, require=False, http_tls=False, plain=False),
                       dicom_port=dicom_port, wait_ports=(tls_port,))
     srv.tls_port = tls_port
-    assert f"on DICOM port {tls_port} (TLS), HTTP on port {srv.http_port}" in srv.log()
+    line = f"on DICOM port {tls_port} (TLS), HTTP on port {srv.http_port}"
+    deadline = time.monotonic() + 20  # printed once every listener is up, a moment after the DICOM port
+    while line not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert line in srv.log()
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", dicom_port), timeout=5).close()
     assert echoscu_tls(srv, pki).returncode == 0  # no node is declared: any AE, with a certificate
