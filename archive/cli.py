@@ -127,6 +127,9 @@ def _http_worker(cfg: Config, quiet: bool) -> None:
         pass
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    from dicomweb.accesslog import set_process_tag
+
+    set_process_tag("[worker]")  # its access lines say so too (they skip logging's formatter)
     from .service import Archive
 
     arc = Archive(cfg)

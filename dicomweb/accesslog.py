@@ -63,6 +63,16 @@ class _Sink:
         self._thread.join(5)
 
 
+# What follows the logger's name in a line: "[worker]" in an extra HTTP worker process, as its
+# logging format says (archive.cli._http_worker), so the two processes' lines are told apart.
+_process_tag = ""
+
+
+def set_process_tag(tag: str) -> None:
+    global _process_tag
+    _process_tag = tag
+
+
 _sinks: dict[int, _Sink] = {}
 _sinks_lock = threading.Lock()
 
@@ -121,4 +131,4 @@ class AccessLogger(AbstractAccessLogger):
         if self._sink is None:
             self.logger.info("%s", msg)
         else:
-            self._sink.add(f"{self._time()} INFO {self.logger.name}: {msg}\n")
+            self._sink.add(f"{self._time()} INFO {self.logger.name}{_process_tag}: {msg}\n")

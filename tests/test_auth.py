@@ -247,7 +247,11 @@ def test_revocation_reaches_every_process_within_10_s(srv, corpus, tokens):
     tid = t[3:19]
     assert all(_fresh(srv, "/dicomweb/studies", bearer(t)) == 200 for _ in range(30))
     # two processes answer on one port (SO_REUSEPORT): 30 new connections reach both, save
-    # with odds of 2**-29; the worker logs as "[worker]"
+    # with odds of 2**-29; the worker logs as "[worker]" (access lines are written in batches:
+    # wait for the batch)
+    deadline = time.monotonic() + 10
+    while not ("2 worker(s)" in srv.log() and "[worker]" in srv.log()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert "2 worker(s)" in srv.log() and "[worker]" in srv.log()
     run_cli("token", "revoke", tid, data=srv.data_dir, check=True)
     t0 = time.monotonic()
