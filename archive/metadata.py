@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, Mapping
 
 from pydicom.dataset import Dataset
 
@@ -58,6 +58,17 @@ PATIENT_TAGS = [t for t in map(_tag_hex, PATIENT_KEYS) if t]
 STUDY_TAGS = [t for t in map(_tag_hex, STUDY_KEYS) if t]
 SERIES_TAGS = [t for t in map(_tag_hex, SERIES_KEYS) if t]
 INSTANCE_TAGS = [t for t in map(_tag_hex, INSTANCE_KEYS) if t]
+
+
+def header_dataset(doc: "Dataset | Mapping[str, Any] | bytes | str") -> Dataset:
+    """Stored DICOM JSON (a mapping, or its bytes) as a pydicom Dataset of the header: bulk
+    values (out of line behind BulkDataURIs) read as empty; a Dataset as it is. What the
+    consultation documents and the de-identification checks read an instance's attributes from."""
+    if isinstance(doc, Dataset):
+        return doc
+    if isinstance(doc, (bytes, bytearray, str)):
+        doc = json.loads(doc)
+    return Dataset.from_json(dict(doc), bulk_data_uri_handler=lambda *_: b"")
 
 
 def instance_path(study: str, series: str, sop: str) -> str:

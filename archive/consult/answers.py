@@ -12,7 +12,6 @@ requested -> accepted (the consultant's acceptance notice) -> answered (or decli
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
@@ -21,6 +20,7 @@ from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.uid import generate_uid
 
+from ..metadata import header_dataset
 from .opinion import SR_SOP_CLASSES, ConsultOpinion, read_opinion
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def _restore_identity(archive: "Archive", ds: Dataset, study: str | None) -> int
     raw = archive.index.metadata_under(study) or []
     if not raw:
         return 0
-    header = Dataset.from_json(json.loads(raw[0]), bulk_data_uri_handler=lambda *a: b"")
+    header = header_dataset(raw[0])
     n = 0
     for kw in RESTORED:
         if kw in header:

@@ -16,6 +16,7 @@ from pydicom import Dataset
 from pydicom.uid import generate_uid
 
 from . import codes
+from ..metadata import header_dataset
 
 REQUEST_SERIES_NUMBER = 9901  # the request SR is in its own series of the case's study
 MANUFACTURER = "pathpacs"
@@ -38,17 +39,11 @@ class ConsultRequest:
     sop_uid: str = ""
 
 
-def _as_dataset(obj: Dataset | Mapping[str, Any]) -> Dataset:
-    if isinstance(obj, Dataset):
-        return obj
-    return Dataset.from_json(dict(obj), bulk_data_uri_handler=lambda *_: b"")
-
-
 def _headers(study_datasets_or_header: Dataset | Mapping[str, Any] | Iterable[Dataset | Mapping[str, Any]]
              ) -> list[Dataset]:
     if isinstance(study_datasets_or_header, (Dataset, Mapping)):
-        return [_as_dataset(study_datasets_or_header)]
-    out = [_as_dataset(d) for d in study_datasets_or_header]
+        return [header_dataset(study_datasets_or_header)]
+    out = [header_dataset(d) for d in study_datasets_or_header]
     if not out:
         raise ValueError("a request SR needs at least one instance header of the case")
     return out
@@ -105,7 +100,7 @@ def read_request(ds_or_dicom_json: Dataset | Mapping[str, Any]) -> ConsultReques
     """The request a document carries; None when it is no consultation request (another SR,
     another title, or not an SR at all)."""
     try:
-        ds = _as_dataset(ds_or_dicom_json)
+        ds = header_dataset(ds_or_dicom_json)
     except Exception:  # noqa: BLE001 - a malformed document is no request
         return None
     if _code_of(ds) != _key(codes.REQUEST_TITLE) or getattr(ds, "ValueType", "") != "CONTAINER":

@@ -27,6 +27,7 @@ import numpy as np
 from pydicom import Dataset
 
 from ..access import SYSTEM, Principal
+from ..metadata import header_dataset
 from ..status import ArchiveError, ErrorKind, NotFound
 from .opinion import COMPREHENSIVE_SR, GRAPHIC_TYPES, SR_SOP_CLASSES, Region, opinion_sr, read_opinion
 
@@ -281,7 +282,7 @@ class Inbox:
         raw = self.archive.index.metadata([sop])
         if not raw:
             return None
-        return Dataset.from_json(json.loads(raw[0]), bulk_data_uri_handler=lambda *a: b"")
+        return header_dataset(raw[0])
 
     def _request(self, rec: dict) -> Dataset | None:
         return self._header(rec["request_sop"]) if rec.get("request_sop") else None
@@ -295,7 +296,7 @@ class Inbox:
             raw = self.archive.index.metadata_under(rec["study"]) or []
             if not raw:
                 raise NotFound(f"study {rec['study']} of consultation {rec['id']} is not here")
-            first = Dataset.from_json(json.loads(raw[0]), bulk_data_uri_handler=lambda *a: b"")
+            first = header_dataset(raw[0])
         out.append(first)
         for r in regions:
             ds = self._header(r.sop_instance_uid)

@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from . import codes
 from ..access import SYSTEM, Forbidden, Principal
-from ..metadata import int_value, string_values
+from ..metadata import header_dataset, int_value, string_values
 from ..status import ArchiveError, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
@@ -77,12 +77,6 @@ def consent_check(archive: "Archive", study: str, purpose: str) -> dict | None:
                                  "available in this build") from None
         return None
     return Consents(archive).require(study, purpose)
-
-
-def _header(meta: dict):
-    from pydicom import Dataset
-
-    return Dataset.from_json(meta, bulk_data_uri_handler=lambda *_: b"")
 
 
 def _image_kind(meta: dict) -> str:
@@ -207,7 +201,7 @@ class Consultations:
                     excluded[e["sop"]] = why
                     continue
                 try:  # refused before anything leaves: never silently left out
-                    d.check(_header(e["meta"]))
+                    d.check(header_dataset(e["meta"]))
                 except deid.DeidError as exc:
                     raise InvalidRequest(f"instance {e['sop']} cannot be de-identified: {exc}") from None
         ordered = order_instances(entries, priority)

@@ -19,6 +19,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from . import codes
+from ..metadata import header_dataset
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 SR_SOP_CLASSES = frozenset({
@@ -165,12 +166,6 @@ def _dt(iso: str) -> datetime:
 
 # -- reading -----------------------------------------------------------------------------------
 
-def _dataset(doc: "Dataset | Mapping[str, Any]") -> Dataset:
-    if isinstance(doc, Dataset):
-        return doc
-    return Dataset.from_json(dict(doc), bulk_data_uri_handler=lambda *a: b"")
-
-
 def _code(item: Dataset) -> tuple[str, str] | None:
     seq = item.get("ConceptNameCodeSequence")
     if not seq:
@@ -196,7 +191,7 @@ def _text(item: Dataset) -> str:
 def title_of(doc: "Dataset | Mapping[str, Any]") -> tuple[str, str] | None:
     """(code value, scheme) of an SR document's title, or None (cheap: no content walk)."""
     try:
-        return _code(_dataset(doc))
+        return _code(header_dataset(doc))
     except Exception:
         return None
 
@@ -204,7 +199,7 @@ def title_of(doc: "Dataset | Mapping[str, Any]") -> tuple[str, str] | None:
 def consultation_id_of(doc: "Dataset | Mapping[str, Any]") -> str | None:
     """The consultation id an SR document carries (a request or an opinion), or None."""
     try:
-        ds = _dataset(doc)
+        ds = header_dataset(doc)
     except Exception:
         return None
     for item in ds.get("ContentSequence", []):
@@ -231,7 +226,7 @@ def read_opinion(doc: "Dataset | Mapping[str, Any]") -> ConsultOpinion | None:
     """The opinion (or decline) an SR document holds; None when it is no consultation answer
     (another title, or no consultation id)."""
     try:
-        ds = _dataset(doc)
+        ds = header_dataset(doc)
     except Exception:
         return None
     if _code(ds) != (codes.OPINION_TITLE.value, codes.OPINION_TITLE.scheme_designator):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from pydicom import Dataset, dcmread
 
 from ..access import Principal
+from ..metadata import header_dataset
 from ..status import ArchiveError
 from .jobs import ITEMS, REQUEST_SR, deid_module, now_iso
 from .routes import Item, Route, RouteError, route_for
@@ -105,7 +105,7 @@ class _Run:
         for raw in self.arc.index.metadata(sops):
             if not raw:
                 continue
-            ds = Dataset.from_json(json.loads(raw), bulk_data_uri_handler=lambda *_: b"")
+            ds = header_dataset(raw)
             for tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
                 if tag in ds:
                     del ds[tag]

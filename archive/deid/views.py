@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any, Iterator
 
 from ..query import Key, QueryError
+from ..metadata import header_dataset
 from .deidentifier import DeidError, Deidentifier
 from .options import DeidOptions
 from .uidmap import UidMap
@@ -57,12 +58,8 @@ class ResearchView:
         meta = self.archive.instance_metadata(rec)
         if meta is None:
             return True
-        import json
-
-        from pydicom import Dataset
-
         try:
-            self.deid.check(Dataset.from_json(json.loads(meta), bulk_data_uri_handler=lambda *a: b""))
+            self.deid.check(header_dataset(meta))
         except DeidError:
             return True
         return False
