@@ -502,9 +502,10 @@ class Consultation:
 
 @dataclass(frozen=True)
 class Deidentify:
-    """[deidentify]: the configured profile (archive.deid.DeidOptions.from_config reads it)."""
+    """[deidentify]: the configured profile, the options of archive.deid.DeidOptions (which
+    adds what they mean; kept here so the config needs no pydicom)."""
 
-    retain_dates: bool = True
+    retain_dates: bool = True  # Retain Longitudinal Temporal Information, Modified Dates
     retain_patient_characteristics: bool = True
     retain_device_identity: bool = True
     retain_institution_identity: bool = False
@@ -512,8 +513,8 @@ class Deidentify:
     retain_uids: bool = False
     clean_structured_content: bool = True
     clean_graphics: bool = True
-    keep_label: bool = False
-    keep_overview: bool = False
+    keep_label: bool = False  # LABEL images (the slide label: names, barcodes) included
+    keep_overview: bool = False  # OVERVIEW images (macro photo, often showing the label)
 
 
 @dataclass

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import Deidentify
+
 # CID 7050 "De-identification Method" (scheme DCM)
 BASIC_PROFILE = ("113100", "Basic Application Confidentiality Profile")
 CODES = {
@@ -25,8 +27,9 @@ CODES = {
 
 
 @dataclass(frozen=True)
-class DeidOptions:
-    """The Basic Application Level Confidentiality Profile plus these options.
+class DeidOptions(Deidentify):
+    """The Basic Application Level Confidentiality Profile plus the options of `[deidentify]`
+    (archive.config.Deidentify: the fields and their defaults).
 
     The defaults are what a pathology consultation needs: dates shifted (intervals kept),
     sex/age/size kept, the scanner kept (its identity is Type 1 in the WSI IOD and matters for
@@ -34,25 +37,11 @@ class DeidOptions:
     institution removed, UIDs replaced, LABEL and OVERVIEW images left out.
     """
 
-    retain_dates: bool = True  # Retain Longitudinal Temporal Information, Modified Dates
-    retain_patient_characteristics: bool = True
-    retain_device_identity: bool = True
-    retain_institution_identity: bool = False
-    clean_descriptors: bool = True
-    retain_uids: bool = False
-    clean_structured_content: bool = True
-    clean_graphics: bool = True
-    keep_label: bool = False  # LABEL images (the slide label: names, barcodes) included
-    keep_overview: bool = False  # OVERVIEW images (macro photo, often showing the label)
-
     @classmethod
     def from_config(cls, cfg: Any) -> "DeidOptions":
         """The profile of `[deidentify]` (defaults when the config has none)."""
         section = getattr(cfg, "deidentify", None)
-        if section is None:
-            return cls()
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
+        return cls() if section is None else cls(**dataclasses.asdict(section))
 
     def replace(self, **changes: bool) -> "DeidOptions":
         """This profile with some options changed (per call); unknown names are a TypeError."""
