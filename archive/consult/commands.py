@@ -116,9 +116,14 @@ def _reexec_to_send(arc, job_id: str) -> bool:
     exec failed after the archive was closed (the caller reopens it)."""
     if sys.argv[1:3] != ["consult", "send"] or "highdicom" not in sys.modules:
         return False
+    from .jobs import INHERITED_OWNER
+
+    env = dict(os.environ)
+    if arc.consultations.claim(job_id) is not None:  # held across the exec: serve's worker waits
+        env[INHERITED_OWNER] = arc.consultations.owner
     arc.close()
     try:
-        os.execv(sys.executable, [sys.executable, "-m", "archive", *sys.argv[1:], "--run-job", job_id])
+        os.execve(sys.executable, [sys.executable, "-m", "archive", *sys.argv[1:], "--run-job", job_id], env)
     except OSError:
         return True
     return True  # not reached

@@ -109,6 +109,9 @@ def order_instances(entries: list[dict], priority: str) -> list[dict]:
     return sorted(entries, key=rank)
 
 
+INHERITED_OWNER = "PATHPACS_CONSULT_OWNER"  # the lease owner an exec'd `consult send --wait` keeps
+
+
 def _alive(owner: str) -> bool:
     """Whether a lease's owner (host:pid:session) may still run: False only for a process of
     this host that is gone (killed -9, crashed), whose job is then taken over at once instead of
@@ -132,7 +135,11 @@ class Consultations:
     def __init__(self, archive: "Archive") -> None:
         self.archive = archive
         self.index = archive.index
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        me = f"{socket.gethostname()}:{os.getpid()}:"
+        # `consult send --wait` re-executes itself (same pid) holding the job's lease: the new
+        # image takes over that owner, so no other process's worker takes the job in between
+        inherited = os.environ.pop(INHERITED_OWNER, "")
+        self.owner = inherited if inherited.startswith(me) else me + uuid.uuid4().hex[:8]
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
