@@ -3,8 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium zbarimg:zbar-tools tc:iproute2
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium zbar-tools iproute2
+SYSTEM_TOOLS := dcmsend:dcmtk dciodvfy:dicom3tools Orthanc:orthanc OrthancWSIDicomizer:orthanc-wsi chromium:chromium zbarimg:zbar-tools tc:iproute2 haproxy:haproxy
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturbojpeg0 chromium zbar-tools iproute2 postgresql haproxy
 
 BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 VIEWER_STAMP := viewer/node_modules/.package-lock.json
@@ -28,6 +28,7 @@ system-tools:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do tool=$${pair%%:*}; \
 	  command -v $$tool >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
 	[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing="$$missing orthanc-dicomweb"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system tools:$$missing (and peers)"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

