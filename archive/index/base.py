@@ -20,8 +20,10 @@ from ..status import Outcome
 
 # Tables of JSON records that modules above the index keep through the generic record
 # operations: consultation jobs and their per-instance state, the inbox of received requests,
-# UID maps of de-identification, consent records, share links. A module adds its table here.
-RECORD_TABLES = ("consult", "consult_items", "inbox", "uidmap", "consents", "shares", "commitments")
+# UID maps of de-identification, consent records, share links; the nodes of a cluster (heartbeats)
+# and the cluster-wide leases of background work (archive.cluster). A module adds its table here.
+RECORD_TABLES = ("consult", "consult_items", "inbox", "uidmap", "consents", "shares", "commitments",
+                 "nodes", "leases")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,11 @@ class Index(Protocol):
         None when the study (or the series in that study) is not there."""
 
     def bulk(self, sop: str, path: str) -> bytes | None: ...
+
+    def forget(self, sop: str) -> None:
+        """Drop whatever this process caches of `sop` (location, frame table): called when a
+        read of its blob found it moved or gone, before one retry with a fresh lookup. A
+        backend that caches nothing (LMDB: its reads are the memory map) does nothing."""
 
     # -- hierarchy ----------------------------------------------------------------
     def series_of_study(self, study: str) -> list[SeriesRecord]: ...

@@ -447,6 +447,9 @@ class LmdbIndex:
             return txn.get(_k(sop, path), db=self.db["bulk"])
 
     # -- hierarchy --------------------------------------------------------------------------
+    def forget(self, sop: str) -> None:
+        """Nothing cached: every lookup reads the memory map."""
+
     def series_of_study(self, study: str) -> list[SeriesRecord]:
         with self.env.begin() as txn:
             out = []
