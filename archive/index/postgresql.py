@@ -1045,21 +1045,15 @@ class PostgresIndex:
             raise FileExistsError(f"{directory} is not empty")
         out = directory / "index.jsonl"
         try:
-            with self.pool.connection() as conn:
-                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-                try:
-                    with conn.transaction(), open(out, "w", encoding="utf-8") as f:
-                        conn.read_only = True
-                        f.write(json.dumps({"pathpacs_index": "postgresql", "schema": SCHEMA}) + "\n")
-                        for table in TABLES:
-                            with conn.cursor(name=f"backup_{table}") as cur:
-                                cur.itersize = 2000
-                                cur.execute(f"SELECT row_to_json(t)::text FROM {table} t")
-                                for (row,) in cur:
-                                    f.write(f'{{"table":"{table}","row":{row}}}\n')
-                finally:
-                    conn.read_only = False
-                    conn.isolation_level = None
+            with self.pool.connection() as conn, open(out, "w", encoding="utf-8") as f:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                f.write(json.dumps({"pathpacs_index": "postgresql", "schema": SCHEMA}) + "\n")
+                for table in TABLES:
+                    with conn.cursor(name=f"backup_{table}") as cur:
+                        cur.itersize = 2000
+                        cur.execute(f"SELECT row_to_json(t)::text FROM {table} t")
+                        for (row,) in cur:
+                            f.write(f'{{"table":"{table}","row":{row}}}\n')
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise _unavailable(exc) from exc
         return out
