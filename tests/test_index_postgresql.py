@@ -212,3 +212,38 @@ def test_database_stopped_then_back(own_postgres):
         assert index.study("1.2.1").n_instances == 2
     finally:
         index.close()
+
+
+def test_serve_with_a_postgresql_index(pg_dsn, make_server, wsi_files, tmp_path):
+    """`pathpacs serve` with [index] backend = "postgresql": C-STORE by dcmsend, QIDO finds the
+    study, WADO frames are the stored bytes, and the CLI reads the same index."""
+    import pydicom
+    import requests
+    from pydicom.encaps import generate_frames
+
+    from conftest import need, run_cli
+
+    config = f'[index]\nbackend = "postgresql"\ndsn = "{pg_dsn}"\npool_size = 4\n\n[cluster]\nnode = "n1"\n'
+    srv = make_server(config_text=config)
+    res = subprocess.run([need("dcmsend"), "-aec", srv.aet, "127.0.0.1", str(srv.dicom_port), *map(str, wsi_files)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    ds = pydicom.dcmread(wsi_files[0])
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    found = requests.get(f"{srv.dicomweb_url}/studies", params={"PatientID": ds.PatientID}, timeout=30)
+    assert found.status_code == 200 and [s["0020000D"]["Value"][0] for s in found.json()] == [study]
+    expected = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
+    got = requests.get(f"{srv.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}/frames/2",
+                       headers={"Accept": 'multipart/related; type="application/octet-stream"; transfer-syntax=*'},
+                       timeout=30)
+    assert got.status_code == 200
+    boundary = got.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"')
+    part = got.content.split(f"--{boundary}".encode())[1]
+    assert part.split(b"\r\n\r\n", 1)[1].rstrip(b"\r\n") == expected[1]
+    cfg = tmp_path / "config0.toml"
+    out = run_cli("stats", "--config", str(cfg), data=srv.data_dir, check=True).stdout
+    counts = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.split()}
+    assert counts["instances"] == str(len(wsi_files)) and counts["studies"] == "1"
+    listed = run_cli("ls", "--config", str(cfg), data=srv.data_dir, check=True).stdout
+    assert all(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in listed for f in wsi_files)
+    assert not (srv.data_dir / "index" / "data.mdb").exists()  # no LMDB index beside it
