@@ -327,7 +327,7 @@ class PostgresIndex:
                     cur.execute(sql)
                 cur.execute("DELETE FROM pathpacs_schema")
                 cur.execute("INSERT INTO pathpacs_schema VALUES (%s)", (step,))
-                log.info("index: PostgreSQL schema %d", step)
+                log.debug("index: PostgreSQL schema %d", step)
             self._write(run)
 
     # -- the small key/value tables (kv) -------------------------------------------------
