@@ -79,7 +79,7 @@ from ..status import Outcome, Unavailable
 from . import frametable
 from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
 from .lmdb import (INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID, T_PATIENT_NAME, T_SERIES_UID,
-                   T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, _count, _instance_json, index_values)
+                   T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, _count, index_values)
 
 log = logging.getLogger("pathpacs.index")
 
@@ -95,8 +95,6 @@ RECONNECT = 1.0  # the pool gives up reconnecting in the background this soon: t
 
 L_PATIENT, L_STUDY, L_SERIES, L_INSTANCE, L_FLAGS, L_RECORD, L_SCHEMA = 1, 2, 3, 4, 5, 10, 11
 SEP = "\0"
-KV_SPACES = ("pending", "moves", "access", "flags", "verified", "tokens", "rejected", "versions", "purges",
-             "fixity", "todo_crc", "copies")
 
 SCHEMA_STEPS: dict[int, list[str]] = {1: [
     """CREATE TABLE IF NOT EXISTS patients (key text COLLATE "C" PRIMARY KEY, rec jsonb NOT NULL)""",
@@ -173,6 +171,14 @@ def _like_escape(s: str) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _stored_instance(rec: InstanceRecord) -> dict:
+    """The instance record as stored: without its location (kept in columns)."""
+    d = rec.to_json()
+    for k in ("blob", "tier", "ts"):
+        d.pop(k)
+    return d
 
 
 def _instance(rec: dict, tier: str, key: str, ts: str) -> InstanceRecord:
@@ -412,7 +418,7 @@ class PostgresIndex:
 
     # -- lookups ----------------------------------------------------------------------------
     @staticmethod
-    def _inst(cur, sop: str, lock: bool = False) -> InstanceRecord | None:
+    def _inst(cur, sop: str) -> InstanceRecord | None:
         row = cur.execute(f"{INST_SELECT} WHERE sop = %s", (sop,)).fetchone()
         return None if row is None else _inst_row(row)
 
@@ -758,7 +764,7 @@ class PostgresIndex:
         cur.execute(
             "INSERT INTO instances VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sop) DO NOTHING",
             (rec.sop, rec.series, rec.study, rec.blob.tier, rec.blob.key, rec.ts, rec.size, rec.sha256,
-             Jsonb(json.loads(_instance_json(rec)), dumps=_jdumps),
+             _jb(_stored_instance(rec)),
              frametable.pack(new.frames, new.crcs) if new.frames else None, new.metadata))
         return cur.rowcount > 0
 
