@@ -49,6 +49,10 @@ WORKER = textwrap.dedent("""
     elif job == "count":
         for _ in range(50):
             index.update_record("leases", "counter", lambda r: {{"n": (r or {{"n": 0}})["n"] + 1, "by": me}})
+    elif job == "move":  # the instances 1.22.* (stored beforehand) hot -> cold, beside the writers
+        from archive.records import BlobRef
+        for i in range(30):
+            out[str(i)] = index.move_switch(f"1.22.{{i}}", BlobRef("hot", f"b-{{i}}"), BlobRef("cold", f"c-{{i}}"))
     elif job == "open":
         out["ok"] = True
     index.close()
@@ -56,11 +60,12 @@ WORKER = textwrap.dedent("""
 """).format(root=str(ROOT), tests=str(TESTS))
 
 
-def run_workers(dsn: str, job: str, n: int, tmp_path: Path) -> list[dict]:
-    """n processes doing `job` at once on `dsn`; their JSON answers."""
+def run_workers(dsn: str, job: str, n: int, tmp_path: Path, jobs: list[str] | None = None) -> list[dict]:
+    """n processes doing `job` (or one process per entry of `jobs`) at once on `dsn`; their JSON answers."""
     barrier = tmp_path / f"go-{job}"
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, dsn, str(i + 1), job, str(barrier)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    jobs = jobs or [job] * n
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, dsn, str(i + 1), j, str(barrier)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, j in enumerate(jobs)]
     time.sleep(1.5 if job != "open" else 0.0)  # every process has opened its pool (the schema exists)
     barrier.touch()
     outs = []
@@ -107,6 +112,25 @@ def test_concurrent_writers_never_duplicate_and_count_exactly(pg_dsn, tmp_path):
             assert rec.blob.key == f"blob-{outs.index(winner) + 1}-{i}"
         stats = index.stats()
         assert (stats.patients, stats.studies, stats.series, stats.instances) == (1, 3, 6, 70)
+    finally:
+        index.close()
+
+
+def test_tier_counts_exact_while_moves_and_stores_race(pg_dsn, tmp_path):
+    index = PostgresIndex(pg_dsn)
+    try:
+        index.add_instances(new(f"1.22.{i}", study="9.0", series="9.0.0", pid="PX", blob=f"b-{i}") for i in range(30))
+        outs = run_workers(pg_dsn, "race", 0, tmp_path, jobs=["move", "store", "store"])
+        assert all(outs[0][str(i)] for i in range(30))
+        for uid in ("9.0", "9.1", "9.2"):
+            st = index.study(uid)
+            on = {}
+            for se in index.series_of_study(uid):
+                for rec in index.instances_of_series(se.uid):
+                    on[rec.blob.tier] = on.get(rec.blob.tier, 0) + 1
+                assert sum(se.tiers.values()) == se.n_instances
+            assert st.tiers == on and sum(on.values()) == st.n_instances
+        assert index.study("9.0").tiers["cold"] == 30
     finally:
         index.close()
 
