@@ -232,7 +232,7 @@ def s3_prefix(request) -> str:
 def postgres():
     if peers.postgres_bindir() is None:
         pytest.fail("PostgreSQL is not installed (make test installs it with apt-get)")
-    pg = peers.start_postgres()
+    pg = peers.start_postgres(durable=False)  # fsync off: databases made and dropped in a blink
     IndexChoice.postgres = pg  # PostgreSQL-backed servers and run_cli find their databases in it
     try:
         yield pg
