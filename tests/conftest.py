@@ -41,7 +41,8 @@ def run_cli(*args: str, data: Path | None = None, check: bool = False, **kw) -> 
 # `make_server(index="postgresql")` (or `Server(..., index="postgresql")`) gives an archive a fresh
 # database of the session's PostgreSQL: an [index] section is added to its config (kept beside the
 # given one, so relative paths still resolve) and remembered by data directory, so `run_cli(...,
-# data=DIR)` opens the same index. `pytest --index=postgresql` (or PATHPACS_TEST_INDEX=postgresql)
+# data=DIR)` opens the same index (with the server's config when it names none, else its own
+# --config plus that [index] section). `pytest --index=postgresql` (or PATHPACS_TEST_INDEX=postgresql)
 # makes PostgreSQL the default of every Server, so a whole existing module runs against it.
 INDEX_BACKENDS = ("lmdb", "postgresql")
 
@@ -50,6 +51,7 @@ class IndexChoice:
     default: str = os.environ.get("PATHPACS_TEST_INDEX", "lmdb")
     postgres: "peers.Postgres | None" = None  # the session's server, set by the `postgres` fixture
     dsn: dict[Path, str] = {}  # data dir -> the DSN of its database
+    served: dict[Path, Path] = {}  # data dir -> the config its Server last started with (run_cli's default)
     lmdb: set[Path] = set()  # data dirs of servers started with index="lmdb" whatever the default
 
 
@@ -88,7 +90,7 @@ def postgresql_config(data_dir: Path, config: Path | None = None) -> Path:
         return Path(config)
     db = dsn.split("dbname=", 1)[1].split()[0]
     out = (Path(config).parent / f"{Path(config).stem}.{db}.toml" if config is not None
-           else Path(data_dir).parent / f"{Path(data_dir).name}.{db}.toml")
+           else Path(data_dir).parent / f"{Path(data_dir).name}-index.{db}.toml")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(with_index(text, dsn))
     return out
@@ -109,7 +111,8 @@ def _with_index_config(cmd: list[str], data: Path) -> list[str]:
     if "--config" in cmd:
         i = cmd.index("--config") + 1
         return cmd[:i] + [str(postgresql_config(data, Path(cmd[i])))] + cmd[i + 1:]
-    return cmd + ["--config", str(postgresql_config(data))]
+    served = IndexChoice.served.get(Path(data).resolve())  # the server's own config (its tiers, ...)
+    return cmd + ["--config", str(served or postgresql_config(data))]
 
 
 # A real `pathpacs serve` process: Server(data_dir, dicom_port, http_port, aet=, config=, extra=,
@@ -122,6 +125,7 @@ class Server(peers.Pathpacs):
     def start(self, timeout: float = 60) -> "Server":
         if _uses_postgresql(self.data_dir, self.index):
             self.config = postgresql_config(self.data_dir, self.config)
+            IndexChoice.served[Path(self.data_dir).resolve()] = self.config
         elif self.index == "lmdb":
             IndexChoice.lmdb.add(Path(self.data_dir).resolve())
         return super().start(timeout)
