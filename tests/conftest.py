@@ -115,6 +115,19 @@ def _with_index_config(cmd: list[str], data: Path) -> list[str]:
     return cmd + ["--config", str(served or postgresql_config(data))]
 
 
+def archive_config(data_dir: Path, config: Path | None = None):
+    """The archive.config.Config of the archive at `data_dir` as its server or CLI sees it (with
+    its [index] section when PostgreSQL-backed), for tests that open it in-process."""
+    from archive import config as config_mod
+
+    if _uses_postgresql(data_dir):
+        config = IndexChoice.served.get(Path(data_dir).resolve()) if config is None else config
+        config = postgresql_config(data_dir, config)
+    cfg = config_mod.load(config)
+    cfg.data_dir = Path(data_dir)
+    return cfg
+
+
 # A real `pathpacs serve` process: Server(data_dir, dicom_port, http_port, aet=, config=, extra=,
 # preexec_fn=, index=).start(); .stop(sig), .kill9(), .log(), .proc, .http_url, .dicomweb_url. The one
 # launcher tests and benchmarks share (conformance/bench/peers.py), plus the index choice above.

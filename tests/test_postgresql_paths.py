@@ -24,7 +24,7 @@ import test_consult_send as consult
 import test_dicomweb as dw
 import test_dimse as dimse
 import test_tiers as tiers
-from conftest import Server, free_port, need, run_cli
+from conftest import Server, archive_config, free_port, need, run_cli
 
 ICC = bytes(range(256)) * 8  # above the bulk threshold: a BulkDataURI in the metadata
 
@@ -361,6 +361,14 @@ def test_kill9_during_dcmsend_keeps_every_acknowledged_instance_and_sweeps_stagi
                                                media_types=("image/jpeg",)) == want
     blobs = [p for p in (s.data_dir / "hot" / "blobs").rglob("*") if p.is_file()]
     assert len(blobs) == n  # nothing partial: every blob belongs to a committed record
+    from archive.service import Archive
+
+    arc = Archive(archive_config(s.data_dir), readonly=True)
+    try:
+        assert type(arc.index).__name__ == "PostgresIndex"
+        assert arc.index.pending() == []  # the killed receiver's pending blobs resolved at the restart
+    finally:
+        arc.close()
     left = [d for d in sessions if d.exists()]
     assert left == [], f"the killed server's staging was not swept: {left}"
     parts = [p for p in (s.data_dir / "hot" / "tmp").rglob("*") if p.is_file() and p.name != "lock"]
