@@ -199,7 +199,7 @@ class Leases:
                 return old
             got.append(True)
             since = old["since"] if old is not None and old.get("owner") == self.owner else now
-            if old is not None and old.get("owner") != self.owner:
+            if old is not None and old.get("owner") and old.get("owner") != self.owner:
                 log.info("lease %s taken over from %s", name, old.get("owner"))
             return {**(old or {}), "owner": self.owner, "until": now + seconds, "since": since}
 
