@@ -458,7 +458,8 @@ def _existing_archive(args: argparse.Namespace):
 
     if not index_exists(Path(cfg.index_path or Path(cfg.data_dir) / "index"), backend=cfg.index_backend,
                         dsn=cfg.index_dsn):
-        raise CliError(f"no archive in {cfg.data_dir}")
+        raise CliError(f"no archive in {cfg.data_dir}" if cfg.index_backend == "lmdb"
+                       else "no archive in the PostgreSQL database of index.dsn")
     from .service import Archive
 
     return Archive(cfg)
@@ -624,6 +625,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .rebuild import rebuild
 
     cfg = load_config(args)
+    if cfg.index_backend != "lmdb":
+        raise CliError("index rebuild writes an LMDB index: run it with [index] backend = \"lmdb\" "
+                       "(a config without the [index] section), then `pathpacs index migrate --to postgresql`")
     from .service import Archive
 
     arc = Archive(cfg)
