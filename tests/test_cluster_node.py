@@ -29,7 +29,10 @@ import factory
 from conftest import ROOT, Server, free_port, run_cli
 
 LEASE = 2.0  # cluster.lease_seconds of every node here: dead after 2 s without a heartbeat
-HAVE_PG = importlib.util.find_spec("archive.index.postgresql") is not None
+# the shared index: PostgreSQL (the production set-up) unless PATHPACS_TEST_CLUSTER_INDEX=lmdb
+# (two nodes of one machine over one LMDB directory, `[index] path`)
+HAVE_PG = importlib.util.find_spec("archive.index.postgresql") is not None \
+    and os.environ.get("PATHPACS_TEST_CLUSTER_INDEX", "postgresql") == "postgresql"
 
 CONFIG = """
 {index}
@@ -408,3 +411,23 @@ def test_audit_trails_of_two_nodes_verify_each_and_list_merged_in_time_order(sit
     res = cli(site, "n1", "audit", "verify", "--trail", str(trails[0]), "--trail", str(broken))
     assert res.returncode == 1 and "chain intact" in res.stdout and f"audit trail {broken}" in res.stderr, \
         res.stdout + res.stderr
+
+
+def test_consultation_lease_owners_are_named_by_node_not_host(site, tmp_path):
+    """Nodes of one machine share a host name: a consultation job's lease owner names the node,
+    and only this node's owners are judged by their pid."""
+    from archive.config import load
+    from archive.consult.jobs import _alive
+    from archive.service import Archive
+
+    cfg = load(site["cfg_n1"])
+    cfg.data_dir = tmp_path / "data"
+    with Archive(cfg) as arc:
+        assert arc.consultations.owner.startswith(f"n1:{os.getpid()}:")
+        assert arc.cluster.owner.startswith(f"n1:{os.getpid()}:")
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert _alive(f"n9:{dead.pid}:abc", "n1")  # another node's: alive until its lease runs out
+    assert not _alive(f"n1:{dead.pid}:abc", "n1")  # this node's process is gone: taken over at once
+    assert _alive(f"n1:{os.getpid()}:abc", "n1")
