@@ -168,10 +168,12 @@ def owner_pid(owner: str) -> int | None:
 class Leases:
     """Named cluster leases (the `leases` table): one holder at a time, taken over when it lapses."""
 
-    def __init__(self, index: "Index", owner: str, nodes: Nodes) -> None:
+    def __init__(self, index: "Index", owner: str, nodes: Nodes | None = None, lease_seconds: float = 30.0) -> None:
+        """owner: "node:pid:uuid"; nodes: the heartbeats that tell a dead node (default: those
+        of the owner's node in the same index)."""
         self.index = index
         self.owner = owner
-        self.nodes = nodes
+        self.nodes = nodes if nodes is not None else Nodes(index, owner_node(owner), lease_seconds)
 
     def _owner_gone(self, owner: str) -> bool:
         """Whether a lease's holder cannot be running any more: its process on this node is

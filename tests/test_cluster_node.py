@@ -167,6 +167,43 @@ def test_every_node_heartbeats_and_cluster_status_lists_them(site):
     assert len(sops[0]) == len(site["files"]) and sops[0] == sops[1]
 
 
+def test_cluster_status_without_an_archive_is_one_line_and_index_path_is_relative_to_the_config(tmp_path):
+    res = run_cli("cluster", "status", data=tmp_path / "none")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "no archive" in res.stderr, res.stderr
+    from archive.config import load
+
+    (tmp_path / "c.toml").write_text('[index]\npath = "shared/index"\n[cluster]\nnode = "x1"\n')
+    cfg = load(tmp_path / "c.toml")
+    assert cfg.index_path == tmp_path / "shared" / "index" and cfg.node() == "x1"
+
+
+def test_sweep_rule_own_dead_sessions_and_long_dead_nodes_only(site):
+    """Cluster.may_remove, the rule of the crash sweep and of move recovery."""
+    from archive.cluster import parse_session, session_tag
+
+    index, me = open_cluster(site, "u1")
+    try:
+        now = time.time()
+        assert parse_session(session_tag("u1", "abc", now)) == ("u1", "abc", int(now))
+        assert parse_session("abc") == (None, "abc", None)  # an entry from before clusters
+        dead_local, live_local = (lambda s: False), (lambda s: True)
+        assert me.may_remove("abc", dead_local) and not me.may_remove("abc", live_local)
+        assert me.may_remove(session_tag("u1", "abc"), dead_local)
+        assert not me.may_remove(session_tag("u1", "abc"), live_local)
+        old = session_tag("u2", "s", now - 10 * LEASE)
+        index.put_record("nodes", "u2", {"seen": now})  # u2 alive: never, however old the entry
+        assert not me.may_remove(old, dead_local)
+        index.put_record("nodes", "u2", {"seen": now - 1.5 * LEASE})  # dead, but not for a lease yet
+        assert not me.may_remove(old, dead_local)
+        index.put_record("nodes", "u2", {"seen": now - 3 * LEASE})  # dead for more than a lease
+        assert me.may_remove(old, dead_local)
+        assert not me.may_remove(session_tag("u2", "s", now), dead_local)  # the entry is younger than a lease
+        index.delete_record("nodes", "u2")  # no heartbeat at all: dead
+        assert me.may_remove(old, dead_local)
+    finally:
+        index.close()
+
+
 # -- leases ------------------------------------------------------------------------------------
 
 CONTEND = OPEN_INDEX + """
