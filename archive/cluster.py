@@ -14,8 +14,9 @@ checksum migration) run under one (`Leases.hold`), renewed while they run.
 
 Pending blobs and tier-move journal entries carry the node in their session string
 (`session_tag`: "node/staging-session@epoch"), so a node's crash sweep touches only its own
-dead sessions' leftovers and those of nodes that are dead (`Sweeper rules` in
-`Archive.sweep`); `parse_session` reads the old form (a bare staging session: this node's).
+dead sessions' leftovers and those of nodes that are dead (`Cluster.may_remove`, asked by
+`Archive.sweep` and `Lifecycle.recover`); `parse_session` reads the old form (a bare staging
+session: this node's). See docs/cluster.md.
 """
 from __future__ import annotations
 
