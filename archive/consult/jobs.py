@@ -185,7 +185,7 @@ class Consultations:
         else:
             consent = None
         deid = deid_module() if deidentify else None
-        job_id = secrets.token_urlsafe(9)
+        job_id = secrets.token_hex(6)  # hex: never starts with '-', which a CLI would read as an option
         metas = self.index.metadata([r.sop for r in recs]) if recs else []
         entries = []
         for n, (rec, raw) in enumerate(zip(recs, metas)):
