@@ -377,6 +377,12 @@ class Archive:
     def instances(self) -> Iterator[InstanceRecord]:
         return self.index.instances()
 
+    def health(self) -> str:
+        """This node's name once the index answers a cheap read: what a load balancer's health
+        check (GET /healthz) asks. Unavailable (HTTP 503) while the index does not answer."""
+        self.index.rejection_generation()
+        return self.config.node()
+
     def stats(self) -> Stats:
         return self.index.stats()
 
