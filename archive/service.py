@@ -690,11 +690,11 @@ class Archive:
             datas = await asyncio.gather(*(one(f) for f in located.fragments))  # type: ignore[arg-type]
         except StoreUnavailable as exc:
             raise Unavailable(f"tier {table.blob.tier} is unavailable: {exc}") from exc
-        except BlobError:
-            return await asyncio.get_running_loop().run_in_executor(None, self.read_located, sop, located)
+        except BlobError:  # moved or replaced meanwhile: the slow path looks again; its frames only
+            return (await asyncio.get_running_loop().run_in_executor(None, self.read_located, sop, located))[1]
         for data, crc in zip(datas, located.crcs):
             if crc is not None and crc32c(data) != crc:  # the slow path knows about replicas
-                return await asyncio.get_running_loop().run_in_executor(None, self.read_located, sop, located)
+                return (await asyncio.get_running_loop().run_in_executor(None, self.read_located, sop, located))[1]
         return list(datas)
 
     def all_frames(self, sop: str, batch: int = 256) -> Iterator[list[bytes]]:
