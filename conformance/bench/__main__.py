@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "study browser": ("conformance.bench.browser", "run"),
     "viewer": ("conformance.bench.viewer", "run"),
     "consultation": ("conformance.bench.consult", "run"),
+    "nodes": ("conformance.bench.nodes", "run"),
 }
 
 
@@ -96,6 +97,26 @@ def _run_isolated(module: str, func: str, tmp: Path, quick: bool) -> list[dict]:
     return json.loads(out.read_text())
 
 
+def replace_sections(text: str, sections: list[str]) -> str:
+    """`text` (a BENCHMARKS.md) with each `## name` section of `sections` put in place of the one
+    of that name, or appended; the other sections and the header stay as measured."""
+    def split(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+        head: list[str] = []
+        parts: dict[str, list[str]] = {}
+        current = None
+        for line in lines:
+            if line.startswith("## "):
+                current = line
+                parts[current] = []
+            (parts[current] if current else head).append(line)
+        return head, parts
+
+    head, old = split(text.splitlines())
+    _, new = split(sections)
+    old.update(new)
+    return "\n".join(head + [line for part in old.values() for line in part]).rstrip("\n") + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance.bench")
     p.add_argument("--quick", action="store_true", help="small inputs, for a smoke run")
@@ -113,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             if len(rows) == 1 and rows[0].get("value") == "FAILED":
                 failed += 1
         lines = table(rows)
+        notes = getattr(importlib.import_module(module), "NOTES", "")  # a section's assumptions, as text
+        if notes:
+            lines += ["", notes]
         print("\n".join(lines), flush=True)
         sections += [f"## {name}", "", *lines, ""]
     doc = [
@@ -130,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         args.out.write_text("\n".join(doc))
         print(f"wrote {args.out}", file=sys.stderr)
+    elif args.out.exists():  # --only: those sections replaced in (or added to) the existing file
+        args.out.write_text(replace_sections(args.out.read_text(), sections))
+        print(f"updated {', '.join(args.only)} in {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 
