@@ -24,18 +24,19 @@ from .peers import start_postgres, start_seaweedfs
 
 SENDERS = 6  # parallel dcmsend processes (scanners sending at once)
 
-NOTES = """Projection to a real cluster (assumptions stated, not measured here): on this machine
-the nodes, PostgreSQL, SeaweedFS (which stores every byte again on the same disk), HAProxy and the
-six senders share 2 cores, so the aggregate is bound by the CPU of the whole box and adding nodes
-can only show there is no contention cliff (no lock or connection-pool convoy in the shared
-index). A node's work per instance is sha256 + CRC32C of each frame while receiving, one S3 PUT
-and one short index transaction (a few rows; advisory locks only per patient/study/series), so
-nodes share nothing but PostgreSQL commits (a few per instance: thousands per second on one
-server) and the S3 service's bandwidth. Assuming each node on its own 4+ core machine reaches the
-single-node rate of the "ingest" section with S3 in place of the local disk (~300-400 MB/s, the
-network and sha256 being the limits), a 10 GbE S3 service, and PostgreSQL on its own machine,
-N nodes give about N x the one-node rate until the S3 service or the network saturates (3 nodes:
-~1 GB/s, i.e. ~500 2 GB slides a minute, far above 6 scanners' ~50 MB/s)."""
+NOTES = """Projection to a real cluster (assumptions stated, not measured here). On this machine the
+nodes, PostgreSQL, SeaweedFS (which writes every byte again to the same disk), HAProxy and the six
+dcmsend senders share 2 cores: the aggregate is bound by the CPU of the whole box, so adding nodes
+can only show that there is no contention cliff (no lock or pool convoy in the shared index), not
+scaling. A node's work per instance is sha256 and CRC32C while receiving, one S3 PUT and one short
+index transaction (advisory locks per patient, study and series only); nodes share nothing but
+PostgreSQL commits (a few per instance; one PostgreSQL server commits thousands per second) and the
+S3 service's bandwidth. Assumptions: each node on its own machine with >= 4 cores, PostgreSQL on its
+own machine, S3 and network not saturated (10 GbE). Then each node ingests at least the 1-node rate
+above (which here also pays for PostgreSQL and SeaweedFS on the same cores; this machine's
+single-file S3 upload is ~200 MB/s, "s3 client") and N nodes give about N x that rate until the S3
+service or the network saturates. Six scanners writing 2 GB slides every 4 minutes need ~50 MB/s:
+one node carries them; more nodes are for availability and reading load."""
 
 
 def make_instances(outdir: Path, count: int, mb_each: float, tile: int = 256) -> tuple[list[Path], int]:
