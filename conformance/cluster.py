@@ -5,11 +5,13 @@ processes (`peers.Pathpacs`, node names n1..nN, each its own data directory for 
 its own DIMSE and HTTP port), the shared DSN (a fresh database of `postgres`), the tiers in
 `bucket` under a fresh prefix, and HAProxy in front. Each node's config is the `node.toml`
 example of docs/deployment.md with its placeholders filled in (the doc's examples are the ones
-the tests run); `extra_toml` is appended (a test's rules). Used by tests/test_cluster.py and the
-"nodes" benchmark.
+the tests run); `settings` change keys of the example (`{"rules_every_minutes": "0.1"}`: the
+line `rules_every_minutes = ...` rewritten), `extra_toml` is appended (a test's rules). Used by
+tests/test_cluster.py and the "nodes" benchmark.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -22,14 +24,20 @@ from conformance.bench.peers import Haproxy, Pathpacs, Postgres, SeaweedFS, doc_
 
 
 def node_config(*, node: str, dicom_port: int, http_port: int, dsn: str, seaweedfs: SeaweedFS, bucket: str,
-                prefix: str, extra_toml: str = "") -> str:
-    """docs/deployment.md's node.toml for one node on 127.0.0.1."""
+                prefix: str, extra_toml: str = "", settings: dict[str, str] | None = None) -> str:
+    """docs/deployment.md's node.toml for one node on 127.0.0.1; `settings`: key -> TOML value
+    replacing the value of that key's line in the example (a key the example lacks is an error)."""
     k = seaweedfs.store_kwargs()
     values = {"HOST": "127.0.0.1", "DICOM_PORT": dicom_port, "HTTP_PORT": http_port, "PG_DSN": dsn, "NODE": node,
               "LB_ADDRESS": "127.0.0.1", "S3_ENDPOINT": k["endpoint"], "S3_BUCKET": bucket,
               "S3_PREFIX": prefix, "S3_REGION": k["region"], "S3_ACCESS_KEY": k["access_key"],
               "S3_SECRET_KEY": k["secret_key"]}
-    return render(doc_example("node.toml"), values) + ("\n" + extra_toml if extra_toml else "")
+    text = render(doc_example("node.toml"), values)
+    for key, value in (settings or {}).items():
+        text, n = re.subn(rf"^{re.escape(key)} = .*$", f"{key} = {value}", text, flags=re.M)
+        if n != 1:
+            raise KeyError(f"docs/deployment.md's node.toml has {n} lines setting {key}")
+    return text + ("\n" + extra_toml if extra_toml else "")
 
 
 @dataclass
@@ -108,6 +116,7 @@ class Cluster:
 
 def start_cluster(workdir: Path, n: int, postgres: Postgres, seaweedfs: SeaweedFS, bucket: str, *,
                   dsn: str | None = None, prefix: str | None = None, extra_toml: str = "",
+                  settings: dict[str, str] | None = None,
                   quiet: bool = False, balancer: bool = True, timeout: float = 90) -> Cluster:
     """n nodes (started one after another: the first creates the schema) and HAProxy in front."""
     workdir = Path(workdir)
@@ -121,7 +130,7 @@ def start_cluster(workdir: Path, n: int, postgres: Postgres, seaweedfs: SeaweedF
             cfg = workdir / f"{name}.toml"
             cfg.write_text(node_config(node=name, dicom_port=dicom_port, http_port=http_port, dsn=cluster.dsn,
                                        seaweedfs=seaweedfs, bucket=bucket, prefix=cluster.prefix,
-                                       extra_toml=extra_toml))
+                                       extra_toml=extra_toml, settings=settings))
             node = Pathpacs(workdir / name / "data", dicom_port, http_port, config=cfg, quiet=quiet,
                             log_path=workdir / f"{name}.log")
             cluster.nodes.append(node)
