@@ -23,6 +23,7 @@ from .ingest import _tile_pool
 from .peers import start_postgres, start_seaweedfs
 
 SENDERS = 6  # parallel dcmsend processes (scanners sending at once)
+ROUNDS = 2  # the best of two rounds per cluster size (this machine is shared and noisy)
 
 NOTES = """Projection to a real cluster (assumptions stated, not measured here). On this machine the
 nodes, PostgreSQL, SeaweedFS (which writes every byte again to the same disk), HAProxy and the six
@@ -86,18 +87,22 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
             cl = start_cluster(workdir / f"cluster{n}", n, pg, weed, bucket, quiet=True)
             try:
                 send_parallel(cl.dimse_port, files[:SENDERS])  # warm-up: connections, pools, S3 sessions
-                fresh, _ = make_instances(workdir / f"files{n}", count, mb_each)
-                dt = send_parallel(cl.dimse_port, fresh)
+                times = []
+                for r in range(ROUNDS):  # new instances each round (the same sizes and tiles)
+                    fresh, _ = make_instances(workdir / f"files{n}-{r}", count, mb_each)
+                    times.append(send_parallel(cl.dimse_port, fresh))
+                    shutil.rmtree(workdir / f"files{n}-{r}", ignore_errors=True)
+                dt = min(times)
                 stats = cl.cli(0, "stats", check=True).stdout
                 stored = int(next(line.split()[1] for line in stats.splitlines() if line.startswith("instances")))
-                if stored != count + min(SENDERS, count):
-                    raise RuntimeError(f"{stored} instances stored, {count + min(SENDERS, count)} sent")
+                if stored != ROUNDS * count + min(SENDERS, count):
+                    raise RuntimeError(f"{stored} instances stored, {ROUNDS * count + min(SENDERS, count)} sent")
                 rates[n] = mb / dt
                 rows.append({"benchmark": f"C-STORE {mb:.0f} MB ({count} instances, {SENDERS} dcmsend in parallel) through HAProxy",
                              "system": f"{n} node{'s' if n > 1 else ''} (PostgreSQL + SeaweedFS)",
                              "value": f"{mb / dt:.0f} MB/s ({dt:.2f} s)",
+                             "rounds": " / ".join(f"{mb / t:.0f}" for t in times) + " MB/s",
                              "note": f"{rates[n] / rates[1]:.2f} x one node" if n > 1 else "durable: S3 PUT + index commit"})
-                shutil.rmtree(workdir / f"files{n}", ignore_errors=True)
             finally:
                 cl.stop()
                 shutil.rmtree(workdir / f"cluster{n}", ignore_errors=True)
