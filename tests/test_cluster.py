@@ -455,7 +455,7 @@ def test_postgresql_restart_under_load_fails_cleanly_then_serves(cluster, token,
     assert [c for _, c, _ in http[-6:]] == [200] * 6, http[-6:]
     failed = {s for s, st in stores.items() if st != 0}
     assert failed, "no C-STORE fell into the gap"
-    assert {stores[s] for s in failed} <= {0xA700, 0xC000, 0x0110, -1}, {hex(stores[s]) for s in failed}
+    assert {stores[s] for s in failed} <= {0xA700, -1}, {hex(stores[s]) for s in failed}  # Out of Resources (the index is unavailable), or no association
     ok = {s for s, st in stores.items() if st == 0}
     stored = {v(d, "00080018") for d in qido(cluster.http_url, token, "instances", StudyInstanceUID=study)}
     assert ok <= stored and not (stored & failed - ok), (len(ok), len(stored), len(failed))
