@@ -132,7 +132,7 @@ def s3_prefix(request) -> str:
 def postgres():
     if peers.postgres_bindir() is None:
         pytest.fail("PostgreSQL is not installed (make test installs it with apt-get)")
-    pg = peers.start_postgres()
+    pg = peers.start_postgres(durable=False)  # fsync off: databases made and dropped in a blink
     try:
         yield pg
     finally:

@@ -90,6 +90,7 @@ FRAME_CACHE = 20_000  # instances whose location and frame table the frame path 
 GEN_CHECK = 0.5  # seconds between checks of the rejection generation from the frame path
 POOL_TIMEOUT = 5.0  # seconds to wait for a connection before the database counts as gone
 RETRIES = 6
+RECONNECT = 1.0  # the pool gives up reconnecting in the background this soon: the next call tries afresh
 
 L_PATIENT, L_STUDY, L_SERIES, L_INSTANCE, L_FLAGS, L_RECORD, L_SCHEMA = 1, 2, 3, 4, 5, 10, 11
 SEP = "\0"
@@ -229,7 +230,7 @@ class PostgresIndex:
             kwargs["options"] = "-c default_transaction_read_only=on"
         self.pool = ConnectionPool(dsn, min_size=1, max_size=max(1, pool_size), timeout=POOL_TIMEOUT,
                                    kwargs=kwargs, check=ConnectionPool.check_connection, open=False,
-                                   name="pathpacs-index")
+                                   name="pathpacs-index", reconnect_timeout=RECONNECT)
         try:
             self.pool.open(wait=True, timeout=POOL_TIMEOUT)
         except PoolTimeout as exc:
@@ -1045,21 +1046,15 @@ class PostgresIndex:
             raise FileExistsError(f"{directory} is not empty")
         out = directory / "index.jsonl"
         try:
-            with self.pool.connection() as conn:
-                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-                try:
-                    with conn.transaction(), open(out, "w", encoding="utf-8") as f:
-                        conn.read_only = True
-                        f.write(json.dumps({"pathpacs_index": "postgresql", "schema": SCHEMA}) + "\n")
-                        for table in TABLES:
-                            with conn.cursor(name=f"backup_{table}") as cur:
-                                cur.itersize = 2000
-                                cur.execute(f"SELECT row_to_json(t)::text FROM {table} t")
-                                for (row,) in cur:
-                                    f.write(f'{{"table":"{table}","row":{row}}}\n')
-                finally:
-                    conn.read_only = False
-                    conn.isolation_level = None
+            with self.pool.connection() as conn, open(out, "w", encoding="utf-8") as f:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                f.write(json.dumps({"pathpacs_index": "postgresql", "schema": SCHEMA}) + "\n")
+                for table in TABLES:
+                    with conn.cursor(name=f"backup_{table}") as cur:
+                        cur.itersize = 2000
+                        cur.execute(f"SELECT row_to_json(t)::text FROM {table} t")
+                        for (row,) in cur:
+                            f.write(f'{{"table":"{table}","row":{row}}}\n')
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise _unavailable(exc) from exc
         return out
