@@ -14,8 +14,9 @@ checksum migration) run under one (`Leases.hold`), renewed while they run.
 
 Pending blobs and tier-move journal entries carry the node in their session string
 (`session_tag`: "node/staging-session@epoch"), so a node's crash sweep touches only its own
-dead sessions' leftovers and those of nodes that are dead (`Sweeper rules` in
-`Archive.sweep`); `parse_session` reads the old form (a bare staging session: this node's).
+dead sessions' leftovers and those of nodes that are dead (`Cluster.may_remove`, asked by
+`Archive.sweep` and `Lifecycle.recover`); `parse_session` reads the old form (a bare staging
+session: this node's). See docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -168,10 +169,12 @@ def owner_pid(owner: str) -> int | None:
 class Leases:
     """Named cluster leases (the `leases` table): one holder at a time, taken over when it lapses."""
 
-    def __init__(self, index: "Index", owner: str, nodes: Nodes) -> None:
+    def __init__(self, index: "Index", owner: str, nodes: Nodes | None = None, lease_seconds: float = 30.0) -> None:
+        """owner: "node:pid:uuid"; nodes: the heartbeats that tell a dead node (default: those
+        of the owner's node in the same index)."""
         self.index = index
         self.owner = owner
-        self.nodes = nodes
+        self.nodes = nodes if nodes is not None else Nodes(index, owner_node(owner), lease_seconds)
 
     def _owner_gone(self, owner: str) -> bool:
         """Whether a lease's holder cannot be running any more: its process on this node is
@@ -199,7 +202,7 @@ class Leases:
                 return old
             got.append(True)
             since = old["since"] if old is not None and old.get("owner") == self.owner else now
-            if old is not None and old.get("owner") != self.owner:
+            if old is not None and old.get("owner") and old.get("owner") != self.owner:
                 log.info("lease %s taken over from %s", name, old.get("owner"))
             return {**(old or {}), "owner": self.owner, "until": now + seconds, "since": since}
 

@@ -65,20 +65,21 @@ def _when(rec: Record) -> datetime:
     return datetime.fromisoformat(rec.time.replace("Z", "+00:00"))
 
 
-def merged(trails: list[Trail]) -> Iterator[Record]:
-    """The records of several trails (several nodes') in time order (a trail's own order
-    within one time)."""
-    import heapq
-
-    if len(trails) == 1:
-        return trails[0].records()
-    return heapq.merge(*(t.records() for t in trails), key=_when)
-
-
 def select(trail: "Trail | list[Trail]", args: argparse.Namespace) -> Iterator[tuple[Record, AuditEvent]]:
+    """The records matching the filters; of several trails (several nodes'), merged in time
+    order (a record's time is its event's: aggregated reads are written after later events,
+    so the matches are sorted, not merged)."""
+    if isinstance(trail, list):
+        if len(trail) > 1:
+            return iter(sorted((x for t in trail for x in _select(t, args)), key=lambda x: _when(x[0])))
+        trail = trail[0]
+    return _select(trail, args)
+
+
+def _select(trail: Trail, args: argparse.Namespace) -> Iterator[tuple[Record, AuditEvent]]:
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
-    for rec in merged(trail if isinstance(trail, list) else [trail]):
+    for rec in trail.records():
         if since is not None and _when(rec) < since:
             continue
         if until is not None and _when(rec) >= until:
