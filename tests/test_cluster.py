@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -432,8 +433,9 @@ def test_postgresql_restart_under_load_fails_cleanly_then_serves(cluster, token,
         t_stop = time.monotonic()
         postgres.stop()
         time.sleep(2)
-        for node in cluster.nodes:  # the load balancer's check takes every node out meanwhile
-            h = requests.get(f"{node.http_url}/healthz", timeout=15)
+        with ThreadPoolExecutor(3) as pool:  # the load balancer's check takes every node out meanwhile
+            checks = list(pool.map(lambda n: requests.get(f"{n.http_url}/healthz", timeout=15), cluster.nodes))
+        for h in checks:
             assert h.status_code == 503 and h.text.strip(), (h.status_code, h.text)
         time.sleep(2)
         t_back = time.monotonic()
