@@ -361,7 +361,7 @@ def test_a_tier_rule_runs_once_while_two_nodes_serve_the_moving_study(cluster, t
 def test_kill_9_of_a_node_mid_ingest_loses_nothing_acknowledged(cluster, token):
     victim = cluster.nodes[1]
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
-    dss = [slide(study, series, patient="PKILL", seed=300 + k, frames=8, instance_number=k + 1) for k in range(40)]
+    dss = [slide(study, series, patient="PKILL", seed=300 + k, frames=8, instance_number=k + 1) for k in range(60)]
     tmp = victim.data_dir / "hot" / "tmp"
     sessions_before = {p.name for p in tmp.iterdir()} if tmp.exists() else set()
     assert sessions_before, "the running node has a staging session"
