@@ -1174,6 +1174,29 @@ class LmdbIndex:
                 out.append(FixityEvent(d["time"], d["sop"], BlobRef(d["tier"], d["blob"]), d["what"], d["source"]))
             return out
 
+    # -- moving an index to another backend (archive.index.migrate) -------------------------
+    def bulk_values(self, sop: str) -> dict[str, bytes]:
+        prefix = sop.encode() + SEP
+        return {bytes(k[len(prefix):]).decode(): bytes(v) for k, v in self._batched("bulk", prefix)}
+
+    def put_version(self, entry: Mapping[str, Any]) -> bool:
+        rec = entry["record"]
+        d = {"record": rec.to_json() if isinstance(rec, InstanceRecord) else dict(rec),
+             "copies": [list(c) for c in entry["copies"]], "time": entry["time"], "who": entry.get("who", "")}
+        with self.env.begin(write=True) as txn:
+            if txn.get(entry["key"].encode(), db=self.db["versions"]) is not None:
+                return False
+            txn.put(entry["key"].encode(), _dumps(d), db=self.db["versions"])
+            for blob_key in [d["record"]["blob"]] + [c[1] for c in d["copies"]]:  # never swept
+                txn.put(blob_key.encode(), d["record"]["sop"].encode(), db=self.db["blob"])
+            self._bump(txn)
+            return True
+
+    def mark_checksum_todo(self, sops: Sequence[str]) -> None:
+        with self.env.begin(write=True) as txn:
+            for sop in sops:
+                txn.put(sop.encode(), b"", db=self.db["todo_crc"])
+
     # -- rejection (IOCM), replaced versions, purge intents ---------------------------------
     def _bump(self, txn) -> None:
         raw = txn.get(b"rejected_gen", db=self.db["state"])
