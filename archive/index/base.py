@@ -32,7 +32,7 @@ class NewInstance:
 
     record: InstanceRecord
     frames: list[list[tuple[int, int]]]  # fragments per frame ([] when the instance has none)
-    crcs: list[int]  # per frame; None only when copying a table that has none yet (migration)
+    crcs: list[int]  # per frame; None: not known yet (a migrated older table): queued for the checksum pass
     metadata: bytes  # DICOM JSON (BulkDataURIs relative to metadata.BASE_TOKEN)
     bulk: Mapping[str, bytes]
     patient_attrs: Mapping[str, Any]
@@ -207,6 +207,3 @@ class Index(Protocol):
     def put_version(self, entry: Mapping[str, Any]) -> bool:
         """Keep a replaced version as another index holds it (a `versions()` entry: its "key",
         record, copies, time, who), its blobs marked referenced; False when that key is there."""
-    def mark_checksum_todo(self, sops: Sequence[str]) -> None:
-        """Queue instances whose frame table has no CRC32C yet (added with `crcs=None`) for
-        the checksum pass, as `checksum_todo` lists them."""

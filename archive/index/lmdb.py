@@ -837,6 +837,8 @@ class LmdbIndex:
         txn.put(rec.blob.key.encode(), sop.encode(), db=db["blob"])
         if new.frames:
             txn.put(sop.encode(), frametable.pack(new.frames, new.crcs), db=db["frames"])
+            if new.crcs is None:  # a migrated table without CRC32C yet: the checksum pass adds them
+                txn.put(sop.encode(), b"", db=db["todo_crc"])
         txn.put(sop.encode(), new.metadata, db=db["meta"])
         for path, value in new.bulk.items():
             txn.put(_k(sop, path), value, db=db["bulk"])
@@ -1191,11 +1193,6 @@ class LmdbIndex:
                 txn.put(blob_key.encode(), d["record"]["sop"].encode(), db=self.db["blob"])
             self._bump(txn)
             return True
-
-    def mark_checksum_todo(self, sops: Sequence[str]) -> None:
-        with self.env.begin(write=True) as txn:
-            for sop in sops:
-                txn.put(sop.encode(), b"", db=self.db["todo_crc"])
 
     # -- rejection (IOCM), replaced versions, purge intents ---------------------------------
     def _bump(self, txn) -> None:

@@ -11,7 +11,8 @@ received, so each study's "updated" time and modality order come out as they wer
 Resumable: instances already in the target are skipped (a study whose counts already match is
 skipped whole) and everything after them is an idempotent upsert (copies, flags, access and
 verified times, tokens, records, rejection marks, kept versions, fixity events not there yet,
-the checksum queue, purge intents), so a migration killed at any point is finished by running
+purge intents; a table without CRC32C joins the checksum
+queue as it is added), so a migration killed at any point is finished by running
 it again. At the end both sides are counted (`counts`) and must agree.
 
 Refused while the source is in use: a live process with a staging session, blobs pending a
@@ -104,9 +105,6 @@ def migrate(source: Index, target: Index, *, batch: int = BATCH,
     for event in source.fixity_events():
         if _event_key(event) not in seen:
             target.record_fixity(event)
-    todo = source.checksum_todo(max(1, source.checksum_todo_count()))
-    if todo:
-        target.mark_checksum_todo(todo)
     say("counting both indexes")
     report.source = counts(source)
     report.target = counts(target)
