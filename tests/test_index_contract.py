@@ -1,6 +1,7 @@
 """The Index contract: the domain operations every index backend must answer alike.
 
-Parametrised over BACKENDS (LMDB now; the PostgreSQL backend joins it). Records go in as
+Parametrised over BACKENDS: LMDB and PostgreSQL (a fresh database of the session's server per
+test, the conftest `pg_dsn`). Records go in as
 NewInstance and come out typed; searches go through archive.query.Searcher, the backend-
 independent matcher, over the backend's candidate selection.
 """
@@ -22,12 +23,18 @@ def lmdb_index(tmp_path):
     return LmdbIndex(tmp_path / "index", map_size=1 << 30)
 
 
-BACKENDS = {"lmdb": lmdb_index}
+def postgresql_index(request, tmp_path):
+    from archive.index.postgresql import PostgresIndex
+
+    return PostgresIndex(request.getfixturevalue("pg_dsn"), pool_size=4)
+
+
+BACKENDS = {"lmdb": lambda request, tmp_path: lmdb_index(tmp_path), "postgresql": postgresql_index}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def index(request, tmp_path):
-    idx = BACKENDS[request.param](tmp_path)
+    idx = BACKENDS[request.param](request, tmp_path)
     yield idx
     idx.close()
 
