@@ -651,7 +651,11 @@ def cmd_index_migrate(args: argparse.Namespace) -> int:
             check_idle(source, Path(cfg.data_dir) / "hot" / "tmp")
         except MigrationRefused as exc:
             raise CliError(str(exc))
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)  # its retries: the one line below says it
         try:
+            import psycopg
+
+            psycopg.connect(dsn, connect_timeout=10).close()  # the server's own reason, when it refuses
             target = open_index(source_dir, backend="postgresql", dsn=dsn, pool_size=cfg.index_pool_size)
         except Exception as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

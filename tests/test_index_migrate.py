@@ -15,7 +15,7 @@ import requests
 
 import factory
 from conftest import Server, free_port, need, pathpacs_cmd, run_cli, ROOT
-from test_index_contract import new
+from test_index_contract import index, new  # noqa: F401  (index: the fixture over both backends)
 
 from archive.index import LmdbIndex, open_index
 from archive.records import BlobRef
@@ -194,3 +194,20 @@ def test_bad_dsn_and_missing_archive_are_one_line(tmp_path, postgres):
         assert res.stderr.startswith("pathpacs: error: ") and res.stderr.count("\n") == 1, res.stderr
         assert "Traceback" not in res.stderr
     assert not (tmp_path / "empty").exists()  # nothing created where there was no archive
+
+
+def test_bulk_values_and_put_version_alike_on_both_backends(index):
+    """The two operations migrate adds to the Index protocol, on LMDB and PostgreSQL."""
+    index.add_instances([new("1.3.1"), new("1.3.2", blob="b2")])
+    assert index.bulk_values("1.3.1") == {"00282000": b"icc" * 500}
+    assert index.bulk_values("1.3.9") == {}
+    entry = {"key": "1.3.1\x002026-01-01T00:00:00.000\x00abcd1234", "record": new("1.3.1", blob="old").record,
+             "copies": [BlobRef("cold", "old-copy")], "time": "2026-01-01T00:00:00.000", "who": "SCU"}
+    gen = index.rejection_generation()
+    assert index.put_version(entry) is True
+    assert index.put_version(entry) is False  # that key is there: nothing changes
+    [kept] = index.versions("1.3.1")
+    assert kept["key"] == entry["key"] and kept["record"].blob == BlobRef("hot", "old")
+    assert kept["copies"] == [BlobRef("cold", "old-copy")] and kept["who"] == "SCU"
+    assert index.blob_referenced(BlobRef("hot", "old")) and index.blob_referenced(BlobRef("cold", "old-copy"))
+    assert index.rejection_generation() > gen  # processes refresh what they hide
