@@ -40,18 +40,26 @@ def answers(srv: Server, study: str, series: str, wsi: list[str]) -> dict:
         "by patient": qido(srv, "studies?PatientID=P1"),
         "series": qido(srv, f"studies/{study}/series?includefield=all"),
         "instances": qido(srv, f"studies/{study}/series/{series}/instances?includefield=all"),
-        "all instances": qido(srv, "instances"),
+        # across studies the order is the backend's (PS3.18 sets none): compared as a set
+        "all instances": sorted(qido(srv, "instances"), key=lambda d: d["00080018"]["Value"][0]),
     }
     r = requests.get(f"{srv.dicomweb_url}/studies/{study}/metadata", timeout=30)
     assert r.status_code == 200
     out["metadata"] = r.content
-    for sop in wsi:
-        for frame in (1, 2, 3):
+    for i, sop in enumerate(wsi):
+        for frame in (1, 2, 3) if i == 0 else (1,):  # the base level has several, the smallest one
             r = requests.get(f"{srv.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}/frames/{frame}",
                              headers={"Accept": "multipart/related; type=application/octet-stream"}, timeout=30)
             assert r.status_code == 200
-            out[f"frame {sop} {frame}"] = r.content
+            out[f"frame {sop} {frame}"] = frame_bytes(r)
     return out
+
+
+def frame_bytes(r: requests.Response) -> bytes:
+    """The one part of a multipart frame answer (its boundary is random per answer)."""
+    boundary = r.headers["Content-Type"].split("boundary=")[1].split(";")[0].strip('"').encode()
+    body = r.content.split(b"\r\n\r\n", 1)[1]
+    return body.rsplit(b"\r\n--" + boundary, 1)[0]
 
 
 def pg_config(path: Path, dsn: str) -> Path:
