@@ -439,8 +439,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def _existing_archive(args: argparse.Namespace):
     """A verb that changes bookkeeping (verified times, moves) but must not create an archive."""
     cfg = load_config(args)
-    if not (Path(cfg.data_dir) / "index" / "data.mdb").is_file():
-        raise CliError(f"no archive in {cfg.data_dir}")
+    from .index import index_exists
+
+    if not index_exists(Path(cfg.data_dir) / "index", backend=cfg.index_backend, dsn=cfg.index_dsn):
+        raise CliError(f"no archive in {cfg.data_dir}" if cfg.index_backend == "lmdb"
+                       else "no archive in the PostgreSQL database of index.dsn")
     from .service import Archive
 
     return Archive(cfg)
@@ -608,6 +611,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .rebuild import rebuild
 
     cfg = load_config(args)
+    if cfg.index_backend != "lmdb":
+        raise CliError("index rebuild writes an LMDB index: run it with [index] backend = \"lmdb\" "
+                       "(a config without the [index] section), then `pathpacs index migrate --to postgresql`")
     from .service import Archive
 
     arc = Archive(cfg)
