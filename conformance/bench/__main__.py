@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "viewer": ("conformance.bench.viewer", "run"),
     "consultation": ("conformance.bench.consult", "run"),
     "nodes": ("conformance.bench.nodes", "run"),
+    "postgresql": ("conformance.bench.pg", "run"),
 }
 
 
@@ -97,24 +98,19 @@ def _run_isolated(module: str, func: str, tmp: Path, quick: bool) -> list[dict]:
     return json.loads(out.read_text())
 
 
-def replace_sections(text: str, sections: list[str]) -> str:
-    """`text` (a BENCHMARKS.md) with each `## name` section of `sections` put in place of the one
-    of that name, or appended; the other sections and the header stay as measured."""
-    def split(lines: list[str]) -> tuple[list[str], dict[str, list[str]]]:
-        head: list[str] = []
-        parts: dict[str, list[str]] = {}
-        current = None
-        for line in lines:
-            if line.startswith("## "):
-                current = line
-                parts[current] = []
-            (parts[current] if current else head).append(line)
-        return head, parts
+def _replace_sections(text: str, sections: list[str]) -> str:
+    """`text` (BENCHMARKS.md) with each `## name` section of `sections` in place of its old one."""
+    import re
 
-    head, old = split(text.splitlines())
-    _, new = split(sections)
-    old.update(new)
-    return "\n".join(head + [line for part in old.values() for line in part]).rstrip("\n") + "\n"
+    new = "\n".join(sections)
+    for part in re.split(r"(?m)^(?=## )", new):
+        if not part.strip():
+            continue
+        head = part.splitlines()[0]
+        pattern = re.compile(rf"(?ms)^{re.escape(head)}\n.*?(?=^## |\Z)")
+        body = part.rstrip("\n") + "\n\n"
+        text = pattern.sub(lambda _m: body, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         args.out.write_text("\n".join(doc))
         print(f"wrote {args.out}", file=sys.stderr)
-    elif args.out.exists():  # --only: those sections replaced in (or added to) the existing file
-        args.out.write_text(replace_sections(args.out.read_text(), sections))
+    elif args.out.exists():  # --only: its sections replace theirs (or join the end) in the existing file
+        args.out.write_text(_replace_sections(args.out.read_text(), sections))
         print(f"updated {', '.join(args.only)} in {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
