@@ -247,3 +247,11 @@ def test_serve_with_a_postgresql_index(pg_dsn, make_server, wsi_files, tmp_path)
     listed = run_cli("ls", "--config", str(cfg), data=srv.data_dir, check=True).stdout
     assert all(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in listed for f in wsi_files)
     assert not (srv.data_dir / "index" / "data.mdb").exists()  # no LMDB index beside it
+
+
+def test_schema_of_a_newer_release_is_refused(pg_dsn):
+    PostgresIndex(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE pathpacs_schema SET version = 99")
+    with pytest.raises(Unavailable, match="schema 99, newer"):
+        PostgresIndex(pg_dsn)
