@@ -622,6 +622,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             arc.close()
         print(f"index copied to {path} ({_human(path.stat().st_size)})")
         return 0
+    if args.index_command == "migrate":
+        return cmd_index_migrate(args)
     from .rebuild import rebuild
 
     cfg = load_config(args)
@@ -647,6 +649,57 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"index rebuilt: {report.instances} instances ({per_tier}), {report.copies} replicas, "
           f"{len(report.unreadable)} blobs unreadable")
     return 1 if report.unreadable else 0
+
+
+def cmd_index_migrate(args: argparse.Namespace) -> int:
+    """`pathpacs index migrate --to postgresql`: archive.index.migrate, with the checks and lines."""
+    import json
+
+    from .index import LmdbIndex, open_index
+    from .index.migrate import MigrationRefused, check_idle, migrate, summary
+
+    cfg = load_config(args)
+    dsn = args.dsn or cfg.index_dsn
+    if not dsn:
+        raise CliError("--dsn is required (or [index] dsn in the config)")
+    if args.batch < 1:
+        raise CliError("--batch must be at least 1")
+    source_dir = Path(cfg.data_dir) / "index"
+    if not (source_dir / "data.mdb").is_file():
+        raise CliError(f"no LMDB index in {cfg.data_dir} to migrate")
+    source = LmdbIndex(source_dir, map_size=cfg.lmdb_map_size_gb << 30, readonly=True)
+    try:
+        try:
+            check_idle(source, Path(cfg.data_dir) / "hot" / "tmp")
+        except MigrationRefused as exc:
+            raise CliError(str(exc))
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)  # its retries: the one line below says it
+        try:
+            import psycopg
+
+            psycopg.connect(dsn, connect_timeout=10).close()  # the server's own reason, when it refuses
+            target = open_index(source_dir, backend="postgresql", dsn=dsn, pool_size=cfg.index_pool_size)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CliError(f"cannot open the PostgreSQL index: {first}")
+        try:
+            total = source.stats().instances
+            with _bar(args, total, unit="instance") as bar:
+                report = migrate(source, target, batch=args.batch, progress=bar.update,
+                                 phase=None if args.quiet else bar.set_description)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    if report.mismatches:
+        raise CliError("counts differ after the migration: " + "; ".join(sorted(report.mismatches)), code=1)
+    if not args.quiet:
+        for line in summary(report):
+            print(line)
+    print(f"index migrated: {report.added} instances added, {report.skipped} already there; counts verified")
+    print("to switch, put in the config file (the LMDB index in DATA/index is left as it was, the fallback):")
+    print(f'  [index]\n  backend = "postgresql"\n  dsn = {json.dumps(dsn)}')
+    return 0
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
@@ -760,6 +813,12 @@ def build_parser() -> argparse.ArgumentParser:
     ip.set_defaults(func=cmd_index)
     ip = isub.add_parser("rebuild", help="recreate the index from the blobs on every tier (server stopped)")
     _common(ip)
+    ip.set_defaults(func=cmd_index)
+    ip = isub.add_parser("migrate", help="copy the LMDB index into PostgreSQL (server stopped; resumable)")
+    _common(ip)
+    ip.add_argument("--to", required=True, choices=["postgresql"], help="the target backend")
+    ip.add_argument("--dsn", help="PostgreSQL connection string (default [index] dsn)")
+    ip.add_argument("--batch", type=int, default=200, help="instances per target transaction (default 200)")
     ip.set_defaults(func=cmd_index)
 
     p = sub.add_parser("capacity", help="TB per tier and cost per year from the rules, replicas and prices")

@@ -38,7 +38,7 @@ from .dicomfile import DicomFileError, ParsedFile, parse_file
 from .fixity import scan, sha256_of
 from .index import NewInstance
 from .records import BlobRef, InstanceRecord
-from .status import DIMSE_STATUS_OF, DimseStatus, ErrorKind, Outcome, out_of_space
+from .status import DIMSE_STATUS_OF, DimseStatus, ErrorKind, Outcome, Unavailable, out_of_space
 
 if TYPE_CHECKING:
     from .service import Archive
@@ -181,6 +181,9 @@ def ingest(
     except Rejected as rej:
         log.warning("rejected instance from %s (%s): %s", calling_aet or origin, origin, rej.reason)
         return rejected(rej.reason, rej.kind)
+    except Unavailable as exc:  # the index (or a tier) does not answer: 0xA700 / 503, the sender retries later
+        log.warning("instance from %s (%s) not stored: %s", calling_aet or origin, origin, exc.reason)
+        return rejected(exc.reason, ErrorKind.UNAVAILABLE)
     except Exception as exc:  # the server keeps serving whatever happens
         if out_of_space(exc):
             log.warning("rejected instance from %s (%s): out of disk space (%s)", calling_aet or origin, origin, exc)

@@ -208,6 +208,12 @@ class Handlers:
     async def stow(self, request: web.Request) -> web.Response:
         return await stow(self.arc, request, self.config)
 
+    async def healthz(self, request: web.Request) -> web.Response:
+        """GET /healthz (public): 200 and this node's name while the index answers, 503 with
+        the reason while it does not; HAProxy's `option httpchk` takes a 503 node out."""
+        node = await self.arc.run(self.arc.sync.health)
+        return web.Response(text=node + "\n")
+
     async def not_found(self, request: web.Request) -> web.Response:
         return error(404, f"no DICOMweb resource at {request.path}")
 
@@ -268,5 +274,6 @@ def make_app(archive, config) -> web.Application:
     admin.add_routes(app, arc)
     inbox_routes.add_routes(app, arc)  # /api/consult/inbox: received consultations, accept/decline/answer
     consult_routes.add_routes(app, arc)  # /api/consult/send, jobs, partners: sending for consultation
+    r.add_get("/healthz", h.healthz)  # the load balancer's check (docs/deployment.md)
     r.add_route("*", "/dicomweb/{tail:.*}", h.not_found)
     return app

@@ -23,6 +23,7 @@ PRINCIPAL = "pathpacs.principal"  # request key holding the caller's Principal
 PUBLIC_PREFIXES = ("/static/",)
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/api/login-config", "/viewer"})  # /viewer: a static shell too
 PUBLIC_PATHS = PUBLIC_PATHS | {"/share"}  # the share link's page: a shell that keeps the link's token (dicomweb/share.py)
+PUBLIC_PATHS = PUBLIC_PATHS | {"/healthz"}  # the load balancer's health check: a node name, nothing else
 # Whole instances, series or studies as application/dicom: Right.DOWNLOAD, which a read-only
 # share link lacks (it views: metadata, frames, rendered, thumbnails, bulk data of metadata).
 _WHOLE = re.compile(r"^/dicomweb/studies/[^/]+(/series/[^/]+(/instances/[^/]+)?)?/?$")

@@ -33,7 +33,7 @@ class NewInstance:
 
     record: InstanceRecord
     frames: list[list[tuple[int, int]]]  # fragments per frame ([] when the instance has none)
-    crcs: list[int]
+    crcs: list[int]  # per frame; None: not known yet (a migrated older table): queued for the checksum pass
     metadata: bytes  # DICOM JSON (BulkDataURIs relative to metadata.BASE_TOKEN)
     bulk: Mapping[str, bytes]
     patient_attrs: Mapping[str, Any]
@@ -201,3 +201,10 @@ class Index(Protocol):
                             damaged: str | None = None) -> bool: ...
     def record_fixity(self, event: FixityEvent) -> None: ...
     def fixity_events(self) -> list[FixityEvent]: ...
+
+    # -- moving an index to another backend (archive.index.migrate) ---------------------------
+    def bulk_values(self, sop: str) -> dict[str, bytes]:
+        """Every bulk value of an instance by its path (what `bulk(sop, path)` answers)."""
+    def put_version(self, entry: Mapping[str, Any]) -> bool:
+        """Keep a replaced version as another index holds it (a `versions()` entry: its "key",
+        record, copies, time, who), its blobs marked referenced; False when that key is there."""

@@ -837,6 +837,8 @@ class LmdbIndex:
         txn.put(rec.blob.key.encode(), sop.encode(), db=db["blob"])
         if new.frames:
             txn.put(sop.encode(), frametable.pack(new.frames, new.crcs), db=db["frames"])
+            if new.crcs is None:  # a migrated table without CRC32C yet: the checksum pass adds them
+                txn.put(sop.encode(), b"", db=db["todo_crc"])
         txn.put(sop.encode(), new.metadata, db=db["meta"])
         for path, value in new.bulk.items():
             txn.put(_k(sop, path), value, db=db["bulk"])
@@ -1173,6 +1175,24 @@ class LmdbIndex:
                 d = json.loads(v)
                 out.append(FixityEvent(d["time"], d["sop"], BlobRef(d["tier"], d["blob"]), d["what"], d["source"]))
             return out
+
+    # -- moving an index to another backend (archive.index.migrate) -------------------------
+    def bulk_values(self, sop: str) -> dict[str, bytes]:
+        prefix = sop.encode() + SEP
+        return {bytes(k[len(prefix):]).decode(): bytes(v) for k, v in self._batched("bulk", prefix)}
+
+    def put_version(self, entry: Mapping[str, Any]) -> bool:
+        rec = entry["record"]
+        d = {"record": rec.to_json() if isinstance(rec, InstanceRecord) else dict(rec),
+             "copies": [list(c) for c in entry["copies"]], "time": entry["time"], "who": entry.get("who", "")}
+        with self.env.begin(write=True) as txn:
+            if txn.get(entry["key"].encode(), db=self.db["versions"]) is not None:
+                return False
+            txn.put(entry["key"].encode(), _dumps(d), db=self.db["versions"])
+            for blob_key in [d["record"]["blob"]] + [c[1] for c in d["copies"]]:  # never swept
+                txn.put(blob_key.encode(), d["record"]["sop"].encode(), db=self.db["blob"])
+            self._bump(txn)
+            return True
 
     # -- rejection (IOCM), replaced versions, purge intents ---------------------------------
     def _bump(self, txn) -> None:

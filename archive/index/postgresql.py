@@ -1118,6 +1118,27 @@ class PostgresIndex:
             out.append(FixityEvent(d["time"], d["sop"], BlobRef(d["tier"], d["blob"]), d["what"], d["source"]))
         return out
 
+    # -- moving an index to another backend (archive.index.migrate) -------------------------
+    def bulk_values(self, sop: str) -> dict[str, bytes]:
+        return {p: bytes(v) for p, v in self._read("SELECT path, value FROM bulk WHERE sop = %s ORDER BY path", (sop,))}
+
+    def put_version(self, entry: Mapping[str, Any]) -> bool:
+        rec = entry["record"]
+        d = {"record": rec.to_json() if isinstance(rec, InstanceRecord) else dict(rec),
+             "copies": [list(c) for c in entry["copies"]], "time": entry["time"], "who": entry.get("who", "")}
+
+        def run(cur):
+            if self._kv_get(cur, "versions", entry["key"]) is not None:
+                return False
+            self._kv_put(cur, "versions", entry["key"], _dumps(d))
+            for blob_key in [d["record"]["blob"]] + [c[1] for c in d["copies"]]:  # never swept
+                cur.execute("INSERT INTO blobs VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET sop = EXCLUDED.sop",
+                            (blob_key, d["record"]["sop"]))
+            self._bump(cur)
+            return True
+
+        return self._write(run)
+
     # -- rejection (IOCM), replaced versions, purge intents ---------------------------------
     @staticmethod
     def _bump(cur) -> None:

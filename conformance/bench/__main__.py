@@ -31,6 +31,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "study browser": ("conformance.bench.browser", "run"),
     "viewer": ("conformance.bench.viewer", "run"),
     "consultation": ("conformance.bench.consult", "run"),
+    "nodes": ("conformance.bench.nodes", "run"),
+    "postgresql": ("conformance.bench.pg", "run"),
 }
 
 
@@ -96,6 +98,21 @@ def _run_isolated(module: str, func: str, tmp: Path, quick: bool) -> list[dict]:
     return json.loads(out.read_text())
 
 
+def _replace_sections(text: str, sections: list[str]) -> str:
+    """`text` (BENCHMARKS.md) with each `## name` section of `sections` in place of its old one."""
+    import re
+
+    new = "\n".join(sections)
+    for part in re.split(r"(?m)^(?=## )", new):
+        if not part.strip():
+            continue
+        head = part.splitlines()[0]
+        pattern = re.compile(rf"(?ms)^{re.escape(head)}\n.*?(?=^## |\Z)")
+        body = part.rstrip("\n") + "\n\n"
+        text = pattern.sub(lambda _m: body, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance.bench")
     p.add_argument("--quick", action="store_true", help="small inputs, for a smoke run")
@@ -113,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
             if len(rows) == 1 and rows[0].get("value") == "FAILED":
                 failed += 1
         lines = table(rows)
+        notes = getattr(importlib.import_module(module), "NOTES", "")  # a section's assumptions, as text
+        if notes:
+            lines += ["", notes]
         print("\n".join(lines), flush=True)
         sections += [f"## {name}", "", *lines, ""]
     doc = [
@@ -130,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only:
         args.out.write_text("\n".join(doc))
         print(f"wrote {args.out}", file=sys.stderr)
+    elif args.out.exists():  # --only: its sections replace theirs (or join the end) in the existing file
+        args.out.write_text(_replace_sections(args.out.read_text(), sections))
+        print(f"updated {', '.join(args.only)} in {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 

