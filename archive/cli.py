@@ -188,6 +188,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # which takes partners' Storage Commitment reports (with none, a DIMSE send would listen on
     # that port itself and keep the server from starting)
     arc.consultations.start()
+    # this node's heartbeat in the index (archive.cluster): other nodes' sweeps and leases see it
+    arc.cluster.nodes.start(http_port=cfg.http_port, dicom_port=cfg.dicom_port if cfg.dimse_plain else cfg.tls_port)
     if exposure:
         log.warning("%s", exposure)
     workers = []
@@ -219,6 +221,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if migration is not None:
             migration[1].set()
             migration[0].join(30)
+        arc.cluster.nodes.stop()  # a clean stop: the heartbeat and this process's leases go
+        arc.cluster.leases.release_all()
         arc.audit.application("stop", {"pid": os.getpid()})
         arc.close()
     return 0
@@ -236,6 +240,17 @@ def _start_checksum_migration(arc):
     stop = threading.Event()
 
     def run() -> None:
+        # once across the cluster: under a lease; a node that did not get it looks again later
+        lease = arc.config.lease_seconds
+        while not stop.is_set():
+            with arc.cluster.leases.hold("migration.checksums", lease) as mine:
+                if mine:
+                    migrate()
+                    return
+            if stop.wait(lease) or not arc.checksums_pending():
+                return
+
+    def migrate() -> None:
         log.info("adding frame checksums to %d instances written before them (pathpacs migrate "
                  "shows progress)", pending)
         try:
@@ -441,7 +456,8 @@ def _existing_archive(args: argparse.Namespace):
     cfg = load_config(args)
     from .index import index_exists
 
-    if not index_exists(Path(cfg.data_dir) / "index", backend=cfg.index_backend, dsn=cfg.index_dsn):
+    if not index_exists(Path(cfg.index_path or Path(cfg.data_dir) / "index"), backend=cfg.index_backend,
+                        dsn=cfg.index_dsn):
         raise CliError(f"no archive in {cfg.data_dir}" if cfg.index_backend == "lmdb"
                        else "no archive in the PostgreSQL database of index.dsn")
     from .service import Archive
@@ -823,6 +839,9 @@ def build_parser() -> argparse.ArgumentParser:
     consult_cli.register(sub, _common)  # `consult send|list|retry|cancel` (archive.consult.commands)
     from .consult import partner_cli
     partner_cli.register(sub, _common)  # `partner list|check` (archive.consult.partner_cli)
+    from . import cluster_cli
+
+    cluster_cli.register(sub, _common)  # `cluster status` (archive.cluster_cli)
     _add_watch(sub)
     return parser
 

@@ -349,6 +349,7 @@ class IndexSection(_Section):
     backend: Literal["lmdb", "postgresql"] = "lmdb"
     dsn: str = Field("", max_length=4096)
     pool_size: Annotated[StrictInt, Field(ge=1, le=256)] = 16  # connections per process (postgresql)
+    path: FilePath | None = None  # lmdb: the index directory (default DATA/index; nodes of one machine may share one)
 
 
 class ClusterSection(_Section):
@@ -548,6 +549,7 @@ class Config:
     index_backend: str = "lmdb"
     index_dsn: str = ""
     index_pool_size: int = 16
+    index_path: Path | None = None  # [index] path (lmdb): default DATA/index
     node_name: str = ""
     lease_seconds: float = 30.0
     # [dimse]
@@ -727,6 +729,9 @@ def apply(cfg: Config, raw: dict[str, Any], base_dir: Path = Path(".")) -> Confi
                     raise ConfigError(f"auth.oidc.role_map.{claim}: {exc}")
     if "index" in raw:
         cfg.index_backend, cfg.index_dsn, cfg.index_pool_size = doc.index.backend, doc.index.dsn, doc.index.pool_size
+        if doc.index.path is not None:
+            p = Path(doc.index.path)
+            cfg.index_path = p if p.is_absolute() else base_dir / p
         if cfg.index_backend == "postgresql" and not cfg.index_dsn:
             raise ConfigError('index.backend = "postgresql" needs index.dsn (a libpq connection string)')
     if "cluster" in raw:

@@ -310,7 +310,7 @@ def _commit(
             raise Rejected(f"SOP Instance {sop} was rejected: restore or purge it before storing it again",
                            ErrorKind.CONFLICT)
 
-    arc.index.add_pending(blob, arc.staging.session)
+    arc.index.add_pending(blob, arc.pending_session())  # "node/session@time": whose sweep may remove it
     try:
         tier.put_file(staged, blob.key, owned=True)
     except BaseException:

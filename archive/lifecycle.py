@@ -127,7 +127,7 @@ class Lifecycle:
         # a replica already on the destination becomes the primary: no copy needed
         existing = next((c for c in self.index.copies(rec.sop) if c.tier == to_tier), None)
         dst = existing or BlobRef(to_tier, uuid.uuid4().hex)
-        self.index.move_begin(rec.sop, src, dst, self.arc.staging.session if self.arc.staging else "")
+        self.index.move_begin(rec.sop, src, dst, self.arc.pending_session())
         if existing is None:
             try:
                 self._copy(rec, src, dst, hook)
@@ -155,10 +155,12 @@ class Lifecycle:
     def recover(self) -> tuple[int, int]:
         """Finish or roll back the moves a crash interrupted; (rolled back, finished)."""
         back = forward = 0
+        staging = self.arc.staging
         for sop, src, dst, state, session in self.index.moves():
-            if self.arc.staging is not None and session and session != self.arc.staging.session \
-                    and self.arc.staging.session_alive(session):
-                continue  # another live process is doing this move
+            if staging is None:  # read-only: resolve nothing another process may be doing
+                continue
+            if session and not self.arc.cluster.may_remove(session, staging.session_alive):
+                continue  # another live process (of this node or a live node) is doing this move
             rec = self.index.instance(sop)
             kept = set(self.index.copies(sop)) | ({rec.blob} if rec is not None else set())
             if rec is not None and rec.blob == dst:  # switched: the source is garbage
@@ -410,7 +412,7 @@ class Lifecycle:
         fresh = BlobRef(bad.tier, uuid.uuid4().hex)
         self._copy(rec, good, fresh)
         if bad == rec.blob:
-            self.index.move_begin(rec.sop, bad, fresh, self.arc.staging.session if self.arc.staging else "")
+            self.index.move_begin(rec.sop, bad, fresh, self.arc.pending_session())
             if not self.index.move_switch(rec.sop, bad, fresh):
                 self._remove_quietly(fresh)
                 self.index.move_end(rec.sop)
@@ -455,28 +457,52 @@ class Lifecycle:
         cfg = self.arc.config
         next_rules = next_fixity = next_replicas = 0.0
         replica_every = min([60.0] + [r.within_minutes * 60 / 4 for r in cfg.replicas])
+        rules_every = cfg.rules_every_minutes * 60
         while not self._stop.wait(min(5.0, replica_every)):
             now = time.monotonic()
             try:
+                # each pass once across the cluster: under a lease (archive.cluster), and not
+                # again until its period passed since any node finished it; a node that did
+                # not get it asks again after a lease's time (a killed holder's lease expires)
                 if cfg.replicas and now >= next_replicas:
-                    next_replicas = now + replica_every
-                    r = self.replicate()
-                    if r.done or r.problems:
-                        log.info("replicas: %d made, %d problems%s", r.done, len(r.problems),
-                                 f" ({r.problems[0]})" if r.problems else "")
+                    next_replicas = now + self._leased("replicas", replica_every, self._replicas_pass)
                 if cfg.rules and now >= next_rules:
-                    next_rules = now + cfg.rules_every_minutes * 60
-                    r = self.apply()
-                    if r.done or r.problems:
-                        log.info("lifecycle rules: %d instances moved (%d bytes), %d problems", r.done, r.bytes,
-                                 len(r.problems))
+                    next_rules = now + self._leased("rules", rules_every, self._rules_pass)
                 if now >= next_fixity:
-                    next_fixity = now + 3600
-                    r = self.fixity_pass(self._stop)
-                    if r.problems:
-                        log.error("fixity: %d copies failed their check (pathpacs repair)", len(r.problems))
+                    next_fixity = now + self._leased("fixity", 3600.0, self._fixity_pass)
             except Exception:
                 log.exception("lifecycle pass failed; retrying later")
+
+    def _leased(self, name: str, every: float, run: Callable[[], None]) -> float:
+        """Run one periodic pass if this node gets its cluster lease; returns the seconds until
+        this node asks again."""
+        lease = self.arc.config.lease_seconds
+        with self.arc.cluster.leases.hold(f"lifecycle.{name}", lease, every=every * 0.9) as mine:
+            if not mine:
+                return min(every, lease)
+            log.info("lifecycle pass (%s) on node %s", _PASS_NAMES.get(name, name), self.arc.cluster.node)
+            run()
+        return every
+
+    def _replicas_pass(self) -> None:
+        r = self.replicate()
+        if r.done or r.problems:
+            log.info("replicas: %d made, %d problems%s", r.done, len(r.problems),
+                     f" ({r.problems[0]})" if r.problems else "")
+
+    def _rules_pass(self) -> None:
+        r = self.apply()
+        if r.done or r.problems:
+            log.info("lifecycle rules: %d instances moved (%d bytes), %d problems", r.done, r.bytes,
+                     len(r.problems))
+
+    def _fixity_pass(self) -> None:
+        r = self.fixity_pass(self._stop)
+        if r.problems:
+            log.error("fixity: %d copies failed their check (pathpacs repair)", len(r.problems))
+
+
+_PASS_NAMES = {"fixity": "scheduled copy checks"}  # log words (tests look for "fixity" as damage)
 
 
 class _Throttle:

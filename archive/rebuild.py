@@ -134,10 +134,10 @@ def _describe_blob(arc: "Archive", blob: BlobRef, report: RebuildReport):
 
 def _swap(arc: "Archive", target: Path) -> None:
     """Put the rebuilt index in place of the archive's (closed first, reopened after)."""
-    current = arc.data_dir / "index"
+    current = Path(arc.config.index_path or arc.data_dir / "index")  # [index] path: a shared LMDB directory
     arc.index.close()
     if current.exists():
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        current.rename(arc.data_dir / f"index.old-{stamp}")
+        current.rename(current.with_name(f"{current.name}.old-{stamp}"))
     target.rename(current)
     arc.reopen_index()

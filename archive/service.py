@@ -75,7 +75,7 @@ class Archive:
         data = Path(config.data_dir)
         self.readonly = readonly
         if readonly:
-            if not index_exists(data / "index", backend=config.index_backend, dsn=config.index_dsn):
+            if not index_exists(Path(config.index_path or data / "index"), backend=config.index_backend, dsn=config.index_dsn):
                 raise ArchiveNotFound(f"no archive in {data}" if config.index_backend == "lmdb"
                                       else f"no archive in the PostgreSQL database of index.dsn")
         else:
@@ -119,12 +119,14 @@ class Archive:
         """After the index directory was replaced (index rebuild)."""
         self.index = self._open_index()
         self.lifecycle.index = self.index
+        if "_cluster" in self.__dict__:
+            self._cluster.reindex(self.index)
         with self._parents_lock:
             self._parents.clear()
 
     def _open_index(self) -> Index:
         c = self.config
-        return open_index(self.data_dir / "index", map_size_gb=c.lmdb_map_size_gb, readonly=self.readonly,
+        return open_index(Path(c.index_path or self.data_dir / "index"), map_size_gb=c.lmdb_map_size_gb, readonly=self.readonly,
                           backend=c.index_backend, dsn=c.index_dsn, pool_size=c.index_pool_size)
 
     @classmethod
@@ -224,6 +226,25 @@ class Archive:
         return got
 
     @property
+    def cluster(self):
+        """This node among the nodes sharing the index (archive.cluster.Cluster: heartbeats,
+        leases), built on first use."""
+        got = self.__dict__.get("_cluster")
+        if got is None:
+            from .cluster import Cluster
+
+            got = self.__dict__.setdefault("_cluster", Cluster(self.index, self.config.node(),
+                                                               self.config.lease_seconds))
+        return got
+
+    def pending_session(self) -> str:
+        """The session string of a pending blob or a move this process writes: its node and
+        staging session (archive.cluster.session_tag), so only a sweep that may remove it does."""
+        from .cluster import session_tag
+
+        return session_tag(self.config.node(), self.staging.session if self.staging is not None else "")
+
+    @property
     def tmp_dir(self) -> Path:
         """This process's staging directory (on the ingest tier's filesystem: renames are free)."""
         assert self.staging is not None, "a read-only archive has no staging"
@@ -250,7 +271,9 @@ class Archive:
 
     # -- crash recovery ------------------------------------------------------------------
     def sweep(self) -> None:
-        """Remove staging dirs of dead processes and blobs placed but never committed."""
+        """Remove staging dirs of dead processes and blobs placed but never committed: this
+        node's dead sessions' and those of nodes dead for longer than a lease, never a live
+        node's (archive.cluster.Cluster.may_remove)."""
         assert self.staging is not None
         n_tmp = self.staging.sweep()
         for tier in self.tiers.values():
@@ -259,7 +282,7 @@ class Archive:
                 sweep()
         n_orphans = 0
         for blob, session in self.index.pending():
-            if self.staging.session_alive(session):
+            if not self.cluster.may_remove(session, self.staging.session_alive):
                 continue
             if not self.index.blob_referenced(blob):
                 store = self.tiers.get(blob.tier)
@@ -574,12 +597,21 @@ class Archive:
                 raise NotFound(f"frame {k} is out of range: instance {sop} has {located.table.n} frames")
         return located
 
+    def forget(self, sop: str) -> None:
+        """Caches are caches: drop what this process remembers of `sop` (the index backend's
+        location and frame table, the parents check) before one fresh lookup, after a read
+        found its blob moved or gone (another node moved or replaced it)."""
+        self.index.forget(sop)
+        with self._parents_lock:
+            self._parents.pop(sop, None)
+
     def read_located(self, sop: str, located: Frames) -> tuple[FrameTable, list[bytes]]:
         """The stored bytes of located frames, each checked against its CRC32C (Damaged when
         they are not the bytes received); located again once if the blob moved meanwhile."""
         try:
             return located.table, self._read_frames(sop, located)
         except _Moved:
+            self.forget(sop)
             again = self.index.frames(sop, located.numbers)
             if again is None:
                 raise NotFound(f"instance {sop} not found")
@@ -606,6 +638,7 @@ class Archive:
                     continue
             raise
         except _Gone as exc:
+            self.forget(sop)  # a cached location may be stale: ask the index itself
             cur = self.index.instance(sop)
             if cur is None or cur.blob != table.blob:
                 if retry:
@@ -668,6 +701,7 @@ class Archive:
     def current(self, rec: InstanceRecord) -> InstanceRecord | None:
         """The instance's record now, if its blob moved since `rec` was read (a read racing a
         tier move or a replacement looks again instead of failing); None if it did not."""
+        self.forget(rec.sop)
         now = self.index.instance(rec.sop)
         return now if now is not None and now.blob != rec.blob else None
 

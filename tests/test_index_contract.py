@@ -224,3 +224,185 @@ def test_generic_records_read_modify_write_and_prefix(index):
     assert index.delete_record("consult_items", "job2\x00a") is False
     with pytest.raises(KeyError):
         index.put_record("inst", "x", {})
+
+
+def test_generic_records_batches_and_update_of_a_missing_record(index):
+    index.put_records("leases", {f"k{i:04d}": {"i": i} for i in range(700)})
+    got = list(index.records("leases"))
+    assert [k for k, _ in got] == [f"k{i:04d}" for i in range(700)] and got[5][1] == {"i": 5}
+    assert [k for k, _ in index.records("leases", "k069")] == [f"k069{i}" for i in range(10)]
+    assert index.update_record("nodes", "n1", lambda r: None) is None and index.record("nodes", "n1") is None
+    made = index.update_record("nodes", "n1", lambda r: {"beat": 1 if r is None else r["beat"] + 1})
+    assert made == {"beat": 1} and index.update_record("nodes", "n1", lambda r: {"beat": r["beat"] + 1}) == {"beat": 2}
+    with pytest.raises(KeyError):
+        index.record("nope", "x")
+
+
+def test_study_order_by_date_time_and_uid_undated_last(index):
+    specs = [("3.1", "20240301", "101500"), ("3.2", "20240301", "09:00:00"), ("3.3", "20230101", ""),
+             ("3.4", "", ""), ("3.0", "", ""), ("3.5", "20240301", "101500")]
+    for i, (uid, date, tm) in enumerate(specs):
+        n = new(f"1.9.{i}", study=uid, series=f"{uid}.1", date=date)
+        if tm:
+            n.study_attrs["00080030"] = {"vr": "TM", "Value": [tm]}
+        if not date:
+            del n.study_attrs["00080020"]
+        index.add_instance(n, replace=False)
+    up = [r.uid for r in index.candidates("STUDY", [], order="date")]
+    assert up == ["3.3", "3.2", "3.1", "3.5", "3.0", "3.4"]
+    down = [r.uid for r in index.candidates("STUDY", [], order="-date")]
+    assert down == ["3.5", "3.1", "3.2", "3.3", "3.0", "3.4"]
+    ranged = [r.uid for r in index.candidates("STUDY", [Key("00080020", "DA", ["20240101-"])], order="-date")]
+    assert ranged[:3] == ["3.5", "3.1", "3.2"] and "3.3" not in ranged
+    picked = [r.uid for r in index.candidates("STUDY", [Key("0020000D", "UI", ["3.4", "3.3", "3.1"])], order="date")]
+    assert picked == ["3.3", "3.1", "3.4"]
+    with pytest.raises(ValueError):
+        list(index.candidates("STUDY", [], order="size"))
+
+
+def test_study_order_pages_through_many_studies(index):
+    index.add_instances(new(f"1.10.{i}", study=f"4.{i}", series=f"4.{i}.1", date=f"2024{1 + i % 12:02d}{1 + i % 28:02d}")
+                        for i in range(600))
+    got = [r for r in index.candidates("STUDY", [], order="date")]
+    assert len(got) == 600 and len({r.uid for r in got}) == 600
+    dates = [str(md.first_value(r.attrs, "00080020")) for r in got]
+    assert dates == sorted(dates)
+    first = next(iter(index.candidates("STUDY", [], order="-date")))
+    assert str(md.first_value(first.attrs, "00080020")) == max(dates)
+
+
+def test_candidates_names_prefixes_and_levels(index):
+    ideo = {"vr": "PN", "Value": [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎"}]}
+    n = new("1.11.1", study="5.1", series="5.1.1", pid="P_1", acc="A%1")
+    n.study_attrs["00100010"] = ideo
+    index.add_instance(n, replace=False)
+    index.add_instance(new("1.11.2", study="5.2", series="5.2.1", pid="PX1", acc="AB1", name="Müller^Hans",
+                           date="20240102"), replace=False)
+    studies = lambda keys, **kw: sorted(r.study for r in _search(index, "STUDY", keys, **kw))  # noqa: E731
+    assert studies([Key("00100010", "PN", ["山田*"])]) == ["5.1"]
+    assert studies([Key("00100010", "PN", ["YAMADA^TAROU"])]) == ["5.1"]
+    assert studies([Key("00100010", "PN", ["mül*"])]) == ["5.2"]
+    assert studies([Key("00100010", "PN", ["m?ller*"])]) == ["5.2"]
+    assert studies([Key("00100020", "LO", ["P_*"])]) == ["5.1"]  # '_' is no wildcard
+    assert studies([Key("00080050", "SH", ["A%*"])]) == ["5.1"]
+    assert studies([Key("00080050", "SH", ["A*1"])]) == ["5.1", "5.2"]
+    assert studies([Key("00080020", "DA", ["20240102"])]) == ["5.2"]
+    assert studies([Key("00100010", "PN", ["hans"])], fuzzy=True) == ["5.2"]
+    assert [r.patient for r in _search(index, "PATIENT", [Key("00100020", "LO", ["P_1"])])] == ["P_1^"]
+    assert len(_search(index, "PATIENT", [])) == 2
+    assert [r.series for r in _search(index, "SERIES", [Key("0020000E", "UI", ["5.2.1", "9"])])] == ["5.2.1"]
+    assert _search(index, "SERIES", [Key("0020000E", "UI", ["5.2.1"])], study="5.1") == []
+    assert sorted(r.series for r in _search(index, "SERIES", [])) == ["5.1.1", "5.2.1"]
+    image = _search(index, "IMAGE", [Key("0020000E", "UI", ["5.1.1"])])
+    assert [r.sop for r in image] == ["1.11.1"]
+    assert [r.sop for r in _search(index, "IMAGE", [Key("00100020", "LO", ["PX1"])])] == ["1.11.2"]
+    assert [r.sop for r in _search(index, "IMAGE", [], study="5.2")] == ["1.11.2"]
+
+
+def test_metadata_under_study_and_series(index):
+    index.add_instance(new("1.12.1", series="1.2.1.1"), replace=False)
+    index.add_instance(new("1.12.2", series="1.2.1.2"), replace=False)
+    assert len(index.metadata_under("1.2.1")) == 2
+    (one,) = index.metadata_under("1.2.1", "1.2.1.2")
+    assert b"1.12.2" in one
+    assert index.metadata_under("nope") is None and index.metadata_under("1.2.1", "nope") is None
+    assert index.metadata_under("9.9", "1.2.1.1") is None
+
+
+def test_moves_copies_and_tier_counts(index):
+    index.add_instance(new("1.13.1", size=40), replace=False)
+    src, dst = BlobRef("hot", "blob-1.13.1"), BlobRef("cold", "c-1.13.1")
+    assert index.frames("1.13.1", [1]).table.blob == src
+    index.move_begin("1.13.1", src, dst, "s1")
+    assert index.moves() == [("1.13.1", src, dst, "copying", "s1")]
+    assert index.add_copy("1.13.1", dst) and index.copies("1.13.1") == [dst]
+    assert not index.add_copy("nope", dst)
+    assert index.move_switch("1.13.1", src, dst)
+    assert not index.move_switch("1.13.1", src, dst)  # no longer at src
+    assert index.moves()[0][3] == "switched" and index.copies("1.13.1") == []  # dst is the primary now
+    assert index.instance("1.13.1").blob == dst and index.frames("1.13.1", [2]).table.blob == dst
+    assert index.study("1.2.1").tiers == {"cold": 1} and index.series("1.2.1.1").tiers == {"cold": 1}
+    assert index.stats().by_tier == {"cold": 40}
+    assert index.blob_referenced(dst) and not index.blob_referenced(src)
+    index.move_end("1.13.1")
+    assert index.moves() == []
+    replica = BlobRef("s3", "r-1.13.1")
+    index.add_copy("1.13.1", replica)
+    assert index.drop_copy("1.13.1", "s3") == replica and index.drop_copy("1.13.1", "s3") is None
+    assert not index.blob_referenced(replica)
+    index.forget("1.13.1")  # nothing cached or a cache dropped: the next read is fresh
+    assert index.frames("1.13.1", [1]).table.blob == dst
+
+
+def test_access_flags_verified_and_tokens(index):
+    assert index.study_access("1.2.1") is None
+    index.touch_study("1.2.1", "2026-01-02T00:00:00Z")
+    assert index.study_access("1.2.1") == "2026-01-02T00:00:00Z"
+    assert index.flags("1.2.1") == {}
+    assert index.set_flags("1.2.1", pinned=True) == {"pinned": True}
+    assert index.set_flags("1.2.1", hold=True) == {"pinned": True, "hold": True}
+    assert index.set_flags("1.2.1", pinned=False, hold=False) == {} and index.flags("1.2.1") == {}
+    assert index.verified("1.3", "hot") is None
+    index.set_verified("1.3", "hot", "2026-01-03")
+    assert index.verified("1.3", "hot") == "2026-01-03" and index.verified("1.3", "cold") is None
+    assert index.token("t1") is None and index.tokens() == []
+    index.put_token("t1", {"id": "t1", "roles": ["read"]})
+    index.put_token("t1", {"id": "t1", "roles": ["admin"]})
+    assert index.token("t1") == {"id": "t1", "roles": ["admin"]} and index.tokens() == [index.token("t1")]
+
+
+def test_add_instances_leaves_existing_alone(index):
+    index.add_instance(new("1.14.1", sha="c" * 64), replace=False)
+    assert index.add_instances([new("1.14.1", sha="d" * 64), new("1.14.2")]) == 1
+    assert index.instance("1.14.1").sha256 == "c" * 64 and index.study("1.2.1").n_instances == 2
+    assert index.add_instances([]) == 0
+
+
+def test_frame_checksums_added_to_an_unchecked_table(index):
+    n = new("1.15.1")
+    index.add_instance(NewInstance(n.record, n.frames, None, n.metadata, n.bulk, n.patient_attrs, n.study_attrs,
+                                   n.series_attrs), replace=False)
+    assert not index.frames("1.15.1", [1]).table.checked
+    assert not index.set_frame_checksums("1.15.1", BlobRef("hot", "elsewhere"), [5, 6])  # not its location
+    assert index.set_frame_checksums("1.15.1", BlobRef("hot", "blob-1.15.1"), [5, 6])
+    got = index.frames("1.15.1", [2, 1])
+    assert got.table.checked and got.crcs == [6, 5]
+    assert index.checksum_todo(10) == [] and index.checksum_todo_count() == 0
+
+
+def test_fixity_events_in_time_order(index):
+    from archive.index import FixityEvent
+
+    later = FixityEvent("2026-01-02T00:00:00.000Z", "1.8.2", BlobRef("cold", "b2"), "sha256 mismatch", "scrub")
+    earlier = FixityEvent("2026-01-01T00:00:00.000Z", "1.8.1", BlobRef("hot", "b1"), "missing", "scrub")
+    index.record_fixity(later)
+    index.record_fixity(earlier)
+    assert index.fixity_events() == [earlier, later]
+
+
+def test_purge_of_a_replaced_version_and_parents_pruned(index):
+    index.add_instance(new("1.16.1", sha="a" * 64), replace=False)
+    index.add_instance(new("1.16.2", series="1.2.1.2", modality="OT"), replace=False)
+    index.add_instance(new("1.16.1", sha="b" * 64, blob="b2"), replace=True)
+    (kept,) = index.versions("1.16.1")
+    assert index.versions("1.16") == [] and len(index.versions()) == 1
+    gen = index.rejection_generation()
+    index.begin_purge({"v1": {"kind": "version", "sop": "1.16.1", "version": kept["key"], "blobs": [["hot", "blob-1.16.1"]]}})
+    assert index.purges()["v1"]["version"] == kept["key"] and index.rejection_generation() > gen
+    assert index.finish_purge("v1") and index.versions() == [] and index.purges() == {}
+    assert not index.blob_referenced(BlobRef("hot", "blob-1.16.1")) and index.blob_referenced(BlobRef("hot", "b2"))
+    mark = {"study": "1.2.1", "series": "1.2.1.2", "code": "113001", "time": "t", "who": "w", "note": ""}
+    assert index.reject({"1.16.2": mark}) == 1
+    index.begin_purge({"1.16.2": {"kind": "instance", "sop": "1.16.2", "blobs": [["hot", "blob-1.16.2"]]}})
+    assert index.finish_purge("1.16.2")
+    st = index.study("1.2.1")
+    assert st.n_series == 1 and st.n_instances == 1 and st.modalities == ("SM",) and index.series("1.2.1.2") is None
+    assert index.stats().instances == 1 and index.patient("P1^").n_studies == 1
+
+
+def test_backup_is_a_copy_and_refuses_a_used_directory(index, tmp_path):
+    index.add_instance(new("1.17.1"), replace=False)
+    path = index.backup(tmp_path / "bk")
+    assert path.is_file() and path.stat().st_size > 0
+    with pytest.raises(FileExistsError):
+        index.backup(tmp_path / "bk")

@@ -19,7 +19,7 @@ __all__ = ["Audit", "AuditEvent", "Code", "NullAudit", "Participant", "Participa
 
 def trail_of(cfg) -> Trail:
     """The trail of a configuration (audit.path, else DATA/audit)."""
-    return Trail(Path(cfg.audit_dir()), segment_bytes=cfg.audit.segment_mb << 20)
+    return Trail(Path(cfg.audit_dir()), segment_bytes=cfg.audit.segment_mb << 20, node=cfg.node())
 
 
 def build_audit(cfg, resolve: Resolver | None = None, resolve_classes: ClassResolver | None = None) -> Audit:

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--until", metavar="DATE", help="before this time (same forms)")
     p.add_argument("--format", choices=FORMATS, default="table")
     p.add_argument("--limit", type=int, metavar="N", help="at most N records (the newest)")
+    p.add_argument("--trail", type=Path, action="append", metavar="DIR",
+                   help="an audit trail directory (repeat for several nodes' trails: each verified on "
+                        "its own, listed merged in time order; default this node's audit.path or DATA/audit)")
     p.add_argument("--data", type=Path, help="data directory (default ./data or archive.data_dir)")
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -62,7 +65,18 @@ def _when(rec: Record) -> datetime:
     return datetime.fromisoformat(rec.time.replace("Z", "+00:00"))
 
 
-def select(trail: Trail, args: argparse.Namespace) -> Iterator[tuple[Record, AuditEvent]]:
+def select(trail: "Trail | list[Trail]", args: argparse.Namespace) -> Iterator[tuple[Record, AuditEvent]]:
+    """The records matching the filters; of several trails (several nodes'), merged in time
+    order (a record's time is its event's: aggregated reads are written after later events,
+    so the matches are sorted, not merged)."""
+    if isinstance(trail, list):
+        if len(trail) > 1:
+            return iter(sorted((x for t in trail for x in _select(t, args)), key=lambda x: _when(x[0])))
+        trail = trail[0]
+    return _select(trail, args)
+
+
+def _select(trail: Trail, args: argparse.Namespace) -> Iterator[tuple[Record, AuditEvent]]:
     since = parse_time(args.since) if args.since else None
     until = parse_time(args.until) if args.until else None
     for rec in trail.records():
@@ -132,19 +146,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from . import build_audit, trail_of
 
     cfg = load_config(args)
-    if not cfg.audit.enabled and args.action != "verify":
+    given = getattr(args, "trail", None)
+    if not cfg.audit.enabled and args.action != "verify" and not given:
         raise _fail("the audit trail is disabled ([audit] enabled = false)")
     trail = trail_of(cfg)
-    if not trail.dir.is_dir():
-        raise _fail(f"no audit trail in {trail.dir}")
+    trails = [Trail(d) for d in given] if given else [trail]
+    for t in trails:
+        if not t.dir.is_dir():
+            raise _fail(f"no audit trail in {t.dir}")
     if args.limit is not None and args.limit < 1:
         raise _fail("--limit must be at least 1")
     if args.action == "verify":
-        code = _verify(trail, cfg, args)
+        code = max(_verify(t, cfg, args, named=bool(given)) for t in trails)
     elif args.action == "status":
         code = _status(trail, cfg)
     else:
-        code = _list(trail, args)
+        code = _list(trails, args, with_node=bool(given))
+    if not trail.dir.is_dir():  # only other nodes' trails were read: this node records nothing
+        return code
     if cfg.audit.enabled:
         event = build_audit(cfg).audit_log_event(_command_text(args))
         try:
@@ -161,16 +180,20 @@ def _command_text(args: argparse.Namespace) -> str:
         value = getattr(args, name, None)
         if value is not None and not (name == "format" and value == "table"):
             words += [f"--{name}", str(value)]
+    for d in getattr(args, "trail", None) or []:
+        words += ["--trail", str(d)]
     return " ".join(words)[:1000]
 
 
-def _list(trail: Trail, args: argparse.Namespace) -> int:
-    rows = list(select(trail, args))
+def _list(trails: list[Trail], args: argparse.Namespace, with_node: bool = False) -> int:
+    rows = list(select(trails, args))
     if args.limit is not None:
         rows = rows[-args.limit:]
     if args.format == "json":
         for rec, _e in rows:
-            print(json.dumps({"seq": rec.seq, "time": rec.time, "hash": rec.hash, **rec.event}, ensure_ascii=False))
+            node = {"node": rec.node} if rec.node else {}
+            print(json.dumps({"seq": rec.seq, "time": rec.time, "hash": rec.hash, **node, **rec.event},
+                             ensure_ascii=False))
     elif args.format == "xml":
         out = sys.stdout.buffer
         out.write(b'<?xml version="1.0" encoding="UTF-8"?>\n<AuditMessages>\n')
@@ -180,7 +203,9 @@ def _list(trail: Trail, args: argparse.Namespace) -> int:
         out.flush()
     else:
         table = [HEADER] + [_row(rec, e) for rec, e in rows]
-        widths = [max(len(r[i]) for r in table) for i in range(len(HEADER) - 1)]
+        if with_node:  # several nodes' trails: which node wrote each record
+            table = [["node"] + HEADER] + [[rec.node or "-"] + _row(rec, e) for rec, e in rows]
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]) - 1)]
         for r in table:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if not rows:
@@ -188,7 +213,7 @@ def _list(trail: Trail, args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(trail: Trail, cfg, args: argparse.Namespace) -> int:
+def _verify(trail: Trail, cfg, args: argparse.Namespace, named: bool = False) -> int:
     from tqdm import tqdm
 
     from .syslog import read_cursor
@@ -205,10 +230,11 @@ def _verify(trail: Trail, cfg, args: argparse.Namespace) -> int:
             rec = next(trail.records(seq - 1), None)
             if rec is not None and rec.seq == seq and digest and rec.hash != digest:
                 broken = f"record {seq} is not the record forwarded to the collector"
+    where = f"{trail.dir}: " if named else ""
     if broken is not None:
-        print(f"pathpacs: audit trail broken after {result.records} good records: {broken}", file=sys.stderr)
+        print(f"pathpacs: audit trail {where}broken after {result.records} good records: {broken}", file=sys.stderr)
         return 1
-    print(f"{result.records} records, chain intact")
+    print(f"{where}{result.records} records, chain intact")
     return 0
 
 

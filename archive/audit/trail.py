@@ -3,7 +3,11 @@
 Segments `trail-<first seq>.jsonl` hold one record per line:
 
     {"hash":"<sha256 of BODY>","record":BODY}
-    BODY = {"event":{...},"prev":"<hash of the record before>","seq":N,"time":"..."}
+    BODY = {"event":{...},"node":"n1","prev":"<hash of the record before>","seq":N,"time":"..."}
+
+"node" (the writing node's name, `Config.node()`; absent in trails written before clusters)
+keeps the trails of several nodes distinguishable when `pathpacs audit --trail` merges them:
+each node appends to its own trail, each trail is one chain.
 
 The hash is over the exact bytes of BODY (no re-serialisation when checking), and BODY holds the
 previous record's hash, so editing, removing or reordering any record breaks the chain at that
@@ -39,16 +43,19 @@ class Record(NamedTuple):
     prev: str
     hash: str
     event: dict[str, Any]
+    node: str = ""
 
 
 class BrokenRecord(Exception):
     """A line of the trail that is not a well-formed, self-consistent record."""
 
 
-def encode(seq: int, time: str, prev: str, event: dict[str, Any]) -> tuple[bytes, str]:
+def encode(seq: int, time: str, prev: str, event: dict[str, Any], node: str = "") -> tuple[bytes, str]:
     """One trail line for a record and the record's hash."""
-    body = json.dumps({"event": event, "prev": prev, "seq": seq, "time": time}, ensure_ascii=False,
-                      separators=(",", ":"), sort_keys=True).encode()
+    body_doc: dict[str, Any] = {"event": event, "prev": prev, "seq": seq, "time": time}
+    if node:
+        body_doc["node"] = node
+    body = json.dumps(body_doc, ensure_ascii=False, separators=(",", ":"), sort_keys=True).encode()
     digest = hashlib.sha256(body).hexdigest()
     return _PREFIX + digest.encode() + _MIDDLE + body + b"}\n", digest
 
@@ -64,7 +71,7 @@ def decode(line: bytes) -> Record:
         raise BrokenRecord("its hash does not match its content")
     try:
         d = json.loads(body)
-        return Record(int(d["seq"]), str(d["time"]), str(d["prev"]), digest, d["event"])
+        return Record(int(d["seq"]), str(d["time"]), str(d["prev"]), digest, d["event"], str(d.get("node", "")))
     except (ValueError, KeyError, TypeError):
         raise BrokenRecord("its content is not a record") from None
 
@@ -78,9 +85,10 @@ class VerifyResult:
 class Trail:
     """The trail directory: append (locked, chained) and read (lock-free, complete lines)."""
 
-    def __init__(self, directory: Path, segment_bytes: int = 64 << 20) -> None:
+    def __init__(self, directory: Path, segment_bytes: int = 64 << 20, node: str = "") -> None:
         self.dir = Path(directory)
         self.segment_bytes = segment_bytes
+        self.node = node  # written into every record (several nodes' trails, merged by `pathpacs audit`)
         self._head: tuple[str, int, int, int, str] | None = None  # (segment, inode, size, seq, hash)
 
     # -- segments ----------------------------------------------------------------------------
@@ -120,7 +128,7 @@ class Trail:
             chunks = []
             for time, event in events:
                 seq += 1
-                line, prev = encode(seq, time, prev, event)
+                line, prev = encode(seq, time, prev, event, self.node)
                 chunks.append(line)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:

@@ -112,13 +112,14 @@ def order_instances(entries: list[dict], priority: str) -> list[dict]:
 INHERITED_OWNER = "PATHPACS_CONSULT_OWNER"  # the lease owner an exec'd `consult send --wait` keeps
 
 
-def _alive(owner: str) -> bool:
-    """Whether a lease's owner (host:pid:session) may still run: False only for a process of
-    this host that is gone (killed -9, crashed), whose job is then taken over at once instead of
-    when its lease runs out. Another host's owner counts as alive until its lease expires."""
+def _alive(owner: str, node: str | None = None) -> bool:
+    """Whether a lease's owner (node:pid:session) may still run: False only for a process of
+    this node (`node`, default the host name) that is gone (killed -9, crashed), whose job is
+    then taken over at once instead of when its lease runs out. Another node's owner counts as
+    alive until its lease expires (nodes of one machine have one host name, not one node name)."""
     host, _, rest = owner.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    if host != (node or socket.gethostname()) or not pid.isdigit():
         return True
     try:
         os.kill(int(pid), 0)
@@ -135,7 +136,8 @@ class Consultations:
     def __init__(self, archive: "Archive") -> None:
         self.archive = archive
         self.index = archive.index
-        me = f"{socket.gethostname()}:{os.getpid()}:"
+        self.node = archive.config.node()  # cluster.node, else the host name
+        me = f"{self.node}:{os.getpid()}:"
         # `consult send --wait` re-executes itself (same pid) holding the job's lease: the new
         # image takes over that owner, so no other process's worker takes the job in between
         inherited = os.environ.pop(INHERITED_OWNER, "")
@@ -183,7 +185,7 @@ class Consultations:
         else:
             consent = None
         deid = deid_module() if deidentify else None
-        job_id = secrets.token_urlsafe(9)
+        job_id = secrets.token_hex(6)  # hex: never starts with '-', which a CLI would read as an option
         metas = self.index.metadata([r.sop for r in recs]) if recs else []
         entries = []
         for n, (rec, raw) in enumerate(zip(recs, metas)):
@@ -312,7 +314,7 @@ class Consultations:
             if old is None or old["state"] not in ACTIVE:
                 return old
             lease = old.get("lease")
-            if lease and lease["owner"] != self.owner and lease["until"] > time.time() and _alive(lease["owner"]):
+            if lease and lease["owner"] != self.owner and lease["until"] > time.time() and _alive(lease["owner"], self.node):
                 return old
             new = {**old, "lease": {"owner": self.owner, "until": time.time() + self.lease_seconds(old)}}
             if old["state"] == "queued":

@@ -1,7 +1,8 @@
 """The index: everything the archive knows about its instances, as domain operations.
 
 A `typing.Protocol`, so a second backend (PostgreSQL, for several nodes) implements the same
-operations; the LMDB backend (archive.index.lmdb) is the embedded default. Nothing outside a
+operations; the LMDB backend (archive.index.lmdb) is the embedded default, archive.index.postgresql
+the shared one (several nodes; every write one transaction, safe from many processes at once). Nothing outside a
 backend sees a transaction, a cursor or a database name. Reads return typed records
 (archive.records); no read holds the index open after it returns (iterators read in batches).
 

@@ -79,7 +79,7 @@ from ..status import Outcome, Unavailable
 from . import frametable
 from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
 from .lmdb import (INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID, T_PATIENT_NAME, T_SERIES_UID,
-                   T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, _count, _instance_json, index_values)
+                   T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, _count, index_values)
 
 log = logging.getLogger("pathpacs.index")
 
@@ -90,11 +90,11 @@ FRAME_CACHE = 20_000  # instances whose location and frame table the frame path 
 GEN_CHECK = 0.5  # seconds between checks of the rejection generation from the frame path
 POOL_TIMEOUT = 5.0  # seconds to wait for a connection before the database counts as gone
 RETRIES = 6
+LOCK_BUCKETS = 256  # advisory lock ids per hierarchy class (see _lock_id)
+RECONNECT = 1.0  # the pool gives up reconnecting in the background this soon: the next call tries afresh
 
 L_PATIENT, L_STUDY, L_SERIES, L_INSTANCE, L_FLAGS, L_RECORD, L_SCHEMA = 1, 2, 3, 4, 5, 10, 11
 SEP = "\0"
-KV_SPACES = ("pending", "moves", "access", "flags", "verified", "tokens", "rejected", "versions", "purges",
-             "fixity", "todo_crc", "copies")
 
 SCHEMA_STEPS: dict[int, list[str]] = {1: [
     """CREATE TABLE IF NOT EXISTS patients (key text COLLATE "C" PRIMARY KEY, rec jsonb NOT NULL)""",
@@ -125,10 +125,15 @@ SCHEMA_STEPS: dict[int, list[str]] = {1: [
 TABLES = ("patients", "studies", "study_keys", "series", "instances", "bulk", "blobs", "state", "kv")
 
 
-def _lock_id(key: str) -> int:
-    """A signed 32-bit id of `key` for pg_advisory_xact_lock(class, id): a collision only
-    serialises two writers that need not wait for each other."""
-    return zlib.crc32(key.encode()) - (1 << 31)
+def _lock_id(cls: int, key: str) -> int:
+    """A signed 32-bit id of `key` for pg_advisory_xact_lock(class, id). Hierarchy keys fall
+    into LOCK_BUCKETS buckets per class, so a bulk load of many studies holds a bounded number
+    of locks (PostgreSQL's lock table is max_locks_per_transaction x max_connections); a shared
+    bucket only makes two writers that need not wait for each other wait."""
+    h = zlib.crc32(key.encode())
+    if cls in (L_PATIENT, L_STUDY, L_SERIES, L_INSTANCE):
+        return h % LOCK_BUCKETS
+    return h - (1 << 31)
 
 
 def _dumps(obj: Any) -> bytes:
@@ -166,6 +171,14 @@ def _like_escape(s: str) -> str:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _stored_instance(rec: InstanceRecord) -> dict:
+    """The instance record as stored: without its location (kept in columns)."""
+    d = rec.to_json()
+    for k in ("blob", "tier", "ts"):
+        d.pop(k)
+    return d
 
 
 def _instance(rec: dict, tier: str, key: str, ts: str) -> InstanceRecord:
@@ -229,7 +242,7 @@ class PostgresIndex:
             kwargs["options"] = "-c default_transaction_read_only=on"
         self.pool = ConnectionPool(dsn, min_size=1, max_size=max(1, pool_size), timeout=POOL_TIMEOUT,
                                    kwargs=kwargs, check=ConnectionPool.check_connection, open=False,
-                                   name="pathpacs-index")
+                                   name="pathpacs-index", reconnect_timeout=RECONNECT)
         try:
             self.pool.open(wait=True, timeout=POOL_TIMEOUT)
         except PoolTimeout as exc:
@@ -254,15 +267,18 @@ class PostgresIndex:
 
     # -- connections and transactions ---------------------------------------------------
     @contextmanager
-    def _tx(self) -> Iterator[psycopg.Cursor]:
+    def _tx(self, retryable: bool = False) -> Iterator[psycopg.Cursor]:
         """One transaction on a pooled connection (committed at the end, rolled back on any
-        error); loss of the database becomes Unavailable."""
+        error); loss of the database becomes Unavailable (a deadlock or serialisation failure
+        too, unless the caller reruns the transaction: `retryable`)."""
         try:
             with self.pool.connection() as conn:
                 with conn.cursor() as cur:
                     yield cur
-        except pg_errors.TransactionRollback:
-            raise
+        except pg_errors.TransactionRollback as exc:
+            if retryable:
+                raise
+            raise _unavailable(exc) from exc
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise _unavailable(exc) from exc
 
@@ -271,7 +287,7 @@ class PostgresIndex:
         serialisation failure: fn is rerun whole, so it must only act through `cur`."""
         for attempt in range(RETRIES):
             try:
-                with self._tx() as cur:
+                with self._tx(retryable=True) as cur:
                     cur.locked = set()
                     return fn(cur, *args)
             except pg_errors.TransactionRollback as exc:
@@ -289,19 +305,20 @@ class PostgresIndex:
             cur.execute(sql, params)
             return cur.fetchone()
 
-    @staticmethod
-    def _lock(cur, cls: int, key: str) -> None:
-        locked = getattr(cur, "locked", None)
-        if locked is not None:
-            if (cls, key) in locked:
-                return
-            locked.add((cls, key))
-        cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", (cls, _lock_id(key)))
+    def _lock(self, cur, cls: int, key: str) -> None:
+        self._lock_all(cur, [(cls, key)])
 
-    def _lock_all(self, cur, locks: Iterable[tuple[int, str]]) -> None:
-        """Locks in the global order (class, then key)."""
-        for cls, key in sorted(set(locks)):
-            self._lock(cur, cls, key)
+    @staticmethod
+    def _lock_all(cur, locks: Iterable[tuple[int, str]]) -> None:
+        """Transaction advisory locks in the global order (class, then id), in one statement;
+        those this transaction holds already are skipped."""
+        held = cur.locked if cur.locked is not None else set()
+        todo = sorted({(cls, _lock_id(cls, key)) for cls, key in locks} - held)
+        if not todo:
+            return
+        held.update(todo)
+        cur.execute("SELECT pg_advisory_xact_lock(c, k) FROM unnest(%s::int4[], %s::int4[]) AS t(c, k)",
+                    ([c for c, _ in todo], [k for _, k in todo])).fetchall()
 
     # -- schema ---------------------------------------------------------------------------
     def _has_schema(self) -> bool:
@@ -320,13 +337,16 @@ class PostgresIndex:
                 cur.execute("CREATE TABLE IF NOT EXISTS pathpacs_schema (version int NOT NULL)")
                 row = cur.execute("SELECT max(version) FROM pathpacs_schema").fetchone()
                 version = row[0] or 0
+                if version > SCHEMA:
+                    raise Unavailable(f"index database has schema {version}, newer than this release's "
+                                      f"{SCHEMA}: upgrade pathpacs")
                 if version >= step:
                     return
                 for sql in SCHEMA_STEPS[step]:
                     cur.execute(sql)
                 cur.execute("DELETE FROM pathpacs_schema")
                 cur.execute("INSERT INTO pathpacs_schema VALUES (%s)", (step,))
-                log.info("index: PostgreSQL schema %d", step)
+                log.debug("index: PostgreSQL schema %d", step)
             self._write(run)
 
     # -- the small key/value tables (kv) -------------------------------------------------
@@ -398,7 +418,7 @@ class PostgresIndex:
 
     # -- lookups ----------------------------------------------------------------------------
     @staticmethod
-    def _inst(cur, sop: str, lock: bool = False) -> InstanceRecord | None:
+    def _inst(cur, sop: str) -> InstanceRecord | None:
         row = cur.execute(f"{INST_SELECT} WHERE sop = %s", (sop,)).fetchone()
         return None if row is None else _inst_row(row)
 
@@ -744,7 +764,7 @@ class PostgresIndex:
         cur.execute(
             "INSERT INTO instances VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (sop) DO NOTHING",
             (rec.sop, rec.series, rec.study, rec.blob.tier, rec.blob.key, rec.ts, rec.size, rec.sha256,
-             Jsonb(json.loads(_instance_json(rec)), dumps=_jdumps),
+             _jb(_stored_instance(rec)),
              frametable.pack(new.frames, new.crcs) if new.frames else None, new.metadata))
         return cur.rowcount > 0
 
@@ -1045,21 +1065,15 @@ class PostgresIndex:
             raise FileExistsError(f"{directory} is not empty")
         out = directory / "index.jsonl"
         try:
-            with self.pool.connection() as conn:
-                conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-                try:
-                    with conn.transaction(), open(out, "w", encoding="utf-8") as f:
-                        conn.read_only = True
-                        f.write(json.dumps({"pathpacs_index": "postgresql", "schema": SCHEMA}) + "\n")
-                        for table in TABLES:
-                            with conn.cursor(name=f"backup_{table}") as cur:
-                                cur.itersize = 2000
-                                cur.execute(f"SELECT row_to_json(t)::text FROM {table} t")
-                                for (row,) in cur:
-                                    f.write(f'{{"table":"{table}","row":{row}}}\n')
-                finally:
-                    conn.read_only = False
-                    conn.isolation_level = None
+            with self.pool.connection() as conn, open(out, "w", encoding="utf-8") as f:
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                f.write(json.dumps({"pathpacs_index": "postgresql", "schema": SCHEMA}) + "\n")
+                for table in TABLES:
+                    with conn.cursor(name=f"backup_{table}") as cur:
+                        cur.itersize = 2000
+                        cur.execute(f"SELECT row_to_json(t)::text FROM {table} t")
+                        for (row,) in cur:
+                            f.write(f'{{"table":"{table}","row":{row}}}\n')
         except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
             raise _unavailable(exc) from exc
         return out

@@ -546,6 +546,7 @@ class Postgres:
     dir: Path | None = None
     proc: subprocess.Popen | None = None
     max_connections: int = 300
+    durable: bool = True  # False (tests): fsync off; commits still survive a kill -9 of the server, not of the host
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user={self.user} dbname={dbname} connect_timeout=5"
@@ -582,6 +583,8 @@ class Postgres:
                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
                "-c", f"max_connections={self.max_connections}", "-c", "shared_buffers=128MB",
                "-c", "logging_collector=off"]
+        if not self.durable:
+            cmd += ["-c", "fsync=off", "-c", "full_page_writes=off"]
         setpriv = shutil.which("setpriv")
         if setpriv:
             cmd = [setpriv, "--pdeathsig", "KILL", *cmd]
