@@ -4,13 +4,14 @@
    dicomweb benchmark (conformance.bench.frames.make_slide, kept in bench-work/dicomweb/slide)
    is STOWed into an LMDB archive, whose index is then moved into PostgreSQL by
    `pathpacs index migrate` (timed: it is the admin's path); the two servers serve the same
-   blobs and are measured alternately, best of two each. Target: PostgreSQL >= 80% of LMDB.
+   blobs and are measured alternately, best of three each. Target: PostgreSQL >= 80% of LMDB.
 2. QIDO study searches at 1 M indexed instances (records only, no blobs: 200,000 studies of 5,
    conformance.bench.frames._qido_docs, the records the 100k QIDO benchmark uses) on
    PostgreSQL beside LMDB at the same size: p50 of a Patient ID, a name prefix, a date range and
    the newest-first sorted first page. The PostgreSQL load goes through `add_instances` in
-   batches and is timed; if it cannot reach the size within LOAD_BUDGET_S it stops there, both
-   backends are measured at the size reached, and the row says so. Target: <= 20 ms p50.
+   batches and is timed, then VACUUM ANALYZE (what autovacuum does after a bulk load); if it
+   cannot reach the size within LOAD_BUDGET_S it stops there, both backends are measured at
+   the size reached, and the row says so. Target: <= 20 ms p50.
 
 PostgreSQL is Debian's server, started by conformance.bench.peers.start_postgres (a fresh
 cluster per run), as in the tests.
@@ -78,7 +79,7 @@ def frames(work: Path, dsn: str, quick: bool) -> list[dict]:
         picks = [rnd.randint(1, n) for _ in range(1000 if quick else 3000)]
         path = f"/studies/{st}/series/{se}/instances/{sop}/frames/"
         best: dict[str, dict] = {}
-        for _round in range(2):
+        for _round in range(3):
             for name, srv in (("LMDB", lmdb_srv), ("PostgreSQL", pg_srv)):
                 r = load([srv.dicomweb_url + path + str(k) for k in picks], 8, ACCEPT)
                 if r["errors"]:
@@ -94,7 +95,7 @@ def frames(work: Path, dsn: str, quick: bool) -> list[dict]:
     for name in ("LMDB", "PostgreSQL"):
         r = best[name]
         rows.append({"benchmark": what, "system": f"pathpacs, {name} index", "value": f"{r['per_s']} frames/s",
-                     "note": f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['MB_per_s']} MB/s; best of 2"
+                     "note": f"p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms, {r['MB_per_s']} MB/s; best of 3, alternately"
                      + (f"; {ratio:.0%} of LMDB, target >= {FRAME_TARGET:.0%}: "
                         + ("met" if ratio >= FRAME_TARGET else "MISSED") if name == "PostgreSQL" else "")})
     rows.append({"benchmark": f"pathpacs index migrate --to postgresql of that archive ({len(files)} instances)",
@@ -118,7 +119,12 @@ def _load_pg(dsn: str, n: int) -> tuple[int, float]:
             print(f"postgresql: {done} instances loaded, {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     finally:
         idx.close()
-    return done, time.perf_counter() - t
+    loaded = time.perf_counter() - t
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:  # what autovacuum does soon after a bulk load:
+        conn.execute("VACUUM ANALYZE")  # measured on a settled database, not during its catch-up
+    return done, loaded
 
 
 def _load_lmdb(data: Path, n: int) -> float:
