@@ -9,6 +9,8 @@ import argparse
 import logging
 import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -548,7 +550,34 @@ def _tier_status(arc, args) -> int:
     return 0
 
 
+@contextmanager
+def _moves_lease(arc, args):
+    """Moves between tiers run one at a time across the cluster: a CLI move or apply takes the
+    lease of the background rules pass ("lifecycle.rules", archive.cluster), waiting up to two
+    lease times for a pass on another node to finish, so two nodes never move the same
+    instances at once."""
+    leases, name = arc.cluster.leases, "lifecycle.rules"
+    seconds = arc.config.lease_seconds
+    deadline = time.monotonic() + 2 * seconds
+    said = False
+    while not leases.acquire(name, seconds):
+        holder = (arc.index.record("leases", name) or {}).get("owner", "?")
+        if time.monotonic() > deadline:
+            raise CliError(f"tier moves are running elsewhere ({holder} holds {name}): try again later")
+        if not said and not args.quiet:
+            print(f"waiting for the moves of {holder} to finish", file=sys.stderr)
+            said = True
+        time.sleep(1)
+    with leases.hold(name, seconds) as mine:  # renews while the moves run; releases at the end
+        yield mine
+
+
 def _tier_move(arc, args) -> int:
+    with _moves_lease(arc, args):
+        return _tier_move_leased(arc, args)
+
+
+def _tier_move_leased(arc, args) -> int:
     if args.to not in arc.tiers:
         raise CliError(f"no tier named {args.to!r} (tiers: {', '.join(arc.tiers)})")
     recs = _selected(arc, args)
@@ -573,6 +602,13 @@ def _moved(report, where: str) -> int:
 
 
 def _tier_apply(arc, args) -> int:
+    if args.dry_run:
+        return _tier_apply_leased(arc, args)
+    with _moves_lease(arc, args):
+        return _tier_apply_leased(arc, args)
+
+
+def _tier_apply_leased(arc, args) -> int:
     with _bar(args, 0) as bar:
         report = arc.lifecycle.apply(dry_run=args.dry_run, progress=bar.update)
     if args.dry_run:

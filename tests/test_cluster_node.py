@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import requests
 from pydicom.encaps import generate_frames
 
 import factory
-from conftest import ROOT, Server, free_port, run_cli
+from conftest import ROOT, Server, free_port, pathpacs_cmd, run_cli
 
 LEASE = 3.0  # cluster.lease_seconds of every node here: dead after 3 s without a heartbeat
 # the shared index: PostgreSQL (the production set-up) unless PATHPACS_TEST_CLUSTER_INDEX=lmdb
@@ -313,6 +314,23 @@ def test_frame_reads_on_one_node_while_another_moves_the_study_never_fail(site):
             t.join(60)
     assert count[0] > 20 and errors == [], (count, errors[:5])
     assert "fixity" not in site["srv"]["n1"].log()  # no read took the move for damage
+
+
+def test_two_nodes_moving_one_study_at_once_take_turns(site):
+    """`tier move` on two nodes at once: the second waits for the first's lease ("lifecycle.rules"),
+    so every instance is moved once, nothing fails, and the study ends on one tier."""
+    n = len(site["files"])
+    procs = [subprocess.Popen(pathpacs_cmd() + ["tier", "move", "--study", site["study"], "--to", "warm",
+                                                "--config", str(site[f"cfg_{node}"]), "--data", str(site[f"data_{node}"])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for node in ("n1", "n2")]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    moved = [int(re.search(r"(\d+) instances moved", out).group(1)) for out, _ in outs]
+    assert sorted(moved) == [0, n], outs  # one node moved them all, the other found them there
+    assert all("not moved" not in err for _, err in outs), outs
+    back = cli(site, "n1", "tier", "move", "--study", site["study"], "--to", "hot")
+    assert back.returncode == 0, back.stderr
 
 
 def test_a_tier_rule_moves_a_study_once_while_both_nodes_serve_its_frames(site):

@@ -172,6 +172,9 @@ class Pathpacs:
         try:
             for port in self.wait_ports or (self.dicom_port, self.http_port):
                 wait_port(port, self.proc, timeout, self.wait_host)
+        except RuntimeError as exc:  # it exited: say why (the log's last lines)
+            self.stop()
+            raise RuntimeError(f"{exc}; its log ends:\n{self.log()[-1500:]}") from None
         except BaseException:
             self.stop()
             raise
