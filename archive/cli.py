@@ -705,8 +705,16 @@ def cmd_index_migrate(args: argparse.Namespace) -> int:
         raise CliError(f"no LMDB index in {cfg.data_dir} to migrate")
     source = LmdbIndex(source_dir, map_size=cfg.lmdb_map_size_gb << 30, readonly=True)
     try:
+        staging = Path(cfg.data_dir) / "hot" / "tmp"
         try:
-            check_idle(source, Path(cfg.data_dir) / "hot" / "tmp")
+            if source.schema_version() < source.SCHEMA:
+                # an index written by an older release: brought to today's layout first, as any
+                # open by this release does (each step recorded), then read as the source
+                check_idle(None, staging)
+                source.close()
+                LmdbIndex(source_dir, map_size=cfg.lmdb_map_size_gb << 30).close()
+                source = LmdbIndex(source_dir, map_size=cfg.lmdb_map_size_gb << 30, readonly=True)
+            check_idle(source, staging)
         except MigrationRefused as exc:
             raise CliError(str(exc))
         logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)  # its retries: the one line below says it

@@ -178,3 +178,32 @@ def test_same_answers_before_and_after_the_upgrade(previous_release, tmp_path):
     assert new_frames == old_frames == _frames(files[0])
     for q in before:
         assert after[q] == before[q], q
+
+
+def test_previous_release_archive_moves_to_postgresql(previous_release, tmp_path, postgres):
+    """An archive written by the previous release's code, moved straight to PostgreSQL by
+    `pathpacs index migrate` (its LMDB index brought to today's layout first): a server on the
+    PostgreSQL index answers as the previous release did, with the same frames."""
+    data, files = _old_archive(previous_release, tmp_path)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    old = Server(data, free_port(), free_port(), release=previous_release).start()
+    try:
+        before = _answers(old, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        old_frames = [_get_frame(old, files[0], n).content for n in range(1, 13)]
+    finally:
+        old.stop()
+    dsn = postgres.create_database()
+    res = run_cli("index", "migrate", "--to", "postgresql", "--dsn", dsn, "--quiet", data=data)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "index migrated: 2 instances added" in res.stdout and "Traceback" not in res.stderr
+    cfg = tmp_path / "postgresql.toml"
+    cfg.write_text(f'[index]\nbackend = "postgresql"\ndsn = "{dsn}"\n')
+    new = Server(data, free_port(), free_port(), config=cfg, index="lmdb").start()  # its own [index]
+    try:
+        after = _answers(new, ds.StudyInstanceUID, ds.SeriesInstanceUID)
+        new_frames = [_get_frame(new, files[0], n).content for n in range(1, 13)]
+    finally:
+        new.stop()
+    assert new_frames == old_frames == _frames(files[0])
+    for q in before:
+        assert after[q] == before[q], q

@@ -193,8 +193,14 @@ class LmdbIndex:
         self._frames_db = self.db.get("frames")
         self._loc_db = self.db.get("loc")
 
+    SCHEMA = SCHEMA
+
     def close(self) -> None:
         self.env.close()
+
+    def schema_version(self) -> int:
+        """The layout this index was written in (SCHEMA once an open by this release migrated it)."""
+        return self._schema()
 
     # -- schema migrations ------------------------------------------------------------------
     def _schema(self) -> int:

@@ -50,8 +50,9 @@ class MigrationReport:
                 for k in self.source.keys() | self.target.keys() if self.source.get(k, 0) != self.target.get(k, 0)]
 
 
-def check_idle(source: Index, staging_root: Path) -> None:
-    """Refuse (MigrationRefused) while a process uses the archive or work is in flight."""
+def check_idle(source: Index | None, staging_root: Path) -> None:
+    """Refuse (MigrationRefused) while a process uses the archive or work is in flight (source
+    None: only whether a process uses it, before an older index's layout is brought up to date)."""
     from storage_tiers.staging import Staging
 
     if staging_root.is_dir():
@@ -62,6 +63,8 @@ def check_idle(source: Index, staging_root: Path) -> None:
             probe.close()
         if alive:
             raise MigrationRefused("another pathpacs process (a server?) is using this archive: stop the server first")
+    if source is None:
+        return
     pending, moves = source.pending(), source.moves()
     if pending or moves:
         raise MigrationRefused(
