@@ -769,8 +769,8 @@ class PostgresIndex:
         news = list(unique.values())
         cur.execute(
             "INSERT INTO instances SELECT s, se, st, t, b, ts, sz, h, r::jsonb, f, m"
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int8[],"
-            " %s::text[], %s::text[], %b::bytea[], %b::bytea[]) AS u(s, se, st, t, b, ts, sz, h, r, f, m)"
+            " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[],"
+            " %b::text[], %b::text[], %b::bytea[], %b::bytea[]) AS u(s, se, st, t, b, ts, sz, h, r, f, m)"
             " ON CONFLICT (sop) DO NOTHING RETURNING sop",
             ([n.record.sop for n in news], [n.record.series for n in news], [n.record.study for n in news],
              [n.record.blob.tier for n in news], [n.record.blob.key for n in news], [n.record.ts for n in news],
@@ -787,12 +787,12 @@ class PostgresIndex:
             cur.execute("INSERT INTO kv SELECT 'todo_crc', k, '' FROM unnest(%b::bytea[]) AS u(k)"
                         " ON CONFLICT (space, key) DO UPDATE SET val = EXCLUDED.val", (todo,))
         blobs = sorted({n.record.blob.key: n.record.sop for n in news}.items())  # the last of a key wins
-        cur.execute("INSERT INTO blobs SELECT * FROM unnest(%s::text[], %s::text[])"
+        cur.execute("INSERT INTO blobs SELECT * FROM unnest(%b::text[], %b::text[])"
                     " ON CONFLICT (key) DO UPDATE SET sop = EXCLUDED.sop",
                     ([k for k, _ in blobs], [s for _, s in blobs]))
         bulk = sorted((n.record.sop, path, value) for n in news for path, value in n.bulk.items())
         if bulk:
-            cur.execute("INSERT INTO bulk SELECT * FROM unnest(%s::text[], %s::text[], %b::bytea[])"
+            cur.execute("INSERT INTO bulk SELECT * FROM unnest(%b::text[], %b::text[], %b::bytea[])"
                         " ON CONFLICT (sop, path) DO UPDATE SET value = EXCLUDED.value",
                         ([r[0] for r in bulk], [r[1] for r in bulk], [r[2] for r in bulk]))
         self._update_parents(cur, news)
@@ -800,7 +800,7 @@ class PostgresIndex:
 
     @staticmethod
     def _recs(cur, table: str, key: str, keys: Iterable[str]) -> dict[str, dict]:
-        cur.execute(f"SELECT {key}, rec FROM {table} WHERE {key} = ANY(%s::text[])", (sorted(set(keys)),))
+        cur.execute(f"SELECT {key}, rec FROM {table} WHERE {key} = ANY(%b::text[])", (sorted(set(keys)),))
         return {k: rec for k, rec in cur.fetchall()}
 
     def _update_parents(self, cur, news: Sequence[NewInstance]) -> None:
@@ -847,10 +847,10 @@ class PostgresIndex:
         keys = sorted({(tag, v, study) for study in new_studies for tag in INDEXED_STUDY_TAGS
                        if tag != T_STUDY_DATE for v in index_values(tag, studies[study]["attrs"])})
         if keys:
-            cur.execute("INSERT INTO study_keys SELECT * FROM unnest(%s::text[], %s::text[], %s::text[])"
+            cur.execute("INSERT INTO study_keys SELECT * FROM unnest(%b::text[], %b::text[], %b::text[])"
                         " ON CONFLICT DO NOTHING", ([k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys]))
         touched = sorted({n.record.series for n in news})
-        cur.execute("INSERT INTO series SELECT u, s, r::jsonb FROM unnest(%s::text[], %s::text[], %s::text[])"
+        cur.execute("INSERT INTO series SELECT u, s, r::jsonb FROM unnest(%b::text[], %b::text[], %b::text[])"
                     " AS t(u, s, r) ON CONFLICT (uid) DO UPDATE SET rec = EXCLUDED.rec",
                     (touched, [series[u]["study"] for u in touched], [_jdumps(series[u]) for u in touched]))
         touched = sorted({n.record.study for n in news})
@@ -858,10 +858,10 @@ class PostgresIndex:
                  str(md.first_value(studies[u]["attrs"], T_STUDY_TIME) or "").replace(":", ""),
                  _jdumps(studies[u])) for u in touched]
         cur.execute("INSERT INTO studies SELECT u, p, d, t, r::jsonb"
-                    " FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[]) AS x(u, p, d, t, r)"
+                    " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[]) AS x(u, p, d, t, r)"
                     " ON CONFLICT (uid) DO UPDATE SET rec = EXCLUDED.rec", [list(c) for c in zip(*rows)])
         touched = sorted({n.record.patient for n in news})
-        cur.execute("INSERT INTO patients SELECT k, r::jsonb FROM unnest(%s::text[], %s::text[]) AS x(k, r)"
+        cur.execute("INSERT INTO patients SELECT k, r::jsonb FROM unnest(%b::text[], %b::text[]) AS x(k, r)"
                     " ON CONFLICT (key) DO UPDATE SET rec = EXCLUDED.rec",
                     (touched, [_jdumps(patients[k]) for k in touched]))
 
