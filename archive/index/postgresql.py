@@ -100,6 +100,7 @@ GEN_CHECK = 0.5  # seconds between checks of the rejection generation from the f
 POOL_TIMEOUT = 5.0  # seconds to wait for a connection before the database counts as gone
 RETRIES = 6
 LOCK_BUCKETS = 256  # advisory lock ids per hierarchy class (see _lock_id)
+CHUNK_BYTES = 64 << 20  # at most this much row data per set-based INSERT of a bulk load
 RECONNECT = 1.0  # the pool gives up reconnecting in the background this soon: the next call tries afresh
 
 L_PATIENT, L_STUDY, L_SERIES, L_INSTANCE, L_FLAGS, L_RECORD, L_SCHEMA = 1, 2, 3, 4, 5, 10, 11
@@ -224,6 +225,23 @@ def schema_exists(dsn: str) -> bool:
             return conn.execute("SELECT count(*) FROM pathpacs_schema").fetchone()[0] > 0
     except psycopg.OperationalError as exc:
         raise _unavailable(exc) from exc
+
+
+def _chunks(rows: Sequence[Any], weigh: Callable[[Any], int]) -> Iterator[list]:
+    """`rows` in consecutive runs of at most CHUNK_BYTES (by `weigh`; at least one row each):
+    one statement's arrays stay far below PostgreSQL's 1 GB message however large a batch."""
+    limit = CHUNK_BYTES
+    chunk: list = []
+    size = 0
+    for row in rows:
+        w = weigh(row)
+        if chunk and size + w > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(row)
+        size += w
+    if chunk:
+        yield chunk
 
 
 INST_COLS = "sop, rec, tier, blob_key, ts"
@@ -789,18 +807,20 @@ class PostgresIndex:
         for new in batch:
             unique.setdefault(new.record.sop, new)
         news = list(unique.values())
-        cur.execute(
-            "INSERT INTO instances SELECT s, se, st, t, b, ts, sz, h, r::jsonb, f, m"
-            " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[],"
-            " %b::text[], %b::text[], %b::bytea[], %b::bytea[]) AS u(s, se, st, t, b, ts, sz, h, r, f, m)"
-            " ON CONFLICT (sop) DO NOTHING RETURNING sop",
-            ([n.record.sop for n in news], [n.record.series for n in news], [n.record.study for n in news],
-             [n.record.blob.tier for n in news], [n.record.blob.key for n in news], [n.record.ts for n in news],
-             [n.record.size for n in news], [n.record.sha256 for n in news],
-             [_jdumps(_stored_instance(n.record)) for n in news],
-             [frametable.pack(n.frames, n.crcs) if n.frames else None for n in news],
-             [n.metadata for n in news]))
-        added = {row[0] for row in cur.fetchall()}
+        rows = [(n.record, frametable.pack(n.frames, n.crcs) if n.frames else None, n.metadata) for n in news]
+        added: set[str] = set()
+        for chunk in _chunks(rows, lambda r: len(r[2]) + len(r[1] or b"") + 512):
+            cur.execute(
+                "INSERT INTO instances SELECT s, se, st, t, b, ts, sz, h, r::jsonb, f, m"
+                " FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[],"
+                " %b::text[], %b::text[], %b::bytea[], %b::bytea[]) AS u(s, se, st, t, b, ts, sz, h, r, f, m)"
+                " ON CONFLICT (sop) DO NOTHING RETURNING sop",
+                ([r.sop for r, _, _ in chunk], [r.series for r, _, _ in chunk], [r.study for r, _, _ in chunk],
+                 [r.blob.tier for r, _, _ in chunk], [r.blob.key for r, _, _ in chunk], [r.ts for r, _, _ in chunk],
+                 [r.size for r, _, _ in chunk], [r.sha256 for r, _, _ in chunk],
+                 [_jdumps(_stored_instance(r)) for r, _, _ in chunk], [f for _, f, _ in chunk],
+                 [m for _, _, m in chunk]))
+            added.update(row[0] for row in cur.fetchall())
         news = [n for n in news if n.record.sop in added]
         if not news:
             return 0
@@ -813,10 +833,10 @@ class PostgresIndex:
                     " ON CONFLICT (key) DO UPDATE SET sop = EXCLUDED.sop",
                     ([k for k, _ in blobs], [s for _, s in blobs]))
         bulk = sorted((n.record.sop, path, value) for n in news for path, value in n.bulk.items())
-        if bulk:
+        for chunk in _chunks(bulk, lambda r: len(r[2]) + 128):
             cur.execute("INSERT INTO bulk SELECT * FROM unnest(%b::text[], %b::text[], %b::bytea[])"
                         " ON CONFLICT (sop, path) DO UPDATE SET value = EXCLUDED.value",
-                        ([r[0] for r in bulk], [r[1] for r in bulk], [r[2] for r in bulk]))
+                        ([r[0] for r in chunk], [r[1] for r in chunk], [r[2] for r in chunk]))
         self._update_parents(cur, news)
         return len(news)
 
