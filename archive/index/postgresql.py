@@ -18,14 +18,14 @@ once yields STORED + DUPLICATE (same sha256) or STORED + REJECTED (other bytes, 
 
 Instance writes are set-based (`_put_many`, for `add_instance` and the bulk `add_instances`
 alike): one INSERT ... SELECT FROM unnest(arrays) ... ON CONFLICT DO NOTHING RETURNING sop for
-the instance rows, one statement each for blobs, bulk values, the checksum queue and
-study_keys, one SELECT and one upsert each for series, studies and patients, whatever the
-batch's size (up to CHUNK_BYTES of rows per statement). The parents' records are computed in
-Python from the rows really inserted, in batch order, exactly as one add after another (the index contract tests compare). Arrays go in
-binary format: text arrays' escaping cost half the time. A row per statement ran bulk loads at
-~1,700 instances/s on the 2-core test machine (100k in 59 s); set-based, 10,000-13,000/s
-(100k in 7.5-10 s). One-statement reads run in autocommit (`_tx(single=True)`): no BEGIN and
-COMMIT round trips.
+the instance rows, one statement each for blobs, bulk values, the checksum queue and study_keys,
+one SELECT and one upsert each for series, studies and patients, whatever the batch's size (up
+to CHUNK_BYTES of rows per statement). The parents' records are computed in Python from the rows
+really inserted, in batch order, exactly as one add after another (the index contract tests
+compare). Arrays go in binary format: text arrays' escaping cost half the time. A row per
+statement ran bulk loads at ~1,700 instances/s on the 2-core test machine (100k in 59 s); set-
+based, 10,000-13,000/s (100k in 7.5-10 s). One-statement reads run in autocommit
+(`_tx(single=True)`): no BEGIN and COMMIT round trips.
 
 Loss of the database (refused, dropped mid-query, pool exhausted past `POOL_TIMEOUT`) raises
 archive.status.Unavailable (HTTP 503, DIMSE 0xA700); the failed transaction is rolled back, so
