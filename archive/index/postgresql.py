@@ -23,8 +23,8 @@ one SELECT and one upsert each for series, studies and patients, whatever the ba
 to CHUNK_BYTES of rows per statement). The parents' records are computed in Python from the rows
 really inserted, in batch order, exactly as one add after another (the index contract tests
 compare). Arrays go in binary format: text arrays' escaping cost half the time. A row per
-statement ran bulk loads at ~1,700 instances/s on the 2-core test machine (100k in 59 s); set-
-based, 10,000-13,000/s (100k in 7.5-10 s). One-statement reads run in autocommit
+statement ran bulk loads at ~1,700 instances/s on the 2-core test machine (100k in 59 s);
+set-based, 10,000-13,000/s (100k in 7.5-10 s). One-statement reads run in autocommit
 (`_tx(single=True)`): no BEGIN and COMMIT round trips.
 
 Loss of the database (refused, dropped mid-query, pool exhausted past `POOL_TIMEOUT`) raises
