@@ -406,3 +406,112 @@ def test_backup_is_a_copy_and_refuses_a_used_directory(index, tmp_path):
     assert path.is_file() and path.stat().st_size > 0
     with pytest.raises(FileExistsError):
         index.backup(tmp_path / "bk")
+
+
+def _second_index(request, tmp_path, backend: str):
+    if backend == "lmdb":
+        return LmdbIndex(tmp_path / "index-2", map_size=1 << 30)
+    from archive.index.postgresql import PostgresIndex
+
+    return PostgresIndex(request.getfixturevalue("postgres").create_database(), pool_size=4)
+
+
+def _mixed_batch() -> list[NewInstance]:
+    """A bulk load's mixed batch: new instances in an existing series and study, a new series of
+    another modality and SOP class, new studies (one patient with two, a multi-valued
+    PatientName), a cold-tier instance, a table without CRCs yet, no frames, no bulk data, an
+    existing UID with other bytes and a UID the batch holds twice."""
+    from dataclasses import replace
+
+    def at(n: NewInstance, second: int, tier: str | None = None) -> NewInstance:
+        rec = replace(n.record, received=f"2026-01-01T00:00:{second:02d}.000")
+        if tier:
+            rec = replace(rec, blob=BlobRef(tier, rec.blob.key))
+        return replace(n, record=rec)
+
+    two = {"vr": "PN", "Value": [{"Alphabetic": "Roe^Ann"}, {"Alphabetic": "Poe^Edgar"}]}
+    multi = new("1.20.6", study="1.2.3", series="1.2.3.1", pid="P2", acc="A3", date="20240505")
+    multi = replace(multi, patient_attrs={**multi.patient_attrs, "00100010": two},
+                    study_attrs={**multi.study_attrs, "00100010": two})
+    return [
+        at(new("1.20.1", size=10), 1),
+        at(new("1.20.9", sha="e" * 64), 2),  # exists with other bytes: left alone, not counted
+        at(new("1.20.2", series="1.2.1.2", modality="XC", sop_class=SC, size=20, frames=()), 3),
+        at(new("1.20.3", study="1.2.2", series="1.2.2.1", pid="P2", acc="A2", date="20240404", size=30), 4, "cold"),
+        at(new("1.20.1", sha="f" * 64), 5),  # the batch's second of a UID: the first wins
+        replace(at(new("1.20.4", study="1.2.2", series="1.2.2.1", pid="P2", size=40), 6), crcs=None),
+        replace(at(new("1.20.5", study="1.2.2", series="1.2.2.2", pid="P2", modality="XC", size=50), 7), bulk={}),
+        at(multi, 8),
+        at(new("1.20.7", series="1.2.1.2", modality="XC", sop_class=SC, size=70), 9, "cold"),
+    ]
+
+
+def _same(a, b) -> bool:
+    """Records equal, their attribute subsets and per-tier counts too (not compared by ==)."""
+    return (a is not None and a == b and dict(a.attrs) == dict(b.attrs)
+            and dict(getattr(a, "tiers", {})) == dict(getattr(b, "tiers", {})))
+
+
+def test_add_instances_equals_one_add_instance_after_another(index, request, tmp_path):
+    """Bulk loads (index rebuilds, `pathpacs index migrate`) must leave every record exactly as
+    single adds do: counts, bytes, tiers, modalities, SOP classes, attributes, updated times."""
+    backend = request.node.callspec.params["index"]
+    single = _second_index(request, tmp_path, backend)
+    try:
+        _bulk_equals_single(index, single)
+    finally:
+        single.close()
+
+
+def test_add_instances_in_statements_of_a_few_rows_each(request, tmp_path, monkeypatch):
+    """PostgreSQL cuts a batch's rows into statements of at most CHUNK_BYTES: the same records."""
+    from archive.index import postgresql
+
+    monkeypatch.setattr(postgresql, "CHUNK_BYTES", 2000)  # a row or two per statement
+    index, single = postgresql_index(request, tmp_path), _second_index(request, tmp_path, "postgresql")
+    try:
+        _bulk_equals_single(index, single)
+    finally:
+        index.close()
+        single.close()
+
+
+def _bulk_equals_single(index, single) -> None:
+    """The mixed batch bulk-loaded into `index` and added one by one to `single`: every record alike."""
+    for idx in (index, single):
+        assert idx.add_instance(new("1.20.9", size=5), replace=False).outcome is Outcome.STORED
+    batch = _mixed_batch()
+    assert index.add_instances(batch) == 7
+    stored = [single.add_instance(n, replace=False).outcome for n in batch]
+    assert stored.count(Outcome.STORED) == 7 and stored.count(Outcome.REJECTED) == 2
+    sops = sorted({n.record.sop for n in batch})
+    for sop in sops:
+        assert _same(index.instance(sop), single.instance(sop))
+        assert index.all_frames(sop) == single.all_frames(sop)
+        assert index.metadata([sop]) == single.metadata([sop])
+        assert index.bulk_values(sop) == single.bulk_values(sop)
+    assert index.instance("1.20.9").sha256 == "a" * 64 and index.instance("1.20.1").sha256 == "a" * 64
+    for uid in ("1.2.1.1", "1.2.1.2", "1.2.2.1", "1.2.2.2", "1.2.3.1"):
+        assert _same(index.series(uid), single.series(uid))
+    for uid in ("1.2.1", "1.2.2", "1.2.3"):
+        assert _same(index.study(uid), single.study(uid))
+    for key in ("P1^", "P2^"):
+        assert _same(index.patient(key), single.patient(key))
+    st = index.study("1.2.1")
+    assert (st.n_series, st.n_instances, st.bytes, st.tiers) == (2, 4, 105, {"hot": 3, "cold": 1})
+    assert st.modalities == ("SM", "XC") and st.sop_classes == (WSI, SC) and st.updated.endswith(":09.000")
+    assert index.patient("P2^").n_studies == 2 and index.study("1.2.2").n_series == 2
+    for walk in ("patients", "studies", "_all_series", "instances"):
+        if hasattr(index, walk):
+            a, b = list(getattr(index, walk)()), list(getattr(single, walk)())
+            assert len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    assert index.stats() == single.stats()
+    assert index.checksum_todo(10) == single.checksum_todo(10) == ["1.20.4"]
+    studies = lambda idx, keys: sorted(r.study for r in _search(idx, "STUDY", keys))  # noqa: E731
+    for keys in ([Key("00100010", "PN", ["poe*"])], [Key("00100010", "PN", ["roe^ann"])],
+                 [Key("00100010", "PN", ["doe*"])], [Key("00100020", "LO", ["P2"])],
+                 [Key("00080050", "SH", ["A3"])], [Key("00080020", "DA", ["20240101-20241231"])]):
+        assert studies(index, keys) == studies(single, keys)
+    assert studies(index, [Key("00100010", "PN", ["poe*"])]) == ["1.2.3"]
+    assert studies(index, [Key("00080020", "DA", ["20240101-20241231"])]) == ["1.2.2", "1.2.3"]
+    assert index.add_instances(batch) == 0 and index.study("1.2.1").n_instances == 4

@@ -55,6 +55,18 @@ WORKER = textwrap.dedent("""
             out[str(i)] = index.move_switch(f"1.22.{{i}}", BlobRef("hot", f"b-{{i}}"), BlobRef("cold", f"c-{{i}}"))
     elif job == "open":
         out["ok"] = True
+    elif job == "bulk":  # add_instances batches: UIDs shared by every bulk process, and its own
+        for b in range(4):
+            batch = [new(f"1.30.{{i}}", study=f"9.{{i % 3}}", series=f"9.{{i % 3}}.{{i % 2}}", pid="PX", size=10 + i,
+                         blob=f"bulk-{{me}}-{{i}}") for i in range(15 * b, 15 * b + 15)]
+            batch += [new(f"1.31.{{me}}.{{b}}.{{i}}", study=f"8.{{i % 2}}", series=f"8.{{i % 2}}.{{me}}", pid=f"Q{{i % 2}}",
+                          size=3, blob=f"own-{{me}}-{{b}}-{{i}}") for i in range(5)]
+            out[str(b)] = index.add_instances(batch)
+    elif job == "single":  # add_instance one by one into the families the bulk loads write
+        for i in range(60):
+            n = new(f"1.32.{{i}}", study=f"{{8 + i % 2}}.{{i % 4}}", series=f"{{8 + i % 2}}.{{i % 4}}.{{i % 3}}",
+                    pid=("PX", "Q0", "Q1")[i % 3], size=7, blob=f"single-{{i}}")
+            out[n.record.sop] = index.add_instance(n, replace=False).outcome.name
     index.close()
     print(json.dumps(out))
 """).format(root=str(ROOT), tests=str(TESTS))
@@ -133,6 +145,29 @@ def test_tier_counts_exact_while_moves_and_stores_race(pg_dsn, tmp_path):
         assert index.study("9.0").tiers["cold"] == 30
     finally:
         index.close()
+
+
+def test_bulk_loads_beside_single_adds_count_exactly(pg_dsn, tmp_path):
+    """Two processes bulk-loading (add_instances) and one adding instances one by one, into the
+    same studies, series and patients: every UID added once, every parent record's counts equal
+    to what its rows hold (nothing duplicated, nothing lost)."""
+    PostgresIndex(pg_dsn).close()
+    outs = run_workers(pg_dsn, "mixed", 0, tmp_path, jobs=["bulk", "bulk", "single"])
+    assert sum(outs[0][str(b)] + outs[1][str(b)] for b in range(4)) == 60 + 2 * 20
+    assert all(outs[2][f"1.32.{i}"] == "STORED" for i in range(60))
+    assert rows(pg_dsn, "SELECT count(*) FROM instances") == [(160,)]
+    assert rows(pg_dsn, """SELECT s.uid FROM studies s LEFT JOIN (SELECT study, count(*) n, sum(size) b
+        FROM instances GROUP BY study) i ON i.study = s.uid LEFT JOIN (SELECT study, count(*) n FROM series
+        GROUP BY study) se ON se.study = s.uid WHERE (s.rec->>'n_instances')::int IS DISTINCT FROM i.n
+        OR (s.rec->>'bytes')::bigint IS DISTINCT FROM i.b OR (s.rec->>'n_series')::int IS DISTINCT FROM se.n
+        OR (s.rec->'tiers'->>'hot')::int IS DISTINCT FROM i.n""") == []
+    assert rows(pg_dsn, """SELECT s.uid FROM series s LEFT JOIN (SELECT series, count(*) n, sum(size) b
+        FROM instances GROUP BY series) i ON i.series = s.uid WHERE (s.rec->>'n_instances')::int IS DISTINCT FROM i.n
+        OR (s.rec->>'bytes')::bigint IS DISTINCT FROM i.b""") == []
+    assert rows(pg_dsn, """SELECT p.key FROM patients p LEFT JOIN (SELECT patient, count(*) n FROM studies
+        GROUP BY patient) s ON s.patient = p.key WHERE (p.rec->>'n_studies')::int IS DISTINCT FROM s.n""") == []
+    assert rows(pg_dsn, "SELECT uid FROM studies ORDER BY uid") == [(u,) for u in ("8.0", "8.1", "8.2", "9.0", "9.1", "9.2", "9.3")]
+    assert rows(pg_dsn, "SELECT count(*) FROM blobs") == [(160,)]
 
 
 def test_update_record_is_atomic_across_processes(pg_dsn, tmp_path):

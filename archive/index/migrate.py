@@ -143,7 +143,7 @@ def _instances(source: Index, target: Index, batch: int, report: MigrationReport
                 progress(study.n_instances)
             continue
         for rec, series_attrs in _received_order(source, study):
-            if target.instance(rec.sop) is not None:
+            if done is not None and target.instance(rec.sop) is not None:  # a study begun before: resume
                 report.skipped += 1
                 if progress:
                     progress(1)
