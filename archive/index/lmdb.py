@@ -66,6 +66,9 @@ from ..records import (BlobRef, Frames, FrameTable, InstanceRecord, PatientRecor
 from ..status import SPACE_CHECKS, Outcome, out_of_space  # noqa: F401  (re-exported)
 from . import frametable
 from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
+from .stored import (CASE_FOLDED_TAGS, INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID,  # noqa: F401
+                     T_PATIENT_NAME, T_SERIES_UID, T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID,
+                     count_tier, index_values, patient_record, series_record, stored_instance, study_record)
 
 log = logging.getLogger("pathpacs.index")
 
@@ -74,25 +77,12 @@ DB_NAMES = [
     "series_inst", "patient_study", "study_idx", "pending", "blob", "state", "todo_crc", "fixity",
     "copies", "moves", "access", "flags", "verified", "tokens", "rejected", "versions", "purges",
 ] + list(RECORD_TABLES)
-INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
-                      "00100010": "PatientName"}
-CASE_FOLDED_TAGS = {"00100010"}  # person names match case-insensitively: indexed lower-cased
 SEP = b"\x00"
 SCHEMA = 6
 BATCH = 512  # records per read transaction when iterating
 FIRST_BATCH = 16
 
-T_STUDY_UID, T_SERIES_UID, T_SOP_UID = "0020000D", "0020000E", "00080018"
-T_PATIENT_ID, T_ACCESSION, T_STUDY_DATE, T_PATIENT_NAME = "00100020", "00080050", "00080020", "00100010"
-T_STUDY_TIME = "00080030"
-ORDERS = ("date", "-date")  # study orders the planner walks (Index.candidates `order`)
 SORT_IN_MEMORY = 500  # narrowed to at most this many studies: read and sort them, no index walk
-
-
-def index_values(tag: str, attrs: dict) -> list[str]:
-    if tag in CASE_FOLDED_TAGS:  # person names: every component group, lower-cased (schema 6)
-        return [v.lower() for v in md.name_groups(attrs.get(tag))] or [""]
-    return md.string_values(attrs.get(tag)) or [""]
 
 
 def _k(*parts: str) -> bytes:
@@ -128,10 +118,7 @@ def _unpack_loc(raw) -> tuple[BlobRef, str]:
 # -- record <-> stored JSON -----------------------------------------------------------------
 
 def _instance_json(rec: InstanceRecord) -> bytes:
-    d = rec.to_json()
-    for k in ("blob", "tier", "ts"):
-        d.pop(k)
-    return _dumps(d)
+    return _dumps(stored_instance(rec))
 
 
 def _instance(raw, loc) -> InstanceRecord:
@@ -142,33 +129,12 @@ def _instance(raw, loc) -> InstanceRecord:
     return InstanceRecord.from_json(d)
 
 
-def _series(uid: str, d: dict) -> SeriesRecord:
-    return SeriesRecord(uid, d["study"], d["attrs"], d["n_instances"], d["bytes"], tuple(d["sop_classes"]),
-                        d.get("tiers") or {})
-
-
-def _study(uid: str, d: dict) -> StudyRecord:
-    return StudyRecord(uid, d["patient"], d["attrs"], d["n_series"], d["n_instances"], d["bytes"],
-                       tuple(d["modalities"]), tuple(d["sop_classes"]), d.get("updated", ""), d.get("tiers") or {})
-
-
-def _count(rec: dict, tier: str, delta: int) -> None:
-    counts = rec.setdefault("tiers", {})
-    counts[tier] = counts.get(tier, 0) + delta
-    if counts[tier] <= 0:
-        del counts[tier]
-
-
 def _study_date(rec: StudyRecord) -> str:
     return str(md.first_value(rec.attrs, T_STUDY_DATE) or "")
 
 
 def _date_order(rec: StudyRecord) -> tuple[str, str, str]:
     return _study_date(rec), str(md.first_value(rec.attrs, T_STUDY_TIME) or "").replace(":", ""), rec.uid
-
-
-def _patient(key: str, d: dict) -> PatientRecord:
-    return PatientRecord(key, d["attrs"], d["n_studies"])
 
 
 class LmdbIndex:
@@ -368,17 +334,17 @@ class LmdbIndex:
     def series(self, uid: str) -> SeriesRecord | None:
         with self.env.begin() as txn:
             d = self._get_json(txn, "series", uid)
-        return None if d is None else _series(uid, d)
+        return None if d is None else series_record(uid, d)
 
     def study(self, uid: str) -> StudyRecord | None:
         with self.env.begin() as txn:
             d = self._get_json(txn, "study", uid)
-        return None if d is None else _study(uid, d)
+        return None if d is None else study_record(uid, d)
 
     def patient(self, key: str) -> PatientRecord | None:
         with self.env.begin() as txn:
             d = self._get_json(txn, "patient", key)
-        return None if d is None else _patient(key, d)
+        return None if d is None else patient_record(key, d)
 
     def _table(self, txn, sop: str, buf, head: frametable.TableHead) -> FrameTable | None:
         if head.legacy:  # a read-only open of an archive not migrated yet
@@ -462,7 +428,7 @@ class LmdbIndex:
             for uid in self._children(txn, "study_series", study):
                 d = self._get_json(txn, "series", uid)
                 if d is not None:
-                    out.append(_series(uid, d))
+                    out.append(series_record(uid, d))
             return out
 
     def instances_of_series(self, series: str) -> list[InstanceRecord]:
@@ -480,20 +446,20 @@ class LmdbIndex:
             for uid in self._children(txn, "patient_study", patient):
                 d = self._get_json(txn, "study", uid)
                 if d is not None:
-                    out.append(_study(uid, d))
+                    out.append(study_record(uid, d))
             return out
 
     def patients(self) -> Iterator[PatientRecord]:
         for key, val in self._batched("patient"):
-            yield _patient(key.decode(), json.loads(val))
+            yield patient_record(key.decode(), json.loads(val))
 
     def studies(self) -> Iterator[StudyRecord]:
         for key, val in self._batched("study"):
-            yield _study(key.decode(), json.loads(val))
+            yield study_record(key.decode(), json.loads(val))
 
     def _all_series(self) -> Iterator[SeriesRecord]:
         for key, val in self._batched("series"):
-            yield _series(key.decode(), json.loads(val))
+            yield series_record(key.decode(), json.loads(val))
 
     def instances(self) -> Iterator[InstanceRecord]:
         for batch in self._batches("inst"):
@@ -562,7 +528,7 @@ class LmdbIndex:
 
     def _lookup_series(self, uids: Sequence[str]) -> list[SeriesRecord]:
         with self.env.begin() as txn:
-            return [_series(u, d) for u in uids if (d := self._get_json(txn, "series", u)) is not None]
+            return [series_record(u, d) for u in uids if (d := self._get_json(txn, "series", u)) is not None]
 
     def _lookup_instances(self, uids: Sequence[str]) -> list[InstanceRecord]:
         with self.env.begin() as txn:
@@ -576,7 +542,7 @@ class LmdbIndex:
             yield from self.patients()
             return
         for key, val in self._batched("patient", f"{pid}^".encode()):
-            yield _patient(key.decode(), json.loads(val))
+            yield patient_record(key.decode(), json.loads(val))
 
     def _study_candidates(self, bykey: dict, study: str | None, fuzzy: bool) -> Iterator[StudyRecord]:
         from ..query import RANGE_VRS, uid_list
@@ -602,7 +568,7 @@ class LmdbIndex:
         i, step = 0, FIRST_BATCH
         while i < len(uids):
             with self.env.begin() as txn:
-                batch = [_study(u, d) for u in uids[i:i + step] if (d := self._get_json(txn, "study", u)) is not None]
+                batch = [study_record(u, d) for u in uids[i:i + step] if (d := self._get_json(txn, "study", u)) is not None]
             yield from batch
             i += step
             step = min(step * 2, BATCH)
@@ -684,7 +650,7 @@ class LmdbIndex:
         found = set(uids) if uids is not None else self._other_study_keys(bykey, fuzzy)
         if found is not None and len(found) <= SORT_IN_MEMORY:
             with self.env.begin() as txn:
-                recs = [_study(u, d) for u in found if (d := self._get_json(txn, "study", u)) is not None]
+                recs = [study_record(u, d) for u in found if (d := self._get_json(txn, "study", u)) is not None]
             dated = sorted((r for r in recs if _study_date(r)), key=_date_order, reverse=descending)
             yield from dated
             yield from sorted((r for r in recs if not _study_date(r)), key=lambda r: r.uid)
@@ -714,14 +680,14 @@ class LmdbIndex:
             yield from self._dated_group(group, descending)
         for i in range(0, len(undated), BATCH):
             with self.env.begin() as txn:
-                batch = [_study(u, d) for u in sorted(undated)[i:i + BATCH]
+                batch = [study_record(u, d) for u in sorted(undated)[i:i + BATCH]
                          if (d := self._get_json(txn, "study", u)) is not None]
             yield from batch
 
     def _dated_group(self, uids: list[str], descending: bool) -> list[StudyRecord]:
         """The studies of one date, by StudyTime then UID."""
         with self.env.begin() as txn:
-            recs = [_study(u, d) for u in uids if (d := self._get_json(txn, "study", u)) is not None]
+            recs = [study_record(u, d) for u in uids if (d := self._get_json(txn, "study", u)) is not None]
         return sorted(recs, key=_date_order, reverse=descending)
 
     def _date_keys(self, lo: str, hi: str | None, descending: bool) -> Iterator[tuple[str, str]]:
@@ -857,7 +823,7 @@ class LmdbIndex:
             txn.put(_k(study, series), b"", db=db["study_series"])
         srec["n_instances"] += 1
         srec["bytes"] += rec.size
-        _count(srec, rec.blob.tier, 1)
+        count_tier(srec, rec.blob.tier, 1)
         if rec.sop_class not in srec["sop_classes"]:
             srec["sop_classes"].append(rec.sop_class)
         txn.put(series.encode(), _dumps(srec), db=db["series"])
@@ -874,7 +840,7 @@ class LmdbIndex:
         strec["n_series"] += int(new_series)
         strec["n_instances"] += 1
         strec["bytes"] += rec.size
-        _count(strec, rec.blob.tier, 1)
+        count_tier(strec, rec.blob.tier, 1)
         modality = md.first_value(new.series_attrs, "00080060")
         if modality and modality not in strec["modalities"]:
             strec["modalities"].append(modality)
@@ -918,7 +884,7 @@ class LmdbIndex:
         if srec is not None:
             srec["n_instances"] -= 1
             srec["bytes"] -= rec.size
-            _count(srec, rec.blob.tier, -1)
+            count_tier(srec, rec.blob.tier, -1)
             if srec["n_instances"] <= 0:
                 txn.delete(series.encode(), db=db["series"])
                 txn.delete(_k(study, series), db=db["study_series"])
@@ -930,7 +896,7 @@ class LmdbIndex:
             return
         strec["n_instances"] -= 1
         strec["bytes"] -= rec.size
-        _count(strec, rec.blob.tier, -1)
+        count_tier(strec, rec.blob.tier, -1)
         strec["n_series"] -= int(series_gone)
         if series_gone:
             strec["modalities"] = sorted({
@@ -975,8 +941,8 @@ class LmdbIndex:
             for db, uid in (("series", rec.series), ("study", rec.study)):
                 d = self._get_json(txn, db, uid)
                 if d is not None:
-                    _count(d, src.tier, -1)
-                    _count(d, dst.tier, 1)
+                    count_tier(d, src.tier, -1)
+                    count_tier(d, dst.tier, 1)
                     txn.put(uid.encode(), _dumps(d), db=self.db[db])
             entry = self._get_json(txn, "moves", sop)
             if entry is not None:

@@ -45,7 +45,7 @@ one transaction under `pg_advisory_xact_lock(11, 0)` so nodes starting together 
              rec jsonb (the LMDB study record: attrs, counts, modalities, sop_classes, tiers);
              btree (study_date, study_time, uid) for date order, (patient, uid)
   study_keys (tag, value, study) PK: PatientID, AccessionNumber, StudyDate and every lower-cased
-             PatientName component group (lmdb.index_values), value COLLATE "C" so the btree
+             PatientName component group (stored.index_values), value COLLATE "C" so the btree
              serves prefix LIKE; a side table, as LMDB's study_idx, so multi-valued keys match
   series     uid PK, study, rec jsonb ; btree (study, uid)
   instances  sop PK, series, study, tier, blob_key, ts, size, sha256, rec jsonb (the instance
@@ -89,8 +89,9 @@ from ..records import (BlobRef, Frames, FrameTable, InstanceRecord, PatientRecor
 from ..status import Outcome, Unavailable
 from . import frametable
 from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
-from .lmdb import (INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID, T_PATIENT_NAME, T_SERIES_UID,
-                   T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, _count, index_values)
+from .stored import (INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID, T_PATIENT_NAME, T_SERIES_UID,
+                     T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, count_tier, index_values,
+                     instance_record, patient_record, series_record, stored_instance, study_record)
 
 log = logging.getLogger("pathpacs.index")
 
@@ -185,32 +186,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _stored_instance(rec: InstanceRecord) -> dict:
-    """The instance record as stored: without its location (kept in columns)."""
-    d = rec.to_json()
-    for k in ("blob", "tier", "ts"):
-        d.pop(k)
-    return d
-
-
-def _instance(rec: dict, tier: str, key: str, ts: str) -> InstanceRecord:
-    d = dict(rec)
-    d["tier"], d["blob"], d["ts"] = tier, key, ts
-    return InstanceRecord.from_json(d)
-
-
-def _series(uid: str, d: dict) -> SeriesRecord:
-    return SeriesRecord(uid, d["study"], d["attrs"], d["n_instances"], d["bytes"], tuple(d["sop_classes"]),
-                        d.get("tiers") or {})
-
-
-def _study(uid: str, d: dict) -> StudyRecord:
-    return StudyRecord(uid, d["patient"], d["attrs"], d["n_series"], d["n_instances"], d["bytes"],
-                       tuple(d["modalities"]), tuple(d["sop_classes"]), d.get("updated", ""), d.get("tiers") or {})
-
-
-def _patient(key: str, d: dict) -> PatientRecord:
-    return PatientRecord(key, d["attrs"], d["n_studies"])
 
 
 def _unavailable(exc: BaseException) -> Unavailable:
@@ -251,7 +226,7 @@ INST_SELECT = f"SELECT {INST_COLS} FROM instances"
 
 
 def _inst_row(row) -> InstanceRecord:
-    return _instance(row[1], row[2], row[3], row[4])
+    return instance_record(row[1], row[2], row[3], row[4])
 
 
 class _Cursor(psycopg.Cursor):
@@ -470,15 +445,15 @@ class PostgresIndex:
 
     def series(self, uid: str) -> SeriesRecord | None:
         row = self._one("SELECT rec FROM series WHERE uid = %s", (uid,))
-        return None if row is None else _series(uid, row[0])
+        return None if row is None else series_record(uid, row[0])
 
     def study(self, uid: str) -> StudyRecord | None:
         row = self._one("SELECT rec FROM studies WHERE uid = %s", (uid,))
-        return None if row is None else _study(uid, row[0])
+        return None if row is None else study_record(uid, row[0])
 
     def patient(self, key: str) -> PatientRecord | None:
         row = self._one("SELECT rec FROM patients WHERE key = %s", (key,))
-        return None if row is None else _patient(key, row[0])
+        return None if row is None else patient_record(key, row[0])
 
     def _located(self, sop: str) -> tuple[str, str, str, bytes] | None:
         """(tier, blob key, syntax, frame table) of `sop`, from the cache or the database."""
@@ -555,31 +530,31 @@ class PostgresIndex:
 
     # -- hierarchy --------------------------------------------------------------------------
     def series_of_study(self, study: str) -> list[SeriesRecord]:
-        return [_series(u, d) for u, d in self._read("SELECT uid, rec FROM series WHERE study = %s ORDER BY uid",
+        return [series_record(u, d) for u, d in self._read("SELECT uid, rec FROM series WHERE study = %s ORDER BY uid",
                                                      (study,))]
 
     def instances_of_series(self, series: str) -> list[InstanceRecord]:
         return [_inst_row(r) for r in self._read(f"{INST_SELECT} WHERE series = %s ORDER BY sop", (series,))]
 
     def studies_of_patient(self, patient: str) -> list[StudyRecord]:
-        return [_study(u, d) for u, d in self._read("SELECT uid, rec FROM studies WHERE patient = %s ORDER BY uid",
+        return [study_record(u, d) for u, d in self._read("SELECT uid, rec FROM studies WHERE patient = %s ORDER BY uid",
                                                     (patient,))]
 
     def patients(self) -> Iterator[PatientRecord]:
         for d, key in self._paged("SELECT rec, key FROM patients", "TRUE", (), "key"):
-            yield _patient(key, d)
+            yield patient_record(key, d)
 
     def studies(self) -> Iterator[StudyRecord]:
         for d, uid in self._paged("SELECT rec, uid FROM studies", "TRUE", (), "uid"):
-            yield _study(uid, d)
+            yield study_record(uid, d)
 
     def _all_series(self) -> Iterator[SeriesRecord]:
         for d, uid in self._paged("SELECT rec, uid FROM series", "TRUE", (), "uid"):
-            yield _series(uid, d)
+            yield series_record(uid, d)
 
     def instances(self) -> Iterator[InstanceRecord]:
         for row in self._paged("SELECT rec, tier, blob_key, ts, sop FROM instances", "TRUE", (), "sop"):
-            yield _instance(row[0], row[1], row[2], row[3])
+            yield instance_record(row[0], row[1], row[2], row[3])
 
     def stats(self) -> Stats:
         with self._tx() as cur:
@@ -604,12 +579,12 @@ class PostgresIndex:
                 return
             for d, key in self._paged("SELECT rec, key FROM patients", "key LIKE %s", [_like_escape(pid) + "^%"],
                                       "key"):
-                yield _patient(key, d)
+                yield patient_record(key, d)
         elif level == "STUDY":
             where, params = self._study_where(bykey, study, fuzzy)
             if order is None:
                 for d, uid in self._paged("SELECT s.rec, s.uid FROM studies s", where, params, "s.uid"):
-                    yield _study(uid, d)
+                    yield study_record(uid, d)
             else:
                 yield from self._studies_by_date(where, params, descending=order == "-date")
         elif level == "SERIES":
@@ -626,7 +601,7 @@ class PostgresIndex:
             else:
                 cond, params = "TRUE", []
             for d, uid in self._paged("SELECT se.rec, se.uid FROM series se", cond, params, "se.uid"):
-                yield _series(uid, d)
+                yield series_record(uid, d)
         else:
             uids = uid_list(bykey, T_SOP_UID)
             conds: list[str] = []
@@ -651,7 +626,7 @@ class PostgresIndex:
                     params.extend(sparams)
             for row in self._paged("SELECT i.rec, i.tier, i.blob_key, i.ts, i.sop FROM instances i",
                                    " AND ".join(conds) or "TRUE", params, "i.sop"):
-                yield _instance(row[0], row[1], row[2], row[3])
+                yield instance_record(row[0], row[1], row[2], row[3])
 
     def _study_where(self, bykey: dict, study: str | None, fuzzy: bool) -> tuple[str, list]:
         """A WHERE clause over `studies s` every match satisfies (a superset): UIDs, PatientID,
@@ -719,14 +694,14 @@ class PostgresIndex:
                 f"ORDER BY s.study_date {direction}, s.study_time {direction}, s.uid {direction} LIMIT %s",
                 [*params, *extra, size])
             for d, uid, _date, _time in rows:
-                yield _study(uid, d)
+                yield study_record(uid, d)
             if len(rows) < size:
                 break
             last = (rows[-1][2], rows[-1][3], rows[-1][1])
             size = min(size * 2, BATCH)
         for d, uid in self._paged("SELECT s.rec, s.uid FROM studies s", f"({where}) AND s.study_date = ''", params,
                                   "s.uid"):
-            yield _study(uid, d)
+            yield study_record(uid, d)
 
     # -- writes -----------------------------------------------------------------------------
     def add_pending(self, blob: BlobRef, session: str) -> None:
@@ -820,7 +795,7 @@ class PostgresIndex:
                 ([r.sop for r, _, _ in chunk], [r.series for r, _, _ in chunk], [r.study for r, _, _ in chunk],
                  [r.blob.tier for r, _, _ in chunk], [r.blob.key for r, _, _ in chunk], [r.ts for r, _, _ in chunk],
                  [r.size for r, _, _ in chunk], [r.sha256 for r, _, _ in chunk],
-                 [_jdumps(_stored_instance(r)) for r, _, _ in chunk], [f for _, f, _ in chunk],
+                 [_jdumps(stored_instance(r)) for r, _, _ in chunk], [f for _, f, _ in chunk],
                  [m for _, _, m in chunk]))
             added.update(row[0] for row in cur.fetchall())
         news = [n for n in news if n.record.sop in added]
@@ -862,7 +837,7 @@ class PostgresIndex:
                                              "n_instances": 0, "bytes": 0, "sop_classes": []}
             srec["n_instances"] += 1
             srec["bytes"] += rec.size
-            _count(srec, rec.blob.tier, 1)
+            count_tier(srec, rec.blob.tier, 1)
             if rec.sop_class not in srec["sop_classes"]:
                 srec["sop_classes"].append(rec.sop_class)
 
@@ -875,7 +850,7 @@ class PostgresIndex:
             strec["n_series"] += int(new_series)
             strec["n_instances"] += 1
             strec["bytes"] += rec.size
-            _count(strec, rec.blob.tier, 1)
+            count_tier(strec, rec.blob.tier, 1)
             modality = md.first_value(new.series_attrs, "00080060")
             if modality and modality not in strec["modalities"]:
                 strec["modalities"].append(modality)
@@ -928,7 +903,7 @@ class PostgresIndex:
             srec = row[0]
             srec["n_instances"] -= 1
             srec["bytes"] -= rec.size
-            _count(srec, rec.blob.tier, -1)
+            count_tier(srec, rec.blob.tier, -1)
             if srec["n_instances"] <= 0:
                 cur.execute("DELETE FROM series WHERE uid = %s", (series,))
                 series_gone = True
@@ -940,7 +915,7 @@ class PostgresIndex:
         strec = row[0]
         strec["n_instances"] -= 1
         strec["bytes"] -= rec.size
-        _count(strec, rec.blob.tier, -1)
+        count_tier(strec, rec.blob.tier, -1)
         strec["n_series"] -= int(series_gone)
         if series_gone:
             strec["modalities"] = sorted({
@@ -983,8 +958,8 @@ class PostgresIndex:
                 row = cur.execute(f"SELECT rec FROM {table} WHERE {key} = %s", (uid,)).fetchone()
                 if row is not None:
                     d = row[0]
-                    _count(d, src.tier, -1)
-                    _count(d, dst.tier, 1)
+                    count_tier(d, src.tier, -1)
+                    count_tier(d, dst.tier, 1)
                     cur.execute(f"UPDATE {table} SET rec = %s WHERE {key} = %s", (_jb(d), uid))
             raw = self._kv_get(cur, "moves", sop)
             if raw is not None:
