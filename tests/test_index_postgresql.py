@@ -65,7 +65,7 @@ WORKER = textwrap.dedent("""
     elif job == "single":  # add_instance one by one into the families the bulk loads write
         for i in range(60):
             n = new(f"1.32.{{i}}", study=f"{{8 + i % 2}}.{{i % 4}}", series=f"{{8 + i % 2}}.{{i % 4}}.{{i % 3}}",
-                    pid=("PX", "Q0", "Q1")[i % 3], size=7, blob=f"single-{{i}}")
+                    pid="PX" if i % 2 else "Q0", size=7, blob=f"single-{{i}}")  # each study one patient, as bulk's
             out[n.record.sop] = index.add_instance(n, replace=False).outcome.name
     index.close()
     print(json.dumps(out))
