@@ -20,7 +20,7 @@ from conformance.cluster import start_cluster
 from conformance.synthetic import wsi_header, write_streamed
 
 from .ingest import _tile_pool
-from .peers import start_postgres, start_seaweedfs
+from .peers import start_pathpacs, start_postgres, start_seaweedfs
 
 SENDERS = 6  # parallel dcmsend processes (scanners sending at once)
 ROUNDS = 2  # the best of two rounds per cluster size (this machine is shared and noisy)
@@ -73,6 +73,82 @@ def send_parallel(port: int, files: list[Path], senders: int = SENDERS) -> float
     return dt
 
 
+# The decomposition: one `pathpacs serve`, no HAProxy, each index backend with each ingest tier.
+SINGLE = (("lmdb", "fs", "LMDB + filesystem"), ("lmdb", "s3", "LMDB + SeaweedFS"),
+          ("postgresql", "fs", "PostgreSQL + filesystem"), ("postgresql", "s3", "PostgreSQL + SeaweedFS"))
+
+
+def single_config(backend: str, tier: str, pg, weed, bucket: str, prefix: str) -> str:
+    """A one-node config: the LMDB or PostgreSQL index, a filesystem or S3 "hot" ingest tier."""
+    text = ""
+    if backend == "postgresql":
+        text += f'[index]\nbackend = "postgresql"\ndsn = "{pg.create_database()}"\npool_size = 8\n\n'
+    if tier == "s3":
+        k = weed.store_kwargs()
+        text += (f'[tiers.hot]\ns3 = {{ endpoint = "{k["endpoint"]}", bucket = "{bucket}", prefix = "{prefix}hot", '
+                 f'region = "{k["region"]}", access_key = "{k["access_key"]}", secret_key = "{k["secret_key"]}" }}\n')
+    return text
+
+
+def s3_floor(weed, bucket: str, prefix: str, files: list[Path], senders: int = SENDERS) -> float:
+    """The bare S3 client: obstore puts of the same files, `senders` at once (threads), the way
+    storage_tiers.S3Store uploads a staged file (one PUT, multipart above its threshold)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage_tiers.s3 import S3Store
+
+    store = S3Store("floor", bucket=bucket, prefix=prefix, **weed.store_kwargs())
+    try:
+        t = time.perf_counter()
+        with ThreadPoolExecutor(senders) as pool:
+            list(pool.map(lambda ip: store.put_file(ip[1], f"f{ip[0]:04d}"), enumerate(files)))
+        return time.perf_counter() - t
+    finally:
+        store.close()
+
+
+def decompose(workdir: Path, files: list[Path], count: int, mb_each: float, mb: float, pg, weed,
+              bucket: str) -> list[dict]:
+    """Rows of one node straight (no HAProxy) with each index and tier, and the S3 floor. The
+    configurations take turns round by round (the machine's noise falls on all of them alike)."""
+    times: dict[tuple[str, str], list[float]] = {(b, t): [] for b, t, _ in SINGLE}
+    floor: list[float] = []
+    servers = {}
+    try:
+        for b, t, _ in SINGLE:
+            cfg = single_config(b, t, pg, weed, bucket, f"s{uuid.uuid4().hex[:8]}/")
+            srv = start_pathpacs(workdir / f"single-{b}-{t}" / "data", config_text=cfg, quiet=True)
+            servers[(b, t)] = srv
+            send_parallel(srv.dicom_port, files[:SENDERS])  # warm-up
+        for r in range(ROUNDS):
+            fresh, _ = make_instances(workdir / f"single-files-{r}", count, mb_each)
+            floor.append(s3_floor(weed, bucket, f"floor{r}-{uuid.uuid4().hex[:6]}/", fresh))
+            for key, srv in servers.items():
+                # each configuration its own instances (new UIDs), the same sizes and tiles
+                fresh, _ = make_instances(workdir / f"single-files-{r}", count, mb_each)
+                times[key].append(send_parallel(srv.dicom_port, fresh))
+            shutil.rmtree(workdir / f"single-files-{r}", ignore_errors=True)
+    finally:
+        for srv in servers.values():
+            srv.stop(timeout=30)
+        for b, t, _ in SINGLE:
+            shutil.rmtree(workdir / f"single-{b}-{t}", ignore_errors=True)
+    bench = f"C-STORE {mb:.0f} MB ({count} instances, {SENDERS} dcmsend in parallel) straight to one node"
+    base = min(times[("lmdb", "fs")])
+    rows = []
+    for b, t, label in SINGLE:
+        dt = min(times[(b, t)])
+        rows.append({"benchmark": bench, "system": f"1 node ({label})", "value": f"{mb / dt:.0f} MB/s ({dt:.2f} s)",
+                     "rounds": " / ".join(f"{mb / x:.0f}" for x in times[(b, t)]) + " MB/s",
+                     "note": "the reference" if (b, t) == ("lmdb", "fs") else f"{base / dt:.2f} x LMDB + filesystem"})
+    dt = min(floor)
+    rows.append({"benchmark": f"S3 PUT of the same {mb:.0f} MB ({count} files, {SENDERS} in parallel)",
+                 "system": "obstore (storage_tiers.S3Store.put_file) -> SeaweedFS",
+                 "value": f"{mb / dt:.0f} MB/s ({dt:.2f} s)", "rounds": " / ".join(f"{mb / x:.0f}" for x in floor) + " MB/s",
+                 "note": "the S3 floor: no DICOM, no index"})
+    return rows
+
+
 def run(workdir: Path, quick: bool = False) -> list[dict]:
     count, mb_each = (12, 4) if quick else (36, 8)
     files, total = make_instances(workdir / "files", count, mb_each)
@@ -83,6 +159,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     rates: dict[int, float] = {}
     try:
         bucket = weed.create_bucket(f"bench-nodes-{uuid.uuid4().hex[:8]}")
+        rows += decompose(workdir, files, count, mb_each, mb, pg, weed, bucket)
         for n in (1, 2, 3):
             cl = start_cluster(workdir / f"cluster{n}", n, pg, weed, bucket, quiet=True)
             try:
