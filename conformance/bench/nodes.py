@@ -5,6 +5,10 @@ The same instances each time (a fresh database and S3 prefix per cluster size), 
 dcmsend processes through the balancer's DIMSE port (leastconn spreads the associations). On this
 2-core machine every node, PostgreSQL, SeaweedFS, HAProxy and the senders share the CPUs: the
 point is no contention cliff (3 nodes >= 1 node), not scaling; NOTES states the projection.
+
+Before the cluster, the decomposition (`decompose`): one `pathpacs serve` straight (no HAProxy)
+with LMDB or PostgreSQL and a filesystem or S3 ingest tier, and the bare obstore PUT of the same
+files (the S3 floor); the cluster's 1 node is also sent to straight (HAProxy's share).
 """
 from __future__ import annotations
 
