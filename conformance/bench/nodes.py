@@ -30,22 +30,23 @@ SENDERS = 6  # parallel dcmsend processes (scanners sending at once)
 ROUNDS = 2  # the best of two rounds per cluster size (this machine is shared and noisy)
 
 NOTES = """Where one node's C-STORE time goes (the "straight to one node" rows: the same instances, the
-four configurations in turn round by round, no HAProxy). Ranges over 3 runs of this section on
-2026-12-02 (another job shared the cores): the S3 ingest tier is the cost, a node with SeaweedFS
-runs at 0.35-0.45 x its filesystem rate whichever index, 0.57-0.68 x the bare obstore PUT of the
-same files (the S3 floor row, no DICOM, no index: 120-140 MB/s); PostgreSQL instead of LMDB
-costs 11-25% on the filesystem and 0-14% beside S3; HAProxy 1-8% (the cluster's node straight vs
-through it). CPU seconds per 273 MB (/proc, separate runs): SeaweedFS 2.1-2.6 s in every
-configuration with S3, the pathpacs node 0.8-1.1 s (filesystem) / 1.3 s (S3), the six dcmsend
-0.25 s: on 2 shared cores SeaweedFS is the bound. py-spy of a PostgreSQL + SeaweedFS node: of
-ingest()'s wall time 77% is the S3 PUT (obstore, GIL released), 13% add_instance's transaction,
-2% add_pending, 3% describe (CRC32C, DICOM JSON), 1% parse (1.2 ms per 8 MB file); the node's
-Python holds the GIL ~16% of the time, so pathpacs' own code is not what limits this machine.
-One second sha256 of every byte was avoidable: obstore signed each PUT's payload (hashing the
-body again after ingest did); over https the store now sends UNSIGNED-PAYLOAD (TLS protects the
-body), which halves the client's CPU per upload (0.31-0.36 -> 0.15-0.22 s per 273 MB, measured
-over http with it forced); over http, as here, the signature stays. The 37 MB/s once recorded
-for 1 node through HAProxy was taken under other load: 83-95 MB/s in these runs.
+four configurations in turn round by round, no HAProxy). Ranges over 4 runs of this section on
+2026-12-02 (another job shared the cores, so compare within a run): the S3 ingest tier is the
+cost, a node with SeaweedFS runs at 0.35-0.58 x its filesystem rate whichever index, 0.56-0.79 x
+the bare obstore PUT of the same files (the S3 floor row, no DICOM, no index: 120-151 MB/s);
+PostgreSQL instead of LMDB is 0.75-1.06 x on the filesystem and 0.86-1.03 x beside S3; HAProxy is
+within the noise (0.92-1.14 x the cluster's node straight); 3 nodes vs 1 ranged 0.85-1.45 x.
+CPU seconds per 273 MB (/proc, separate runs): SeaweedFS 2.1-2.6 s in every configuration with
+S3, the pathpacs node 0.8-1.1 s (filesystem) / 1.3 s (S3), the six dcmsend 0.25 s: on 2 shared
+cores SeaweedFS is the bound. py-spy of a PostgreSQL + SeaweedFS node: of ingest()'s wall time
+77% is the S3 PUT (obstore, GIL released), 13% add_instance's transaction, 2% add_pending, 3%
+describe (CRC32C, DICOM JSON), 1% parse (1.2 ms per 8 MB file); the node's Python holds the GIL
+~16% of the time, so pathpacs' own code is not what limits this machine. One second sha256 of
+every byte was avoidable: obstore signed each PUT's payload (hashing the body again after ingest
+did); over https the store now sends UNSIGNED-PAYLOAD (TLS protects the body), which halves the
+client's CPU per upload (0.31-0.36 -> 0.15-0.22 s per 273 MB, measured over http with it
+forced); over http, as here, the signature stays. The 37 MB/s once recorded for 1 node through
+HAProxy was taken under other load: 83-105 MB/s in these runs.
 
 Projection to a real cluster (assumptions stated, not measured here). On this machine the
 nodes, PostgreSQL, SeaweedFS (which writes every byte again to the same disk), HAProxy and the six
