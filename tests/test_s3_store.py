@@ -405,3 +405,15 @@ def test_create_bucket_helper(seaweedfs):
     s = S3Store("cold", bucket="pathpacs-made", **seaweedfs.store_kwargs())
     s.check()
     assert list(s.list()) == []
+
+
+def test_payload_is_signed_over_http_and_not_hashed_again_over_https(seaweedfs, s3_prefix):
+    """Over TLS the body is not hashed a second time for the signature (ingest hashed it already);
+    over plain HTTP the signature covers it, and SeaweedFS takes the signed PUT byte for byte."""
+    tls = S3Store("cold", endpoint="https://s3.example.org", bucket=S3_BUCKET, access_key="a", secret_key="s")
+    assert tls._store.config["unsigned_payload"] == "true"
+    plain = S3Store("cold", bucket=S3_BUCKET, prefix=s3_prefix, **seaweedfs.store_kwargs())
+    assert plain._store.config["unsigned_payload"] == "false"
+    data = os.urandom(3 * MB)
+    assert plain.put_stream("signed", [data]) == len(data)
+    assert plain.read_range("signed", 0, len(data)) == data
