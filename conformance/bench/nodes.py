@@ -27,7 +27,7 @@ from .ingest import _tile_pool
 from .peers import start_pathpacs, start_postgres, start_seaweedfs
 
 SENDERS = 6  # parallel dcmsend processes (scanners sending at once)
-ROUNDS = 2  # the best of two rounds per cluster size (this machine is shared and noisy)
+ROUNDS = 4  # the best of four rounds per cluster size, the sizes in turn each round (a shared, noisy machine)
 
 NOTES = """Where one node's C-STORE time goes (the "straight to one node" rows: the same instances, the
 four configurations in turn round by round, no HAProxy). Ranges over 4 runs of this section on
@@ -183,38 +183,43 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
     try:
         bucket = weed.create_bucket(f"bench-nodes-{uuid.uuid4().hex[:8]}")
         rows += decompose(workdir, files, count, mb_each, mb, pg, weed, bucket)
-        for n in (1, 2, 3):
-            cl = start_cluster(workdir / f"cluster{n}", n, pg, weed, bucket, quiet=True)
-            try:
-                send_parallel(cl.dimse_port, files[:SENDERS])  # warm-up: connections, pools, S3 sessions
-                times, direct = [], []
-                for r in range(ROUNDS):  # new instances each round (the same sizes and tiles)
+        clusters: dict = {}
+        try:
+            for n in (1, 2, 3):  # all three up at once, measured in turn round by round (noise spread alike)
+                clusters[n] = start_cluster(workdir / f"cluster{n}", n, pg, weed, bucket, quiet=True)
+                send_parallel(clusters[n].dimse_port, files[:SENDERS])  # warm-up: connections, pools, S3 sessions
+            times: dict[int, list[float]] = {1: [], 2: [], 3: []}
+            direct: list[float] = []
+            for r in range(ROUNDS):  # new instances each round (the same sizes and tiles)
+                for n, cl in clusters.items():
                     fresh, _ = make_instances(workdir / f"files{n}-{r}", count, mb_each)
-                    times.append(send_parallel(cl.dimse_port, fresh))
-                    if n == 1:  # the same node's own DIMSE port, HAProxy bypassed, in turn
-                        fresh, _ = make_instances(workdir / f"files{n}-{r}", count, mb_each)
-                        direct.append(send_parallel(cl.nodes[0].dicom_port, fresh))
+                    times[n].append(send_parallel(cl.dimse_port, fresh))
                     shutil.rmtree(workdir / f"files{n}-{r}", ignore_errors=True)
-                dt = min(times)
+                fresh, _ = make_instances(workdir / f"files-direct-{r}", count, mb_each)
+                direct.append(send_parallel(clusters[1].nodes[0].dicom_port, fresh))  # HAProxy bypassed
+                shutil.rmtree(workdir / f"files-direct-{r}", ignore_errors=True)
+            for n, cl in clusters.items():
+                dt = min(times[n])
                 stats = cl.cli(0, "stats", check=True).stdout
                 stored = int(next(line.split()[1] for line in stats.splitlines() if line.startswith("instances")))
-                sent = (ROUNDS + len(direct)) * count + min(SENDERS, count)
+                sent = (ROUNDS + (ROUNDS if n == 1 else 0)) * count + min(SENDERS, count)
                 if stored != sent:
                     raise RuntimeError(f"{stored} instances stored, {sent} sent")
                 rates[n] = mb / dt
                 rows.append({"benchmark": f"C-STORE {mb:.0f} MB ({count} instances, {SENDERS} dcmsend in parallel) through HAProxy",
                              "system": f"{n} node{'s' if n > 1 else ''} (PostgreSQL + SeaweedFS)",
                              "value": f"{mb / dt:.0f} MB/s ({dt:.2f} s)",
-                             "rounds": " / ".join(f"{mb / t:.0f}" for t in times) + " MB/s",
+                             "rounds": " / ".join(f"{mb / t:.0f}" for t in times[n]) + " MB/s",
                              "note": f"{rates[n] / rates[1]:.2f} x one node" if n > 1 else "durable: S3 PUT + index commit"})
-                if direct:
+                if n == 1:
                     rows.append({"benchmark": f"C-STORE {mb:.0f} MB ({count} instances, {SENDERS} dcmsend in parallel) "
                                               "straight to the node, no HAProxy",
                                  "system": "1 node of the cluster (its node.toml: PostgreSQL + SeaweedFS)",
                                  "value": f"{mb / min(direct):.0f} MB/s ({min(direct):.2f} s)",
                                  "rounds": " / ".join(f"{mb / t:.0f}" for t in direct) + " MB/s",
                                  "note": f"through HAProxy: {min(direct) / dt:.2f} x this rate"})
-            finally:
+        finally:
+            for n, cl in clusters.items():
                 cl.stop()
                 shutil.rmtree(workdir / f"cluster{n}", ignore_errors=True)
     finally:
