@@ -298,7 +298,8 @@ def test_storage_commitment_new_association_and_rotted_blob(make_server, wsi_fil
     sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in wsi_files]
     # Rot one blob on disk: it must not be reported as committed.
     from archive.service import Archive
-    arc = Archive.open(srv.data_dir, readonly=True)
+    from conftest import archive_config
+    arc = Archive(archive_config(srv.data_dir), readonly=True)  # as its server sees it (LMDB or PostgreSQL)
     rec = arc.instance(sops[1])
     arc.close()
     blob = srv.data_dir / "hot" / "blobs" / rec.blob.key[:2] / rec.blob.key[2:4] / rec.blob.key

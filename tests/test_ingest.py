@@ -158,8 +158,10 @@ def test_sweep_removes_dead_sessions_and_uncommitted_blobs(tmp_path):
 
 
 def test_live_session_is_not_swept(tmp_path):
+    from conftest import archive_config
+
     data = tmp_path / "data"
-    a = Archive.open(data)
+    a = Archive(archive_config(data))  # the index the CLI below opens too (LMDB, or PostgreSQL with --index)
     marker = a.tmp_dir / "in-flight.part"
     marker.write_bytes(b"x")
     try:
