@@ -55,10 +55,20 @@ def previous_release(dest: Path) -> Path:
     return dest
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, never one this process handed out before: the kernel may give the same
+    port to two binds in a row once the first is closed (a server got its DICOM and HTTP ports
+    equal and could not start)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 60, host: str = "127.0.0.1") -> None:
