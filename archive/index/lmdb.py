@@ -68,7 +68,8 @@ from . import frametable
 from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
 from .stored import (CASE_FOLDED_TAGS, INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID,  # noqa: F401
                      T_PATIENT_NAME, T_SERIES_UID, T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID,
-                     count_tier, index_values, patient_record, series_record, stored_instance, study_record)
+                     count_tier, index_values, patient_record, series_record, stored_instance, study_record,
+                     count_in_series, count_in_study, new_patient_record, new_series_record, new_study_record)
 
 log = logging.getLogger("pathpacs.index")
 
@@ -819,39 +820,25 @@ class LmdbIndex:
         srec = self._get_json(txn, "series", series)
         new_series = srec is None
         if srec is None:
-            srec = {"attrs": dict(new.series_attrs), "study": study, "n_instances": 0, "bytes": 0, "sop_classes": []}
+            srec = new_series_record(new)
             txn.put(_k(study, series), b"", db=db["study_series"])
-        srec["n_instances"] += 1
-        srec["bytes"] += rec.size
-        count_tier(srec, rec.blob.tier, 1)
-        if rec.sop_class not in srec["sop_classes"]:
-            srec["sop_classes"].append(rec.sop_class)
+        count_in_series(srec, new)
         txn.put(series.encode(), _dumps(srec), db=db["series"])
 
         strec = self._get_json(txn, "study", study)
         new_study = strec is None
         if strec is None:
-            strec = {"attrs": dict(new.study_attrs), "patient": patient, "n_series": 0, "n_instances": 0,
-                     "bytes": 0, "modalities": [], "sop_classes": []}
+            strec = new_study_record(new)
             txn.put(_k(patient, study), b"", db=db["patient_study"])
             for tag in INDEXED_STUDY_TAGS:
                 for v in index_values(tag, strec["attrs"]):
                     txn.put(_k(f"{tag}={v}", study), b"", db=db["study_idx"])
-        strec["n_series"] += int(new_series)
-        strec["n_instances"] += 1
-        strec["bytes"] += rec.size
-        count_tier(strec, rec.blob.tier, 1)
-        modality = md.first_value(new.series_attrs, "00080060")
-        if modality and modality not in strec["modalities"]:
-            strec["modalities"].append(modality)
-        if rec.sop_class not in strec["sop_classes"]:
-            strec["sop_classes"].append(rec.sop_class)
-        strec["updated"] = rec.received
+        count_in_study(strec, new, new_series)
         txn.put(study.encode(), _dumps(strec), db=db["study"])
 
         prec = self._get_json(txn, "patient", patient)
         if prec is None:
-            prec = {"attrs": dict(new.patient_attrs), "n_studies": 0}
+            prec = new_patient_record(new)
         prec["n_studies"] += int(new_study)
         txn.put(patient.encode(), _dumps(prec), db=db["patient"])
 

@@ -91,7 +91,8 @@ from . import frametable
 from .base import RECORD_TABLES, AddResult, FixityEvent, NewInstance
 from .stored import (INDEXED_STUDY_TAGS, ORDERS, T_ACCESSION, T_PATIENT_ID, T_PATIENT_NAME, T_SERIES_UID,
                      T_SOP_UID, T_STUDY_DATE, T_STUDY_TIME, T_STUDY_UID, count_tier, index_values,
-                     instance_record, patient_record, series_record, stored_instance, study_record)
+                     instance_record, patient_record, series_record, stored_instance, study_record,
+                     count_in_series, count_in_study, new_patient_record, new_series_record, new_study_record)
 
 log = logging.getLogger("pathpacs.index")
 
@@ -833,34 +834,19 @@ class PostgresIndex:
             srec = series.get(rec.series)
             new_series = srec is None
             if srec is None:
-                srec = series[rec.series] = {"attrs": dict(new.series_attrs), "study": rec.study,
-                                             "n_instances": 0, "bytes": 0, "sop_classes": []}
-            srec["n_instances"] += 1
-            srec["bytes"] += rec.size
-            count_tier(srec, rec.blob.tier, 1)
-            if rec.sop_class not in srec["sop_classes"]:
-                srec["sop_classes"].append(rec.sop_class)
+                srec = series[rec.series] = new_series_record(new)
+            count_in_series(srec, new)
 
             strec = studies.get(rec.study)
             new_study = strec is None
             if strec is None:
-                strec = studies[rec.study] = {"attrs": dict(new.study_attrs), "patient": rec.patient, "n_series": 0,
-                                              "n_instances": 0, "bytes": 0, "modalities": [], "sop_classes": []}
+                strec = studies[rec.study] = new_study_record(new)
                 new_studies.append(rec.study)
-            strec["n_series"] += int(new_series)
-            strec["n_instances"] += 1
-            strec["bytes"] += rec.size
-            count_tier(strec, rec.blob.tier, 1)
-            modality = md.first_value(new.series_attrs, "00080060")
-            if modality and modality not in strec["modalities"]:
-                strec["modalities"].append(modality)
-            if rec.sop_class not in strec["sop_classes"]:
-                strec["sop_classes"].append(rec.sop_class)
-            strec["updated"] = rec.received
+            count_in_study(strec, new, new_series)
 
             prec = patients.get(rec.patient)
             if prec is None:
-                prec = patients[rec.patient] = {"attrs": dict(new.patient_attrs), "n_studies": 0}
+                prec = patients[rec.patient] = new_patient_record(new)
             prec["n_studies"] += int(new_study)
 
         keys = sorted({(tag, v, study) for study in new_studies for tag in INDEXED_STUDY_TAGS

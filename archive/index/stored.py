@@ -3,8 +3,13 @@ and the JSON of the instance, series, study and patient records (LMDB values, Po
 so an index migrated from one backend to the other holds the same records."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .. import metadata as md
 from ..records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
+
+if TYPE_CHECKING:
+    from .base import NewInstance
 
 INDEXED_STUDY_TAGS = {"00100020": "PatientID", "00080050": "AccessionNumber", "00080020": "StudyDate",
                       "00100010": "PatientName"}
@@ -55,3 +60,44 @@ def count_tier(rec: dict, tier: str, delta: int) -> None:
     counts[tier] = counts.get(tier, 0) + delta
     if counts[tier] <= 0:
         del counts[tier]
+
+
+# -- what adding one instance does to its parents (both backends, one rule) ----------------------
+
+def new_series_record(new: "NewInstance") -> dict:
+    return {"attrs": dict(new.series_attrs), "study": new.record.study, "n_instances": 0, "bytes": 0,
+            "sop_classes": []}
+
+
+def new_study_record(new: "NewInstance") -> dict:
+    return {"attrs": dict(new.study_attrs), "patient": new.record.patient, "n_series": 0, "n_instances": 0,
+            "bytes": 0, "modalities": [], "sop_classes": []}
+
+
+def new_patient_record(new: "NewInstance") -> dict:
+    return {"attrs": dict(new.patient_attrs), "n_studies": 0}
+
+
+def count_in_series(srec: dict, new: "NewInstance") -> None:
+    """A series record after `new` joined it."""
+    rec = new.record
+    srec["n_instances"] += 1
+    srec["bytes"] += rec.size
+    count_tier(srec, rec.blob.tier, 1)
+    if rec.sop_class not in srec["sop_classes"]:
+        srec["sop_classes"].append(rec.sop_class)
+
+
+def count_in_study(strec: dict, new: "NewInstance", new_series: bool) -> None:
+    """A study record after `new` joined it (new_series: its series is new to the study)."""
+    rec = new.record
+    strec["n_series"] += int(new_series)
+    strec["n_instances"] += 1
+    strec["bytes"] += rec.size
+    count_tier(strec, rec.blob.tier, 1)
+    modality = md.first_value(new.series_attrs, "00080060")
+    if modality and modality not in strec["modalities"]:
+        strec["modalities"].append(modality)
+    if rec.sop_class not in strec["sop_classes"]:
+        strec["sop_classes"].append(rec.sop_class)
+    strec["updated"] = rec.received
