@@ -158,17 +158,24 @@ def _answers(srv: Server, study: str, series: str) -> dict[str, object]:
     return out
 
 
-def test_same_answers_before_and_after_the_upgrade(previous_release, tmp_path):
-    """The previous release serving its own archive, then today's code on that archive after
-    its migration: the same QIDO answers and metadata, the same frames."""
-    data, files = _old_archive(previous_release, tmp_path)
+def _served_by_previous(release: Path, tmp: Path):
+    """An archive of the previous release and what that release served of it: (data dir, files,
+    the first file's header, QIDO answers and metadata, the first file's 12 frames)."""
+    data, files = _old_archive(release, tmp)
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    old = Server(data, free_port(), free_port(), release=previous_release).start()
+    old = Server(data, free_port(), free_port(), release=release).start()
     try:
         before = _answers(old, ds.StudyInstanceUID, ds.SeriesInstanceUID)
         old_frames = [_get_frame(old, files[0], n).content for n in range(1, 13)]
     finally:
         old.stop()
+    return data, files, ds, before, old_frames
+
+
+def test_same_answers_before_and_after_the_upgrade(previous_release, tmp_path):
+    """The previous release serving its own archive, then today's code on that archive after
+    its migration: the same QIDO answers and metadata, the same frames."""
+    data, files, ds, before, old_frames = _served_by_previous(previous_release, tmp_path)
     new = Server(data, free_port(), free_port()).start()
     try:
         after = _answers(new, ds.StudyInstanceUID, ds.SeriesInstanceUID)
@@ -184,14 +191,7 @@ def test_previous_release_archive_moves_to_postgresql(previous_release, tmp_path
     """An archive written by the previous release's code, moved straight to PostgreSQL by
     `pathpacs index migrate` (its LMDB index brought to today's layout first): a server on the
     PostgreSQL index answers as the previous release did, with the same frames."""
-    data, files = _old_archive(previous_release, tmp_path)
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    old = Server(data, free_port(), free_port(), release=previous_release).start()
-    try:
-        before = _answers(old, ds.StudyInstanceUID, ds.SeriesInstanceUID)
-        old_frames = [_get_frame(old, files[0], n).content for n in range(1, 13)]
-    finally:
-        old.stop()
+    data, files, ds, before, old_frames = _served_by_previous(previous_release, tmp_path)
     dsn = postgres.create_database()
     res = run_cli("index", "migrate", "--to", "postgresql", "--dsn", dsn, "--quiet", data=data)
     assert res.returncode == 0, res.stdout + res.stderr
