@@ -40,14 +40,14 @@ REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bun
             "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
-OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "annotations.js", "consult.js"})
+OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "frames.js", "annotations.js", "consult.js"})
 # What the bundle's decoder worker loads once the first frame arrives (the JPEG and ICC codecs; the
 # worker itself boot.js starts early): prefetched while the page parses, so they come from the cache.
 PREFETCHED = ("dmv/dynamic-import/libjpegturbowasm_decode.wasm", "dmv/dynamic-import/dicomiccwasm.wasm")
 WORKER = "dmv/dynamic-import/dataLoader.worker.min.js"
 # The files the page names (their URLs carry ?v=<version>): below /static/viewer/.
 PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "dmv/dicomMicroscopyViewer.bundle.min.js",
-              "app/annotations.js", "app/viewer.js", "app/consult.js")
+              "app/frames.js", "app/annotations.js", "app/viewer.js", "app/consult.js")
 # What the page loads from each package (seen in the viewer tests' requests): the bundle loads its
 # worker and the WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) from dist/dynamic-import/; no
 # source maps. Globs below each mount, and each package's licence (copied as LICENSE.txt).
@@ -101,6 +101,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
  <ol id=mark-list></ol><button id=save-marks disabled>{save}</button></div>
 <p id=help>{help}</p></aside></main>
 <p id=status role=status>{loading}</p>
+<script src="static/viewer/app/frames.js"></script>
 <script src="static/viewer/app/annotations.js"></script>
 <script src="static/viewer/app/viewer.js"></script>
 <script src="static/viewer/app/consult.js"></script>

@@ -115,6 +115,10 @@ class Page:
         self.context = browser.new_context(viewport={"width": width, "height": 700}, extra_http_headers=headers or {})
         if token:  # what the login page at / leaves behind
             self.context.add_init_script(f"sessionStorage.setItem('pathpacs.token', {token!r})")
+        # the frames the library asks its client for (viewer/frames.js answers some from its prefetch)
+        self.context.add_init_script("""window.ppAsked = [];
+document.addEventListener('dicommicroscopyviewer_frame_loading_started', (e) => {
+  const f = e.detail && e.detail.payload; if (f) window.ppAsked.push([f.sopInstanceUID, f.frameNumber]); });""")
         self.page = self.context.new_page()
         self.base = base or server.http_url
         self.tmp = tmp_path
@@ -138,6 +142,21 @@ class Page:
         resp = self.page.goto(f"{self.base}/viewer?{query}")
         assert resp is not None
         return resp
+
+    def asked(self, clear: bool = False) -> list[tuple[str, int]]:
+        """The frames the library asked for since the last clear."""
+        out = [tuple(a) for a in self.page.evaluate("() => window.ppAsked")]
+        if clear:
+            self.page.evaluate("() => { window.ppAsked = [] }")
+        return out
+
+    def split_frames(self) -> tuple[list, list]:
+        """p.frames split into what a view waited for and what viewer/frames.js prefetched."""
+        ahead = set(self.page.evaluate("() => window.ppViewer.frameRequests.prefetchUrls"))
+        demand, pre = [], []
+        for f in self.frames:
+            (pre if f"{f[0]}/frames/{','.join(map(str, f[1]))}" in ahead else demand).append(f)
+        return demand, pre
 
     def state(self):
         return self.page.evaluate("() => window.ppViewer")
@@ -247,14 +266,25 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
 
     first_view = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")
     assert first_view > 4  # the whole slide
-    for mag, width in ((20, 1024), (40, 2048), (10, 512)):
+    # frames come several per request (viewer/frames.js batches the library's one-frame calls)
+    assert max(len(n) for _, n, _ in p.frames) > 1, p.frames
+    for mag, width, finer in ((20, 1024, 2048), (40, 2048, None), (10, 512, 1024)):
         p.frames.clear()
+        p.asked(clear=True)
+        hits = p.state()["frameRequests"]["cacheHits"]
         p.page.click(f"[data-mag='{mag}']")
         p.settle()
         res = p.page.evaluate("() => window.viewer.getMap().getView().getResolution()")
         assert res == pytest.approx(10 / mag / BASE_UM), mag
+        demand, ahead = p.split_frames()
         if mag != 10:  # 10x: the level of the first (whole-slide) view, its tiles already here
-            assert p.frames and {widths[s] for s, _, _ in p.frames} == {width}, (mag, p.frames)
+            asked = p.asked()
+            assert asked and {widths[s] for s, _ in asked} == {width}, (mag, asked)
+        # what the view waited for is of its own level; what came ahead, of it (around the view) or the next finer
+        assert {widths[s] for s, _, _ in demand} <= {width}, (mag, demand)
+        assert {widths[s] for s, _, _ in ahead} <= {width, finer}, (mag, ahead)
+        if mag == 20:  # the first view prefetched the level under it: the zoom asked the server for nothing
+            assert demand == [] and p.state()["frameRequests"]["cacheHits"] > hits, (p.frames, p.state())
         assert_shows(p, f"zoom{mag}", levels, width)
     # below 10x this small slide fits the window: 5x stops at the whole slide, not beyond
     p.page.click("[data-mag='5']")
@@ -465,8 +495,8 @@ def test_scripts_are_gzipped_versioned_and_revalidated(server):
     page = requests.get(server.http_url + "/viewer?study=1.2.3", timeout=30).text
     versioned = dict(re.findall(r'"static/viewer/([^"?]+)\?v=([0-9a-f]{20})"', page))
     assert set(versioned) == {"app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js",
-                              "dmv/dicomMicroscopyViewer.bundle.min.js", "app/annotations.js", "app/viewer.js",
-                              "app/consult.js"}
+                              "dmv/dicomMicroscopyViewer.bundle.min.js", "app/frames.js", "app/annotations.js",
+                              "app/viewer.js", "app/consult.js"}
     assert "dcmjs.js" not in page  # loaded on the first save only
     for url, version in versioned.items():
         r = requests.get(f"{base}/{url}?v={version}", timeout=30)

@@ -1,6 +1,6 @@
 """The viewer benchmark's measurements (conformance/bench/viewer.py) on a small slide: what it
-reports is in order and consistent with what the page asked of pathpacs, and the library asks
-one frame per WADO-RS request (the BENCHMARKS.md finding; this fails if a dmv update changes it)."""
+reports is in order and consistent with what the page asked of pathpacs; frames go several per
+WADO-RS request and the pan is served by viewer/frames.js's prefetch."""
 from __future__ import annotations
 
 import pydicom
@@ -36,8 +36,14 @@ def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser,
     assert r["zoom"]["frames"] == len(cols(w // 2, w + w // 2)) * rows, (r["zoom"], w, h)
     uncovered = cols(w, 2 * w) - cols(w // 2, w + w // 2)
     assert [s["frames"] for s in r["steps"]] == [len(uncovered) * rows], (r["steps"], w, h)
-    assert len(r["pan_http"]) == len(uncovered) * rows > 0 and all(ms > 0 for ms in r["pan_http"]), r
-    assert r["multi"] == 0
+    # each frame of the step came from viewer/frames.js's prefetch (the ring around the view, fetched
+    # once the zoom was drawn) or from a request made then; the open sent several frames per request
+    pan = r["pan"]
+    assert pan["asked"] == len(uncovered) * rows > 0, (pan, r)
+    assert pan["cacheHits"] + pan["joined"] > 0, pan
+    assert pan["cacheHits"] + pan["joined"] + (pan["framesRequested"] - pan["prefetchedFrames"]) >= pan["asked"], pan
+    assert all(ms > 0 for ms in r["pan_http"]), r
+    assert 0 < r["multi"] <= r["requests"], r
     rows = bench._rows("hot", 1, r)
     assert [row["system"] for row in rows] == ["pathpacs hot tier, visit 1"] * 5
     assert rows[4]["value"] == f"{r['steps'][0]['ms']:.0f} ms"

@@ -48,9 +48,10 @@ function fail(err) {
 // --- DICOMweb ---------------------------------------------------------------------------------
 const root = new URL('dicomweb', document.baseURI).href.replace(/\/$/, '')
 const token = sessionStorage.getItem(KEY)
-const client = new DICOMwebClient.api.DICOMwebClient({
+const client = new window.ppFrames.FrameClient({ // viewer/frames.js: several frames per request, prefetch
   url: root, headers: token ? { Authorization: 'Bearer ' + token } : {},
 })
+state.frameRequests = client.stats
 
 // BulkDataURIs are absolute, as the server saw its own address; behind a proxy that does not
 // say X-Forwarded-*, they would name the wrong host. What follows /dicomweb/ is ours: rebase it.
@@ -214,6 +215,7 @@ async function loadSeries(seriesUID) {
   window.viewer = viewer
   const map = viewer.getMap()
   preloadCoarser(map)
+  window.ppFrames.attach(viewer, client, volumes)
   map.on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
   state.initialRotation = map.getView().getRotation()
   primary = { spacingUm: state.baseSpacingUm || 1, rotation0: state.initialRotation }
@@ -355,6 +357,7 @@ async function loadCompare(seriesUID) {
     window.viewer2 = viewer2
     second = { spacingUm, rotation0: viewer2.getMap().getView().getRotation() }
     preloadCoarser(viewer2.getMap())
+    window.ppFrames.attach(viewer2, client, volumes)
     viewer2.getMap().on('rendercomplete', () => { state.renderCompleteAt = performance.now() })
     watch(viewer2, 2)
     link.dx = link.dy = link.rot = 0

@@ -18,7 +18,8 @@ What is measured, in the page's own clock (performance.now(), 0 = navigation sta
   bound of how long any tile was blank in the step: "longest blank" is its maximum.
 - tiles per second: level-0 frames decoded during the pan / the sum of the steps' times.
 - the frames' HTTP exchanges (Resource Timing, request to last byte) beside these: how much of
-  each time is the server's; and how many frame requests asked for several frames (dmv: none).
+  each time is the server's; and how many frame requests asked for several frames (viewer/frames.js
+  batches the library's one-frame calls) and how many of the pan's frames its prefetch had fetched.
 Targets (issue 11): first tiles < 1 s, full viewport < 2 s, no blank tile > 200 ms panning (hot).
 """
 from __future__ import annotations
@@ -93,6 +94,12 @@ _STEP_JS = """async ([x, y, resolution]) => {
   const done = await (%s)(t0);
   return {ms: done - t0, frames: window.ppViewer.framesLoaded - before};
 }""" % _SETTLED_JS
+
+
+# viewer/frames.js's counters: what the library asked of its client and how it was answered.
+_STATS_JS = """() => { const s = window.ppViewer.frameRequests;
+  return {asked: s.asked, cacheHits: s.cacheHits, joined: s.joined, requests: s.requests,
+          framesRequested: s.framesRequested, prefetchRequests: s.prefetchRequests, prefetchedFrames: s.prefetchedFrames}; }"""
 
 
 def _complete(files: list[Path]) -> None:
@@ -171,6 +178,7 @@ def session(browser, url: str, steps: int, height: int = HEIGHT) -> dict:
         zoom = page.evaluate(_STEP_JS, [x, y, 1])
         per_step = []
         pan_from = page.evaluate("() => performance.now()")
+        before = page.evaluate(_STATS_JS)
         for _ in range(steps):
             x += size[0] / 2
             per_step.append(page.evaluate(_STEP_JS, [x, y, 0]))
@@ -178,9 +186,11 @@ def session(browser, url: str, steps: int, height: int = HEIGHT) -> dict:
         if errors or page.evaluate("() => window.ppViewer.frameErrors"):
             raise RuntimeError(f"page errors: {errors} frame errors: {page.evaluate('() => window.ppViewer.frameErrors')}")
         pan_http = page.evaluate(_FRAME_HTTP_JS, pan_from)
+        after = page.evaluate(_STATS_JS)
         multi = sum(1 for _, _, n in http + pan_http if "," in n)
         return {**opened, "map_size": size, "zoom": zoom, "steps": per_step, "pan_s": pan_s,
-                "pan_http": sorted(ms for _, ms, _ in pan_http), "multi": multi}
+                "pan_http": sorted(ms for _, ms, _ in pan_http), "multi": multi, "requests": len(http) + len(pan_http),
+                "pan": {k: after[k] - before[k] for k in after}}
     finally:
         ctx.close()
 
@@ -189,6 +199,9 @@ def _rows(tier: str, visit: int, r: dict) -> list[dict]:
     ms = sorted(s["ms"] for s in r["steps"])
     frames = sum(s["frames"] for s in r["steps"])
     hot = tier == "hot"
+    pan = r["pan"]
+    http = (f", answered p50 {statistics.median(r['pan_http']):.0f} ms, max {r['pan_http'][-1]:.0f} ms"
+            if r["pan_http"] else "")
     who = f"pathpacs {tier} tier, visit {visit}"
     met = lambda ok: "met" if ok else "MISSED"  # noqa: E731
     return [
@@ -204,8 +217,10 @@ def _rows(tier: str, visit: int, r: dict) -> list[dict]:
         {"benchmark": f"viewer: pan level 0, {len(ms)} steps of half the {r['map_size'][0]}x{r['map_size'][1]} px map",
          "system": who, "value": f"{statistics.median(ms):.0f} ms p50 per step",
          "note": f"max {ms[-1]:.0f} ms; {frames / r['pan_s']:.0f} tiles/s ({frames} frames in {r['pan_s']:.1f} s); "
-                 f"frame HTTP answers p50 {statistics.median(r['pan_http']):.0f} ms, max {r['pan_http'][-1]:.0f} ms; "
-                 f"{len(r['pan_http'])} frame requests, {r['multi']} of them for several frames"},
+                 f"of the {pan['asked']} frames the library asked for, {pan['cacheHits'] + pan['joined']} were "
+                 f"prefetched (viewer/frames.js; {pan['prefetchedFrames']} frames prefetched in "
+                 f"{pan['prefetchRequests']} requests); {len(r['pan_http'])} frame requests in the pan{http}; "
+                 f"{r['multi']} of the visit's {r['requests']} frame requests were for several frames"},
         {"benchmark": "viewer: pan level 0, longest blank tile (upper bound: step start to its rendercomplete)",
          "system": who, "value": f"{ms[-1]:.0f} ms",
          "note": ("target < 200 ms: " + met(ms[-1] < 200)) if hot else "no target on cold"},
