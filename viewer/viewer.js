@@ -177,6 +177,7 @@ function fillSwitcher(list, current) {
 
 function clearViewers() {
   closeCompare()
+  client.cancelPrefetch() // what was still to fetch ahead for the slide being closed
   if (viewer) { viewer.cleanup(); viewer = null }
   for (const v of sideViewers) v.cleanup && v.cleanup()
   sideViewers = []
