@@ -252,6 +252,8 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
     assert p.frames and all(sop in widths for sop, _, _ in p.frames), p.debug()
     # the ICC profile of each level is fetched as bulk data (colour management in the library)
     assert len([a for a in p.answers if a.startswith("200") and "/bulkdata/" in a]) >= 3, p.answers
+    # ... asked for by boot.js as soon as the metadata named them, and handed to the library
+    assert st["frameRequests"]["earlyBulk"] >= 3, st["frameRequests"]
     # start-up: the decoder worker is started (boot.js) and the slide's metadata asked for before the
     # bundle has run, the worker handed to the library (no second start of it before the first frame)
     starts = p.page.evaluate("""() => performance.getEntriesByType('resource').map(e => [e.name, e.startTime, e.responseEnd])""")

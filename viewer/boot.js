@@ -17,9 +17,27 @@ window.ppEarly = (() => {
     .then((r) => (r.status === 200 ? r.json() : r.status === 204 ? [] : null)).catch(() => null)
   const ok = (uid) => uid && /^[0-9.]+$/.test(uid)
   if (!ok(study)) return {}
+  // The library fetches each level's ICC profile (bulk data) once it has run, and asks for no tile
+  // before they are all here: fetched as soon as the metadata names them (frames.js hands them over).
+  const bulk = new Map() // path after "dicomweb/" -> Promise<ArrayBuffer | null>
+  const iccOf = (md) => {
+    for (const inst of md || []) {
+      const op = inst['00480105'] && inst['00480105'].Value && inst['00480105'].Value[0]
+      const uri = op && op['00282000'] && op['00282000'].BulkDataURI
+      const i = uri ? uri.indexOf('/dicomweb/') : -1
+      if (i < 0) continue
+      const path = uri.slice(i + '/dicomweb/'.length)
+      if (!bulk.has(path)) {
+        bulk.set(path, fetch(base + path, { headers: { ...headers, Accept: 'application/octet-stream' } })
+          .then((r) => (r.status === 200 ? r.arrayBuffer() : null)).catch(() => null))
+      }
+    }
+    return md
+  }
   return {
     series: get(`studies/${study}/series?Modality=SM`),
-    metadata: ok(series) ? { [series]: get(`studies/${study}/series/${series}/metadata`) } : {},
+    metadata: ok(series) ? { [series]: get(`studies/${study}/series/${series}/metadata`).then(iccOf) } : {},
+    bulk,
   }
 })()
 

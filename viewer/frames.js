@@ -44,7 +44,18 @@ window.ppFrames = (() => {
       this.aheadInFlight = 0
       // for the page's state (tests, bench): requests sent and what they were for
       this.stats = { requests: 0, multiFrameRequests: 0, framesRequested: 0, asked: 0, cacheHits: 0, joined: 0,
-        prefetchRequests: 0, prefetchedFrames: 0, prefetchUrls: [] }
+        prefetchRequests: 0, prefetchedFrames: 0, prefetchUrls: [], earlyBulk: 0 }
+    }
+
+    // The ICC profiles boot.js fetched while the bundle was parsed (else asked as usual).
+    retrieveBulkData(options) {
+      const early = window.ppEarly && window.ppEarly.bulk
+      const uri = String(options.BulkDataURI || '')
+      const i = uri.indexOf('/dicomweb/')
+      const asked = early && i >= 0 && !options.mediaTypes && !options.byteRange && early.get(uri.slice(i + '/dicomweb/'.length))
+      if (!asked) return super.retrieveBulkData(options)
+      this.stats.earlyBulk += 1
+      return asked.then((buf) => (buf ? [buf.slice(0)] : super.retrieveBulkData(options)))
     }
 
     retrieveInstanceFrames(options) {
