@@ -109,7 +109,8 @@ def _decoded_levels(paths: list[Path]) -> dict[int, np.ndarray]:
         for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)):
             r, c = divmod(i, cols)
             img[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = Image.open(io.BytesIO(frame)).convert("RGB")
-        out[ds.TotalPixelMatrixColumns] = img
+        # without the last row's and column's padding, which is not the slide (the viewer leaves it blank)
+        out[ds.TotalPixelMatrixColumns] = img[:ds.TotalPixelMatrixRows, :ds.TotalPixelMatrixColumns]
     return out
 
 
