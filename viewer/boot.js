@@ -19,16 +19,17 @@ window.ppEarly = (() => {
   if (!ok(study)) return {}
   // The library fetches each level's ICC profile (bulk data) once it has run, and asks for no tile
   // before they are all here: fetched as soon as the metadata names them (frames.js hands them over).
-  const bulk = new Map() // path after "dicomweb/" -> Promise<ArrayBuffer | null>
+  // Keyed by URL as viewer.js rebases BulkDataURIs onto the page's own dicomweb/ (the library asks by that URL).
+  const bulk = new Map() // URL -> Promise<ArrayBuffer | null>
   const iccOf = (md) => {
     for (const inst of md || []) {
       const op = inst['00480105'] && inst['00480105'].Value && inst['00480105'].Value[0]
       const uri = op && op['00282000'] && op['00282000'].BulkDataURI
       const i = uri ? uri.indexOf('/dicomweb/') : -1
       if (i < 0) continue
-      const path = uri.slice(i + '/dicomweb/'.length)
-      if (!bulk.has(path)) {
-        bulk.set(path, fetch(base + path, { headers: { ...headers, Accept: 'application/octet-stream' } })
+      const url = base + uri.slice(i + '/dicomweb/'.length)
+      if (!bulk.has(url)) {
+        bulk.set(url, fetch(url, { headers: { ...headers, Accept: 'application/octet-stream' } })
           .then((r) => (r.status === 200 ? r.arrayBuffer() : null)).catch(() => null))
       }
     }

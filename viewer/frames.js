@@ -50,9 +50,7 @@ window.ppFrames = (() => {
     // The ICC profiles boot.js fetched while the bundle was parsed (else asked as usual).
     retrieveBulkData(options) {
       const early = window.ppEarly && window.ppEarly.bulk
-      const uri = String(options.BulkDataURI || '')
-      const i = uri.indexOf('/dicomweb/')
-      const asked = early && i >= 0 && !options.mediaTypes && !options.byteRange && early.get(uri.slice(i + '/dicomweb/'.length))
+      const asked = early && !options.mediaTypes && !options.byteRange && early.get(options.BulkDataURI)
       if (!asked) return super.retrieveBulkData(options)
       this.stats.earlyBulk += 1
       return asked.then((buf) => (buf ? [buf.slice(0)] : super.retrieveBulkData(options)))
@@ -189,7 +187,13 @@ window.ppFrames = (() => {
   // A level's tiles as dicom-microscopy-viewer maps them (src/metadata.js): TILED_FULL in row-major
   // order, TILED_SPARSE by each frame's plane position. Levels with several optical paths or focal
   // planes are left to the library (which frame is which channel is its business).
+  const indexes = new WeakMap() // image -> its frameIndex, built once (a sparse level's map has every frame)
   function frameIndex(im) {
+    if (!indexes.has(im)) indexes.set(im, buildFrameIndex(im))
+    return indexes.get(im)
+  }
+
+  function buildFrameIndex(im) {
     if (Number(im.NumberOfOpticalPaths || 1) !== 1 || Number(im.TotalPixelMatrixFocalPlanes || 1) !== 1) return null
     const cols = Math.ceil(im.TotalPixelMatrixColumns / im.Columns)
     const rows = Math.ceil(im.TotalPixelMatrixRows / im.Rows)
