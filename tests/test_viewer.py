@@ -32,8 +32,8 @@ OTHER_LEVELS = ((1024, 768), (512, 384))  # the second slide of the study: two l
 BASE_UM = 0.25  # complete_wsi: 0.00025 mm per base pixel
 FRAME_RE = re.compile(r"/instances/([0-9.]+)/frames/([0-9,]+)$")
 
-if not (ROOT / "viewer" / "node_modules" / "dicom-microscopy-viewer" / "dist").is_dir():
-    pytest.fail("viewer/node_modules is missing: run `npm ci --prefix viewer` (make test does)",
+if not (ROOT / "viewer" / "build" / "dicomMicroscopyViewer.min.js").is_file():
+    pytest.fail("the viewer is not built: run `npm ci --prefix viewer && node viewer/build.mjs` (make test does)",
                 pytrace=False)
 
 
@@ -463,12 +463,15 @@ def test_static_files_and_their_types(server):
     assert status == 200 and headers["Content-Type"] == "application/wasm" and body[:4] == b"\0asm"
     wasm = ROOT / "viewer/node_modules/dicom-microscopy-viewer/dist/dynamic-import/libjpegturbowasm_decode.wasm"
     assert body == wasm.read_bytes()
-    status, headers, body = _get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js")
+    status, headers, body = _get(base + "/lib/dicomMicroscopyViewer.min.js")
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")
+    assert body == (ROOT / "viewer/build/dicomMicroscopyViewer.min.js").read_bytes()
+    # ASCII only: decoded the same whatever the charset (our build, viewer/build.mjs)
+    assert body.isascii() and b"dicomMicroscopyViewer" in body[:200]
     status, headers, _ = _get(base + "/app/viewer.css")
     assert status == 200 and headers["Content-Type"].startswith("text/css")
     for bad in ("/app/package.json", "/dmv/../../dicomweb-client/package.json", "/dmv/%2e%2e/%2e%2e/package.json",
-                "/nope/x.js", "/dmv/dynamic-import/missing.js"):
+                "/nope/x.js", "/dmv/dynamic-import/missing.js", "/lib/../build.mjs", "/lib/%2e%2e/package.json"):
         status, _, body = _get(base + bad)
         assert status == 404, (bad, status, body)
     status, headers, body = _get(server.http_url + "/viewer")
@@ -476,7 +479,7 @@ def test_static_files_and_their_types(server):
 
 
 def test_scripts_are_gzipped_versioned_and_revalidated(server):
-    """The 2.6 MB bundle goes out gzip-compressed with a strong ETag; a revalidation is a 304; the
+    """The 2.5 MB library goes out gzip-compressed with a strong ETag; a revalidation is a 304; the
     page names each script with its version, and that URL may be cached for a year."""
     import gzip
     import re
@@ -484,18 +487,18 @@ def test_scripts_are_gzipped_versioned_and_revalidated(server):
     import requests
 
     base = server.http_url + "/static/viewer"
-    bundle = ROOT / "viewer/node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js"
-    r = requests.get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js", headers={"Accept-Encoding": "gzip"},
+    bundle = ROOT / "viewer/build/dicomMicroscopyViewer.min.js"
+    r = requests.get(base + "/lib/dicomMicroscopyViewer.min.js", headers={"Accept-Encoding": "gzip"},
                      stream=True, timeout=30)
     body = r.raw.read()
     assert r.status_code == 200 and r.headers["Content-Encoding"] == "gzip" and "Accept-Encoding" in r.headers["Vary"]
     assert gzip.decompress(body) == bundle.read_bytes() and len(body) < bundle.stat().st_size / 2
     etag = r.headers["ETag"]
     assert r.headers["Cache-Control"] == "public, max-age=86400" and etag.endswith('-gz"')
-    r = requests.get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js",
+    r = requests.get(base + "/lib/dicomMicroscopyViewer.min.js",
                      headers={"Accept-Encoding": "gzip", "If-None-Match": etag}, timeout=30)
     assert r.status_code == 304 and r.content == b"" and r.headers["ETag"] == etag
-    r = requests.get(base + "/dmv/dicomMicroscopyViewer.bundle.min.js",
+    r = requests.get(base + "/lib/dicomMicroscopyViewer.min.js",
                      headers={"Accept-Encoding": "identity", "If-None-Match": etag}, timeout=30)
     assert r.status_code == 200 and r.content == bundle.read_bytes() and "Content-Encoding" not in r.headers
     r = requests.get(base + "/app/viewer.js", headers={"Accept-Encoding": "gzip"}, timeout=30)
@@ -503,7 +506,7 @@ def test_scripts_are_gzipped_versioned_and_revalidated(server):
     page = requests.get(server.http_url + "/viewer?study=1.2.3", timeout=30).text
     versioned = dict(re.findall(r'"static/viewer/([^"?]+)\?v=([0-9a-f]{20})"', page))
     assert set(versioned) == {"app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js",
-                              "dmv/dicomMicroscopyViewer.bundle.min.js", "app/frames.js", "app/annotations.js",
+                              "lib/dicomMicroscopyViewer.min.js", "app/frames.js", "app/annotations.js",
                               "app/viewer.js", "app/consult.js"}
     assert "dcmjs.js" not in page  # loaded on the first save only
     for url, version in versioned.items():
@@ -527,7 +530,7 @@ def test_viewer_answers_503_when_packages_are_missing(tmp_path):
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             r = await client.get("/viewer?study=1.2.3")
             assert r.status == 503 and (await r.text()).strip() == viewer.MISSING
-            r = await client.get("/static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js")
+            r = await client.get("/static/viewer/lib/dicomMicroscopyViewer.min.js")
             assert r.status == 503
     asyncio.run(run())
 

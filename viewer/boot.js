@@ -5,7 +5,7 @@
 window.PUBLIC_LIB_URL = new URL('static/viewer/dmv/dynamic-import/', document.baseURI).href
 
 // The first DICOMweb answers the page needs (the study's slides, the open slide's metadata) are
-// asked for now, while the browser is still parsing the viewer's 2.6 MB bundle, not after it:
+// asked for now, while the browser is still running the viewer library's 2.5 MB script, not after it:
 // viewer.js takes these promises (null: ask again through dicomweb-client, which reports errors).
 window.ppEarly = (() => {
   const p = new URLSearchParams(location.search)
