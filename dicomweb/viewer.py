@@ -32,34 +32,33 @@ PACKAGED_DIR = Path(__file__).resolve().parent / "static" / "viewer-dist"
 # URL prefix under /static/viewer/ -> folder below VIEWER_DIR: only these are served.
 MOUNTS = {
     "app": "",  # our own viewer.js, viewer.css, boot.js
-    "lib": "build",  # dicom-microscopy-viewer built from its sources by viewer/build.mjs (make)
-    "dmv": "node_modules/dicom-microscopy-viewer/dist",  # its decoder worker and WebAssembly codecs
+    "lib": "build",  # dicom-microscopy-viewer, its decoder worker and codecs, built from its sources by viewer/build.mjs
     "dwc": "node_modules/dicomweb-client/build",
     "dcmjs": "node_modules/dcmjs/build",  # writes the annotation objects the viewer saves (a direct dependency in package.json)
 }
-PACKAGED_MOUNTS = {m: m for m in MOUNTS}  # below PACKAGED_DIR: app/, dmv/, dwc/, dcmjs/
+PACKAGED_MOUNTS = {m: m for m in MOUNTS}  # below PACKAGED_DIR: app/, lib/, dwc/, dcmjs/
 REQUIRED = ("build/dicomMicroscopyViewer.min.js",
-            "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
+            "build/dataLoader.worker.min.js",
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
 OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "frames.js", "annotations.js", "consult.js"})
 # What the bundle's decoder worker loads once the first frame arrives (the JPEG and ICC codecs; the
 # worker itself boot.js starts early): prefetched while the page parses, so they come from the cache.
-PREFETCHED = ("dmv/dynamic-import/libjpegturbowasm_decode.wasm", "dmv/dynamic-import/dicomiccwasm.wasm")
-WORKER = "dmv/dynamic-import/dataLoader.worker.min.js"
+PREFETCHED = ("lib/libjpegturbowasm_decode.wasm", "lib/dicomiccwasm.wasm")
+WORKER = "lib/dataLoader.worker.min.js"
 # The files the page names (their URLs carry ?v=<version>): below /static/viewer/.
 PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "lib/dicomMicroscopyViewer.min.js",
               "app/frames.js", "app/annotations.js", "app/viewer.js", "app/consult.js")
 # What the page loads from each package (seen in the viewer tests' requests): our build of the
-# library (and its packages' licence headers), which loads the package's own decoder worker and
-# WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) from dist/dynamic-import/; no source maps. Globs below each mount, and each package's licence (copied as LICENSE.txt).
+# library, its decoder worker and the WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) the worker
+# fetches, with the bundled packages' licence headers; no source maps. Globs below each mount, and
+# each package's licence (copied as LICENSE.txt).
 PACKAGE_FILES = {
-    "lib": ("dicomMicroscopyViewer.min.js", "dicomMicroscopyViewer.min.js.LEGAL.txt"),
-    "dmv": ("dynamic-import/dataLoader.worker.min.js", "dynamic-import/*.wasm"),
+    "lib": ("dicomMicroscopyViewer.min.js", "dataLoader.worker.min.js", "*.LEGAL.txt", "*.wasm"),
     "dwc": ("dicomweb-client.js",),
     "dcmjs": ("dcmjs.js",),
 }
-LICENCES = {"lib": "node_modules/dicom-microscopy-viewer/LICENSE", "dmv": "node_modules/dicom-microscopy-viewer/LICENSE", "dwc": "node_modules/dicomweb-client/LICENSE",
+LICENCES = {"lib": "node_modules/dicom-microscopy-viewer/LICENSE", "dwc": "node_modules/dicomweb-client/LICENSE",
             "dcmjs": "node_modules/dcmjs/License.txt"}
 MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
         ".map": "application/json", ".txt": "text/plain"}

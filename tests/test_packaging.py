@@ -23,7 +23,6 @@ from conftest import ROOT, Server, need
 PRODUCT = ("archive", "dicomweb", "storage_tiers", "converters")
 PROBE = Path("dicomweb") / "static" / "packaging-probe" / "probe.js"  # package-data of a later viewer
 VIEWER_DIST = Path("dicomweb") / "static" / "viewer-dist"
-DMV = "node_modules/dicom-microscopy-viewer/dist"
 
 
 def _run(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -97,8 +96,7 @@ def test_wheel_holds_every_subpackage_and_data_file(built):
     assert PROBE.as_posix() in names  # dicomweb/static/** is package data
     viewer = {n[len(VIEWER_DIST.as_posix()) + 1:] for n in names if n.startswith(VIEWER_DIST.as_posix() + "/")}
     assert {"app/viewer.js", "app/boot.js", "lib/dicomMicroscopyViewer.min.js", "lib/dicomMicroscopyViewer.min.js.LEGAL.txt",
-            "lib/LICENSE.txt", "dmv/LICENSE.txt",
-            "dmv/dynamic-import/dataLoader.worker.min.js", "dmv/dynamic-import/libjpegturbowasm_decode.wasm",
+            "lib/LICENSE.txt", "lib/dataLoader.worker.min.js", "lib/libjpegturbowasm_decode.wasm",
             "dwc/dicomweb-client.js", "dwc/LICENSE.txt", "dcmjs/dcmjs.js", "dcmjs/LICENSE.txt"} <= viewer
     assert not [n for n in viewer if n.endswith(".map")], "source maps stay out"
     assert len(viewer) < 30, viewer  # only what the page serves, not the packages' whole dist
@@ -133,8 +131,7 @@ def test_installed_pathpacs_serves_outside_the_repository(venv, tmp_path):
         with urllib.request.urlopen(f"{srv.http_url}/viewer?study=1.2.3", timeout=30) as resp:
             assert resp.status == 200 and b"lib/dicomMicroscopyViewer.min.js" in resp.read()
         for rel, src in (("lib/dicomMicroscopyViewer.min.js", "build/dicomMicroscopyViewer.min.js"),
-                         ("dmv/dynamic-import/libjpegturbowasm_decode.wasm",
-                          f"{DMV}/dynamic-import/libjpegturbowasm_decode.wasm"),
+                         ("lib/libjpegturbowasm_decode.wasm", "build/libjpegturbowasm_decode.wasm"),
                          ("app/viewer.js", "viewer.js")):
             with urllib.request.urlopen(f"{srv.http_url}/static/viewer/{rel}", timeout=30) as resp:
                 assert resp.status == 200 and resp.read() == (ROOT / "viewer" / src).read_bytes(), rel

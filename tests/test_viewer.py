@@ -8,6 +8,7 @@ screen is compared with the slide's own pixels (the pattern of tests/test_viewer
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import threading
 import urllib.error
@@ -264,7 +265,7 @@ def test_viewer_shows_slide_zoom_presets_and_metadata(make_server, browser, slid
     # bundle has run, the worker handed to the library (no second start of it before the first frame)
     starts = p.page.evaluate("""() => performance.getEntriesByType('resource').map(e => [e.name, e.startTime, e.responseEnd])""")
     bundle_end = p.page.evaluate("() => performance.getEntriesByType('navigation')[0].domInteractive")
-    worker = [t for name, t, _ in starts if name.endswith("/dynamic-import/dataLoader.worker.min.js")]
+    worker = [t for name, t, _ in starts if name.endswith("/static/viewer/lib/dataLoader.worker.min.js")]
     metadata = [t for name, t, _ in starts if name.endswith(f"/series/{slides['series_a']}/metadata")]
     first_frame = min(t for name, t, _ in starts if "/frames/" in name)
     assert worker and worker[0] < bundle_end and metadata and metadata[0] < bundle_end, starts
@@ -404,6 +405,42 @@ def test_switcher_changes_slide_and_default_series(make_server, browser, slides,
     p.clean()
 
 
+def _as_jpeg2000(path: Path) -> None:
+    """Re-encode a level's JPEG tiles as lossless JPEG 2000 (what `pathpacs convert --codec
+    jpeg2000 --quality 100` writes): the same pixels in another transfer syntax."""
+    import imagecodecs
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(path)
+    tiles = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB"))
+             for f in generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)]
+    ds.PixelData = encapsulate([imagecodecs.jpeg2k_encode(t, level=0, codecformat="j2k", mct=False) for t in tiles],
+                               has_bot=True)
+    ds["PixelData"].VR = "OB"
+    ds.PhotometricInterpretation = "RGB"
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_jpeg2000_slide_is_decoded_and_shown(make_server, browser, tmp_path):
+    """A slide whose tiles are JPEG 2000 (our converter writes them) goes through the library's
+    JPEG 2000 codec in its worker (viewer/build.mjs builds both) and shows its own pixels."""
+    paths = factory.wsi_series(tmp_path / "j2k", levels=OTHER_LEVELS, tile=256, series_number=1)
+    complete_wsi(paths)
+    levels = _decoded_levels(paths)  # the JPEG tiles' pixels, which the lossless re-encoding keeps
+    for path in paths:
+        _as_jpeg2000(path)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    server = make_server()
+    run_cli("import", "--quiet", str(tmp_path / "j2k"), data=server.data_dir, check=True)
+    p = Page(browser, server, tmp_path)
+    p.open(f"study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}")
+    p.wait_rendered()
+    assert p.frames and p.state()["framesLoaded"] > 0, p.debug()
+    assert_shows(p, "jpeg2000", levels)
+    p.clean()
+
+
 def test_chinese_ui_from_accept_language_and_switch(make_server, browser, slides, tmp_path):
     server = _serve(make_server, tmp_path, slides)
     p = Page(browser, server, tmp_path, headers={"Accept-Language": "zh-CN,zh;q=0.9,en;q=0.8"})
@@ -459,9 +496,10 @@ def _get(url: str) -> tuple[int, dict, bytes]:
 
 def test_static_files_and_their_types(server):
     base = server.http_url + "/static/viewer"
-    status, headers, body = _get(base + "/dmv/dynamic-import/libjpegturbowasm_decode.wasm")
+    status, headers, body = _get(base + "/lib/libjpegturbowasm_decode.wasm")
     assert status == 200 and headers["Content-Type"] == "application/wasm" and body[:4] == b"\0asm"
-    wasm = ROOT / "viewer/node_modules/dicom-microscopy-viewer/dist/dynamic-import/libjpegturbowasm_decode.wasm"
+    # the codec's own file, as its package ships it (viewer/build.mjs copies it beside the worker)
+    wasm = ROOT / "viewer/node_modules/@cornerstonejs/codec-libjpeg-turbo-8bit/dist/libjpegturbowasm_decode.wasm"
     assert body == wasm.read_bytes()
     status, headers, body = _get(base + "/lib/dicomMicroscopyViewer.min.js")
     assert status == 200 and headers["Content-Type"].startswith("text/javascript")
@@ -470,8 +508,9 @@ def test_static_files_and_their_types(server):
     assert body.isascii() and b"dicomMicroscopyViewer" in body[:200]
     status, headers, _ = _get(base + "/app/viewer.css")
     assert status == 200 and headers["Content-Type"].startswith("text/css")
-    for bad in ("/app/package.json", "/dmv/../../dicomweb-client/package.json", "/dmv/%2e%2e/%2e%2e/package.json",
-                "/nope/x.js", "/dmv/dynamic-import/missing.js", "/lib/../build.mjs", "/lib/%2e%2e/package.json"):
+    for bad in ("/app/package.json", "/dwc/../../dcmjs/package.json", "/dwc/%2e%2e/%2e%2e/package.json",
+                "/nope/x.js", "/lib/missing.js", "/lib/../build.mjs", "/lib/%2e%2e/package.json",
+                "/dmv/dicomMicroscopyViewer.bundle.min.js"):
         status, _, body = _get(base + bad)
         assert status == 404, (bad, status, body)
     status, headers, body = _get(server.http_url + "/viewer")
@@ -597,7 +636,7 @@ def test_viewer_behind_a_path_prefix(make_server, browser, slides, tmp_path):
         p.wait_rendered()
         assert direct == [], direct  # nothing bypasses the proxy, the ICC bulk data included
         assert p.frames and any("/pfx/dicomweb/" in s and "/bulkdata/" in s for s in proxy.seen), proxy.seen
-        assert any(s.startswith("/pfx/static/viewer/dmv/dynamic-import/") for s in proxy.seen)
+        assert any(s.startswith("/pfx/static/viewer/lib/dataLoader.worker") for s in proxy.seen)
         assert_shows(p, "prefix", _decoded_levels(slides["a"]))
         assert p.page.get_attribute("#home", "href") == "./"
         p.clean()
