@@ -125,11 +125,11 @@ window.ppFrames = (() => {
 
     // A multi-frame request that failed is asked again frame by frame, so one bad frame (or a server
     // that refuses frame lists) does not blank its neighbours; each frame then fails on its own.
+    // Settles when every retry has, so the view counts as waiting (no prefetch beside it) until then.
     _singly(options, part, frames, err) {
-      if (part.length === 1) { frames.get(part[0]).reject(err); return }
-      for (const n of part) {
-        this._send(options, [n], false).then((bufs) => frames.get(n).resolve(bufs[0]), (e) => frames.get(n).reject(e))
-      }
+      if (part.length === 1) { frames.get(part[0]).reject(err); return Promise.resolve() }
+      return Promise.allSettled(part.map((n) => this._send(options, [n], false)
+        .then((bufs) => frames.get(n).resolve(bufs[0]), (e) => frames.get(n).reject(e))))
     }
 
     _send(o, numbers, prefetch) {
