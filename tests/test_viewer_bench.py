@@ -47,3 +47,25 @@ def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser,
     rows = bench._rows("hot", 1, r)
     assert [row["system"] for row in rows] == ["pathpacs hot tier, visit 1"] * 5
     assert rows[4]["value"] == f"{r['steps'][0]['ms']:.0f} ms"
+
+
+def test_viewer_bench_open_with_no_devtools_client(make_server, tmp_path):
+    """The bench's user's-browser measurement: Chromium started on its own (no client attached
+    while the page loads), read afterwards from viewer.js's own clock; a returning start reuses
+    the profile (the scripts come from its cache: no request for them reaches pathpacs)."""
+    paths = factory.wsi_series(tmp_path / "slide", levels=LEVELS, tile=256)
+    complete_wsi(paths)
+    server = make_server()
+    run_cli("import", "--quiet", str(tmp_path / "slide"), data=server.data_dir, check=True)
+    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    url = f"{server.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
+
+    r = bench.unwatched(url, tmp_path / "profile", starts=2, wait_s=6)
+
+    assert r["status"] == "rendered" and r["settled"] and r["frames"] > 0, r
+    assert 0 < r["dom_ms"] and 0 < r["first_start_ms"] < r["first_frame_ms"] <= r["first_ms"] <= r["full_ms"], r
+    assert 0 < r["first_http_ms"] < r["first_frame_ms"] - r["first_start_ms"] + 1, r
+    log = server.log()
+    assert log.count("/static/viewer/lib/dicomMicroscopyViewer.min.js") == 1, "the second start fetched the library again"
+    rows = bench._rows("hot", "no DevTools client", r)
+    assert [row["system"] for row in rows] == ["pathpacs hot tier, no DevTools client"] * 2
