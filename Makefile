@@ -8,7 +8,6 @@ APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-wsi libturboj
 
 BROWSER_STAMP := tests/browser/node_modules/.package-lock.json
 VIEWER_STAMP := viewer/node_modules/.package-lock.json
-VIEWER_BUILD := viewer/build/dicomMicroscopyViewer.min.js
 NPM_CI := npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
 
 .PHONY: run test bench setup system-tools clean npm wheel
@@ -22,7 +21,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: $(STAMP) $(VIEWER_BUILD)
+run: $(STAMP) $(VIEWER_STAMP)
 	$(VENV)/bin/pathpacs serve --demo --data ./data --dicom-port 11112 --aet PATHPACS --http-port 8080
 
 system-tools:
@@ -46,29 +45,24 @@ $(BROWSER_STAMP): tests/browser/package-lock.json | npm
 	$(NPM_CI) --prefix tests/browser
 
 # The viewer at /viewer: dicom-microscopy-viewer and dicomweb-client, pinned by viewer/package-lock.json,
-# served from viewer/node_modules and viewer/build by dicomweb/viewer.py (no CDN, no network at run time).
+# served from viewer/node_modules by dicomweb/viewer.py (no CDN, no network at run time).
 $(VIEWER_STAMP): viewer/package-lock.json | npm
 	$(NPM_CI) --prefix viewer
 
-# dicom-microscopy-viewer built from the sources its package ships, for today's browsers, by the
-# pinned esbuild (viewer/build.mjs says why: its dist bundle targets IE 11 and is slow to start).
-$(VIEWER_BUILD): $(VIEWER_STAMP) viewer/build.mjs
-	node viewer/build.mjs --quiet
-
-test: $(STAMP) system-tools $(BROWSER_STAMP) $(VIEWER_BUILD)
+test: $(STAMP) system-tools $(BROWSER_STAMP) $(VIEWER_STAMP)
 	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider tests; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$code
 
-bench: $(STAMP) system-tools $(VIEWER_BUILD)
+bench: $(STAMP) system-tools $(VIEWER_STAMP)
 	$(PY) -m conformance.bench
 
 # The wheel (dist/): the viewer's files (our JS/CSS, the npm packages' served dist files and their
 # licences) are copied into dicomweb/static/viewer-dist/ first, so /viewer works installed from it;
 # the copy is removed afterwards (a checkout serves viewer/ itself).
-wheel: $(STAMP) $(VIEWER_BUILD)
+wheel: $(STAMP) $(VIEWER_STAMP)
 	$(PY) -m dicomweb.viewer_dist
 	$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist . ; code=$$?; \
 	rm -rf dicomweb/static/viewer-dist; exit $$code
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info tests/browser/node_modules viewer/node_modules viewer/build dicomweb/static/viewer-dist
+	rm -rf $(VENV) build dist *.egg-info tests/browser/node_modules viewer/node_modules dicomweb/static/viewer-dist

@@ -1,6 +1,6 @@
 """Static files served from memory, gzip-compressed once, with strong ETags: the viewer's scripts.
 
-The viewer page loads 2.5 MB of dicom-microscopy-viewer (our build) plus its worker and WebAssembly
+The viewer page loads 2.6 MB of dicom-microscopy-viewer bundle plus its worker and WebAssembly
 codecs; over a real network their size is the page's first-tile time. Each file is read and
 gzip-compressed once (on a thread, never on the event loop) and kept while its mtime and size stay
 the same; answers carry an ETag per representation (a sha256 of the bytes, "-gz" for the

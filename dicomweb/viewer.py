@@ -5,10 +5,9 @@ credential: its script (viewer/viewer.js) reads the bearer token the login page 
 sessionStorage and talks standard DICOMweb to our own /dicomweb by relative URLs (so a path
 prefix in front of us works) through dicomweb-client; dicom-microscopy-viewer (Slim's engine)
 draws the pyramid, the label and the overview. Both are npm packages pinned by
-viewer/package-lock.json and installed by `make run` / `make test` (`npm ci --prefix viewer`,
-then `node viewer/build.mjs` builds dicom-microscopy-viewer from its sources into viewer/build/);
-this module serves those files, our own JS/CSS, and answers 503 with the reason when the
-packages are not installed or not built. The page's language (English or Simplified Chinese) is chosen here
+viewer/package-lock.json and installed by `make run` / `make test` (`npm ci --prefix viewer`);
+this module serves their built files, our own JS/CSS, and answers 503 with the reason when the
+packages are not installed. The page's language (English or Simplified Chinese) is chosen here
 from `?lang=` or Accept-Language, so the HTML arrives in it.
 """
 from __future__ import annotations
@@ -32,38 +31,37 @@ PACKAGED_DIR = Path(__file__).resolve().parent / "static" / "viewer-dist"
 # URL prefix under /static/viewer/ -> folder below VIEWER_DIR: only these are served.
 MOUNTS = {
     "app": "",  # our own viewer.js, viewer.css, boot.js
-    "lib": "build",  # dicom-microscopy-viewer, its decoder worker and codecs, built from its sources by viewer/build.mjs
+    "dmv": "node_modules/dicom-microscopy-viewer/dist",  # bundle, worker, WebAssembly codecs
     "dwc": "node_modules/dicomweb-client/build",
     "dcmjs": "node_modules/dcmjs/build",  # writes the annotation objects the viewer saves (a direct dependency in package.json)
 }
-PACKAGED_MOUNTS = {m: m for m in MOUNTS}  # below PACKAGED_DIR: app/, lib/, dwc/, dcmjs/
-REQUIRED = ("build/dicomMicroscopyViewer.min.js",
-            "build/dataLoader.worker.min.js",
+PACKAGED_MOUNTS = {m: m for m in MOUNTS}  # below PACKAGED_DIR: app/, dmv/, dwc/, dcmjs/
+REQUIRED = ("node_modules/dicom-microscopy-viewer/dist/dicomMicroscopyViewer.bundle.min.js",
+            "node_modules/dicom-microscopy-viewer/dist/dynamic-import/dataLoader.worker.min.js",
             "node_modules/dicomweb-client/build/dicomweb-client.js",
             "node_modules/dcmjs/build/dcmjs.js")
 OWN_FILES = frozenset({"viewer.js", "viewer.css", "boot.js", "frames.js", "annotations.js", "consult.js"})
 # What the bundle's decoder worker loads once the first frame arrives (the JPEG and ICC codecs; the
 # worker itself boot.js starts early): prefetched while the page parses, so they come from the cache.
-PREFETCHED = ("lib/libjpegturbowasm_decode.wasm", "lib/dicomiccwasm.wasm")
-WORKER = "lib/dataLoader.worker.min.js"
+PREFETCHED = ("dmv/dynamic-import/libjpegturbowasm_decode.wasm", "dmv/dynamic-import/dicomiccwasm.wasm")
+WORKER = "dmv/dynamic-import/dataLoader.worker.min.js"
 # The files the page names (their URLs carry ?v=<version>): below /static/viewer/.
-PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "lib/dicomMicroscopyViewer.min.js",
+PAGE_FILES = ("app/viewer.css", "app/boot.js", "dwc/dicomweb-client.js", "dmv/dicomMicroscopyViewer.bundle.min.js",
               "app/frames.js", "app/annotations.js", "app/viewer.js", "app/consult.js")
-# What the page loads from each package (seen in the viewer tests' requests): our build of the
-# library, its decoder worker and the WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) the worker
-# fetches, with the bundled packages' licence headers; no source maps. Globs below each mount, and
-# each package's licence (copied as LICENSE.txt).
+# What the page loads from each package (seen in the viewer tests' requests): the bundle loads its
+# worker and the WebAssembly codecs (JPEG, JPEG 2000, JPEG-LS, ICC) from dist/dynamic-import/; no
+# source maps. Globs below each mount, and each package's licence (copied as LICENSE.txt).
 PACKAGE_FILES = {
-    "lib": ("dicomMicroscopyViewer.min.js", "dataLoader.worker.min.js", "*.LEGAL.txt", "*.wasm"),
+    "dmv": ("dicomMicroscopyViewer.bundle.min.js", "dicomMicroscopyViewer.bundle.min.js.LICENSE.txt",
+            "dynamic-import/dataLoader.worker.min.js", "dynamic-import/*.wasm"),
     "dwc": ("dicomweb-client.js",),
     "dcmjs": ("dcmjs.js",),
 }
-LICENCES = {"lib": "node_modules/dicom-microscopy-viewer/LICENSE", "dwc": "node_modules/dicomweb-client/LICENSE",
+LICENCES = {"dmv": "node_modules/dicom-microscopy-viewer/LICENSE", "dwc": "node_modules/dicomweb-client/LICENSE",
             "dcmjs": "node_modules/dcmjs/License.txt"}
 MIME = {".js": "text/javascript", ".css": "text/css", ".wasm": "application/wasm",
         ".map": "application/json", ".txt": "text/plain"}
-MISSING = ("the viewer's JavaScript packages are not installed or not built: run make run "
-           "(npm ci --prefix viewer && node viewer/build.mjs)")
+MISSING = "the viewer's JavaScript packages are not installed: run make run / npm ci --prefix viewer"
 # dicom-microscopy-viewer compiles WebAssembly codecs and runs a worker; nothing else is loaded
 # from anywhere but here, and tiles arrive as blobs decoded in the page.
 CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'self' blob:; "
@@ -76,7 +74,7 @@ PAGE = """<!doctype html><html lang="{lang}"><head><meta charset=utf-8>
 <script type="application/json" id="pp-text">{text_json}</script>
 <script src="static/viewer/app/boot.js"></script>
 <script src="static/viewer/dwc/dicomweb-client.js"></script>
-<script src="static/viewer/lib/dicomMicroscopyViewer.min.js"></script>
+<script src="static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js"></script>
 {prefetch}
 </head><body>
 <header id=bar>

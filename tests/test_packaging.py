@@ -23,6 +23,7 @@ from conftest import ROOT, Server, need
 PRODUCT = ("archive", "dicomweb", "storage_tiers", "converters")
 PROBE = Path("dicomweb") / "static" / "packaging-probe" / "probe.js"  # package-data of a later viewer
 VIEWER_DIST = Path("dicomweb") / "static" / "viewer-dist"
+DMV = "node_modules/dicom-microscopy-viewer/dist"
 
 
 def _run(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -60,8 +61,8 @@ def built(tmp_path_factory) -> dict:
     (src / PROBE).write_text("// a static file of the pages\n")
     shutil.rmtree(src / VIEWER_DIST, ignore_errors=True)
     # the build step `make wheel` runs first: the viewer's served files into the package data
-    if not (ROOT / "viewer" / "build" / "dicomMicroscopyViewer.min.js").is_file():
-        pytest.fail("the viewer is not built: npm ci --prefix viewer && node viewer/build.mjs (make test does)")
+    if not (ROOT / "viewer" / "node_modules").is_dir():
+        pytest.fail("the viewer's packages are not installed: npm ci --prefix viewer (make test does)")
     _run([sys.executable, "-m", "dicomweb.viewer_dist", "--quiet", "--viewer", ROOT / "viewer", "--out",
           src / VIEWER_DIST], cwd=src)
     dist = base / "dist"
@@ -95,8 +96,8 @@ def test_wheel_holds_every_subpackage_and_data_file(built):
     assert expected - names == set(), "missing from the wheel"
     assert PROBE.as_posix() in names  # dicomweb/static/** is package data
     viewer = {n[len(VIEWER_DIST.as_posix()) + 1:] for n in names if n.startswith(VIEWER_DIST.as_posix() + "/")}
-    assert {"app/viewer.js", "app/boot.js", "lib/dicomMicroscopyViewer.min.js", "lib/dicomMicroscopyViewer.min.js.LEGAL.txt",
-            "lib/LICENSE.txt", "lib/dataLoader.worker.min.js", "lib/libjpegturbowasm_decode.wasm",
+    assert {"app/viewer.js", "app/boot.js", "dmv/dicomMicroscopyViewer.bundle.min.js", "dmv/LICENSE.txt",
+            "dmv/dynamic-import/dataLoader.worker.min.js", "dmv/dynamic-import/libjpegturbowasm_decode.wasm",
             "dwc/dicomweb-client.js", "dwc/LICENSE.txt", "dcmjs/dcmjs.js", "dcmjs/LICENSE.txt"} <= viewer
     assert not [n for n in viewer if n.endswith(".map")], "source maps stay out"
     assert len(viewer) < 30, viewer  # only what the page serves, not the packages' whole dist
@@ -129,9 +130,10 @@ def test_installed_pathpacs_serves_outside_the_repository(venv, tmp_path):
             assert resp.read().strip() in (b"[]", b"")
         # the viewer's page and its files come from the wheel's package data (no viewer/ here)
         with urllib.request.urlopen(f"{srv.http_url}/viewer?study=1.2.3", timeout=30) as resp:
-            assert resp.status == 200 and b"lib/dicomMicroscopyViewer.min.js" in resp.read()
-        for rel, src in (("lib/dicomMicroscopyViewer.min.js", "build/dicomMicroscopyViewer.min.js"),
-                         ("lib/libjpegturbowasm_decode.wasm", "build/libjpegturbowasm_decode.wasm"),
+            assert resp.status == 200 and b"dicomMicroscopyViewer.bundle.min.js" in resp.read()
+        for rel, src in (("dmv/dicomMicroscopyViewer.bundle.min.js", f"{DMV}/dicomMicroscopyViewer.bundle.min.js"),
+                         ("dmv/dynamic-import/libjpegturbowasm_decode.wasm",
+                          f"{DMV}/dynamic-import/libjpegturbowasm_decode.wasm"),
                          ("app/viewer.js", "viewer.js")):
             with urllib.request.urlopen(f"{srv.http_url}/static/viewer/{rel}", timeout=30) as resp:
                 assert resp.status == 200 and resp.read() == (ROOT / "viewer" / src).read_bytes(), rel

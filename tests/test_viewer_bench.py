@@ -66,6 +66,6 @@ def test_viewer_bench_open_with_no_devtools_client(make_server, tmp_path):
     assert 0 < r["dom_ms"] and 0 < r["first_start_ms"] < r["first_frame_ms"] <= r["first_ms"] <= r["full_ms"], r
     assert 0 < r["first_http_ms"] < r["first_frame_ms"] - r["first_start_ms"] + 1, r
     log = server.log()
-    assert log.count("/static/viewer/lib/dicomMicroscopyViewer.min.js") == 1, "the second start fetched the library again"
+    assert log.count("/static/viewer/dmv/dicomMicroscopyViewer.bundle.min.js") == 1, "the second start fetched the library again"
     rows = bench._rows("hot", "no DevTools client", r)
     assert [row["system"] for row in rows] == ["pathpacs hot tier, no DevTools client"] * 2

@@ -1,11 +1,11 @@
-// Before the library loads: dicom-microscopy-viewer spawns its decoder worker from
-// PUBLIC_LIB_URL + "dataLoader.worker.min.js" (its WebAssembly codecs beside it), which
-// viewer/build.mjs builds into viewer/build/; dicomweb/viewer.py serves that at static/viewer/lib/.
+// Before the bundle loads: dicom-microscopy-viewer spawns its decoder worker from
+// PUBLIC_LIB_URL + "dataLoader.worker.min.js" (its WebAssembly codecs beside it), which the
+// package ships in dist/dynamic-import/; dicomweb/viewer.py serves dist/ at static/viewer/dmv/.
 // Relative to the page, so a path prefix in front of the server works.
-window.PUBLIC_LIB_URL = new URL('static/viewer/lib/', document.baseURI).href
+window.PUBLIC_LIB_URL = new URL('static/viewer/dmv/dynamic-import/', document.baseURI).href
 
 // The first DICOMweb answers the page needs (the study's slides, the open slide's metadata) are
-// asked for now, while the browser is still running the viewer library's 2.5 MB script, not after it:
+// asked for now, while the browser is still parsing the viewer's 2.6 MB bundle, not after it:
 // viewer.js takes these promises (null: ask again through dicomweb-client, which reports errors).
 window.ppEarly = (() => {
   const p = new URLSearchParams(location.search)

@@ -224,7 +224,7 @@ _UNWATCHED_JS = """() => {
 def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0) -> dict:
     """Open /viewer in a Chromium that no DevTools client watches while the page loads, as a
     user's browser: with a client attached (Playwright, above) V8 records where in the source
-    every Error the library constructs at start-up comes from, and for a 2.5 MB script that is a
+    every Error the library constructs at start-up comes from, and for its 2.6 MB bundle that is a
     re-parse (a trace showed 0.55 s of V8.CollectSourcePositions inside its start-up). Chromium
     is started `starts` times on the same profile, each time opening the page and waiting
     `wait_s` s, then stopped (a returning browser: its HTTP cache and the scripts' compiled code
