@@ -49,7 +49,7 @@ def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser,
     assert rows[4]["value"] == f"{r['steps'][0]['ms']:.0f} ms"
 
 
-def test_viewer_bench_open_with_no_devtools_client(make_server, tmp_path):
+def test_viewer_bench_open_with_no_devtools_client(make_server, browser, tmp_path):
     """The bench's user's-browser measurement: Chromium started on its own (no client attached
     while the page loads), read afterwards from viewer.js's own clock; a returning start reuses
     the profile (the scripts come from its cache: no request for them reaches pathpacs)."""
@@ -60,7 +60,7 @@ def test_viewer_bench_open_with_no_devtools_client(make_server, tmp_path):
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
     url = f"{server.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
 
-    r = bench.unwatched(url, tmp_path / "profile", starts=2, wait_s=6)
+    r = bench.unwatched(url, tmp_path / "profile", starts=2, wait_s=6, chromium=browser.browser_type)
 
     assert r["status"] == "rendered" and r["settled"] and r["frames"] > 0, r
     assert 0 < r["dom_ms"] and 0 < r["first_start_ms"] < r["first_frame_ms"] <= r["first_ms"] <= r["full_ms"], r

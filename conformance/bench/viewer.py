@@ -221,7 +221,7 @@ _UNWATCHED_JS = """() => {
 }"""
 
 
-def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0) -> dict:
+def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0, chromium=None) -> dict:
     """Open /viewer in a Chromium that no DevTools client watches while the page loads, as a
     user's browser: with a client attached (Playwright, above) V8 records where in the source
     every Error the library constructs at start-up comes from, and for its 2.6 MB bundle that is a
@@ -230,7 +230,8 @@ def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0) ->
     `wait_s` s, then stopped (a returning browser: its HTTP cache and the scripts' compiled code
     stay on disk); only after the last open has been drawn is a client attached, to read the
     page's own clock (viewer.js keeps the first frame's times). Opened from a data: page after 3 s,
-    so the browser's own start-up is not in the time."""
+    so the browser's own start-up is not in the time. `chromium`: the BrowserType of a running
+    Playwright (`browser.browser_type`) to read with, else one is started for the reading."""
     from playwright.sync_api import sync_playwright
 
     launcher = "data:text/html," + urllib.parse.quote(f"<script>setTimeout(() => {{ location.href = {url!r} }}, 3000)</script>")
@@ -244,15 +245,11 @@ def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0) ->
             if i < starts - 1:
                 continue
             wait_http(f"http://127.0.0.1:{port}/json/version", proc)
-            with sync_playwright() as pw:
-                browser = pw.chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
-                try:
-                    pages = [p for c in browser.contexts for p in c.pages if "/viewer?" in p.url]
-                    if not pages:
-                        raise RuntimeError("the viewer page did not open")
-                    r = pages[0].evaluate(_UNWATCHED_JS)
-                finally:
-                    browser.close()
+            if chromium is None:
+                with sync_playwright() as own:
+                    r = _read_unwatched(own.chromium, port)
+            else:
+                r = _read_unwatched(chromium, port)
             if r["status"] != "rendered" or not r["settled"]:
                 raise RuntimeError(f"the viewer was not fully drawn after {wait_s} s: {r}")
             return r
@@ -264,6 +261,17 @@ def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0) ->
                 proc.kill()
                 proc.wait()
     raise ValueError("starts must be >= 1")
+
+
+def _read_unwatched(chromium, port: int) -> dict:
+    browser = chromium.connect_over_cdp(f"http://127.0.0.1:{port}")
+    try:
+        pages = [p for c in browser.contexts for p in c.pages if "/viewer?" in p.url]
+        if not pages:
+            raise RuntimeError("the viewer page did not open")
+        return pages[0].evaluate(_UNWATCHED_JS)
+    finally:
+        browser.close()
 
 
 def _rows(tier: str, visit: int | str, r: dict) -> list[dict]:
@@ -346,7 +354,7 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                                               ("no DevTools client while loading, returning browser (third start on one profile)", 3)):
                             profile = run_dir / f"chromium-{tier}-{starts}"
                             shutil.rmtree(profile, ignore_errors=True)
-                            rows += _rows(tier, label, unwatched(url, profile, starts))
+                            rows += _rows(tier, label, unwatched(url, profile, starts, chromium=pw.chromium))
                     finally:
                         srv.stop(timeout=30)
             finally:
