@@ -20,6 +20,11 @@ What is measured, in the page's own clock (performance.now(), 0 = navigation sta
 - the frames' HTTP exchanges (Resource Timing, request to last byte) beside these: how much of
   each time is the server's; and how many frame requests asked for several frames (viewer/frames.js
   batches the library's one-frame calls) and how many of the pan's frames its prefetch had fetched.
+Besides the two visits in fresh contexts, each tier is opened (first tile and full viewport only)
+as a returning browser (the third open in one Playwright context) and, through `unwatched`, in a
+Chromium no DevTools client is attached to while the page loads (empty profile, and a profile
+started three times): what a user's browser does, since an attached client slows the library's
+start-up (see `unwatched`).
 Targets (issue 11): first tiles < 1 s, full viewport < 2 s, no blank tile > 200 ms panning (hot).
 """
 from __future__ import annotations
