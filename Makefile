@@ -50,7 +50,7 @@ $(VIEWER_STAMP): viewer/package-lock.json | npm
 	$(NPM_CI) --prefix viewer
 
 test: $(STAMP) system-tools $(BROWSER_STAMP) $(VIEWER_STAMP)
-	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider tests; code=$$?; \
+	$(PY) -m pytest -n 2 --dist loadfile -p no:cacheprovider --durations=15 tests; code=$$?; \
 	if [ $$code -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$code
 
 bench: $(STAMP) system-tools $(VIEWER_STAMP)

@@ -13,13 +13,18 @@ from test_viewer_browser import complete_wsi
 LEVELS = ((2048, 1536), (1024, 768), (512, 384))
 
 
-def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser, tmp_path):
+def _served_slide(make_server, tmp_path):
+    """A server holding a small generated slide, and the viewer URL of that slide."""
     paths = factory.wsi_series(tmp_path / "slide", levels=LEVELS, tile=256)
     complete_wsi(paths)
     server = make_server()
     run_cli("import", "--quiet", str(tmp_path / "slide"), data=server.data_dir, check=True)
     ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    url = f"{server.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
+    return server, f"{server.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
+
+
+def test_viewer_bench_session_measures_open_and_level0_pan(make_server, browser, tmp_path):
+    _, url = _served_slide(make_server, tmp_path)
 
     r = bench.session(browser, url, steps=1, height=LEVELS[0][1])
 
@@ -53,12 +58,7 @@ def test_viewer_bench_open_with_no_devtools_client(make_server, browser, tmp_pat
     """The bench's user's-browser measurement: Chromium started on its own (no client attached
     while the page loads), read afterwards from viewer.js's own clock; a returning start reuses
     the profile (the scripts come from its cache: no request for them reaches pathpacs)."""
-    paths = factory.wsi_series(tmp_path / "slide", levels=LEVELS, tile=256)
-    complete_wsi(paths)
-    server = make_server()
-    run_cli("import", "--quiet", str(tmp_path / "slide"), data=server.data_dir, check=True)
-    ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    url = f"{server.http_url}/viewer?study={ds.StudyInstanceUID}&series={ds.SeriesInstanceUID}"
+    server, url = _served_slide(make_server, tmp_path)
 
     r = bench.unwatched(url, tmp_path / "profile", starts=2, wait_s=6, chromium=browser.browser_type)
 
