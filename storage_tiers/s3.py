@@ -71,6 +71,9 @@ _UNAVAILABLE = re.compile(
     r"TimedOut|operation timed out|dns error|IncompleteMessage|broken pipe|"
     r"status code: 5\d\d|Could not connect|Connect timeout|Read timeout|EndpointConnectionError",
     re.IGNORECASE)
+# A ranged GET past the end: the status as obstore words it (or S3's error code), never a "416"
+# inside the URL the message names (a port such as 34163 once made a missing blob a short read).
+_RANGE_NOT_SATISFIABLE = re.compile(r"status code: 416\b|Range Not Satisfiable|InvalidRange", re.IGNORECASE)
 
 
 def _env(*names: str) -> str | None:
@@ -484,7 +487,8 @@ class S3Store:
     def _range_error(self, exc: Exception, key: str, offset: int, length: int) -> Exception:
         """What a failed ranged GET raises: a 416 (the range lies past the end) is a short read."""
         err = self._error(exc, "read", key)
-        if "416" in str(exc) and not isinstance(err, StoreUnavailable):
+        # the status code, not a "416" inside the URL the message names (a port such as 34163)
+        if type(err) is BlobError and _RANGE_NOT_SATISFIABLE.search(str(exc)):
             return self._short(key, offset, length, 0)
         return err
 

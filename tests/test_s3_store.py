@@ -62,7 +62,7 @@ class Proxy:
     """A TCP proxy from 127.0.0.1:port to `target`, counting the bytes the server sends and the
     connections open at once. `frozen`: accept connections and never answer (a hung server)."""
 
-    def __init__(self, target: int) -> None:
+    def __init__(self, target: int, ports=(0,)) -> None:
         self.target = target
         self.down = 0
         self.active = 0
@@ -70,7 +70,14 @@ class Proxy:
         self.frozen = False
         self._lock = threading.Lock()
         self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
+        for port in ports:  # the first free one of these (0: any)
+            try:
+                self._sock.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        else:
+            raise OSError(f"none of the ports {ports[0]}..{ports[-1]} is free")
         self._sock.listen(64)
         self.port = self._sock.getsockname()[1]
         self._conns: list[socket.socket] = []
@@ -137,6 +144,25 @@ def _via(proxy: Proxy, weed: SeaweedFS, prefix: str, **kw) -> S3Store:
 
 
 # -- reads -----------------------------------------------------------------------------------
+
+
+def test_missing_blob_is_not_found_whatever_the_endpoint_port(seaweedfs, s3_prefix):
+    """A 404 is BlobNotFound even when the endpoint's port holds "416" (a ranged GET's error text
+    names the URL; it was once taken for a 416 Range Not Satisfiable, i.e. a short read)."""
+    p = Proxy(seaweedfs.s3_port, ports=[p for p in range(34160, 34170)] + [p for p in range(41600, 41700)])
+    try:
+        assert "416" in str(p.port)
+        via = _via(p, seaweedfs, s3_prefix)
+        with pytest.raises(BlobNotFound):
+            via.read_range("0" * 32, 0, 1)
+        with pytest.raises(BlobNotFound):
+            asyncio.run(via.read_range_async("0" * 32, 0, 1))
+        via.put_stream("d" * 32, [b"0123456789"])
+        with pytest.raises(BlobError, match="shorter than expected"):  # a real 416 still is one
+            via.read_range("d" * 32, 20, 4)
+    finally:
+        p.close()
+
 
 def test_a_ranged_read_never_downloads_the_object(store, proxy, seaweedfs, s3_prefix):
     size = 64 * MB
