@@ -230,7 +230,7 @@ def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0, ch
     """Open /viewer in a Chromium that no DevTools client watches while the page loads, as a
     user's browser: with a client attached (Playwright, above) V8 records where in the source
     every Error the library constructs at start-up comes from, and for its 2.6 MB bundle that is a
-    re-parse (a trace showed 0.55 s of V8.CollectSourcePositions inside its start-up). Chromium
+    re-parse (a trace of a one-function build of it showed 0.55 s of V8.CollectSourcePositions). Chromium
     is started `starts` times on the same profile, each time opening the page and waiting
     `wait_s` s, then stopped (a returning browser: its HTTP cache and the scripts' compiled code
     stay on disk); only after the last open has been drawn is a client attached, to read the
