@@ -149,7 +149,7 @@ def _via(proxy: Proxy, weed: SeaweedFS, prefix: str, **kw) -> S3Store:
 def test_missing_blob_is_not_found_whatever_the_endpoint_port(seaweedfs, s3_prefix):
     """A 404 is BlobNotFound even when the endpoint's port holds "416" (a ranged GET's error text
     names the URL; it was once taken for a 416 Range Not Satisfiable, i.e. a short read)."""
-    p = Proxy(seaweedfs.s3_port, ports=[p for p in range(34160, 34170)] + [p for p in range(41600, 41700)])
+    p = Proxy(seaweedfs.s3_port, ports=[*range(34160, 34170), *range(41600, 41700)])
     try:
         assert "416" in str(p.port)
         via = _via(p, seaweedfs, s3_prefix)

@@ -5,7 +5,8 @@ The slide: 20,480 x 15,360 px, 256 px JPEG tiles (the bench tile pool of frames.
 level-0 frames, levels 20480, 5120, 1280), with what the viewer reads that frames.py's header
 lacks (illumination codes, orientation, origin, an sRGB ICC profile, 0.25 um pixels).
 
-What is measured, in the page's own clock (performance.now(), 0 = navigation start):
+What is measured, in the page's own clock (performance.now(), 0 = navigation start), as viewer.js
+records it in window.ppViewer:
 - first tile: the first frame answered and decoded (dmv's frame_loading_ended with pixels)
   plus two animation frames (OpenLayers draws on the next one), or the full viewport if earlier;
 - full viewport: once every requested frame has ended and nothing happened for 250 ms, the
@@ -53,26 +54,29 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--use-angle=swiftshader", "-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--no-first-run"]  # as tests/conftest.py
 
-# Installed before the page's scripts: the first decoded frame, and two animation frames later.
-_INIT_JS = """
-performance.setResourceTimingBufferSize(100000);
-window.ppBench = {firstStartAt: 0, firstFrameAt: 0, firstDrawnAt: 0, domAt: 0};
-document.addEventListener('DOMContentLoaded', () => { window.ppBench.domAt = performance.now(); });
-document.addEventListener('dicommicroscopyviewer_frame_loading_started', () => {
-  if (!window.ppBench.firstStartAt) window.ppBench.firstStartAt = performance.now();
-});
-document.addEventListener('dicommicroscopyviewer_frame_loading_ended', (e) => {
-  if (window.ppBench.firstFrameAt || !(e.detail && e.detail.payload && e.detail.payload.pixelArray)) return;
-  window.ppBench.firstFrameAt = performance.now();
-  requestAnimationFrame(() => requestAnimationFrame(() => { window.ppBench.firstDrawnAt = performance.now(); }));
-});
-"""
+# Installed before the page's scripts: room for every frame request of a visit in Resource Timing.
+_INIT_JS = "performance.setResourceTimingBufferSize(100000);"
 
 # The frames' HTTP exchanges (Resource Timing: request sent to last byte), ms, since `since`.
 _FRAME_HTTP_JS = """(since) => performance.getEntriesByType('resource')
   .filter((e) => e.name.includes('/frames/') && e.startTime >= since)
   .sort((a, b) => a.startTime - b.startTime)
   .map((e) => [e.startTime, e.responseEnd - e.startTime, e.name.split('/frames/')[1]])"""
+
+# The open as viewer.js records it on the page's clock (first frame asked, decoded, drawn two animation
+# frames later; fully drawn), read once the page has been drawn. The first tile is drawn at the latest
+# when the whole view is (its rendercomplete may come before the second animation frame).
+_OPENED_JS = """() => {
+  const s = window.ppViewer, nav = performance.getEntriesByType('navigation')[0];
+  const frames = performance.getEntriesByType('resource').filter((e) => e.name.includes('/frames/'))
+    .sort((a, b) => a.startTime - b.startTime);
+  const done = Math.max(s.renderCompleteAt, s.lastFrameAt);
+  return {status: s.status, settled: s.framesEnded === s.framesStarted && s.renderCompleteAt > s.lastFrameStartAt
+            && performance.now() - done > 250,
+          first_ms: Math.min(s.firstDrawnAt || done, done), first_frame_ms: s.firstFrameAt, full_ms: done,
+          first_start_ms: s.firstFrameStartAt, dom_ms: nav.domContentLoadedEventStart,
+          first_http_ms: frames.length ? frames[0].responseEnd - frames[0].startTime : NaN, frames: s.framesLoaded};
+}"""
 
 # Resolves when the view is fully drawn: every frame ended, a rendercomplete after `since`,
 # then 250 ms of quiet. Returns the later of the last rendercomplete and the last frame's end
@@ -155,6 +159,16 @@ def _cli(cfg: Path, data: Path, *args: str) -> None:
                    check=True, cwd=REPO, capture_output=True)
 
 
+def _open_drawn(page, url: str) -> None:
+    """Open the viewer on `page` and wait until its view is fully drawn."""
+    page.goto(url)
+    page.wait_for_function("() => window.ppViewer && window.ppViewer.status !== 'loading'", timeout=60000)
+    st = page.evaluate("() => window.ppViewer")
+    if st["status"] != "rendered":
+        raise RuntimeError(f"viewer did not render: {st}")
+    page.evaluate(_SETTLED_JS, 0)
+
+
 def session(browser, url: str, steps: int, height: int = HEIGHT, returning: bool = False) -> dict:
     """One visit in a fresh context (empty browser cache): open, wait, zoom to level 0 at the
     left of the slide's middle row (`height`: its level-0 rows), pan `steps` half viewports right.
@@ -166,28 +180,15 @@ def session(browser, url: str, steps: int, height: int = HEIGHT, returning: bool
     ctx.add_init_script(_INIT_JS)
     for _ in range(2 if returning else 0):
         before = ctx.new_page()
-        before.goto(url)
-        before.wait_for_function("() => window.ppViewer && window.ppViewer.status !== 'loading'", timeout=60000)
-        before.evaluate(_SETTLED_JS, 0)
+        _open_drawn(before, url)
         before.close()
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        page.goto(url)
-        page.wait_for_function("() => window.ppViewer && window.ppViewer.status !== 'loading'", timeout=60000)
-        st = page.evaluate("() => window.ppViewer")
-        if st["status"] != "rendered":
-            raise RuntimeError(f"viewer did not render: {st}")
-        full = page.evaluate(_SETTLED_JS, 0)
-        bench = page.evaluate("() => window.ppBench")
+        _open_drawn(page, url)
+        opened = page.evaluate(_OPENED_JS)
         http = page.evaluate(_FRAME_HTTP_JS, 0)
-        # the first tile is drawn at the latest when the whole view is (its rendercomplete may come
-        # before the second animation frame after the first frame when the view needs few tiles)
-        opened = {"first_ms": min(bench["firstDrawnAt"], full), "first_frame_ms": bench["firstFrameAt"], "full_ms": full,
-                  "first_start_ms": bench["firstStartAt"], "dom_ms": bench["domAt"],
-                  "first_http_ms": http[0][1] if http else float("nan"),
-                  "frames": page.evaluate("() => window.ppViewer.framesLoaded")}
         # level 0 at 1:1, at the left of the slide's middle row; then pan right
         size = page.evaluate("() => window.viewer.getMap().getSize()")  # the map, without the panels
         y = -height / 2
@@ -212,20 +213,6 @@ def session(browser, url: str, steps: int, height: int = HEIGHT, returning: bool
         ctx.close()
 
 
-# What viewer.js records on the page's clock, read once the page has been drawn (unwatched below).
-_UNWATCHED_JS = """() => {
-  const s = window.ppViewer, nav = performance.getEntriesByType('navigation')[0];
-  const frames = performance.getEntriesByType('resource').filter((e) => e.name.includes('/frames/'))
-    .sort((a, b) => a.startTime - b.startTime);
-  const done = Math.max(s.renderCompleteAt, s.lastFrameAt);
-  return {status: s.status, settled: s.framesEnded === s.framesStarted && s.renderCompleteAt > s.lastFrameStartAt
-            && performance.now() - done > 250,
-          first_ms: Math.min(s.firstDrawnAt || done, done), first_frame_ms: s.firstFrameAt, full_ms: done,
-          first_start_ms: s.firstFrameStartAt, dom_ms: nav.domContentLoadedEventStart,
-          first_http_ms: frames.length ? frames[0].responseEnd - frames[0].startTime : NaN, frames: s.framesLoaded};
-}"""
-
-
 def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0, chromium=None) -> dict:
     """Open /viewer in a Chromium that no DevTools client watches while the page loads, as a
     user's browser: with a client attached (Playwright, above) V8 records where in the source
@@ -239,33 +226,44 @@ def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0, ch
     Playwright (`browser.browser_type`) to read with, else one is started for the reading."""
     from playwright.sync_api import sync_playwright
 
+    if starts < 1:
+        raise ValueError("starts must be >= 1")
     launcher = "data:text/html," + urllib.parse.quote(f"<script>setTimeout(() => {{ location.href = {url!r} }}, 3000)</script>")
-    for i in range(starts):
+
+    def start() -> tuple[int, subprocess.Popen]:
         port = free_port()
-        proc = subprocess.Popen([shutil.which("chromium"), *CHROMIUM_ARGS, f"--remote-debugging-port={port}",
-                                 f"--user-data-dir={profile}", f"--window-size={VIEWPORT['width']},{VIEWPORT['height']}",
-                                 launcher], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return port, subprocess.Popen([shutil.which("chromium"), *CHROMIUM_ARGS, f"--remote-debugging-port={port}",
+                                       f"--user-data-dir={profile}", f"--window-size={VIEWPORT['width']},{VIEWPORT['height']}",
+                                       launcher], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(proc: subprocess.Popen) -> None:
+        proc.send_signal(signal.SIGTERM)  # a clean exit writes the caches to the profile
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    for _ in range(starts - 1):  # the earlier starts of a returning browser
+        _, proc = start()
         try:
             time.sleep(3 + wait_s)
-            if i < starts - 1:
-                continue
-            wait_http(f"http://127.0.0.1:{port}/json/version", proc)
-            if chromium is None:
-                with sync_playwright() as own:
-                    r = _read_unwatched(own.chromium, port)
-            else:
-                r = _read_unwatched(chromium, port)
-            if r["status"] != "rendered" or not r["settled"]:
-                raise RuntimeError(f"the viewer was not fully drawn after {wait_s} s: {r}")
-            return r
         finally:
-            proc.send_signal(signal.SIGTERM)  # a clean exit writes the caches to the profile
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    raise ValueError("starts must be >= 1")
+            stop(proc)
+    port, proc = start()
+    try:
+        time.sleep(3 + wait_s)
+        wait_http(f"http://127.0.0.1:{port}/json/version", proc)
+        if chromium is None:
+            with sync_playwright() as own:
+                r = _read_unwatched(own.chromium, port)
+        else:
+            r = _read_unwatched(chromium, port)
+    finally:
+        stop(proc)
+    if r["status"] != "rendered" or not r["settled"]:
+        raise RuntimeError(f"the viewer was not fully drawn after {wait_s} s: {r}")
+    return r
 
 
 def _read_unwatched(chromium, port: int) -> dict:
@@ -274,7 +272,7 @@ def _read_unwatched(chromium, port: int) -> dict:
         pages = [p for c in browser.contexts for p in c.pages if "/viewer?" in p.url]
         if not pages:
             raise RuntimeError("the viewer page did not open")
-        return pages[0].evaluate(_UNWATCHED_JS)
+        return pages[0].evaluate(_OPENED_JS)
     finally:
         browser.close()
 
