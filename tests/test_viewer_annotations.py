@@ -82,11 +82,14 @@ def test_stored_annotation_group_is_drawn_and_toggled(make_server, browser, slid
     assert any(a.startswith("200") and ann.SOPInstanceUID in a and "/bulkdata/" in a for a in p.answers), "\n".join(p.answers)
     p.settle()
     box = f"#annotation-groups input[data-group='{uid}']"
+    p.page.evaluate("() => { window.ppPostrenders = 0; window.viewer.getMap().on('postrender', () => window.ppPostrenders++) }")
     # shown, then hidden: the outline is what changes. WebGL on SwiftShader draws late on a busy
     # machine, so the pair is taken again (up to 6 times, 0.5 s more each) until the outline shows.
+    tries = []
     for attempt in range(6):
         p.page.wait_for_timeout(500 * (attempt + 1))
         shown = p.shot("ann-on")
+        renders = p.page.evaluate("() => window.ppPostrenders")
         p.page.uncheck(box)
         p.page.wait_for_timeout(800)
         hidden = p.shot("ann-off")
@@ -94,19 +97,35 @@ def test_stored_annotation_group_is_drawn_and_toggled(make_server, browser, slid
         # within the slide's viewport (the side panel may scroll to the checkbox)
         vp = p.page.locator("#viewport").bounding_box()
         view = (slice(int(vp["y"]) + 2, int(vp["y"] + vp["height"]) - 2), slice(int(vp["x"]) + 2, int(vp["x"] + vp["width"]) - 2))
-        changed = (np.abs(shown - hidden).max(axis=2) > 40)
-        outline = _near_outline(changed.shape, _screen_points(p, POLYGON), 3)
-        changed, outline = changed[view], outline[view]
-        if changed[outline].mean() > 0.4:
+        drawn, stray, length = _outline_change(shown, hidden, _screen_points(p, POLYGON), view)
+        tries.append(f"{drawn:.2f} of the outline changed; the map drew "
+                     f"{p.page.evaluate('() => window.ppPostrenders') - renders} times after the uncheck")
+        if drawn > 0.9:
             break
         p.page.check(box)
-    assert outline.sum() > 4000 and changed[outline].mean() > 0.4, changed[outline].mean()  # the outline is drawn...
-    assert changed[~outline].sum() < 50, changed[~outline].sum()  # ...and nothing else moved
+    # the outline is drawn all along its length...
+    assert length > 2000 and drawn > 0.9, (tries, p.page.evaluate("() => window.viewer.getMap().getLayers().getLength()"),
+                                          [c for c in p.console if c.startswith(("warn", "error"))][-10:], p.errors)
+    assert stray < 50, stray  # ...and nothing else moved
     p.page.check(box)
     p.page.wait_for_timeout(800)
     again = p.shot("ann-on-again")
     assert (np.abs(again - shown).max(axis=2) > 40)[view].sum() < 50
     p.clean()
+
+
+def _outline_change(shown: np.ndarray, hidden: np.ndarray, corners: np.ndarray, view) -> tuple[float, int, int]:
+    """Of the outline's own pixels (within 1 px of it), the share with a changed pixel within 3 px, so
+    the line's width and smoothing do not matter; the pixels changed away from it; its length in px."""
+    changed = (np.abs(shown - hidden).max(axis=2) > 40)
+    near = np.zeros_like(changed)
+    for dy in range(-3, 4):
+        for dx in range(-3, 4):
+            if dx * dx + dy * dy <= 9:
+                near |= np.roll(changed, (dy, dx), axis=(0, 1))
+    line = _near_outline(changed.shape, corners, 1)[view]
+    band = _near_outline(changed.shape, corners, 3)[view]
+    return float(near[view][line].mean()), int(changed[view][~band].sum()), int(line.sum())
 
 
 def _image_pixels(p: Page, screen) -> np.ndarray:
