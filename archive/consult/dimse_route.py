@@ -28,6 +28,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from archive.dimse import compat
@@ -155,13 +156,19 @@ class DimseRoute:
         if p.commitment:
             ae.add_requested_context(STORAGE_COMMITMENT)
         tls = self._tls()
+        # pynetdicom 3.0 reports an association as aborted when the partner's A-ASSOCIATE-RJ and its
+        # closing of the connection both land before the requesting thread looks at the socket
+        # (about 1 in 25 against Orthanc here): the reject PDU it decoded is kept from the event.
+        rejects: list[A_ASSOCIATE_RJ] = []
         assoc = ae.associate(p.host, p.port, ae_title=p.aet,
                              tls_args=(tls, p.host) if tls is not None else None,
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, commitment_scu.on_report)])
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, commitment_scu.on_report),
+                                           (evt.EVT_PDU_RECV, lambda event: rejects.append(event.pdu)
+                                            if isinstance(event.pdu, A_ASSOCIATE_RJ) else None)])
         if assoc.is_established:
             return assoc
-        if assoc.is_rejected:
-            rsp = assoc.acceptor.primitive
+        if assoc.is_rejected or rejects:
+            rsp = assoc.acceptor.primitive if assoc.is_rejected else rejects[0].to_primitive()
             transient = getattr(rsp, "result", None) == 2
             reason = f"association rejected by {self.where}: {rsp.reason_str} ({rsp.result_str}, {rsp.source_str})" \
                 if rsp is not None else f"association rejected by {self.where}"
