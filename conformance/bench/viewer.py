@@ -26,6 +26,8 @@ as a returning browser (the third open in one Playwright context) and, through `
 Chromium no DevTools client is attached to while the page loads (empty profile, and a profile
 started three times): what a user's browser does, since an attached client slows the library's
 start-up (see `unwatched`).
+Beside them, per tier, the floor (`bare`): the same first view fetched, decoded and drawn by a
+page of a few lines with no viewer library, which is what the browser and server alone take.
 Targets (issue 11): first tiles < 1 s, full viewport < 2 s, no blank tile > 200 ms panning (hot).
 """
 from __future__ import annotations
@@ -213,6 +215,62 @@ def session(browser, url: str, steps: int, height: int = HEIGHT, returning: bool
         ctx.close()
 
 
+# The floor under the viewer's open: a page of a few lines at the server's origin, no library, that
+# asks WADO-RS for the first view's frames as the viewer does (the first one alone, then the rest in
+# one request), has the browser decode each JPEG (createImageBitmap) and draws it on a 2D canvas;
+# times on the page's clock after the next animation frame. No ICC profile is applied and nothing
+# can be panned: what is left of the viewer's times above this is the library's and WebGL's.
+_BARE_HTML = """<!doctype html><canvas id=c width=1000 height=745></canvas><script>
+const base = %s, frames = %s, columns = %s, accept = 'multipart/related; type="image/jpeg"';
+const ctx = document.getElementById('c').getContext('2d');
+const nextFrame = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+function parts(buf, type) {  // the JPEG bodies of a multipart/related answer
+  const b = new Uint8Array(buf), mark = new TextEncoder().encode('--' + /boundary="?([^";]+)/.exec(type)[1]);
+  const find = (pat, from) => { outer: for (let i = from; i <= b.length - pat.length; i++) {
+    for (let j = 0; j < pat.length; j++) if (b[i + j] !== pat[j]) continue outer; return i } return -1 };
+  const out = [], crlf2 = new Uint8Array([13, 10, 13, 10]);
+  let at = find(mark, 0);
+  while (at >= 0) {
+    const head = find(crlf2, at); if (head < 0) break;
+    const next = find(mark, head + 4); if (next < 0) break;
+    out.push(b.subarray(head + 4, next - 2)); at = next;
+  }
+  return out;
+}
+async function draw(numbers) {
+  const r = await fetch(base + '/frames/' + numbers.join(','), { headers: { Accept: accept } });
+  if (r.status !== 200) throw new Error('frames answered ' + r.status);
+  const bodies = parts(await r.arrayBuffer(), r.headers.get('content-type'));
+  if (bodies.length !== numbers.length) throw new Error(bodies.length + ' parts for ' + numbers.length + ' frames');
+  const images = await Promise.all(bodies.map((x) => createImageBitmap(new Blob([x], { type: 'image/jpeg' }))));
+  images.forEach((im, i) => { const n = numbers[i] - 1; ctx.drawImage(im, (n %% columns) * 256, Math.floor(n / columns) * 256) });
+  await nextFrame();
+  return performance.now();
+}
+window.bare = (async () => {
+  const first = await draw([frames[0]]);
+  const full = await draw(frames.slice(1));
+  return { first_ms: first, full_ms: full, dom_ms: performance.getEntriesByType('navigation')[0].domContentLoadedEventStart };
+})();
+</script>"""
+
+
+def bare(browser, server_url: str, study: str, series: str, sop: str, frames: int, columns: int) -> dict:
+    """The floor (above) in a fresh Playwright context: the level's first `frames` frames."""
+    import json
+
+    base = f"{server_url}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+    html = _BARE_HTML % (json.dumps(base), json.dumps(list(range(1, frames + 1))), columns)
+    ctx = browser.new_context(viewport=VIEWPORT)
+    try:
+        ctx.route(f"{server_url}/bench-bare", lambda route: route.fulfill(status=200, content_type="text/html", body=html))
+        page = ctx.new_page()
+        page.goto(f"{server_url}/bench-bare")
+        return page.evaluate("() => window.bare")
+    finally:
+        ctx.close()
+
+
 def unwatched(url: str, profile: Path, starts: int = 1, wait_s: float = 10.0, chromium=None) -> dict:
     """Open /viewer in a Chromium that no DevTools client watches while the page loads, as a
     user's browser: with a client attached (Playwright, above) V8 records where in the source
@@ -315,6 +373,21 @@ def _rows(tier: str, visit: int | str, r: dict) -> list[dict]:
     ]
 
 
+def _floor_rows(tier: str, opens: list[dict], frames: int) -> list[dict]:
+    first = sorted(o["first_ms"] for o in opens)
+    full = sorted(o["full_ms"] for o in opens)
+    parsed = sorted(o["dom_ms"] for o in opens)
+    who = f"browser alone (bare page, no viewer library), {tier} tier"
+    return [
+        {"benchmark": "viewer floor: open to first frame drawn", "system": who, "value": f"{statistics.median(first):.0f} ms p50",
+         "note": f"{len(opens)} opens in fresh contexts, {first[0]:.0f}-{first[-1]:.0f} ms; page parsed at "
+                 f"{parsed[0]:.0f}-{parsed[-1]:.0f} ms; the frame fetched by WADO-RS, decoded by the browser, drawn on a 2D canvas"},
+        {"benchmark": "viewer floor: open to the first view's frames drawn", "system": who,
+         "value": f"{statistics.median(full):.0f} ms p50",
+         "note": f"{full[0]:.0f}-{full[-1]:.0f} ms; the other {frames - 1} frames of the coarsest level in one request"},
+    ]
+
+
 def run(workdir: Path, quick: bool = False) -> list[dict]:
     from playwright.sync_api import sync_playwright
 
@@ -328,6 +401,8 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                  "note": "viewer/node_modules is missing: npm ci --prefix viewer (make bench does)"}]
     files = slide(REPO / "bench-work" / "viewer" / "slide")
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    top = pydicom.dcmread(files[-1], stop_before_pixels=True)  # the coarsest level: the first view's
+    top_frames, top_columns = int(top.NumberOfFrames), -(-int(top.TotalPixelMatrixColumns) // int(top.Columns))
     steps = 8 if quick else 24
     run_dir = REPO / "bench-work" / "viewer" / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -358,6 +433,9 @@ def run(workdir: Path, quick: bool = False) -> list[dict]:
                             profile = run_dir / f"chromium-{tier}-{starts}"
                             shutil.rmtree(profile, ignore_errors=True)
                             rows += _rows(tier, label, unwatched(url, profile, starts, chromium=pw.chromium))
+                        floor = [bare(browser, srv.http_url, ds.StudyInstanceUID, ds.SeriesInstanceUID, top.SOPInstanceUID,
+                                      top_frames, top_columns) for _ in range(3)]
+                        rows += _floor_rows(tier, floor, top_frames)
                     finally:
                         srv.stop(timeout=30)
             finally:
