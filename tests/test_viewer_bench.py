@@ -3,13 +3,16 @@ reports is in order and consistent with what the page asked of pathpacs; frames 
 WADO-RS request and the pan is served by viewer/frames.js's prefetch."""
 from __future__ import annotations
 
-import time
+import re
 
 import pydicom
+import pytest
+from playwright.sync_api import Error as PlaywrightError
 
 import factory
 from conftest import run_cli
 from conformance.bench import viewer as bench
+from test_http_hardening import wait_log
 from test_viewer_browser import complete_wsi
 
 LEVELS = ((2048, 1536), (1024, 768), (512, 384))
@@ -77,28 +80,18 @@ def test_viewer_bench_floor_draws_the_first_view_without_the_library(make_server
     """The bench's floor: the coarsest level's frames asked by WADO-RS (the first alone, then the
     rest in one request), every part decoded and drawn, on the page's clock."""
     server, _ = _served_slide(make_server, tmp_path)
-    top = pydicom.dcmread(sorted((tmp_path / "slide").glob("*.dcm"))[0], stop_before_pixels=True)
-    for path in (tmp_path / "slide").glob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if getattr(ds, "TotalPixelMatrixColumns", 1 << 30) < getattr(top, "TotalPixelMatrixColumns", 1 << 30) and \
-                ds.ImageType[2] == "VOLUME":
-            top = ds
-    assert top.TotalPixelMatrixColumns == 512 and int(top.NumberOfFrames) == 4
+    top = next(ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "slide").glob("*.dcm"))
+               if ds.ImageType[2] == "VOLUME" and ds.TotalPixelMatrixColumns == LEVELS[-1][0])
+    assert int(top.NumberOfFrames) == 4
 
     r = bench.bare(browser, server.http_url, top.StudyInstanceUID, top.SeriesInstanceUID, top.SOPInstanceUID, 4, 2)
 
     assert 0 < r["dom_ms"] < r["first_ms"] < r["full_ms"], r
-    want = [f"{top.SOPInstanceUID}/frames/1\" 200", f"{top.SOPInstanceUID}/frames/2,3,4\" 200"]
-    for _ in range(50):  # the access log line is written after the answer
-        if all(w in server.log() for w in want):
-            break
-        time.sleep(0.1)
-    assert all(w in server.log() for w in want), server.log()[-2000:]
+    wait_log(server, re.escape(f"{top.SOPInstanceUID}/frames/1\" 200"))  # the access log line is written after the answer
+    wait_log(server, re.escape(f"{top.SOPInstanceUID}/frames/2,3,4\" 200"))
     rows = bench._floor_rows("hot", [r], 4)
     assert [row["benchmark"] for row in rows] == ["viewer floor: open to first frame drawn",
                                                   "viewer floor: open to the first view's frames drawn"]
     # a frame list it cannot have: the page fails, not a time
-    import pytest
-    from playwright.sync_api import Error as PlaywrightError
     with pytest.raises(PlaywrightError, match="frames answered 4"):
         bench.bare(browser, server.http_url, top.StudyInstanceUID, top.SeriesInstanceUID, top.SOPInstanceUID, 9, 2)

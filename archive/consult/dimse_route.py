@@ -158,7 +158,7 @@ class DimseRoute:
         tls = self._tls()
         # pynetdicom 3.0 reports an association as aborted when the partner's A-ASSOCIATE-RJ and its
         # closing of the connection both land before the requesting thread looks at the socket
-        # (about 1 in 25 against Orthanc here): the reject PDU it decoded is kept from the event.
+        # (1 in 10 against Orthanc here, more under load): the reject PDU it decoded is kept from the event.
         rejects: list[A_ASSOCIATE_RJ] = []
         assoc = ae.associate(p.host, p.port, ae_title=p.aet,
                              tls_args=(tls, p.host) if tls is not None else None,
