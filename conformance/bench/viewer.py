@@ -27,7 +27,8 @@ Chromium no DevTools client is attached to while the page loads (empty profile, 
 started three times): what a user's browser does, since an attached client slows the library's
 start-up (see `unwatched`).
 Beside them, per tier, the floor (`bare`): the same first view fetched, decoded and drawn by a
-page of a few lines with no viewer library, which is what the browser and server alone take.
+page of a few lines with no viewer library (dicomweb-client only), which is what the browser and
+server alone take.
 Targets (issue 11): first tiles < 1 s, full viewport < 2 s, no blank tile > 200 ms panning (hot).
 """
 from __future__ import annotations
@@ -215,32 +216,22 @@ def session(browser, url: str, steps: int, height: int = HEIGHT, returning: bool
         ctx.close()
 
 
-# The floor under the viewer's open: a page of a few lines at the server's origin, no library, that
-# asks WADO-RS for the first view's frames as the viewer does (the first one alone, then the rest in
-# one request), has the browser decode each JPEG (createImageBitmap) and draws it on a 2D canvas;
-# times on the page's clock after the next animation frame. No ICC profile is applied and nothing
-# can be panned: what is left of the viewer's times above this is the library's and WebGL's.
-_BARE_HTML = """<!doctype html><canvas id=c width=1000 height=745></canvas><script>
-const base = %s, frames = %s, columns = %s, accept = 'multipart/related; type="image/jpeg"';
+# The floor under the viewer's open: a page of a few lines at the server's origin with no viewer
+# library, only the dicomweb-client the viewer also loads, that asks WADO-RS for the first view's
+# frames as the viewer does (the first one alone, then the rest in one request), has the browser
+# decode each JPEG (createImageBitmap) and draws it on a 2D canvas; times on the page's clock after
+# the next animation frame. No ICC profile is applied and nothing can be panned: what is left of the
+# viewer's times above this is the library's and WebGL's.
+_BARE_HTML = """<!doctype html><canvas id=c width=1000 height=745></canvas>
+<script src="/static/viewer/dwc/dicomweb-client.js"></script><script>
+const where = %s, frames = %s, columns = %s;
+const client = new DICOMwebClient.api.DICOMwebClient({ url: where.dicomweb });
 const ctx = document.getElementById('c').getContext('2d');
 const nextFrame = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
-function parts(buf, type) {  // the JPEG bodies of a multipart/related answer
-  const b = new Uint8Array(buf), mark = new TextEncoder().encode('--' + /boundary="?([^";]+)/.exec(type)[1]);
-  const find = (pat, from) => { outer: for (let i = from; i <= b.length - pat.length; i++) {
-    for (let j = 0; j < pat.length; j++) if (b[i + j] !== pat[j]) continue outer; return i } return -1 };
-  const out = [], crlf2 = new Uint8Array([13, 10, 13, 10]);
-  let at = find(mark, 0);
-  while (at >= 0) {
-    const head = find(crlf2, at); if (head < 0) break;
-    const next = find(mark, head + 4); if (next < 0) break;
-    out.push(b.subarray(head + 4, next - 2)); at = next;
-  }
-  return out;
-}
 async function draw(numbers) {
-  const r = await fetch(base + '/frames/' + numbers.join(','), { headers: { Accept: accept } });
-  if (r.status !== 200) throw new Error('frames answered ' + r.status);
-  const bodies = parts(await r.arrayBuffer(), r.headers.get('content-type'));
+  const bodies = await client.retrieveInstanceFrames({ studyInstanceUID: where.study, seriesInstanceUID: where.series,
+    sopInstanceUID: where.sop, frameNumbers: numbers, mediaTypes: [{ mediaType: 'image/jpeg' }] })
+    .catch((e) => { throw new Error('frames answered ' + e.status) });
   if (bodies.length !== numbers.length) throw new Error(bodies.length + ' parts for ' + numbers.length + ' frames');
   const images = await Promise.all(bodies.map((x) => createImageBitmap(new Blob([x], { type: 'image/jpeg' }))));
   images.forEach((im, i) => { const n = numbers[i] - 1; ctx.drawImage(im, (n %% columns) * 256, Math.floor(n / columns) * 256) });
@@ -259,8 +250,8 @@ def bare(browser, server_url: str, study: str, series: str, sop: str, frames: in
     """The floor (above) in a fresh Playwright context: the level's first `frames` frames."""
     import json
 
-    base = f"{server_url}/dicomweb/studies/{study}/series/{series}/instances/{sop}"
-    html = _BARE_HTML % (json.dumps(base), json.dumps(list(range(1, frames + 1))), columns)
+    where = {"dicomweb": f"{server_url}/dicomweb", "study": study, "series": series, "sop": sop}
+    html = _BARE_HTML % (json.dumps(where), json.dumps(list(range(1, frames + 1))), columns)
     ctx = browser.new_context(viewport=VIEWPORT)
     try:
         ctx.route(f"{server_url}/bench-bare", lambda route: route.fulfill(status=200, content_type="text/html", body=html))
